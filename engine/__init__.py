@@ -1,0 +1,1 @@
+"""Model execution: a Llama-family model in plain torch over a paged KV cache."""

@@ -1,0 +1,207 @@
+"""A Llama-family decoder in plain torch that runs one mixed batch per forward pass.
+
+The batch is flat: every scheduled token of every request, prefill chunks and decode tokens
+alike, in one [T] tensor. Attention reads keys and values from the paged KV cache: decode
+tokens (one query each) are attended in one padded call, prefill chunks one call each.
+Parameter names match Hugging Face checkpoints so weights load with `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+
+
+@dataclass
+class PrefillSpan:
+    """A prefill chunk: flat tokens [start, end) of a request whose context then spans
+    `context_len` tokens (cached ones included), stored in the blocks of `block_table`."""
+
+    start: int
+    end: int
+    context_len: int
+    block_table: torch.Tensor
+
+
+@dataclass
+class AttentionLayout:
+    """Where each token's K/V goes and which cached tokens each query reads."""
+
+    slot_blocks: torch.Tensor  # [T] block of each new token
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    decode_idx: torch.Tensor  # [B] flat index of each decode token
+    decode_tables: torch.Tensor  # [B, max_blocks] block tables, padded
+    decode_context_lens: torch.Tensor  # [B] context including the new token
+    prefills: list[PrefillSpan]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        layout: AttentionLayout,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache[layout.slot_blocks, layout.slot_offsets] = k
+        v_cache[layout.slot_blocks, layout.slot_offsets] = v
+
+        out = torch.empty_like(q)
+        if layout.decode_idx.numel():
+            out[layout.decode_idx] = self._decode(q[layout.decode_idx], k_cache, v_cache, layout)
+        for span in layout.prefills:
+            out[span.start : span.end] = self._prefill(q, k, v, k_cache, v_cache, span)
+        return self.o_proj(out.view(t, -1))
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: AttentionLayout
+    ) -> torch.Tensor:
+        b = q.shape[0]
+        keys = k_cache[layout.decode_tables].view(b, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache[layout.decode_tables].view(b, -1, self.num_kv_heads, self.head_dim)
+        span = torch.arange(keys.shape[1], device=q.device)
+        mask = (span[None, :] < layout.decode_context_lens[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(
+            q[:, :, None, :],
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask,
+            enable_gqa=True,
+        )
+        return o[:, :, 0, :]
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        span: PrefillSpan,
+    ) -> torch.Tensor:
+        n = span.end - span.start
+        queries = q[span.start : span.end].transpose(0, 1)[None]
+        if span.context_len == n:
+            keys = k[span.start : span.end]
+            values = v[span.start : span.end]
+            mask = None
+        else:
+            keys = k_cache[span.block_table].flatten(0, 1)[: span.context_len]
+            values = v_cache[span.block_table].flatten(0, 1)[: span.context_len]
+            rows = torch.arange(n, device=q.device)[:, None] + (span.context_len - n)
+            mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows
+        o = F.scaled_dot_product_attention(
+            queries,
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=True,
+        )
+        return o[0].transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        layout: AttentionLayout,
+        kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+        logits_idx: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits for the tokens at `logits_idx` of the flat batch."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_layers):
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, k_cache, v_cache, layout)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm_head(self.model.norm(h[logits_idx])).float()

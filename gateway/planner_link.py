@@ -1,0 +1,88 @@
+"""The gateway's side of the bus: submissions and aborts go to the planner; verdicts, tokens
+and cluster status come back on one PULL socket and are sorted into per-request queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import zmq
+import zmq.asyncio
+
+from shared.bus import DropCounter, make_socket
+from shared.messages import (
+    Abort,
+    Admitted,
+    ClusterStatus,
+    Message,
+    Parked,
+    Refused,
+    Submit,
+    TokenChunk,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+Event = Admitted | Parked | Refused | TokenChunk
+
+
+class PlannerLink:
+    def __init__(self, intake_address: str, gateway_address: str) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._to_planner = make_socket(self._ctx, zmq.PUSH, connect=intake_address)
+        self._inbox = make_socket(self._ctx, zmq.PULL, bind=gateway_address)
+        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.drops = DropCounter()
+        self.status: ClusterStatus | None = None
+        self.status_time = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._receive())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._ctx.destroy(linger=0)
+
+    def open(self, request_id: str) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def release(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    @property
+    def open_requests(self) -> int:
+        return len(self._queues)
+
+    async def submit(self, msg: Submit) -> None:
+        await self._to_planner.send(encode(msg))
+
+    def abort(self, request_id: str, reason: str) -> None:
+        """Synchronous, so it also runs in the cleanup of a cancelled stream."""
+        log.info("request %s: abort (%s)", request_id, reason)
+        self._to_planner.send(encode(Abort(request_id, reason)), flags=zmq.NOBLOCK)
+
+    def healthy(self, max_age_s: float = 2.0) -> bool:
+        return (
+            self.status is not None
+            and time.monotonic() - self.status_time < max_age_s
+            and any(w.alive for w in self.status.workers)
+        )
+
+    async def _receive(self) -> None:
+        while True:
+            data = await self._inbox.recv()
+            msg: Message | None = self.drops.accept(data, "bus")
+            if isinstance(msg, ClusterStatus):
+                self.status, self.status_time = msg, time.monotonic()
+            elif isinstance(msg, (Admitted, Parked, Refused, TokenChunk)):
+                queue = self._queues.get(msg.request_id)
+                if queue is not None:
+                    queue.put_nowait(msg)
+            elif msg is not None:
+                log.warning("ignored unexpected %s", type(msg).__name__)

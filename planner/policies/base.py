@@ -1,0 +1,35 @@
+"""The interface every scheduling policy implements.
+
+A policy reads the state and the time and returns decisions as plain data; it changes
+nothing. The planner service applies the decisions, so the same policy code runs live, in the
+simulator and in unit tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from planner.state import PlannerState
+
+
+@dataclass
+class WorkerBatch:
+    """One engine step for one worker: prefill chunks (request, tokens) and decode requests."""
+
+    prefill: list[tuple[str, int]] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)
+
+
+@dataclass
+class Decisions:
+    assign: dict[str, str] = field(default_factory=dict)  # request -> worker
+    batches: dict[str, WorkerBatch] = field(default_factory=dict)  # worker -> next step
+    refuse: list[tuple[str, str]] = field(default_factory=list)  # (request, reason)
+
+
+class Policy(Protocol):
+    def schedule(self, state: PlannerState, now: float) -> Decisions: ...

@@ -1,0 +1,289 @@
+"""The planner process: a busy loop fed by ZeroMQ messages.
+
+It keeps request and worker state up to date from messages, asks the policy what to run
+whenever a worker is idle, applies the decisions (reserving KV blocks), and sends batch orders.
+It never touches tensors and never sees tokens beyond counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from planner.policies import Decisions, Policy
+from planner.state import PlannerState, RequestState, WorkerState
+from shared.bus import DropCounter, make_socket
+from shared.clock import Clock
+from shared.messages import (
+    Abort,
+    Admitted,
+    BatchOrder,
+    ClusterStatus,
+    Heartbeat,
+    Message,
+    NewRequest,
+    PrefillChunk,
+    Refused,
+    StepReport,
+    Submit,
+    TokenChunk,
+    WorkerHello,
+    WorkerStatus,
+    encode,
+)
+from shared.settings import Settings
+from shared.slo import SLOTarget, UnknownSLOClass, resolve
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL_S = 0.2
+
+
+@dataclass
+class Planner:
+    """State transitions of the planner, separate from its sockets so tests can drive it."""
+
+    policy: Policy
+    clock: Clock
+    slo_classes: dict[str, SLOTarget]
+    worker_timeout_s: float
+    state: PlannerState = field(default_factory=PlannerState)
+    pending_aborts: dict[str, list[str]] = field(default_factory=dict)
+    next_step_id: int = 0
+    generated_tokens: int = 0
+
+    def on_submit(self, msg: Submit) -> list[Message]:
+        """Messages for the gateway in answer to a submission."""
+        if msg.request_id in self.state.requests:
+            return [Refused(msg.request_id, "duplicate request id", retry_after_s=0.0)]
+        try:
+            slo = resolve(msg.slo, self.slo_classes)
+        except UnknownSLOClass as exc:
+            return [Refused(msg.request_id, str(exc), retry_after_s=0.0)]
+        self.state.requests[msg.request_id] = RequestState(
+            request_id=msg.request_id,
+            prompt_token_ids=msg.prompt_token_ids,
+            params=msg.params,
+            slo=slo,
+            arrival=self.clock.now(),
+        )
+        self.state.waiting.append(msg.request_id)
+        return []
+
+    def on_abort(self, msg: Abort) -> None:
+        req = self.state.requests.get(msg.request_id)
+        if req is None:
+            return
+        log.info("request %s: aborted (%s)", msg.request_id, msg.reason)
+        if req.worker_id is not None and req.delivered:
+            self.pending_aborts.setdefault(req.worker_id, []).append(msg.request_id)
+        self._forget(req)
+
+    def on_hello(self, msg: WorkerHello) -> list[Message]:
+        lost = self._drop_worker(msg.worker_id) if msg.worker_id in self.state.workers else []
+        self.state.workers[msg.worker_id] = WorkerState(
+            worker_id=msg.worker_id,
+            role=msg.role,
+            num_blocks=msg.num_blocks,
+            block_size=msg.block_size,
+            max_model_len=msg.max_model_len,
+            last_seen=self.clock.now(),
+            reported_free_blocks=msg.num_blocks,
+        )
+        log.info("worker %s joined: role %s, %d KV blocks of %d tokens (pid %d)",
+                 msg.worker_id, msg.role, msg.num_blocks, msg.block_size, msg.pid)
+        return lost
+
+    def on_heartbeat(self, msg: Heartbeat) -> None:
+        worker = self.state.workers.get(msg.worker_id)
+        if worker is not None:
+            worker.last_seen = self.clock.now()
+            worker.reported_free_blocks = msg.free_blocks
+
+    def on_report(self, msg: StepReport) -> None:
+        worker = self.state.workers.get(msg.worker_id)
+        if worker is None or worker.step_in_flight != msg.step_id:
+            log.warning("worker %s: unexpected report for step %d", msg.worker_id, msg.step_id)
+            return
+        worker.step_in_flight = None
+        worker.last_seen = self.clock.now()
+        worker.reported_free_blocks = msg.free_blocks
+        for p in msg.progress:
+            req = self.state.requests.get(p.request_id)
+            if req is None:
+                continue
+            self.generated_tokens += p.num_output_tokens - req.num_output
+            req.num_computed = p.num_computed_tokens
+            req.num_output = p.num_output_tokens
+            if req.num_computed >= req.prompt_len:
+                req.phase = "decode"
+            if p.finish_reason is not None:
+                self._forget(req)
+        for rid in msg.out_of_blocks:
+            log.error("request %s: worker %s ran out of KV blocks despite the reservation",
+                      rid, msg.worker_id)
+
+    def check_workers(self) -> list[Message]:
+        """Declare silent workers dead; their requests end with an error."""
+        now = self.clock.now()
+        lost: list[Message] = []
+        for worker in list(self.state.workers.values()):
+            if worker.alive and now - worker.last_seen > self.worker_timeout_s:
+                log.error("worker %s: no heartbeat for %.1f s, declared dead",
+                          worker.worker_id, now - worker.last_seen)
+                lost += self._drop_worker(worker.worker_id)
+        return lost
+
+    def schedule(self) -> tuple[dict[str, BatchOrder], list[Message]]:
+        """Batch orders per worker, and verdicts for the gateway."""
+        decisions = self.policy.schedule(self.state, self.clock.now())
+        to_gateway = self._apply(decisions)
+        orders: dict[str, BatchOrder] = {}
+        for worker_id, batch in decisions.batches.items():
+            orders[worker_id] = self._order(worker_id, batch.prefill, batch.decode)
+        for worker_id in list(self.pending_aborts):
+            worker = self.state.workers.get(worker_id)
+            if worker is not None and worker.alive and worker.step_in_flight is None:
+                orders.setdefault(worker_id, self._order(worker_id, [], []))
+        for worker_id, order in orders.items():
+            order.aborts = self.pending_aborts.pop(worker_id, [])
+            self.state.workers[worker_id].step_in_flight = order.step_id
+        return orders, to_gateway
+
+    def status(self, dropped: int) -> ClusterStatus:
+        running = sum(1 for r in self.state.requests.values() if r.worker_id is not None)
+        return ClusterStatus(
+            workers=[
+                WorkerStatus(w.worker_id, w.role, w.alive, w.num_blocks, w.reported_free_blocks,
+                             len(w.requests))
+                for w in self.state.workers.values()
+            ],
+            waiting=len(self.state.waiting),
+            running=running,
+            generated_tokens=self.generated_tokens,
+            dropped_messages=dropped,
+        )
+
+    def _apply(self, decisions: Decisions) -> list[Message]:
+        out: list[Message] = []
+        for rid, reason in decisions.refuse:
+            log.info("request %s: refused (%s)", rid, reason)
+            self._forget(self.state.requests[rid])
+            out.append(Refused(rid, reason, retry_after_s=1.0))
+        for rid, worker_id in decisions.assign.items():
+            req = self.state.requests[rid]
+            worker = self.state.workers[worker_id]
+            req.worker_id = worker_id
+            req.phase = "prefill"
+            req.reserved_blocks = worker.blocks_for(req.max_len)
+            worker.reserved_blocks += req.reserved_blocks
+            worker.requests.append(rid)
+            self.state.waiting.remove(rid)
+            log.info("request %s: admitted to worker %s", rid, worker_id)
+            out.append(Admitted(rid))
+        return out
+
+    def _order(self, worker_id: str, prefill: list[tuple[str, int]], decode: list[str]) -> BatchOrder:
+        new = []
+        for rid, _ in prefill:
+            req = self.state.requests[rid]
+            if not req.delivered:
+                new.append(NewRequest(rid, req.prompt_token_ids, req.params))
+                req.delivered = True
+        self.next_step_id += 1
+        return BatchOrder(
+            step_id=self.next_step_id,
+            new_requests=new,
+            prefill=[PrefillChunk(rid, n) for rid, n in prefill],
+            decode=decode,
+        )
+
+    def _forget(self, req: RequestState) -> None:
+        self.state.requests.pop(req.request_id, None)
+        if req.worker_id is None:
+            if req.request_id in self.state.waiting:
+                self.state.waiting.remove(req.request_id)
+            return
+        worker = self.state.workers.get(req.worker_id)
+        if worker is not None:
+            worker.reserved_blocks -= req.reserved_blocks
+            worker.requests.remove(req.request_id)
+
+    def _drop_worker(self, worker_id: str) -> list[Message]:
+        worker = self.state.workers[worker_id]
+        worker.alive = False
+        lost: list[Message] = []
+        for rid in list(worker.requests):
+            log.error("request %s: lost with worker %s", rid, worker_id)
+            self._forget(self.state.requests[rid])
+            lost.append(TokenChunk(rid, [], "", finish_reason="error"))
+        self.pending_aborts.pop(worker_id, None)
+        del self.state.workers[worker_id]
+        return lost
+
+
+def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event) -> None:
+    """Run the planner loop until `stop` is set."""
+    ctx = zmq.Context()
+    intake = make_socket(ctx, zmq.PULL, bind=settings.planner_intake_address)
+    workers = make_socket(ctx, zmq.ROUTER, bind=settings.planner_address)
+    gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
+    poller = zmq.Poller()
+    poller.register(intake, zmq.POLLIN)
+    poller.register(workers, zmq.POLLIN)
+    classes = {k: SLOTarget(v.ttft_ms, v.tpot_ms) for k, v in settings.slo_classes.items()}
+    planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s))
+    drops = DropCounter()
+    last_status = 0.0
+    log.info("planner up: intake %s, workers %s", settings.planner_intake_address,
+             settings.planner_address)
+    try:
+        while not stop.is_set():
+            to_gateway: list[Message] = []
+            for sock, _ in poller.poll(timeout=int(settings.heartbeat_s * 1000)):
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    source = "worker" if sock is workers else "gateway"
+                    msg = drops.accept(frames[-1], source)
+                    if msg is not None:
+                        to_gateway += _dispatch(planner, msg)
+            to_gateway += planner.check_workers()
+            orders, verdicts = planner.schedule()
+            to_gateway += verdicts
+            for worker_id, order in orders.items():
+                try:
+                    workers.send_multipart([worker_id.encode(), encode(order)])
+                except zmq.ZMQError as exc:
+                    log.error("worker %s: order not delivered (%s)", worker_id, exc)
+            now = time.monotonic()
+            if now - last_status > STATUS_INTERVAL_S:
+                to_gateway.append(planner.status(drops.dropped))
+                last_status = now
+            for msg in to_gateway:
+                gateway.send(encode(msg))
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _dispatch(planner: Planner, msg: Message) -> list[Message]:
+    match msg:
+        case Submit():
+            return planner.on_submit(msg)
+        case Abort():
+            planner.on_abort(msg)
+        case WorkerHello():
+            return planner.on_hello(msg)
+        case Heartbeat():
+            planner.on_heartbeat(msg)
+        case StepReport():
+            planner.on_report(msg)
+        case _:
+            log.warning("ignored unexpected %s", type(msg).__name__)
+    return []

@@ -1,0 +1,71 @@
+"""What the planner knows: requests, workers and their KV reservations. Plain data that the
+policies read and the service updates from messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.messages import Role, SamplingParams
+from shared.slo import SLOTarget
+
+Phase = Literal["waiting", "prefill", "decode"]
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    slo: SLOTarget
+    arrival: float
+    phase: Phase = "waiting"
+    worker_id: str | None = None
+    num_computed: int = 0
+    num_output: int = 0
+    reserved_blocks: int = 0
+    delivered: bool = False  # the worker has been sent the prompt
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def prefill_left(self) -> int:
+        return self.prompt_len - self.num_computed
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.params.max_tokens
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    role: Role
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    last_seen: float
+    reserved_blocks: int = 0
+    reported_free_blocks: int = 0
+    step_in_flight: int | None = None
+    requests: list[str] = field(default_factory=list)
+    alive: bool = True
+
+    @property
+    def unreserved_blocks(self) -> int:
+        return self.num_blocks - self.reserved_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+@dataclass
+class PlannerState:
+    requests: dict[str, RequestState] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)  # unassigned, in arrival order
+    workers: dict[str, WorkerState] = field(default_factory=dict)
+
+    def idle_workers(self) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.alive and w.step_in_flight is None]

@@ -1,0 +1,1 @@
+"""Wire messages, settings, SLO types, clocks and ZeroMQ helpers shared by every process."""

@@ -1,0 +1,207 @@
+"""Every message that crosses a process boundary, defined once.
+
+Messages are msgspec Structs tagged by class name and encoded as msgpack behind a one-byte
+protocol version. Decoding never raises: bad bytes come back as a `DecodeFailure` that the
+receiver counts and drops, so a peer sending garbage cannot take a loop down.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+Role = Literal["colocated", "prefill", "decode"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    """How to pick tokens; temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class SLOSpec(msgspec.Struct, frozen=True):
+    """A request's latency objectives in milliseconds; None means no objective."""
+
+    slo_class: str | None = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+
+class Submit(msgspec.Struct, tag=True):
+    """gateway -> planner: a validated, tokenized request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    slo: SLOSpec
+    arrival_time: float
+
+
+class Abort(msgspec.Struct, tag=True):
+    """gateway -> planner -> worker: stop a request and free its KV blocks."""
+
+    request_id: str
+    reason: str = "client disconnected"
+
+
+class Admitted(msgspec.Struct, tag=True):
+    """planner -> gateway: the request is scheduled with its SLOs guaranteed."""
+
+    request_id: str
+
+
+class Parked(msgspec.Struct, tag=True):
+    """planner -> gateway: the request waits in the best-effort queue."""
+
+    request_id: str
+    reason: str
+
+
+class Refused(msgspec.Struct, tag=True):
+    """planner -> gateway: the request will not be served; the client may retry later."""
+
+    request_id: str
+    reason: str
+    retry_after_s: float
+
+
+class NewRequest(msgspec.Struct):
+    """What a worker needs to know about a request it has not seen before."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class PrefillChunk(msgspec.Struct):
+    """Run the next `num_tokens` prompt tokens of a request."""
+
+    request_id: str
+    num_tokens: int
+
+
+class BatchOrder(msgspec.Struct, tag=True):
+    """planner -> worker: one engine step. Decode entries produce one token each."""
+
+    step_id: int
+    new_requests: list[NewRequest] = []
+    prefill: list[PrefillChunk] = []
+    decode: list[str] = []
+    aborts: list[str] = []
+
+
+class TokenChunk(msgspec.Struct, tag=True):
+    """worker -> gateway: tokens and text for one request since the last chunk."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+
+
+class RequestProgress(msgspec.Struct):
+    """What one step did for one request."""
+
+    request_id: str
+    num_computed_tokens: int
+    num_output_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+class StepReport(msgspec.Struct, tag=True):
+    """worker -> planner: a batch order finished."""
+
+    worker_id: str
+    step_id: int
+    duration_s: float
+    progress: list[RequestProgress]
+    out_of_blocks: list[str]
+    free_blocks: int
+
+
+class WorkerHello(msgspec.Struct, tag=True):
+    """worker -> planner: a worker is up and ready for orders."""
+
+    worker_id: str
+    role: Role
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    pid: int
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    """worker -> planner: the worker is alive."""
+
+    worker_id: str
+    free_blocks: int
+
+
+class WorkerStatus(msgspec.Struct):
+    worker_id: str
+    role: Role
+    alive: bool
+    num_blocks: int
+    free_blocks: int
+    running: int
+
+
+class ClusterStatus(msgspec.Struct, tag=True):
+    """planner -> gateway: a periodic snapshot for /health and /metrics."""
+
+    workers: list[WorkerStatus]
+    waiting: int
+    running: int
+    generated_tokens: int
+    dropped_messages: int
+
+
+Message = Union[
+    Submit,
+    Abort,
+    Admitted,
+    Parked,
+    Refused,
+    BatchOrder,
+    TokenChunk,
+    StepReport,
+    WorkerHello,
+    Heartbeat,
+    ClusterStatus,
+]
+
+
+class DecodeFailure(msgspec.Struct):
+    """Bytes that were not a message of this protocol version."""
+
+    error: str
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+_VERSION_BYTE = bytes([PROTOCOL_VERSION])
+
+
+def encode(message: Message) -> bytes:
+    return _VERSION_BYTE + _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message | DecodeFailure:
+    if not data or data[0] != PROTOCOL_VERSION:
+        return DecodeFailure(f"unknown protocol version byte {data[:1]!r}")
+    try:
+        return _decoder.decode(memoryview(data)[1:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return DecodeFailure(str(exc))

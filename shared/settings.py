@@ -1,0 +1,92 @@
+"""Settings for every process: command-line flags > environment (`SLOS_*`) > TOML file.
+
+The TOML file is named by `SLOS_CONFIG`. `slos-serve up` hands its resolved settings to the
+processes it starts through the environment (`as_env`), so every process sees the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from shared.slo import DEFAULT_CLASSES
+
+ENV_PREFIX = "SLOS_"
+CONFIG_ENV = "SLOS_CONFIG"
+
+
+class SLOClassSetting(BaseModel):
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="HTTP bind address of the gateway")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="required as a Bearer token when set")
+    model_dir: Path | None = Field(None, description="HF model directory; None = built-in model")
+    served_model_name: str | None = None
+    planner_address: str = Field("", description="ZeroMQ ROUTER the workers connect to")
+    planner_intake_address: str = Field("", description="ZeroMQ PULL the gateway sends to")
+    gateway_address: str = Field("", description="ZeroMQ PULL receiving tokens and verdicts")
+    workers: int = Field(1, ge=1)
+    policy: Literal["fcfs"] = "fcfs"
+    block_size: int = Field(16, ge=1)
+    kv_cache_mb: int = Field(256, ge=1, description="KV cache memory per worker")
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's")
+    max_num_seqs: int = Field(64, ge=1)
+    max_batch_tokens: int = Field(512, ge=16)
+    device: str = "cpu"
+    threads_per_worker: int | None = Field(None, ge=1)
+    heartbeat_s: float = Field(0.25, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    slo_classes: dict[str, SLOClassSetting] = {
+        name: SLOClassSetting(ttft_ms=t.ttft_ms, tpot_ms=t.tpot_ms)
+        for name, t in DEFAULT_CLASSES.items()
+    }
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"{CONFIG_ENV}={config_file} is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def load(**flags: Any) -> Settings:
+    """Settings with the given flags on top; flags left at None do not override."""
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def as_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process load exactly these settings."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        key = ENV_PREFIX + name.upper()
+        env[key] = value if isinstance(value, str) else json.dumps(value)
+    return env

@@ -1,0 +1,1 @@
+"""The `slos-serve` command: subcommands and the process launcher of `up`."""

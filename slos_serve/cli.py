@@ -1,0 +1,173 @@
+"""The one entry point, `slos-serve`, and its subcommands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared.settings import CONFIG_ENV, Settings, load
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-SLO LLM serving.")
+model_app = typer.Typer(no_args_is_help=True, help="Build local models.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+BUILTIN_NAME = "slos-serve-builtin"
+
+ConfigOpt = Annotated[Path | None, typer.Option(help="TOML settings file (also SLOS_CONFIG)")]
+
+
+def _logging(settings: Settings, role: str) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s",
+    )
+
+
+def _settings(config: Path | None, **flags: object) -> Settings:
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config)
+    return load(**flags)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def ensure_builtin() -> Path:
+    """The built-in model's directory, trained on first use (about 10 minutes on 2 cores)."""
+    from engine.model_make import TrainPlan, builtin_dir, make_builtin
+
+    final = builtin_dir()
+    if (final / "target" / "config.json").is_file():
+        return final
+    console.print(f"Building the built-in model into {final} (once; about 10 minutes on 2 cores)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".build-"))
+    plan = TrainPlan()
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        tasks = {
+            "target": bar.add_task("training target", total=plan.target_steps, info=""),
+            "draft": bar.add_task("distilling draft", total=plan.draft_steps, info=""),
+        }
+
+        def report(name: str, step: int, total: int, info: dict[str, float]) -> None:
+            bar.update(tasks[name], completed=step, info=f"loss {info['loss']:.3f}")
+
+        metrics = make_builtin(tmp, report, plan)
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    console.print("built-in model ready: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return final
+
+
+def _model_dir(model: Path | None) -> tuple[Path, str]:
+    if model is not None:
+        return model, model.name
+    return ensure_builtin() / "target", BUILTIN_NAME
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
+    workers: Annotated[int | None, typer.Option(help="colocated workers (default 1)")] = None,
+    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key")] = None,
+    kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="context window limit")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Start gateway, planner and workers on this machine; Ctrl-C stops them all."""
+    from slos_serve.launcher import up as run_up
+
+    settings = _settings(config, host=host, port=port, workers=workers, api_key=api_key,
+                         kv_cache_mb=kv_cache_mb, max_model_len=max_model_len)
+    _logging(settings, "up")
+    model_dir, name = _model_dir(model or settings.model_dir)
+    settings = settings.model_copy(update={"model_dir": model_dir,
+                                           "served_model_name": settings.served_model_name or name})
+    raise typer.Exit(run_up(settings))
+
+
+@app.command()
+def gateway(config: ConfigOpt = None) -> None:
+    """Run the HTTP gateway (settings from the environment, as `up` passes them)."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(config)
+    _logging(settings, "gateway")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=2)
+
+
+@app.command()
+def planner(config: ConfigOpt = None) -> None:
+    """Run the planner."""
+    from planner.policies.fcfs import FCFSPolicy
+    from planner.service import serve
+    from shared.clock import WallClock
+
+    settings = _settings(config)
+    _logging(settings, "planner")
+    policy = FCFSPolicy(max_batch_tokens=settings.max_batch_tokens, max_num_seqs=settings.max_num_seqs)
+    serve(settings, policy, WallClock(), _stop_on_signals())
+
+
+@app.command()
+def worker(
+    worker_id: Annotated[str, typer.Option(help="unique name of this worker")],
+    role: Annotated[str, typer.Option(help="colocated (prefill and decode roles come later)")] = "colocated",
+    config: ConfigOpt = None,
+) -> None:
+    """Run one worker."""
+    import torch
+
+    from workers.worker import serve
+
+    if role != "colocated":
+        raise typer.BadParameter("only the colocated role exists so far", param_hint="--role")
+    settings = _settings(config)
+    _logging(settings, worker_id)
+    if settings.threads_per_worker:
+        torch.set_num_threads(settings.threads_per_worker)
+    serve(settings, worker_id, "colocated", _stop_on_signals())
+
+
+@model_app.command("make")
+def model_make() -> None:
+    """Build (or find) the built-in target + draft models in the user cache."""
+    console.print(str(ensure_builtin()))
+
+
+@model_app.command("random")
+def model_random(out: Annotated[Path, typer.Option(help="directory to write")]) -> None:
+    """Write a tiny random-weight model with a real tokenizer (what tests use)."""
+    from engine.model_make import make_random
+
+    console.print(str(make_random(out)))
+
+
+if __name__ == "__main__":
+    app()

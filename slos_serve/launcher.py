@@ -1,0 +1,116 @@
+"""`slos-serve up`: start gateway, planner and workers as separate processes and supervise them.
+
+Children get their settings through the environment and die with the launcher (Linux parent
+death signal), so Ctrl-C, SIGTERM or even SIGKILL of the launcher leaves no orphan behind. If
+any child exits on its own, everything is stopped: a half-running server is worse than none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from shared.bus import ipc_address
+from shared.settings import Settings, as_env
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 300.0
+STOP_GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "slos_serve.cli", *args],
+        env=env,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+
+
+def wire(settings: Settings, run_dir: Path) -> Settings:
+    """Fill in the ZeroMQ addresses that are not set with ipc sockets in `run_dir`."""
+    defaults = {
+        "planner_address": ipc_address(run_dir, "planner"),
+        "planner_intake_address": ipc_address(run_dir, "planner-intake"),
+        "gateway_address": ipc_address(run_dir, "gateway"),
+    }
+    update = {k: v for k, v in defaults.items() if not getattr(settings, k)}
+    if settings.threads_per_worker is None:
+        update["threads_per_worker"] = max(1, (os.cpu_count() or 1) // settings.workers)
+    return settings.model_copy(update=update)
+
+
+def _ready(settings: Settings) -> bool:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{settings.port}/health", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def up(settings: Settings) -> int:
+    """Run the cluster until interrupted; returns the exit code."""
+    run_dir = Path(tempfile.mkdtemp(prefix="slos-serve-"))
+    settings = wire(settings, run_dir)
+    env = {**os.environ, **as_env(settings), "PYTHONUNBUFFERED": "1"}
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    procs = [spawn(["planner"], env), spawn(["gateway"], env)]
+    procs += [spawn(["worker", "--worker-id", f"worker-{i}"], env) for i in range(settings.workers)]
+    started, announced, code = time.monotonic(), False, 0
+    try:
+        while not stopping:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                log.error("a process exited (pid %d, code %s); stopping everything",
+                          dead[0].pid, dead[0].returncode)
+                code = 1
+                break
+            if not announced and _ready(settings):
+                log.info("slos-serve ready: http://%s:%d/v1 (model %s, %d workers)",
+                         settings.host, settings.port, settings.served_model_name, settings.workers)
+                announced = True
+            if not announced and time.monotonic() - started > READY_TIMEOUT_S:
+                log.error("not ready after %.0f s; stopping", READY_TIMEOUT_S)
+                code = 1
+                break
+            time.sleep(0.2)
+    finally:
+        stop_all(procs)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("stopped")
+    return code

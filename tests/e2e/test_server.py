@@ -1,0 +1,284 @@
+"""`slos-serve up` in a subprocess, spoken to with the `openai` client, httpx and raw ZeroMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import zmq
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from shared.bus import free_tcp_port
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key"
+IGNORE_EOS = {"ignore_eos": True}
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    proc: subprocess.Popen
+    intake_address: str
+    gateway_address: str
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def start(model: Path, tmp: Path, workers: int) -> Server:
+    port = free_tcp_port()
+    intake, gateway = f"ipc://{tmp}/intake.sock", f"ipc://{tmp}/gateway.sock"
+    env = {**os.environ, "SLOS_API_KEY": API_KEY, "SLOS_PLANNER_INTAKE_ADDRESS": intake,
+           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_REQUEST_TIMEOUT_S": "60"}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
+         "--workers", str(workers), "--kv-cache-mb", "8"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp / "server.log").read_text()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return Server(url, model.name, proc, intake, gateway)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("server not ready:\n" + (tmp / "server.log").read_text())
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start(tiny_model, tmp_path_factory.mktemp("server"), workers=2)
+    yield srv
+    srv.proc.send_signal(signal.SIGINT)
+    srv.proc.wait(timeout=20)
+
+
+def wait_idle(server: Server, timeout: float = 10.0) -> dict[str, float]:
+    """Metrics once nothing runs and every KV block is free again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        free = sum(v for k, v in m.items() if k.startswith("slos_worker_kv_blocks_free"))
+        total = sum(v for k, v in m.items() if k.startswith("slos_worker_kv_blocks_total"))
+        if m["slos_requests_running"] == 0 and m["slos_gateway_open_requests"] == 0 and free == total > 0:
+            return m
+        assert time.monotonic() < deadline, f"not idle: running {m['slos_requests_running']}, {free}/{total} free"
+        time.sleep(0.2)
+
+
+def test_openai_client_streams_chat_and_completion(server: Server) -> None:
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me about queues."}]
+    stream = client.chat.completions.create(model=server.model, messages=messages, max_tokens=12,
+                                            temperature=0, stream=True, extra_body=IGNORE_EOS,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+    whole = client.chat.completions.create(model=server.model, messages=messages, max_tokens=12,
+                                           temperature=0, extra_body=IGNORE_EOS)
+    assert whole.choices[0].message.content == streamed
+    assert whole.usage.completion_tokens == 12
+
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=server.model, prompt="Once upon a time", max_tokens=9, temperature=0, stream=True,
+        extra_body=IGNORE_EOS))
+    whole = client.completions.create(model=server.model, prompt="Once upon a time", max_tokens=9,
+                                      temperature=0, extra_body=IGNORE_EOS)
+    assert whole.choices[0].text == text and whole.usage.completion_tokens == 9
+
+
+def test_greedy_text_matches_transformers(server: Server, tiny_model: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    hf = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    prompt = tokenizer("Return a list of the lines in the file.")["input_ids"]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(16):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    expected = tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+    got = server.client().completions.create(model=server.model, prompt=prompt, max_tokens=16,
+                                             temperature=0, extra_body=IGNORE_EOS)
+    assert got.choices[0].text == expected
+
+
+def test_sixteen_concurrent_streams_complete(server: Server) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, str | None]:
+        stream = await client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": f"Question {i}: " + "why? " * i}],
+            max_tokens=20, stream=True, stream_options={"include_usage": True}, seed=i,
+            extra_body=IGNORE_EOS)
+        tokens, finish = 0, None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return tokens, finish
+
+    async def main() -> list[tuple[int, str | None]]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    assert asyncio.run(main()) == [(20, "length")] * 16
+    wait_idle(server)
+
+
+def test_sse_framing(server: Server) -> None:
+    body = {"model": server.model, "prompt": "abc", "max_tokens": 5, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ") and "\n" not in event
+        assert json.loads(event[6:])["object"] == "text_completion"
+
+
+BAD_REQUESTS = [
+    ("malformed json", "/v1/chat/completions", b'{"model": "x", "messages": [', 400),
+    ("wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                             "max_tokens": "many"}, 400),
+    ("negative max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400),
+    ("huge max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400),
+    ("prompt too long", "/v1/completions", {"prompt": list(range(10, 500)) * 2, "max_tokens": 1}, 400),
+    ("token id out of range", "/v1/completions", {"prompt": [10**7], "max_tokens": 1}, 400),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("empty prompt", "/v1/completions", {"prompt": ""}, 400),
+    ("n > 1", "/v1/completions", {"prompt": "hi", "n": 2}, 400),
+    ("temperature out of range", "/v1/completions", {"prompt": "hi", "temperature": 7}, 400),
+    ("unknown slo class", "/v1/completions", {"prompt": "hi", "slo_class": "gold"}, 400),
+    ("negative ttft", "/v1/completions", {"prompt": "hi", "ttft_ms": -5}, 400),
+    ("body is a list", "/v1/completions", [1, 2], 400),
+]
+
+
+@pytest.mark.parametrize("case,path,body,status", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_input_gets_an_openai_error(server: Server, case: str, path: str, body: object, status: int) -> None:
+    if isinstance(body, dict):
+        body.setdefault("model", server.model)
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=content,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_bad_slo_header_and_server_keeps_serving(server: Server) -> None:
+    r = httpx.post(server.url + "/v1/completions", json={"model": server.model, "prompt": "hi"},
+                   headers={"Authorization": f"Bearer {API_KEY}", "x-slo-tpot-ms": "fast"})
+    assert r.status_code == 400 and "x-slo-tpot-ms" in r.json()["error"]["message"]
+    ok = server.client().completions.create(model=server.model, prompt="still there?", max_tokens=3,
+                                            extra_headers={"x-slo-ttft-ms": "5000"}, extra_body=IGNORE_EOS)
+    assert ok.usage.completion_tokens == 3
+
+
+def test_api_key_is_required(server: Server) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(server.url + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert [m.id for m in server.client().models.list()] == [server.model]
+
+
+def test_disconnect_mid_stream_frees_every_kv_block(server: Server) -> None:
+    """The aborted requests stop early: far fewer tokens are generated than were asked for."""
+    body = {"model": server.model, "prompt": "long story", "max_tokens": 480, "stream": True,
+            "ignore_eos": True}
+    generated = wait_idle(server)["slos_worker_generated_tokens_total"]
+    for _ in range(3):
+        with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    m = wait_idle(server)
+    assert m['slos_requests_total{endpoint="completions",outcome="disconnected"}'] >= 3
+    assert m["slos_worker_generated_tokens_total"] - generated < 3 * 480 / 2
+
+
+def test_garbage_on_the_bus_is_dropped_and_counted(server: Server) -> None:
+    before = server.metrics()
+    ctx = zmq.Context()
+    try:
+        for address in (server.intake_address, server.gateway_address):
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(address)
+            for junk in (b"", b"\x01\xff\xfe", b"GET / HTTP/1.1\r\n\r\n", os.urandom(64)):
+                sock.send(junk)
+            sock.close(linger=1000)
+    finally:
+        ctx.term()
+    deadline = time.monotonic() + 5
+    while True:
+        m = server.metrics()
+        if (m['slos_dropped_messages{process="gateway"}'] >= before['slos_dropped_messages{process="gateway"}'] + 4
+                and m['slos_dropped_messages{process="planner"}'] >= before['slos_dropped_messages{process="planner"}'] + 4):
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.2)
+    ok = server.client().completions.create(model=server.model, prompt="hi", max_tokens=2, extra_body=IGNORE_EOS)
+    assert ok.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_stopping_up_leaves_no_orphans(tiny_model: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    srv = start(tiny_model, tmp_path, workers=1)
+    kids = children(srv.proc.pid)
+    assert len(kids) == 3
+    srv.proc.send_signal(sig)
+    code = srv.proc.wait(timeout=20)
+    if sig == signal.SIGINT:
+        assert code == 0
+    deadline = time.monotonic() + 10
+    while any(alive(k) for k in kids):
+        assert time.monotonic() < deadline, [k for k in kids if alive(k)]
+        time.sleep(0.2)
