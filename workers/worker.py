@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 
+import torch
 import zmq
 
 from engine.runner import Engine, RequestOutput, StepResult
@@ -78,6 +79,7 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
     engine = Engine(
         settings.model_dir,
         device=settings.device,
+        dtype=None if settings.dtype == "auto" else getattr(torch, settings.dtype),
         block_size=settings.block_size,
         kv_cache_mb=settings.kv_cache_mb,
         max_model_len=settings.max_model_len,

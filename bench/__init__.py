@@ -1,0 +1,1 @@
+"""Benchmarks: engine throughput beside vLLM, and (later) workloads, simulator, capacity search."""

