@@ -1,8 +1,9 @@
 """A Llama-family decoder in plain torch that runs one mixed batch per forward pass.
 
 The batch is flat: every scheduled token of every request, prefill chunks and decode tokens
-alike, in one [T] tensor. Attention reads keys and values from the paged KV cache: decode
-tokens (one query each) are attended in one padded call, prefill chunks one call each.
+alike, in one [T] tensor. Attention reads keys and values from the paged KV cache. Sequences
+with few new tokens (decode steps, speculative verification, small chunks) are attended in one
+padded call; long prefill chunks get one call each.
 Parameter names match Hugging Face checkpoints so weights load with `load_state_dict`.
 """
 
@@ -34,9 +35,11 @@ class AttentionLayout:
 
     slot_blocks: torch.Tensor  # [T] block of each new token
     slot_offsets: torch.Tensor  # [T] offset inside that block
-    decode_idx: torch.Tensor  # [B] flat index of each decode token
-    decode_tables: torch.Tensor  # [B, max_blocks] block tables, padded
-    decode_context_lens: torch.Tensor  # [B] context including the new token
+    short_idx: torch.Tensor  # [B, Q] flat index of each short sequence's tokens, padded
+    short_valid: torch.Tensor  # [B, Q] False on padding
+    short_tables: torch.Tensor  # [B, max_blocks] block tables, padded
+    short_mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] which keys each query sees
+    gather: torch.Tensor  # [2, B * max_blocks, block_size, kv_heads, head_dim] reused workspace
     prefills: list[PrefillSpan]
 
 
@@ -100,28 +103,31 @@ class Attention(nn.Module):
         v_cache[layout.slot_blocks, layout.slot_offsets] = v
 
         out = torch.empty_like(q)
-        if layout.decode_idx.numel():
-            out[layout.decode_idx] = self._decode(q[layout.decode_idx], k_cache, v_cache, layout)
+        if layout.short_idx.numel():
+            valid = layout.short_valid
+            out[layout.short_idx[valid]] = self._short(q, k_cache, v_cache, layout)[valid]
         for span in layout.prefills:
             out[span.start : span.end] = self._prefill(q, k, v, k_cache, v_cache, span)
         return self.o_proj(out.view(t, -1))
 
-    def _decode(
+    def _short(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: AttentionLayout
     ) -> torch.Tensor:
-        b = q.shape[0]
-        keys = k_cache[layout.decode_tables].view(b, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache[layout.decode_tables].view(b, -1, self.num_kv_heads, self.head_dim)
-        span = torch.arange(keys.shape[1], device=q.device)
-        mask = (span[None, :] < layout.decode_context_lens[:, None])[:, None, None, :]
+        """Attention of all short sequences in one call; returns [B, Q, heads, head_dim]."""
+        b = layout.short_idx.shape[0]
+        flat = layout.short_tables.view(-1)
+        keys = torch.index_select(k_cache, 0, flat, out=layout.gather[0])
+        values = torch.index_select(v_cache, 0, flat, out=layout.gather[1])
+        keys = keys.view(b, -1, self.num_kv_heads, self.head_dim)
+        values = values.view(b, -1, self.num_kv_heads, self.head_dim)
         o = F.scaled_dot_product_attention(
-            q[:, :, None, :],
+            q[layout.short_idx].transpose(1, 2),
             keys.transpose(1, 2),
             values.transpose(1, 2),
-            attn_mask=mask,
+            attn_mask=layout.short_mask,
             enable_gqa=True,
         )
-        return o[:, :, 0, :]
+        return o.transpose(1, 2)
 
     def _prefill(
         self,

@@ -24,6 +24,8 @@ from shared.model_info import context_window
 
 log = logging.getLogger(__name__)
 
+SHORT_QUERY_MAX = 16  # sequences with at most this many new tokens share one attention call
+
 
 @dataclass
 class Sequence:
@@ -87,6 +89,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
+        self._gather = torch.empty(0, device=device, dtype=self.dtype)
 
     @property
     def num_free_blocks(self) -> int:
@@ -107,6 +110,16 @@ class Engine:
             generator=make_generator(params, self.device),
             detokenizer=Detokenizer(self.tokenizer, list(params.stop)),
         )
+
+    def assume_computed(self, request_id: str, num_tokens: int) -> None:
+        """For profiling: mark the first tokens as computed without running them. Their KV
+        blocks are allocated but hold stale values, which changes no timing, so a step at a
+        long context can be timed without first prefilling it."""
+        seq = self.seqs[request_id]
+        if not 0 <= num_tokens < len(seq.token_ids):
+            raise ValueError(f"cannot assume {num_tokens} of {len(seq.token_ids)} tokens computed")
+        seq.blocks += self.kv.allocator.allocate(self.kv.blocks_needed(num_tokens) - len(seq.blocks))
+        seq.num_computed = num_tokens
 
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
@@ -154,9 +167,7 @@ class Engine:
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
-        decode_idx: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+        short: list[tuple[int, int, int, list[int]]] = []  # (flat start, context, new, blocks)
         prefills: list[PrefillSpan] = []
         logits_idx: list[int] = []
         sampled: list[Sequence] = []
@@ -165,30 +176,24 @@ class Engine:
             ids += seq.token_ids[c : c + n]
             positions += range(c, c + n)
             slot_blocks += (seq.blocks[p // bs] for p in range(c, c + n))
-            if n == 1:
-                decode_idx.append(start)
-                decode_tables.append(seq.blocks)
-                decode_lens.append(c + 1)
+            blocks = seq.blocks[: self.kv.blocks_needed(c + n)]
+            if n <= SHORT_QUERY_MAX:
+                short.append((start, c, n, blocks))
             else:
-                table = torch.tensor(seq.blocks[: self.kv.blocks_needed(c + n)], device=self.device)
-                prefills.append(PrefillSpan(start, start + n, c + n, table))
+                prefills.append(PrefillSpan(start, start + n, c + n,
+                                            torch.tensor(blocks, device=self.device)))
             seq.num_computed = c + n
             if seq.num_computed == len(seq.token_ids):
                 logits_idx.append(len(ids) - 1)
                 sampled.append(seq)
 
         dev = self.device
-        width = max((len(t) for t in decode_tables), default=0)
         pos = torch.tensor(positions, device=dev)
         layout = AttentionLayout(
             slot_blocks=torch.tensor(slot_blocks, device=dev),
             slot_offsets=pos % bs,
-            decode_idx=torch.tensor(decode_idx, device=dev, dtype=torch.long),
-            decode_tables=torch.tensor(
-                [t + [0] * (width - len(t)) for t in decode_tables], device=dev, dtype=torch.long
-            ).view(len(decode_tables), width),
-            decode_context_lens=torch.tensor(decode_lens, device=dev),
             prefills=prefills,
+            **self._short_layout(short),
         )
         logits = self.model(
             torch.tensor(ids, device=dev), pos, layout, self.kv.layers,
@@ -197,6 +202,37 @@ class Engine:
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         by_id = {s.request_id: tok for s, tok in zip(sampled, tokens)}
         return [self._advance(seq, by_id.get(seq.request_id)) for seq, _ in items]
+
+    def _short_layout(self, short: list[tuple[int, int, int, list[int]]]) -> dict[str, torch.Tensor]:
+        """Padded index, table and causal-mask tensors for the short sequences, built once
+        per step and shared by every layer."""
+        dev = self.device
+        width = max((len(blocks) for *_, blocks in short), default=0)
+        q_max = max((n for _, _, n, _ in short), default=0)
+        offsets = torch.arange(q_max, device=dev)
+        starts = torch.tensor([s for s, *_ in short], device=dev, dtype=torch.long)
+        contexts = torch.tensor([c for _, c, _, _ in short], device=dev, dtype=torch.long)
+        counts = torch.tensor([n for _, _, n, _ in short], device=dev, dtype=torch.long)
+        clamped = torch.minimum(offsets[None, :], (counts - 1)[:, None])
+        last_key = contexts[:, None] + clamped  # each query sees keys up to its own position
+        keys = torch.arange(width * self.kv.block_size, device=dev)
+        return {
+            "gather": self._workspace(len(short) * width),
+            "short_idx": starts[:, None] + clamped,
+            "short_valid": offsets[None, :] < counts[:, None],
+            "short_tables": torch.tensor([b + [0] * (width - len(b)) for _, _, _, b in short],
+                                         device=dev, dtype=torch.long).view(len(short), width),
+            "short_mask": (keys[None, None, :] <= last_key[:, :, None])[:, None],
+        }
+
+    def _workspace(self, num_blocks: int) -> torch.Tensor:
+        """Room to gather K and V of `num_blocks` blocks. It is kept and grown, never freed:
+        large tensors allocated afresh every layer cost page faults on every step."""
+        if self._gather.shape[1:2] < (num_blocks,) or self._gather.numel() == 0:
+            size = max(num_blocks, 2 * (self._gather.shape[1] if self._gather.numel() else 0))
+            self._gather = torch.empty(2, size, *self.kv.data.shape[3:], device=self.device,
+                                       dtype=self.dtype)
+        return self._gather[:, :num_blocks]
 
     def _advance(self, seq: Sequence, token: int | None) -> RequestOutput:
         """Append the sampled token (if any), decide whether the request is done, and free it."""

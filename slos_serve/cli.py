@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shared.roofline import SHIPPED_PROFILES, load_profile, mape, predict, save_profile
 from shared.settings import CONFIG_ENV, Settings, load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-SLO LLM serving.")
@@ -156,6 +157,44 @@ def worker(
     serve(settings, worker_id, "colocated", _stop_on_signals())
 
 
+@app.command()
+def profile(
+    out: Annotated[Path, typer.Option(help="profile JSON to write")],
+    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
+    quick: Annotated[bool, typer.Option(help="a small grid (seconds)")] = False,
+    repeats: Annotated[int, typer.Option(help="timed runs per shape (the fastest counts)")] = 5,
+    plot: Annotated[Path | None, typer.Option(help="PNG of predicted vs measured")] = None,
+) -> None:
+    """Time the engine over a grid of batch shapes and fit the roofline performance model."""
+    import torch
+
+    from engine.profiler import features, profile as run_profile
+
+    model_dir, name = _model_dir(model)
+    with Progress(TextColumn("profiling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("", total=None)
+        prof, train, test = run_profile(
+            model_dir, name=name, device=device, dtype=getattr(torch, dtype) if dtype else None, quick=quick,
+            repeats=repeats, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    save_profile(prof, out)
+    q, p = prof.quality, prof.params
+    console.print(f"{out}: held-out R² {q.r2:.4f}, MAPE {q.mape:.1%} ({q.train_samples} shapes fitted, "
+                  f"{q.test_samples} held out); {p.combine}(compute, memory), "
+                  f"{p.effective_tflops:.3g} TFLOP/s, {p.effective_gbps:.3g} GB/s, "
+                  f"overhead {p.overhead_s * 1e3:.3f} ms + {p.per_sequence_s * 1e6:.1f} µs/sequence")
+    if plot is not None:
+        from bench.plots import predicted_vs_measured
+
+        series = {}
+        for label, samples in (("fitted", train), ("held out", test)):
+            batches, measured = features(samples)
+            series[label] = (measured, predict(prof.model, prof.params, batches))
+        predicted_vs_measured(plot, series, f"{prof.model.name} on {prof.hardware}")
+
+
 @model_app.command("make")
 def model_make() -> None:
     """Build (or find) the built-in target + draft models in the user cache."""
@@ -178,6 +217,52 @@ def bench_setup_vllm(
     from bench.engine_bench import default_vllm_venv, setup_vllm
 
     console.print(str(setup_vllm(venv or default_vllm_venv())))
+
+
+@bench_app.command("gpu-profiles")
+def bench_gpu_profiles(
+    data: Annotated[Path, typer.Option(help="folder of Vidur's *_llama2_7b_mlp.csv")] = Path("../shared/data/profiles"),
+    out: Annotated[Path, typer.Option(help="where to write the profiles")] = Path("shared/profiles"),
+    plot: Annotated[Path | None, typer.Option(help="PNG of the calibration check")] = None,
+) -> None:
+    """Derive the shipped A100/H100 profiles and check them against measured Llama-2-7B times."""
+    from bench.gpu_profiles import GPUS, MODELS, calibrate, gpu_profile, profile_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    print("| GPU | FLOP/s efficiency | bandwidth efficiency | combine | held-out R² | held-out MAPE | MAPE at peak |")
+    print("|---|---|---|---|---|---|---|")
+    for gpu in GPUS:
+        cal = calibrate(gpu, data)
+        for model in MODELS:
+            save_profile(gpu_profile(model, cal), out / profile_name(gpu, model))
+        p, q = cal.layer_params, cal.quality
+        peak_err = mape(cal.peak_only_s, cal.measured_s)
+        print(f"| {gpu.name} | {1 / p.inv_flops / gpu.peak_flops:.0%} | {1 / p.inv_bandwidth / gpu.bandwidth:.0%} "
+              f"| {p.combine} | {q.r2:.4f} | {q.mape:.1%} | {peak_err:.1%} |")
+        curves[f"{gpu.name} measured"] = (cal.tokens, cal.measured_s)
+        curves[f"{gpu.name} roofline"] = (cal.tokens, cal.predicted_s)
+    if plot is not None:
+        from bench.plots import time_vs_tokens
+
+        time_vs_tokens(plot, curves, "Llama-2-7B, non-attention layers, TP=1")
+
+
+@bench_app.command("predictor")
+def bench_predictor(
+    profile: Annotated[Path, typer.Option(help="profile JSON")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+    sizes: Annotated[str, typer.Option(help="batches priced per call, comma-separated")] = "1,100,10000,1000000",
+) -> None:
+    """Amortised time per predicted batch, at each number of candidate batches per call."""
+    from bench.predictor_bench import ns_per_prediction
+
+    prof = load_profile(profile)
+    print(f"profile {profile.name}")
+    print("| batches per call | ns per batch | calls per second |")
+    print("|---|---|---|")
+    for n in (int(s) for s in sizes.split(",")):
+        ns = ns_per_prediction(prof, n)
+        print(f"| {n:,} | {ns:,.1f} | {1e9 / ns / n:,.0f} |")
 
 
 @bench_app.command("engine")

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from shared.bus import free_tcp_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
 API_KEY = "test-key"
 IGNORE_EOS = {"ignore_eos": True}

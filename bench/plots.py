@@ -1,0 +1,55 @@
+"""Plots for docs/benchmarks.md (needs the `bench` extra: matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plain_log_ticks(ax) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def predicted_vs_measured(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    """Scatter of predicted against measured milliseconds, one colour per series, log axes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    lo, hi = np.inf, 0.0
+    for label, (measured, predicted) in series.items():
+        ax.scatter(measured * 1e3, predicted * 1e3, s=14, label=label)
+        lo = min(lo, measured.min() * 1e3, predicted.min() * 1e3)
+        hi = max(hi, measured.max() * 1e3, predicted.max() * 1e3)
+    ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, linestyle="--")
+    ax.set(xscale="log", yscale="log", xlabel="measured (ms)", ylabel="predicted (ms)", title=title)
+    _plain_log_ticks(ax)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def time_vs_tokens(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    """Step time against tokens per step, one line per curve, log axes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, (tokens, seconds) in curves.items():
+        ax.plot(tokens, seconds * 1e3, label=label, linewidth=1.5)
+    ax.set(xscale="log", yscale="log", xlabel="tokens in the step", ylabel="time (ms)", title=title)
+    _plain_log_ticks(ax)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

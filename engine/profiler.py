@@ -1,0 +1,125 @@
+"""`slos-serve profile`: time the real engine over a grid of batch shapes and fit the roofline.
+
+A batch shape is a list of sequences, each running `new` tokens on top of `context` cached
+ones: a prefill chunk (new > 1), a decode step (new = 1) or a speculative verification
+(new = 1 + k). Contexts are assumed rather than computed, so long contexts cost nothing to
+set up. Each shape counts its fastest run, the one least disturbed by anything else on the
+machine; runs go round-robin over the shapes. A quarter of the shapes, drawn with a fixed
+seed, is held out to judge the fit.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig
+from engine.runner import Engine
+from shared.messages import BatchOrder, PrefillChunk, SamplingParams
+from shared.roofline import Batches, FitQuality, ModelShape, Profile, fit, mape, predict, r2
+
+Seq = tuple[int, int]  # (context tokens, new tokens)
+GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+
+
+@dataclass
+class Sample:
+    seqs: list[Seq]
+    seconds: float
+
+
+def model_shape(cfg: ModelConfig, name: str, dtype: torch.dtype) -> ModelShape:
+    return ModelShape(name=name, layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_heads,
+                      kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                      intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
+                      dtype_bytes=torch.finfo(dtype).bits // 8)
+
+
+def grid(max_len: int, quick: bool) -> list[list[Seq]]:
+    """Pure prefill, chunked prefill, pure decode, mixed batches and verification shapes."""
+    prefill = [16, 64, 256, 1024] if quick else [16, 32, 64, 128, 256, 512, 1024, 2048]
+    batches = [1, 4, 16, 32] if quick else [1, 2, 4, 8, 16, 32, 48, 64]
+    contexts = [64, 512, 1024] if quick else [64, 256, 768, 1536]
+    shapes: list[list[Seq]] = [[(0, q)] for q in prefill]
+    shapes += [[(0, q)] * 4 for q in (64, 256)]
+    shapes += [[(c, q)] for q in (64, 256) for c in (256, 1024)]
+    shapes += [[(c, 1)] * b for b in batches for c in contexts]
+    shapes += [[(256, 1)] * b + [(0, q)] for b in (4, 16) for q in (64, 256)]
+    shapes += [[(256, k)] * b for b in (1, 4, 16) for k in ((3, 8) if quick else (2, 4, 8))]
+    return [s for s in shapes if all(c + q < max_len for c, q in s)]
+
+
+def features(samples: list[Sample]) -> tuple[Batches, np.ndarray]:
+    cols = np.array([
+        (sum(q for _, q in s.seqs), sum(c + q for c, q in s.seqs), len(s.seqs),
+         sum(q * (c + (q + 1) / 2) for c, q in s.seqs))
+        for s in samples
+    ], dtype=np.float64)
+    batches = Batches.of(prefill_tokens=cols[:, 0], kv_read=cols[:, 1], num_seqs=cols[:, 2],
+                         attention_pairs=cols[:, 3])
+    return batches, np.array([s.seconds for s in samples])
+
+
+def time_shape(engine: Engine, seqs: list[Seq], tag: str) -> float:
+    """Seconds of one step of the given shape."""
+    ids = [f"{tag}-{i}" for i in range(len(seqs))]
+    for rid, (c, q) in zip(ids, seqs):
+        engine.add_request(rid, [11 + (i % 500) for i in range(c + q)], GREEDY)
+        if c:
+            engine.assume_computed(rid, c)
+    order = BatchOrder(step_id=0, prefill=[PrefillChunk(rid, q) for rid, (_, q) in zip(ids, seqs)])
+    start = time.perf_counter()
+    engine.step(order)
+    seconds = time.perf_counter() - start
+    for rid in ids:
+        engine.abort(rid)
+    return seconds
+
+
+def hardware_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def profile(model_dir: Path, *, name: str | None = None, device: str = "cpu",
+            dtype: torch.dtype | None = None,
+            quick: bool = False, repeats: int = 3, seed: int = 0,
+            progress: Callable[[int, int], None] = lambda rounds_done, rounds: None,
+            ) -> tuple[Profile, list[Sample], list[Sample]]:
+    """Measure, fit on three quarters of the shapes, judge on the rest."""
+    engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_mb=1024)
+    shapes = grid(engine.max_model_len, quick)
+    for i, seqs in enumerate(shapes):  # warm-up
+        time_shape(engine, seqs, f"w{i}")
+    best = [float("inf")] * len(shapes)
+    for rep in range(repeats):  # round-robin, so a busy spell does not hit one shape only
+        for i, seqs in enumerate(shapes):
+            best[i] = min(best[i], time_shape(engine, seqs, f"r{rep}-{i}"))
+        progress(rep + 1, repeats)
+    samples = [Sample(seqs, t) for seqs, t in zip(shapes, best)]
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    cut = len(order) // 4
+    test = [samples[i] for i in sorted(order[:cut])]
+    train = [samples[i] for i in sorted(order[cut:])]
+    shape = model_shape(engine.cfg, name or Path(model_dir).name, engine.dtype)
+    params = fit(shape, *features(train))
+    test_b, test_t = features(test)
+    predicted = predict(shape, params, test_b)
+    quality = FitQuality(r2(predicted, test_t), mape(predicted, test_t), len(train), len(test))
+    prof = Profile(model=shape, hardware=hardware_name(device), params=params, quality=quality,
+                   source=f"slos-serve profile of {model_dir} ({engine.dtype}, {device})")
+    return prof, train, test

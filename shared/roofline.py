@@ -1,0 +1,234 @@
+"""The performance model: how long one engine step takes, as a roofline.
+
+A step processes T tokens (prefill chunks plus decoding sequences times the tokens each one
+verifies) and reads the weights plus the KV cache of every sequence in it:
+
+    compute = (T * flops_per_token + attention_pairs * flops_per_pair) * inv_flops
+    memory  = (weight_bytes + kv_tokens_read * kv_bytes_per_token) * inv_bandwidth
+    time    = overhead + per_sequence * sequences + combine(compute, memory)
+
+with `combine` either max (the hardware overlaps the two) or sum (it does not), whichever fits
+the measurements better. `inv_flops` and `inv_bandwidth` are the reciprocals of the effective
+peaks; all four coefficients are fitted by least squares on relative error. Everything takes
+numpy arrays, so the planner can price many candidate batches in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+PROFILE_VERSION = 1
+SHIPPED_PROFILES = Path(__file__).parent / "profiles"  # GPU profiles, see bench/gpu_profiles.py
+Combine = Literal["max", "sum"]
+ArrayLike = np.ndarray | float | int
+
+
+class ModelShape(msgspec.Struct, frozen=True):
+    """What the cost of a step depends on; names follow the Llama layout."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool = True
+    dtype_bytes: int = 2
+
+    @property
+    def params_per_layer(self) -> int:
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return attn + mlp
+
+    @property
+    def params(self) -> int:
+        """Parameters every token multiplies through: the layers and the output head."""
+        return self.layers * self.params_per_layer + self.vocab * self.hidden
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.dtype_bytes
+
+    @property
+    def flops_per_token(self) -> int:
+        return 2 * self.params
+
+    @property
+    def flops_per_pair(self) -> int:
+        """Attention FLOPs for one (query token, cached token) pair: QK^T and PV."""
+        return 4 * self.layers * self.heads * self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+
+class RooflineParams(msgspec.Struct, frozen=True):
+    overhead_s: float
+    per_sequence_s: float
+    inv_flops: float  # seconds per FLOP: 1 / effective peak
+    inv_bandwidth: float  # seconds per byte: 1 / effective bandwidth
+    combine: Combine = "max"
+
+    @property
+    def effective_tflops(self) -> float:
+        return 1e-12 / self.inv_flops if self.inv_flops > 0 else float("inf")
+
+    @property
+    def effective_gbps(self) -> float:
+        return 1e-9 / self.inv_bandwidth if self.inv_bandwidth > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Batches:
+    """A set of candidate batches, one per array element."""
+
+    prefill_tokens: np.ndarray
+    decode_seqs: np.ndarray
+    verify_len: np.ndarray  # tokens each decoding sequence runs: 1 + speculative length
+    kv_read: np.ndarray  # cached tokens read by attention, summed over sequences
+    num_seqs: np.ndarray
+    attention_pairs: np.ndarray  # sum over sequences of new tokens x context tokens
+
+    @classmethod
+    def of(cls, prefill_tokens: ArrayLike = 0, decode_seqs: ArrayLike = 0, verify_len: ArrayLike = 1,
+           kv_read: ArrayLike = 0, num_seqs: ArrayLike | None = None,
+           attention_pairs: ArrayLike = 0) -> Batches:
+        arrays = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (
+            prefill_tokens, decode_seqs, verify_len, kv_read,
+            decode_seqs if num_seqs is None else num_seqs, attention_pairs)))
+        return cls(*arrays)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.prefill_tokens + self.decode_seqs * self.verify_len
+
+
+def terms(shape: ModelShape, b: Batches) -> tuple[np.ndarray, np.ndarray]:
+    """FLOPs and bytes of each batch."""
+    flops = b.tokens * shape.flops_per_token + b.attention_pairs * shape.flops_per_pair
+    nbytes = shape.weight_bytes + b.kv_read * shape.kv_bytes_per_token
+    return flops, nbytes
+
+
+def predict(shape: ModelShape, p: RooflineParams, b: Batches) -> np.ndarray:
+    """Seconds per batch."""
+    flops, nbytes = terms(shape, b)
+    compute, memory = flops * p.inv_flops, nbytes * p.inv_bandwidth
+    bound = np.maximum(compute, memory) if p.combine == "max" else compute + memory
+    return p.overhead_s + p.per_sequence_s * b.num_seqs + bound
+
+
+def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_seqs: float,
+                   verify_len: float, kv_read: float) -> int:
+    """The most prefill tokens that fit beside the given decode work in a step of `step_s`,
+    ignoring the prefill's own attention (small for chunks of a few hundred tokens)."""
+    seqs = decode_seqs + 1
+    fixed = p.overhead_s + p.per_sequence_s * seqs
+    decode_flops = decode_seqs * verify_len * shape.flops_per_token + kv_read * shape.flops_per_pair
+    memory = (shape.weight_bytes + kv_read * shape.kv_bytes_per_token) * p.inv_bandwidth
+    room = step_s - fixed - (0.0 if p.combine == "max" else memory)
+    if room <= 0 or (p.combine == "max" and memory > room):
+        return 0
+    if p.inv_flops <= 0:
+        return 1 << 30
+    return max(0, int((room / p.inv_flops - decode_flops) / shape.flops_per_token))
+
+
+def _solve(design: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Least squares on relative error with non-negative coefficients (drop and refit)."""
+    active = list(range(design.shape[1]))
+    w = 1.0 / np.maximum(times, 1e-12)
+    while True:
+        coef, *_ = np.linalg.lstsq(design[:, active] * w[:, None], times * w, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            out = np.zeros(design.shape[1])
+            out[active] = np.maximum(coef, 0)
+            return out
+        active.pop(int(np.argmin(coef)))
+
+
+def fit(shape: ModelShape, b: Batches, times: np.ndarray, overhead: bool = True) -> RooflineParams:
+    """The better of the sum and the max combinations, by relative error. Without `overhead`
+    the fixed cost is taken to be zero: data in which the bytes read never vary cannot tell a
+    fixed cost from the time to read the weights."""
+    flops, nbytes = terms(shape, b)
+    one = np.ones_like(times) if overhead else np.zeros_like(times)
+    c = _solve(np.stack([one, b.num_seqs, flops, nbytes], axis=1), times)
+    candidates = [RooflineParams(c[0], c[1], c[2], c[3], "sum")]
+    inv_f, inv_b = max(c[2], 1e-18), max(c[3], 1e-18)
+    for _ in range(30):  # alternate: pick each batch's bound, refit both slopes
+        on_compute = flops * inv_f >= nbytes * inv_b
+        c = _solve(np.stack([one, b.num_seqs, flops * on_compute, nbytes * ~on_compute], axis=1), times)
+        if c[2] <= 0 or c[3] <= 0:
+            break
+        done = np.allclose([c[2], c[3]], [inv_f, inv_b])
+        inv_f, inv_b = c[2], c[3]
+        if done:
+            break
+    candidates.append(RooflineParams(c[0], c[1], inv_f, inv_b, "max"))
+    best = min(candidates, key=lambda p: mape(predict(shape, p, b), times))
+    return msgspec.structs.replace(best, **{f: float(getattr(best, f)) for f in (
+        "overhead_s", "per_sequence_s", "inv_flops", "inv_bandwidth")})
+
+
+def r2(predicted: np.ndarray, measured: np.ndarray) -> float:
+    residual = np.sum((measured - predicted) ** 2)
+    total = np.sum((measured - measured.mean()) ** 2)
+    return float(1 - residual / total) if total > 0 else 1.0
+
+
+def mape(predicted: np.ndarray, measured: np.ndarray) -> float:
+    return float(np.mean(np.abs(predicted - measured) / measured))
+
+
+class FitQuality(msgspec.Struct, frozen=True):
+    r2: float
+    mape: float
+    train_samples: int
+    test_samples: int
+
+
+class Profile(msgspec.Struct, frozen=True):
+    """A fitted performance model for one model shape on one machine, stored as JSON."""
+
+    model: ModelShape
+    hardware: str
+    params: RooflineParams
+    quality: FitQuality | None = None
+    source: str = ""
+    version: int = PROFILE_VERSION
+
+    def predict(self, b: Batches) -> np.ndarray:
+        return predict(self.model, self.params, b)
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def save_profile(profile: Profile, path: Path) -> None:
+    Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
+
+
+def load_profile(path: Path, expect: ModelShape | None = None) -> Profile:
+    """Load and validate; `expect` rejects a profile measured on another model shape."""
+    try:
+        profile = msgspec.json.decode(Path(path).read_bytes(), type=Profile)
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProfileError(f"{path} is not a valid profile: {exc}") from None
+    if profile.version != PROFILE_VERSION:
+        raise ProfileError(f"{path} has profile version {profile.version}, expected {PROFILE_VERSION}")
+    if expect is not None and msgspec.structs.replace(profile.model, name=expect.name) != expect:
+        raise ProfileError(f"{path} profiles model shape {profile.model}, not {expect}")
+    return profile

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.model_make import TARGET_SHAPE, make_random
+from engine.profiler import grid, profile
+
+
+@pytest.fixture(scope="module")
+def builtin_shaped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights in the built-in target's shape: the same timings, built in seconds."""
+    return make_random(tmp_path_factory.mktemp("builtin-shaped"), TARGET_SHAPE)
+
+
+@pytest.mark.xdist_group("serial")
+def test_short_real_profile_predicts_held_out_shapes(builtin_shaped: Path) -> None:
+    """One thread, and never beside the servers of the end-to-end tests (same xdist group),
+    so that the timings are little disturbed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prof, train, test = profile(builtin_shaped, quick=True, repeats=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert prof.quality.r2 >= 0.9, prof
+    assert len(test) >= 6 and len(train) >= 3 * len(test) - 3
+
+
+def test_grid_covers_every_kind_of_step() -> None:
+    shapes = grid(max_len=2048, quick=True)
+    assert any(len(s) == 1 and s[0][0] == 0 for s in shapes)  # pure prefill
+    assert any(all(q == 1 for _, q in s) and len(s) >= 16 for s in shapes)  # big decode batch
+    assert any({q for _, q in s} >= {1, 64} for s in shapes)  # mixed prefill + decode
+    assert any(all(1 < q <= 9 and c > 0 for c, q in s) for s in shapes)  # verification
+    assert all(c + q < 512 for s in grid(max_len=512, quick=False) for c, q in s)

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from shared.roofline import (
+    SHIPPED_PROFILES,
+    Batches,
+    ModelShape,
+    Profile,
+    ProfileError,
+    RooflineParams,
+    fit,
+    load_profile,
+    predict,
+    prefill_budget,
+    save_profile,
+)
+
+SHAPE = ModelShape("test-1b", layers=16, hidden=2048, heads=16, kv_heads=4, head_dim=128,
+                   intermediate=5632, vocab=32000)
+
+
+def random_batches(n: int, seed: int = 0) -> Batches:
+    rng = np.random.default_rng(seed)
+    decode = rng.integers(0, 64, n)
+    prefill = rng.choice([0, 16, 128, 512, 2048], n) * rng.integers(0, 2, n)
+    prefill[(decode == 0) & (prefill == 0)] = 64
+    verify = rng.integers(1, 5, n)
+    ctx = rng.integers(16, 4096, n)
+    seqs = decode + (prefill > 0)
+    return Batches.of(prefill_tokens=prefill, decode_seqs=decode, verify_len=verify,
+                      kv_read=decode * ctx + prefill, num_seqs=seqs,
+                      attention_pairs=decode * verify * ctx + prefill * prefill / 2)
+
+
+@pytest.mark.parametrize("combine", ["max", "sum"])
+def test_fit_recovers_known_parameters(combine: str) -> None:
+    truth = RooflineParams(overhead_s=2e-3, per_sequence_s=30e-6, inv_flops=1 / 300e12,
+                           inv_bandwidth=1 / 1.5e12, combine=combine)
+    b = random_batches(400)
+    noise = np.random.default_rng(1).normal(1.0, 0.01, 400)
+    got = fit(SHAPE, b, predict(SHAPE, truth, b) * noise)
+    assert got.combine == combine
+    for field in ("overhead_s", "per_sequence_s", "inv_flops", "inv_bandwidth"):
+        assert getattr(got, field) == pytest.approx(getattr(truth, field), rel=0.1), field
+
+
+def test_predict_is_vectorised_and_monotone() -> None:
+    p = RooflineParams(1e-3, 1e-5, 1 / 100e12, 1 / 1e12, "max")
+    small = predict(SHAPE, p, Batches.of(decode_seqs=np.arange(1, 65), kv_read=np.arange(1, 65) * 1000))
+    assert small.shape == (64,) and np.all(np.diff(small) > 0)
+    assert predict(SHAPE, p, Batches.of(prefill_tokens=4096, num_seqs=1)) > predict(
+        SHAPE, p, Batches.of(prefill_tokens=512, num_seqs=1))
+
+
+@pytest.mark.parametrize("combine", ["max", "sum"])
+def test_prefill_budget_fills_the_step_exactly(combine: str) -> None:
+    p = RooflineParams(2e-3, 20e-6, 1 / 200e12, 1 / 1e12, combine)
+    for decode, kv in ((0, 0), (16, 16 * 1000), (64, 64 * 3000)):
+        budget = prefill_budget(SHAPE, p, 0.05, decode, 1, kv)
+        at = Batches.of(prefill_tokens=[budget, budget + 8], decode_seqs=decode, kv_read=kv,
+                        num_seqs=decode + 1, attention_pairs=decode * kv / max(decode, 1))
+        t = predict(SHAPE, p, at)
+        assert budget > 0 and t[0] <= 0.05 < t[1]
+    assert prefill_budget(SHAPE, p, 0.001, 8, 1, 8000) == 0
+
+
+def test_profile_round_trip_and_validation(tmp_path: Path) -> None:
+    prof = Profile(model=SHAPE, hardware="test", params=RooflineParams(1e-3, 0.0, 1e-14, 1e-12))
+    path = tmp_path / "p.json"
+    save_profile(prof, path)
+    assert load_profile(path, expect=SHAPE) == prof
+    with pytest.raises(ProfileError, match="model shape"):
+        load_profile(path, expect=msgspec.structs.replace(SHAPE, layers=32))
+    path.write_text('{"model": 3}')
+    with pytest.raises(ProfileError, match="not a valid profile"):
+        load_profile(path)
+    path.write_text("not json")
+    with pytest.raises(ProfileError, match="not a valid profile"):
+        load_profile(path)
+    with pytest.raises(ProfileError, match="cannot read"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_shipped_gpu_profiles_load_and_rank_sensibly() -> None:
+    files = sorted(f for f in SHIPPED_PROFILES.glob("*.json") if f.name.startswith(("a100", "h100")))
+    assert len(files) == 12
+    one = Batches.of(decode_seqs=32, kv_read=32 * 1024, attention_pairs=32 * 1024)
+    t = {f.stem: float(load_profile(f).predict(one)) for f in files}
+    assert t["h100-sxm_llama-2-7b"] < t["a100-80gb_llama-2-7b"]
+    assert t["a100-80gb_llama-2-7b"] < t["a100-80gb_llama-2-13b"] < t["a100-80gb_llama-30b"]
+    assert 0.003 < t["a100-80gb_llama-2-7b"] < 0.05  # a 7B decode step on an A100: ~10-20 ms
