@@ -1,14 +1,16 @@
-"""The engine: runs batch orders (mixed prefill chunks and decode tokens) on the model.
+"""The engine: runs batch orders (mixed prefill chunks, decode tokens and speculative
+verification) on the model.
 
 It holds each request's tokens, KV blocks, sampler and detokenizer, but makes no policy: what
-runs in a step is decided by whoever writes the `BatchOrder`.
+runs in a step, and how many tokens each decoding request speculates, is decided by whoever
+writes the `BatchOrder`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,31 +18,15 @@ import torch
 from engine.config import ModelConfig
 from engine.detokenizer import Detokenizer
 from engine.kv_cache import KVCache, OutOfKVBlocks
-from engine.loader import load_model, load_tokenizer
-from engine.model import AttentionLayout, PrefillSpan
-from engine.sampling import make_generator, sample
+from engine.loader import load_tokenizer
+from engine.model_runner import ModelRunner, Work
+from engine.sampling import make_generator, sample, verify
+from engine.sequence import Sequence
+from engine.speculative import MAX_SPEC_LEN, Proposal, Speculator, make_proposer
 from shared.messages import BatchOrder, FinishReason, SamplingParams
 from shared.model_info import context_window
 
 log = logging.getLogger(__name__)
-
-SHORT_QUERY_MAX = 16  # sequences with at most this many new tokens share one attention call
-
-
-@dataclass
-class Sequence:
-    request_id: str
-    token_ids: list[int]
-    num_prompt: int
-    params: SamplingParams
-    generator: torch.Generator | None
-    detokenizer: Detokenizer
-    blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0
-
-    @property
-    def num_output(self) -> int:
-        return len(self.token_ids) - self.num_prompt
 
 
 @dataclass
@@ -52,6 +38,8 @@ class RequestOutput:
     num_computed_tokens: int
     num_output_tokens: int
     finish_reason: FinishReason | None
+    num_proposed: int = 0  # speculative tokens verified in this step
+    num_accepted: int = 0  # of which the target accepted
 
 
 @dataclass
@@ -59,6 +47,20 @@ class StepResult:
     outputs: list[RequestOutput]
     out_of_blocks: list[str]
     duration_s: float
+
+
+@dataclass
+class _Item:
+    """One request's part of a step: `n` known tokens, then the proposal to verify, if any."""
+
+    seq: Sequence
+    n: int
+    draft: Proposal | None = None
+
+    @property
+    def completes(self) -> bool:
+        """The step reaches the end of the known tokens, so it yields a new token."""
+        return self.seq.num_computed + self.n == len(self.seq.token_ids)
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -76,20 +78,24 @@ class Engine:
         kv_cache_mb: int = 256,
         num_kv_blocks: int | None = None,
         max_model_len: int | None = None,
+        speculator: Speculator = "none",
+        draft_dir: Path | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype or default_dtype(device)
-        self.cfg = ModelConfig.from_dir(model_dir)
-        self.model = load_model(model_dir, device, self.dtype)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_model_len = context_window(model_dir, max_model_len)
-        num_blocks = num_kv_blocks or KVCache.num_blocks_for(self.cfg, block_size, kv_cache_mb, self.dtype)
-        self.kv = KVCache(self.cfg, num_blocks, block_size, device, self.dtype)
+        num_blocks = num_kv_blocks or KVCache.num_blocks_for(ModelConfig.from_dir(model_dir), block_size,
+                                                             kv_cache_mb, self.dtype)
+        self.runner = ModelRunner(model_dir, device, self.dtype, num_blocks, block_size)
+        self.cfg = self.runner.cfg
+        self.kv = self.runner.kv
+        self.speculator = speculator
+        self.proposer = make_proposer(speculator, draft_dir, self.runner)
         self.eos_token_ids = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
-        self._gather = torch.empty(0, device=device, dtype=self.dtype)
 
     @property
     def num_free_blocks(self) -> int:
@@ -126,6 +132,8 @@ class Engine:
         if seq is None:
             return False
         self.kv.allocator.free(seq.blocks)
+        if self.proposer is not None:
+            self.proposer.release(request_id)
         return True
 
     def step(self, order: BatchOrder) -> StepResult:
@@ -134,16 +142,26 @@ class Engine:
             self.add_request(req.request_id, req.prompt_token_ids, req.params)
         for rid in order.aborts:
             self.abort(rid)
-        work = [(c.request_id, c.num_tokens) for c in order.prefill]
-        work += [(rid, 1) for rid in order.decode]
+        work = [(c.request_id, c.num_tokens, 0) for c in order.prefill]
+        work += [(rid, 1, order.spec_lens.get(rid, 0)) for rid in order.decode]
         items, out_of_blocks = self._reserve(work)
         outputs = self._run(items) if items else []
         return StepResult(outputs, out_of_blocks, time.perf_counter() - start)
 
-    def _reserve(self, work: list[tuple[str, int]]) -> tuple[list[tuple[Sequence, int]], list[str]]:
-        """Clamp each item to the tokens it has left and give it the KV blocks it needs."""
-        items, out_of_blocks = [], []
-        for rid, n in work:
+    def spec_len(self, seq: Sequence, asked: int) -> int:
+        """The speculative length actually run: none without a proposer, and never past the
+        context window or the tokens the request may still produce."""
+        if self.proposer is None:
+            return 0
+        room = min(self.max_model_len - len(seq.token_ids), seq.params.max_tokens - seq.num_output - 1)
+        return max(0, min(asked, MAX_SPEC_LEN, room))
+
+    def _reserve(self, work: list[tuple[str, int, int]]) -> tuple[list[_Item], list[str]]:
+        """Clamp each item to the tokens it has left, get proposals for the speculating ones,
+        and give each the KV blocks it needs (dropping a proposal that does not fit)."""
+        items: list[_Item] = []
+        wants: list[tuple[Sequence, int]] = []
+        for rid, n, k in work:
             seq = self.seqs.get(rid)
             if seq is None:
                 log.warning("request %s: ordered but unknown (aborted?)", rid)
@@ -152,102 +170,73 @@ class Engine:
             if n <= 0:
                 log.warning("request %s: ordered with no tokens left to compute", rid)
                 continue
-            missing = self.kv.blocks_needed(seq.num_computed + n) - len(seq.blocks)
-            try:
-                seq.blocks += self.kv.allocator.allocate(max(0, missing))
-            except OutOfKVBlocks as exc:
-                log.warning("request %s: %s", rid, exc)
-                out_of_blocks.append(rid)
-                continue
-            items.append((seq, n))
-        return items, out_of_blocks
-
-    def _run(self, items: list[tuple[Sequence, int]]) -> list[RequestOutput]:
-        bs = self.kv.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_blocks: list[int] = []
-        short: list[tuple[int, int, int, list[int]]] = []  # (flat start, context, new, blocks)
-        prefills: list[PrefillSpan] = []
-        logits_idx: list[int] = []
-        sampled: list[Sequence] = []
-        for seq, n in items:
-            start, c = len(ids), seq.num_computed
-            ids += seq.token_ids[c : c + n]
-            positions += range(c, c + n)
-            slot_blocks += (seq.blocks[p // bs] for p in range(c, c + n))
-            blocks = seq.blocks[: self.kv.blocks_needed(c + n)]
-            if n <= SHORT_QUERY_MAX:
-                short.append((start, c, n, blocks))
+            item = _Item(seq, n)
+            items.append(item)
+            k = self.spec_len(seq, k) if item.completes else 0
+            if k:
+                wants.append((seq, k))
+        proposals = self.proposer.propose(wants) if wants else {}
+        reserved, out_of_blocks = [], []
+        for item in items:
+            item.draft = proposals.get(item.seq.request_id)
+            ok = self._allocate(item)
+            if not ok and item.draft is not None:  # retry as a plain decode
+                item.draft = None
+                self.proposer.rollback(item.seq)
+                ok = self._allocate(item)
+            if ok:
+                reserved.append(item)
             else:
-                prefills.append(PrefillSpan(start, start + n, c + n,
-                                            torch.tensor(blocks, device=self.device)))
-            seq.num_computed = c + n
-            if seq.num_computed == len(seq.token_ids):
-                logits_idx.append(len(ids) - 1)
-                sampled.append(seq)
+                out_of_blocks.append(item.seq.request_id)
+        return reserved, out_of_blocks
 
-        dev = self.device
-        pos = torch.tensor(positions, device=dev)
-        layout = AttentionLayout(
-            slot_blocks=torch.tensor(slot_blocks, device=dev),
-            slot_offsets=pos % bs,
-            prefills=prefills,
-            **self._short_layout(short),
-        )
-        logits = self.model(
-            torch.tensor(ids, device=dev), pos, layout, self.kv.layers,
-            torch.tensor(logits_idx, device=dev, dtype=torch.long),
-        )
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
-        by_id = {s.request_id: tok for s, tok in zip(sampled, tokens)}
-        return [self._advance(seq, by_id.get(seq.request_id)) for seq, _ in items]
+    def _allocate(self, item: _Item) -> bool:
+        seq = item.seq
+        length = seq.num_computed + item.n + (len(item.draft.tokens) if item.draft else 0)
+        try:
+            seq.blocks += self.kv.allocator.allocate(max(0, self.kv.blocks_needed(length) - len(seq.blocks)))
+        except OutOfKVBlocks as exc:
+            log.warning("request %s: %s", seq.request_id, exc)
+            return False
+        return True
 
-    def _short_layout(self, short: list[tuple[int, int, int, list[int]]]) -> dict[str, torch.Tensor]:
-        """Padded index, table and causal-mask tensors for the short sequences, built once
-        per step and shared by every layer."""
-        dev = self.device
-        width = max((len(blocks) for *_, blocks in short), default=0)
-        q_max = max((n for _, _, n, _ in short), default=0)
-        offsets = torch.arange(q_max, device=dev)
-        starts = torch.tensor([s for s, *_ in short], device=dev, dtype=torch.long)
-        contexts = torch.tensor([c for _, c, _, _ in short], device=dev, dtype=torch.long)
-        counts = torch.tensor([n for _, _, n, _ in short], device=dev, dtype=torch.long)
-        clamped = torch.minimum(offsets[None, :], (counts - 1)[:, None])
-        last_key = contexts[:, None] + clamped  # each query sees keys up to its own position
-        keys = torch.arange(width * self.kv.block_size, device=dev)
-        return {
-            "gather": self._workspace(len(short) * width),
-            "short_idx": starts[:, None] + clamped,
-            "short_valid": offsets[None, :] < counts[:, None],
-            "short_tables": torch.tensor([b + [0] * (width - len(b)) for _, _, _, b in short],
-                                         device=dev, dtype=torch.long).view(len(short), width),
-            "short_mask": (keys[None, None, :] <= last_key[:, :, None])[:, None],
-        }
+    def _run(self, items: list[_Item]) -> list[RequestOutput]:
+        work = []
+        for it in items:
+            c, draft = it.seq.num_computed, it.draft.tokens if it.draft else []
+            work.append(Work(it.seq.token_ids[c : c + it.n] + draft, c, it.seq.blocks,
+                             1 + len(draft) if it.completes else 0))
+        logits = self.runner.forward(work).split([w.num_logits for w in work])
+        plain = [i for i, it in enumerate(items) if it.completes and it.draft is None]
+        sampled = sample(torch.cat([logits[i] for i in plain]), [items[i].seq.params for i in plain],
+                         [items[i].seq.generator for i in plain]) if plain else []
+        tokens: dict[int, list[int]] = {i: [t] for i, t in zip(plain, sampled)}
+        for i, it in enumerate(items):
+            if it.draft is not None:
+                tokens[i] = verify(logits[i], it.draft.tokens, it.draft.probs, it.seq.params,
+                                   it.seq.generator)
+        return [self._advance(it, tokens.get(i, [])) for i, it in enumerate(items)]
 
-    def _workspace(self, num_blocks: int) -> torch.Tensor:
-        """Room to gather K and V of `num_blocks` blocks. It is kept and grown, never freed:
-        large tensors allocated afresh every layer cost page faults on every step."""
-        if self._gather.shape[1:2] < (num_blocks,) or self._gather.numel() == 0:
-            size = max(num_blocks, 2 * (self._gather.shape[1] if self._gather.numel() else 0))
-            self._gather = torch.empty(2, size, *self.kv.data.shape[3:], device=self.device,
-                                       dtype=self.dtype)
-        return self._gather[:, :num_blocks]
-
-    def _advance(self, seq: Sequence, token: int | None) -> RequestOutput:
-        """Append the sampled token (if any), decide whether the request is done, and free it."""
+    def _advance(self, item: _Item, tokens: list[int]) -> RequestOutput:
+        """Append the step's tokens until one ends the request, roll the KV caches back past
+        rejected proposals, and free the request if it is done."""
+        seq = item.seq
+        proposed = len(item.draft.tokens) if item.draft else 0
+        accepted = len(tokens) - 1 if item.draft else 0
         finish: FinishReason | None = None
-        new = []
-        if token is not None:
+        new: list[int] = []
+        for token in tokens:
             new.append(token)
             seq.token_ids.append(token)
-            p = seq.params
-            if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-                finish = "stop"
-            elif seq.detokenizer.add(token):
-                finish = "stop"
-            elif seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-                finish = "length"
+            finish = self._finish_reason(seq, token)
+            if finish is not None:
+                break
+        seq.num_computed += item.n + min(len(new), accepted)
+        keep = self.kv.blocks_needed(seq.num_computed)
+        self.kv.allocator.free(seq.blocks[keep:])
+        del seq.blocks[keep:]
+        if item.draft is not None:
+            self.proposer.rollback(seq)
         out = RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new,
@@ -256,7 +245,19 @@ class Engine:
             num_computed_tokens=seq.num_computed,
             num_output_tokens=seq.num_output,
             finish_reason=finish,
+            num_proposed=proposed,
+            num_accepted=accepted,
         )
         if finish is not None:
             self.abort(seq.request_id)
         return out
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            return "stop"
+        if seq.detokenizer.add(token):
+            return "stop"
+        if seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None

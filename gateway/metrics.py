@@ -38,6 +38,14 @@ class ClusterCollector(Collector):
                                   value=status.generated_tokens if status else 0)
         yield GaugeMetricFamily("slos_gateway_open_requests", "Requests the gateway is serving",
                                 value=self.link.open_requests)
+        proposed = CounterMetricFamily("slos_spec_proposed_tokens", "Speculative tokens verified",
+                                       labels=["slo_class"])
+        accepted = CounterMetricFamily("slos_spec_accepted_tokens", "Speculative tokens accepted",
+                                       labels=["slo_class"])
+        for slo_class, counts in (status.speculation if status else {}).items():
+            proposed.add_metric([slo_class], counts.proposed)
+            accepted.add_metric([slo_class], counts.accepted)
+        yield from (proposed, accepted)
         dropped = GaugeMetricFamily("slos_dropped_messages", "Undecodable bus messages dropped",
                                     labels=["process"])
         dropped.add_metric(["gateway"], self.link.drops.dropped)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from planner.policies import Decisions, Policy
+from planner.policies import Decisions, Policy, WorkerBatch
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.bus import DropCounter, make_socket
 from shared.clock import Clock
@@ -28,6 +28,7 @@ from shared.messages import (
     NewRequest,
     PrefillChunk,
     Refused,
+    SpecCounts,
     StepReport,
     Submit,
     TokenChunk,
@@ -70,6 +71,7 @@ class Planner:
             params=msg.params,
             slo=slo,
             arrival=self.clock.now(),
+            slo_class=msg.slo.slo_class,
         )
         self.state.waiting.append(msg.request_id)
         return []
@@ -93,6 +95,7 @@ class Planner:
             max_model_len=msg.max_model_len,
             last_seen=self.clock.now(),
             reported_free_blocks=msg.num_blocks,
+            speculator=msg.speculator,
         )
         log.info("worker %s joined: role %s, %d KV blocks of %d tokens (pid %d)",
                  msg.worker_id, msg.role, msg.num_blocks, msg.block_size, msg.pid)
@@ -119,6 +122,10 @@ class Planner:
             self.generated_tokens += p.num_output_tokens - req.num_output
             req.num_computed = p.num_computed_tokens
             req.num_output = p.num_output_tokens
+            if p.num_proposed:
+                counts = self.state.speculation.setdefault(req.slo_class or "default", SpecCounts())
+                counts.proposed += p.num_proposed
+                counts.accepted += p.num_accepted
             if req.num_computed >= req.prompt_len:
                 req.phase = "decode"
             if p.finish_reason is not None:
@@ -144,11 +151,11 @@ class Planner:
         to_gateway = self._apply(decisions)
         orders: dict[str, BatchOrder] = {}
         for worker_id, batch in decisions.batches.items():
-            orders[worker_id] = self._order(worker_id, batch.prefill, batch.decode)
+            orders[worker_id] = self._order(worker_id, batch)
         for worker_id in list(self.pending_aborts):
             worker = self.state.workers.get(worker_id)
             if worker is not None and worker.alive and worker.step_in_flight is None:
-                orders.setdefault(worker_id, self._order(worker_id, [], []))
+                orders.setdefault(worker_id, self._order(worker_id, WorkerBatch()))
         for worker_id, order in orders.items():
             order.aborts = self.pending_aborts.pop(worker_id, [])
             self.state.workers[worker_id].step_in_flight = order.step_id
@@ -166,6 +173,7 @@ class Planner:
             running=running,
             generated_tokens=self.generated_tokens,
             dropped_messages=dropped,
+            speculation=self.state.speculation,
         )
 
     def _apply(self, decisions: Decisions) -> list[Message]:
@@ -187,9 +195,9 @@ class Planner:
             out.append(Admitted(rid))
         return out
 
-    def _order(self, worker_id: str, prefill: list[tuple[str, int]], decode: list[str]) -> BatchOrder:
+    def _order(self, worker_id: str, batch: WorkerBatch) -> BatchOrder:
         new = []
-        for rid, _ in prefill:
+        for rid, _ in batch.prefill:
             req = self.state.requests[rid]
             if not req.delivered:
                 new.append(NewRequest(rid, req.prompt_token_ids, req.params))
@@ -198,8 +206,9 @@ class Planner:
         return BatchOrder(
             step_id=self.next_step_id,
             new_requests=new,
-            prefill=[PrefillChunk(rid, n) for rid, n in prefill],
-            decode=decode,
+            prefill=[PrefillChunk(rid, n) for rid, n in batch.prefill],
+            decode=batch.decode,
+            spec_lens=batch.spec_lens,
         )
 
     def _forget(self, req: RequestState) -> None:

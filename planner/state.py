@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shared.messages import Role, SamplingParams
+from shared.messages import Role, SamplingParams, SpecCounts
 from shared.slo import SLOTarget
 
 Phase = Literal["waiting", "prefill", "decode"]
@@ -19,6 +19,7 @@ class RequestState:
     params: SamplingParams
     slo: SLOTarget
     arrival: float
+    slo_class: str | None = None
     phase: Phase = "waiting"
     worker_id: str | None = None
     num_computed: int = 0
@@ -47,6 +48,7 @@ class WorkerState:
     block_size: int
     max_model_len: int
     last_seen: float
+    speculator: str = "none"
     reserved_blocks: int = 0
     reported_free_blocks: int = 0
     step_in_flight: int | None = None
@@ -64,6 +66,7 @@ class WorkerState:
 @dataclass
 class PlannerState:
     requests: dict[str, RequestState] = field(default_factory=dict)
+    speculation: dict[str, SpecCounts] = field(default_factory=dict)  # by SLO class
     waiting: list[str] = field(default_factory=list)  # unassigned, in arrival order
     workers: dict[str, WorkerState] = field(default_factory=dict)
 

@@ -92,13 +92,15 @@ class PrefillChunk(msgspec.Struct):
 
 
 class BatchOrder(msgspec.Struct, tag=True):
-    """planner -> worker: one engine step. Decode entries produce one token each."""
+    """planner -> worker: one engine step. A decode entry produces one token, or up to k + 1
+    when `spec_lens` gives it a speculative length k (absent: 0)."""
 
     step_id: int
     new_requests: list[NewRequest] = []
     prefill: list[PrefillChunk] = []
     decode: list[str] = []
     aborts: list[str] = []
+    spec_lens: dict[str, int] = {}
 
 
 class TokenChunk(msgspec.Struct, tag=True):
@@ -118,6 +120,8 @@ class RequestProgress(msgspec.Struct):
     num_computed_tokens: int
     num_output_tokens: int
     finish_reason: FinishReason | None = None
+    num_proposed: int = 0  # speculative tokens verified in this step
+    num_accepted: int = 0  # of which the target accepted
 
 
 class StepReport(msgspec.Struct, tag=True):
@@ -140,6 +144,7 @@ class WorkerHello(msgspec.Struct, tag=True):
     block_size: int
     max_model_len: int
     pid: int
+    speculator: str = "none"  # how it proposes speculative tokens: none, ngram or draft
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -158,6 +163,13 @@ class WorkerStatus(msgspec.Struct):
     running: int
 
 
+class SpecCounts(msgspec.Struct):
+    """Speculative tokens verified and accepted so far."""
+
+    proposed: int = 0
+    accepted: int = 0
+
+
 class ClusterStatus(msgspec.Struct, tag=True):
     """planner -> gateway: a periodic snapshot for /health and /metrics."""
 
@@ -166,6 +178,7 @@ class ClusterStatus(msgspec.Struct, tag=True):
     running: int
     generated_tokens: int
     dropped_messages: int
+    speculation: dict[str, SpecCounts] = {}  # by SLO class
 
 
 Message = Union[

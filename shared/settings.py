@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on GPU")
+    speculator: Literal["none", "ngram", "draft"] = Field(
+        "none", description="how workers propose speculative tokens")
+    draft_model_dir: Path | None = Field(None, description="draft model; default: the built-in draft")
+    spec_len: int = Field(0, ge=0, le=10, description="speculative tokens per decode step (fcfs policy)")
     threads_per_worker: int | None = Field(None, ge=1)
     heartbeat_s: float = Field(0.25, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)

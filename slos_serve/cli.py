@@ -97,16 +97,26 @@ def up(
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context window limit")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16")] = None,
+    speculator: Annotated[str | None, typer.Option(help="none, ngram or draft")] = None,
+    spec_len: Annotated[int | None, typer.Option(help="speculative tokens per decode step")] = None,
+    draft_model: Annotated[Path | None, typer.Option(help="draft model (default: the built-in draft)")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Start gateway, planner and workers on this machine; Ctrl-C stops them all."""
     from slos_serve.launcher import up as run_up
 
     settings = _settings(config, host=host, port=port, workers=workers, api_key=api_key,
-                         kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype)
+                         kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype,
+                         speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model)
     _logging(settings, "up")
     model_dir, name = _model_dir(model or settings.model_dir)
-    settings = settings.model_copy(update={"model_dir": model_dir,
+    draft_dir = settings.draft_model_dir
+    if settings.speculator == "draft" and draft_dir is None:
+        if name != BUILTIN_NAME:
+            raise typer.BadParameter("--speculator draft needs --draft-model for a model of your own",
+                                     param_hint="--draft-model")
+        draft_dir = model_dir.parent / "draft"
+    settings = settings.model_copy(update={"model_dir": model_dir, "draft_model_dir": draft_dir,
                                            "served_model_name": settings.served_model_name or name})
     raise typer.Exit(run_up(settings))
 
@@ -133,7 +143,8 @@ def planner(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     _logging(settings, "planner")
-    policy = FCFSPolicy(max_batch_tokens=settings.max_batch_tokens, max_num_seqs=settings.max_num_seqs)
+    policy = FCFSPolicy(max_batch_tokens=settings.max_batch_tokens, max_num_seqs=settings.max_num_seqs,
+                        spec_len=settings.spec_len)
     serve(settings, policy, WallClock(), _stop_on_signals())
 
 

@@ -56,7 +56,8 @@ def messages_for(
         step_id=order.step_id,
         duration_s=result.duration_s,
         progress=[
-            RequestProgress(o.request_id, o.num_computed_tokens, o.num_output_tokens, o.finish_reason)
+            RequestProgress(o.request_id, o.num_computed_tokens, o.num_output_tokens, o.finish_reason,
+                            o.num_proposed, o.num_accepted)
             for o in result.outputs
         ],
         out_of_blocks=result.out_of_blocks,
@@ -83,13 +84,16 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
         block_size=settings.block_size,
         kv_cache_mb=settings.kv_cache_mb,
         max_model_len=settings.max_model_len,
+        speculator=settings.speculator,
+        draft_dir=settings.draft_model_dir,
     )
     ctx = zmq.Context()
     planner = make_socket(ctx, zmq.DEALER, connect=settings.planner_address, identity=worker_id.encode())
     gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
     drops = DropCounter()
     planner.send(encode(WorkerHello(worker_id, role, engine.kv.allocator.num_blocks,
-                                    engine.kv.block_size, engine.max_model_len, os.getpid())))
+                                    engine.kv.block_size, engine.max_model_len, os.getpid(),
+                                    settings.speculator)))
     log.info("worker %s up: role %s, %d KV blocks", worker_id, role, engine.kv.allocator.num_blocks)
     beat = threading.Thread(target=heartbeat, args=(ctx, settings, worker_id, engine, stop), daemon=True)
     beat.start()

@@ -15,10 +15,12 @@ from planner.state import PlannerState
 
 @dataclass
 class WorkerBatch:
-    """One engine step for one worker: prefill chunks (request, tokens) and decode requests."""
+    """One engine step for one worker: prefill chunks (request, tokens) and decode requests,
+    each speculating its `spec_lens` entry (absent: none)."""
 
     prefill: list[tuple[str, int]] = field(default_factory=list)
     decode: list[str] = field(default_factory=list)
+    spec_lens: dict[str, int] = field(default_factory=dict)  # speculative length per decode request
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)

@@ -4,6 +4,7 @@ Requests are placed in arrival order on the worker with the most unreserved KV b
 reserving blocks for its prompt plus `max_tokens`, so a worker never runs out mid-request. A
 request that fits nowhere waits, and so does everyone behind it. Each step decodes every
 running request, then fills the rest of the token budget with prefill chunks, oldest first.
+Decoding requests on workers that can speculate do so with a fixed length, `spec_len`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from planner.state import PlannerState, RequestState, WorkerState
 class FCFSPolicy:
     max_batch_tokens: int = 512
     max_num_seqs: int = 64
+    spec_len: int = 0
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
         decisions = Decisions()
@@ -38,7 +40,7 @@ class FCFSPolicy:
             placed[worker.worker_id].append(rid)
 
         for worker in state.idle_workers():
-            batch = self._batch(state, worker.requests + placed[worker.worker_id])
+            batch = self._batch(state, worker, worker.requests + placed[worker.worker_id])
             if batch:
                 decisions.batches[worker.worker_id] = batch
         return decisions
@@ -53,9 +55,11 @@ class FCFSPolicy:
         ]
         return max(fits, key=lambda w: load[w.worker_id][0], default=None)
 
-    def _batch(self, state: PlannerState, request_ids: list[str]) -> WorkerBatch:
+    def _batch(self, state: PlannerState, worker: WorkerState, request_ids: list[str]) -> WorkerBatch:
         reqs = [state.requests[r] for r in request_ids]
         batch = WorkerBatch(decode=[r.request_id for r in reqs if r.phase == "decode"])
+        if self.spec_len and worker.speculator != "none":
+            batch.spec_lens = dict.fromkeys(batch.decode, self.spec_len)
         budget = self.max_batch_tokens - len(batch.decode)
         for req in sorted((r for r in reqs if r.phase != "decode"), key=lambda r: r.arrival):
             if budget <= 0:

@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from engine.runner import Engine
-from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
+from engine_driver import GREEDY, drive
+from shared.messages import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPT_LENGTHS = [1, 5, 17, 33, 64]
 
 
@@ -33,37 +33,6 @@ def reference(tiny_model: Path) -> dict[int, list[int]]:
                 ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
             out[i] = ids[len(prompt):]
     return out
-
-
-def drive(engine: Engine, requests: list[list[int]], chunk: int, stagger: int,
-          params: SamplingParams = GREEDY) -> dict[str, list[int]]:
-    """Run requests to completion, request i joining at step i*stagger, prefill in chunks of
-    `chunk` tokens mixed into the same steps as other requests' decodes."""
-    tokens: dict[str, list[int]] = {}
-    left = {f"r{i}": len(p) for i, p in enumerate(requests)}
-    done: set[str] = set()
-    step = 0
-    while len(done) < len(requests):
-        order = BatchOrder(step_id=step)
-        for i, prompt in enumerate(requests):
-            rid = f"r{i}"
-            if rid in done or step < i * stagger:
-                continue
-            if rid not in tokens:
-                tokens[rid] = []
-                order.new_requests.append(NewRequest(rid, prompt, params))
-            if left[rid] > 0:
-                n = min(chunk, left[rid])
-                order.prefill.append(PrefillChunk(rid, n))
-                left[rid] -= n
-            else:
-                order.decode.append(rid)
-        for out in engine.step(order).outputs:
-            tokens[out.request_id] += out.new_token_ids
-            if out.finish_reason:
-                done.add(out.request_id)
-        step += 1
-    return tokens
 
 
 @pytest.mark.parametrize("chunk,stagger,block_size", [

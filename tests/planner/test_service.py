@@ -13,6 +13,7 @@ from shared.messages import (
     RequestProgress,
     SamplingParams,
     SLOSpec,
+    SpecCounts,
     StepReport,
     Submit,
     TokenChunk,
@@ -97,3 +98,24 @@ def test_reports_from_strangers_are_ignored() -> None:
     planner.on_report(StepReport("ghost", 1, 0.0, [], [], 0))
     planner.on_report(StepReport("w0", 12345, 0.0, [], [], 0))
     assert planner.state.workers["w0"].step_in_flight is None
+
+
+def test_speculative_length_is_ordered_and_acceptance_counted_per_class() -> None:
+    clock = ManualClock()
+    planner = Planner(FCFSPolicy(spec_len=3), clock, DEFAULT_CLASSES, worker_timeout_s=1.0)
+    planner.on_hello(WorkerHello("spec", "colocated", 64, 16, 2048, 1, speculator="ngram"))
+    submit(planner, "r", slo=SLOSpec(slo_class="coding"))
+    order = planner.schedule()[0]["spec"]
+    assert order.spec_lens == {}  # prefill only
+    planner.on_report(StepReport("spec", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
+    order = planner.schedule()[0]["spec"]
+    assert order.decode == ["r"] and order.spec_lens == {"r": 3}
+    planner.on_report(StepReport("spec", order.step_id, 0.01, [RequestProgress("r", 22, 3, None, 3, 2)], [], 60))
+    assert planner.status(0).speculation == {"coding": SpecCounts(3, 2)}
+
+    plain = Planner(FCFSPolicy(spec_len=3), clock, DEFAULT_CLASSES, worker_timeout_s=1.0)
+    plain.on_hello(WorkerHello("w0", "colocated", 64, 16, 2048, 1))  # cannot speculate: never asked to
+    submit(plain, "r")
+    order = plain.schedule()[0]["w0"]
+    plain.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
+    assert plain.schedule()[0]["w0"].spec_lens == {}

@@ -20,6 +20,7 @@ from shared.messages import (
     RequestProgress,
     SamplingParams,
     SLOSpec,
+    SpecCounts,
     StepReport,
     Submit,
     TokenChunk,
@@ -37,12 +38,13 @@ EXAMPLES = [
     Admitted("r1"),
     Parked("r1", "queue full"),
     Refused("r1", "overloaded", 2.0),
-    BatchOrder(3, [NewRequest("r1", [1, 2], PARAMS)], [PrefillChunk("r1", 2)], ["r0"], ["r9"]),
+    BatchOrder(3, [NewRequest("r1", [1, 2], PARAMS)], [PrefillChunk("r1", 2)], ["r0"], ["r9"], {"r0": 3}),
     TokenChunk("r1", [5, 6], "hi", "stop", 3),
-    StepReport("w0", 3, 0.01, [RequestProgress("r1", 3, 1, None)], ["r2"], 10),
+    StepReport("w0", 3, 0.01, [RequestProgress("r1", 3, 1, None, 4, 2)], ["r2"], 10),
     WorkerHello("w0", "colocated", 100, 16, 2048, 42),
     Heartbeat("w0", 99),
-    ClusterStatus([WorkerStatus("w0", "colocated", True, 100, 90, 2)], 1, 2, 30, 0),
+    ClusterStatus([WorkerStatus("w0", "colocated", True, 100, 90, 2)], 1, 2, 30, 0,
+                  {"coding": SpecCounts(10, 7)}),
 ]
 
 

@@ -1,0 +1,92 @@
+"""A `slos-serve up` process for the end-to-end tests, and what they ask of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+
+from shared.bus import free_tcp_port
+
+API_KEY = "test-key"
+IGNORE_EOS = {"ignore_eos": True}
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    proc: subprocess.Popen
+    intake_address: str
+    gateway_address: str
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = ()) -> Server:
+    port = free_tcp_port()
+    intake, gateway = f"ipc://{tmp}/intake.sock", f"ipc://{tmp}/gateway.sock"
+    env = {**os.environ, "SLOS_API_KEY": API_KEY, "SLOS_PLANNER_INTAKE_ADDRESS": intake,
+           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_REQUEST_TIMEOUT_S": "60"}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
+         "--workers", str(workers), "--kv-cache-mb", "8", *extra],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp / "server.log").read_text()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return Server(url, model.name, proc, intake, gateway)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("server not ready:\n" + (tmp / "server.log").read_text())
+
+
+def wait_idle(server: Server, timeout: float = 10.0) -> dict[str, float]:
+    """Metrics once nothing runs and every KV block is free again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        free = sum(v for k, v in m.items() if k.startswith("slos_worker_kv_blocks_free"))
+        total = sum(v for k, v in m.items() if k.startswith("slos_worker_kv_blocks_total"))
+        if m["slos_requests_running"] == 0 and m["slos_gateway_open_requests"] == 0 and free == total > 0:
+            return m
+        assert time.monotonic() < deadline, f"not idle: running {m['slos_requests_running']}, {free}/{total} free"
+        time.sleep(0.2)
+
+
