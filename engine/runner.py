@@ -22,8 +22,8 @@ from engine.loader import load_tokenizer
 from engine.model_runner import ModelRunner, Work
 from engine.sampling import make_generator, sample, verify
 from engine.sequence import Sequence
-from engine.speculative import MAX_SPEC_LEN, Proposal, Speculator, make_proposer
-from shared.messages import BatchOrder, FinishReason, SamplingParams
+from engine.speculative import Proposal, Speculator, make_proposer
+from shared.messages import MAX_SPEC_LEN, BatchOrder, FinishReason, SamplingParams
 from shared.model_info import context_window
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,6 @@ class Engine:
         self.runner = ModelRunner(model_dir, device, self.dtype, num_blocks, block_size)
         self.cfg = self.runner.cfg
         self.kv = self.runner.kv
-        self.speculator = speculator
         self.proposer = make_proposer(speculator, draft_dir, self.runner)
         self.eos_token_ids = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -148,7 +147,7 @@ class Engine:
         outputs = self._run(items) if items else []
         return StepResult(outputs, out_of_blocks, time.perf_counter() - start)
 
-    def spec_len(self, seq: Sequence, asked: int) -> int:
+    def _spec_len(self, seq: Sequence, asked: int) -> int:
         """The speculative length actually run: none without a proposer, and never past the
         context window or the tokens the request may still produce."""
         if self.proposer is None:
@@ -172,7 +171,7 @@ class Engine:
                 continue
             item = _Item(seq, n)
             items.append(item)
-            k = self.spec_len(seq, k) if item.completes else 0
+            k = self._spec_len(seq, k) if item.completes else 0
             if k:
                 wants.append((seq, k))
         proposals = self.proposer.propose(wants) if wants else {}

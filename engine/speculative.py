@@ -24,7 +24,6 @@ from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-MAX_SPEC_LEN = 10
 Speculator = Literal["none", "ngram", "draft"]
 
 

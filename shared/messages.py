@@ -12,6 +12,7 @@ from typing import Literal, Union
 import msgspec
 
 PROTOCOL_VERSION = 1
+MAX_SPEC_LEN = 10  # the most speculative tokens a decode step may verify
 
 Role = Literal["colocated", "prefill", "decode"]
 FinishReason = Literal["stop", "length", "abort", "error"]

@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from shared.messages import MAX_SPEC_LEN
 from shared.slo import DEFAULT_CLASSES
 
 ENV_PREFIX = "SLOS_"
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     speculator: Literal["none", "ngram", "draft"] = Field(
         "none", description="how workers propose speculative tokens")
     draft_model_dir: Path | None = Field(None, description="draft model; default: the built-in draft")
-    spec_len: int = Field(0, ge=0, le=10, description="speculative tokens per decode step (fcfs policy)")
+    spec_len: int = Field(0, ge=0, le=MAX_SPEC_LEN, description="speculative tokens per decode step (fcfs policy)")
     threads_per_worker: int | None = Field(None, ge=1)
     heartbeat_s: float = Field(0.25, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.roofline import SHIPPED_PROFILES, load_profile, mape, predict, save_profile
+from shared.roofline import SHIPPED_PROFILES, Batches, load_profile, mape, predict, save_profile
 from shared.settings import CONFIG_ENV, Settings, load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-SLO LLM serving.")
@@ -274,6 +274,49 @@ def bench_predictor(
     for n in (int(s) for s in sizes.split(",")):
         ns = ns_per_prediction(prof, n)
         print(f"| {n:,} | {ns:,.1f} | {1e9 / ns / n:,.0f} |")
+
+
+@bench_app.command("spec")
+def bench_spec(
+    ks: Annotated[str, typer.Option(help="speculative lengths, comma-separated")] = "0,1,2,3,4,5,6,7,8",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,16",
+    prompts: Annotated[int, typer.Option(help="prompts per dataset")] = 16,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 64,
+    profile: Annotated[Path, typer.Option(help="the target's CPU profile")] =
+        SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json",
+) -> None:
+    """Acceptance, decode tokens/s and TPOT per speculative length, draft vs n-gram, on coding
+    and chat prompts; then the k the planner picks at each TPOT tier."""
+    from bench.spec_bench import spec_rows
+    from engine.profiler import profile as run_profile
+    from planner.spec_choice import acceptance_from_rate, choose_spec_len
+
+    model_dir, name = _model_dir(None)
+    draft_dir = model_dir.parent / "draft"
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    rows = spec_rows(model_dir, draft_dir, [int(k) for k in ks.split(",")], sizes, prompts, new_tokens)
+    print("| prompts | proposer | batch | k | acceptance | tokens per step | decode tok/s | TPOT ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.dataset} | {r.proposer} | {r.batch} | {r.k} | {r.acceptance:.1%} | "
+              f"{r.tokens_per_step:.2f} | {r.decode_tok_s:,.0f} | {r.tpot_ms:.2f} |")
+
+    target = load_profile(profile)
+    draft, *_ = run_profile(draft_dir, name="draft", quick=True)
+    batch, context = max(sizes), 2 * new_tokens + 256
+    plain_s = float(target.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
+                                              attention_pairs=batch * context)))
+    tiers = [0.8, 1.2, 2.0, 5.0]
+    print(f"\nThe planner's k at batch {batch}, context {context}; TPOT tiers as multiples of plain "
+          f"decoding's predicted step, {plain_s * 1e3:.2f} ms; α from the k = 4 runs:")
+    print("| prompts | proposer | α | " + " | ".join(f"TPOT {t}x" for t in tiers) + " |")
+    print("|---|---|---|" + "---|" * len(tiers))
+    for r in (r for r in rows if r.k == 4 and r.batch == batch):
+        alpha = acceptance_from_rate(r.acceptance, 4)
+        picks = [choose_spec_len(target, t * plain_s, batch, context, alpha,
+                                 draft if r.proposer == "draft" else None) for t in tiers]
+        print(f"| {r.dataset} | {r.proposer} | {alpha:.2f} | "
+              + " | ".join("none meets it" if c is None else f"k = {c.k}" for c in picks) + " |")
 
 
 @bench_app.command("engine")

@@ -13,7 +13,7 @@ from engine.model_make import Shape, make_random
 from engine.runner import Engine
 from engine.sampling import probabilities, verify
 from engine.speculative import DraftProposer, lookup
-from engine_driver import GREEDY, drive
+from engine_driver import drive
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 DRAFT_SHAPE = Shape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=512, max_positions=512)
