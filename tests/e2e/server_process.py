@@ -77,14 +77,17 @@ def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = ()) -> 
     raise AssertionError("server not ready:\n" + (tmp / "server.log").read_text())
 
 
-def wait_idle(server: Server, timeout: float = 10.0) -> dict[str, float]:
-    """Metrics once nothing runs and every KV block is free again."""
+def wait_idle(server: Server, timeout: float = 10.0, min_generated: float = 0) -> dict[str, float]:
+    """Metrics once nothing runs and every KV block is free again. The planner's status comes
+    every 0.2 s, so a burst shorter than that can look idle on the status from before it:
+    `min_generated` waits for a status that counts the burst's tokens."""
     deadline = time.monotonic() + timeout
     while True:
         m = server.metrics()
         free = sum(v for k, v in m.items() if k.startswith("slos_worker_kv_blocks_free"))
         total = sum(v for k, v in m.items() if k.startswith("slos_worker_kv_blocks_total"))
-        if m["slos_requests_running"] == 0 and m["slos_gateway_open_requests"] == 0 and free == total > 0:
+        fresh = m["slos_worker_generated_tokens_total"] >= min_generated
+        if fresh and m["slos_requests_running"] == 0 and m["slos_gateway_open_requests"] == 0 and free == total > 0:
             return m
         assert time.monotonic() < deadline, f"not idle: running {m['slos_requests_running']}, {free}/{total} free"
         time.sleep(0.2)

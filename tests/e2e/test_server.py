@@ -86,8 +86,9 @@ def test_sixteen_concurrent_streams_complete(server: Server) -> None:
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
         return await asyncio.gather(*(one(client, i) for i in range(16)))
 
+    before = server.metrics()["slos_worker_generated_tokens_total"]
     assert asyncio.run(main()) == [(20, "length")] * 16
-    wait_idle(server)
+    wait_idle(server, min_generated=before + 16 * 20)
 
 
 def test_sse_framing(server: Server) -> None:

@@ -56,7 +56,7 @@ def test_concurrent_greedy_streams_equal_plain_decoding(server: Server, tiny_mod
     engine = Engine(tiny_model, num_kv_blocks=1)
     for prompt, text in zip(PROMPTS, texts):
         assert text == engine.tokenizer.decode(plain_greedy(tiny_model, prompt), skip_special_tokens=True)
-    metrics = wait_idle(server)
+    metrics = wait_idle(server, min_generated=len(PROMPTS) * MAX_TOKENS)
     proposed = metrics['slos_spec_proposed_tokens_total{slo_class="coding"}']
     accepted = metrics['slos_spec_accepted_tokens_total{slo_class="coding"}']
     assert proposed >= len(PROMPTS) * 4 and accepted >= 0.8 * proposed  # its own draft agrees
