@@ -136,6 +136,24 @@ class StepReport(msgspec.Struct, tag=True):
     free_blocks: int
 
 
+class KVEndpoint(msgspec.Struct, frozen=True):
+    """How peers read a worker's KV blocks: a NIXL agent (its metadata blob, and where its
+    block tensor starts) or a ZeroMQ address that serves blocks on request."""
+
+    transport: Literal["nixl", "zmq"]
+    name: str
+    block_bytes: int
+    nixl_metadata: bytes = b""
+    base_address: int = 0
+    zmq_address: str = ""
+
+
+class KVFetch(msgspec.Struct, tag=True):
+    """peer -> worker (ZeroMQ transport): send me these blocks' bytes, in this order."""
+
+    blocks: list[int]
+
+
 class WorkerHello(msgspec.Struct, tag=True):
     """worker -> planner: a worker is up and ready for orders."""
 
@@ -146,6 +164,7 @@ class WorkerHello(msgspec.Struct, tag=True):
     max_model_len: int
     pid: int
     speculator: str = "none"  # how it proposes speculative tokens: none, ngram or draft
+    kv_endpoint: KVEndpoint | None = None
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -186,6 +205,7 @@ Message = Union[
     Submit,
     Abort,
     Admitted,
+    KVFetch,
     Parked,
     Refused,
     BatchOrder,

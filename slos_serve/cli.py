@@ -319,6 +319,32 @@ def bench_spec(
               + " | ".join("none meets it" if c is None else f"k = {c.k}" for c in picks) + " |")
 
 
+@bench_app.command("kv-transfer")
+def bench_kv_transfer(
+    tokens: Annotated[str, typer.Option(help="prompt sizes, comma-separated")] = "512,2048,8192",
+    repeats: Annotated[int, typer.Option(help="reads per case (the median counts)")] = 5,
+) -> None:
+    """GB/s and latency of moving one prompt's KV blocks between processes: NIXL, ZeroMQ and
+    an in-process copy, for the built-in model and a Llama-2-7B layout; share of TTFT."""
+    import torch
+
+    from bench.kv_bench import layout_of, measure, ttft_s
+
+    cases = [(load_profile(SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json"), torch.float32),
+             (load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json"), torch.float16)]
+    print("| KV layout | prompt tokens | MB | transport | ms | GB/s | of memcpy | TTFT ms (predicted) | share of TTFT |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for prof, dtype in cases:
+        for n in (int(t) for t in tokens.split(",")):
+            rows = measure(layout_of(prof.model, dtype), n, repeats)
+            ttft = ttft_s(prof, n)
+            memcpy = rows[-1].gb_per_s
+            for r in rows:
+                print(f"| {r.layout} ({prof.hardware}) | {n:,} | {r.megabytes:,.1f} | {r.transport} | "
+                      f"{r.seconds * 1e3:,.2f} | {r.gb_per_s:.2f} | {r.gb_per_s / memcpy:.0%} | "
+                      f"{ttft * 1e3:,.1f} | {r.seconds / (ttft + r.seconds):.1%} |", flush=True)
+
+
 @bench_app.command("engine")
 def bench_engine(
     model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
