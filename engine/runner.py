@@ -18,12 +18,20 @@ import torch
 from engine.config import ModelConfig
 from engine.detokenizer import Detokenizer
 from engine.kv_cache import KVCache, OutOfKVBlocks
+from engine.kv_transfer import KVTransport
 from engine.loader import load_tokenizer
 from engine.model_runner import ModelRunner, Work
 from engine.sampling import make_generator, sample, verify
 from engine.sequence import Sequence
 from engine.speculative import Proposal, Speculator, make_proposer
-from shared.messages import MAX_SPEC_LEN, BatchOrder, FinishReason, SamplingParams
+from shared.messages import (
+    MAX_SPEC_LEN,
+    BatchOrder,
+    ExportedRequest,
+    FinishReason,
+    KVEndpoint,
+    SamplingParams,
+)
 from shared.model_info import context_window
 
 log = logging.getLogger(__name__)
@@ -125,6 +133,39 @@ class Engine:
             raise ValueError(f"cannot assume {num_tokens} of {len(seq.token_ids)} tokens computed")
         seq.blocks += self.kv.allocator.allocate(self.kv.blocks_needed(num_tokens) - len(seq.blocks))
         seq.num_computed = num_tokens
+
+    def export(self, request_id: str, source: KVEndpoint) -> ExportedRequest:
+        """What a decode worker needs to take the request over; the request stays here, its
+        blocks untouched, until the planner aborts it after the handover."""
+        seq = self.seqs[request_id]
+        state = bytes(seq.generator.get_state().numpy()) if seq.generator is not None else b""
+        return ExportedRequest(request_id, list(seq.token_ids), seq.num_prompt, seq.num_computed, seq.params,
+                               list(seq.blocks), source, state)
+
+    def import_request(self, export: ExportedRequest, transport: KVTransport) -> None:
+        """Take over a request prefilled elsewhere: read its KV blocks into free ones of ours
+        and continue its sampler and detokenizer where the source left them."""
+        if export.request_id in self.seqs:
+            raise ValueError(f"request {export.request_id} already exists")
+        if len(export.blocks) != self.kv.blocks_needed(export.num_computed):
+            raise ValueError(f"request {export.request_id}: {len(export.blocks)} blocks for "
+                             f"{export.num_computed} tokens")
+        blocks = self.kv.allocator.allocate(len(export.blocks))
+        try:
+            transport.read(export.source, export.blocks, blocks)
+        except Exception:
+            self.kv.allocator.free(blocks)
+            raise
+        generator = make_generator(export.params, self.device)
+        if generator is not None and export.generator_state:
+            generator.set_state(torch.frombuffer(bytearray(export.generator_state), dtype=torch.uint8))
+        detokenizer = Detokenizer(self.tokenizer, list(export.params.stop))
+        for token in export.token_ids[export.num_prompt:]:
+            detokenizer.add(token)
+        detokenizer.release(finished=False)  # the source has handed this text out already
+        self.seqs[export.request_id] = Sequence(export.request_id, list(export.token_ids), export.num_prompt,
+                                                export.params, generator, detokenizer, blocks,
+                                                export.num_computed)
 
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
@@ -28,12 +29,36 @@ log = logging.getLogger(__name__)
 Event = Admitted | Parked | Refused | TokenChunk
 
 
+@dataclass
+class ChunkOrder:
+    """Puts one request's token chunks in output order. A decode worker's first chunk may
+    overtake the prefill worker's last one, as they travel on different connections; a chunk
+    at a position already delivered is a duplicate and is dropped."""
+
+    next_index: int = 0
+    held: dict[int, TokenChunk] = field(default_factory=dict)
+
+    def accept(self, chunk: TokenChunk) -> list[TokenChunk]:
+        if not chunk.token_ids:  # an ending without tokens has no position to wait for
+            return [chunk]
+        if chunk.index < self.next_index:
+            log.warning("request %s: dropped a duplicate chunk at %d", chunk.request_id, chunk.index)
+            return []
+        self.held[chunk.index] = chunk
+        ready = []
+        while self.next_index in self.held:
+            ready.append(self.held.pop(self.next_index))
+            self.next_index += len(ready[-1].token_ids)
+        return ready
+
+
 class PlannerLink:
     def __init__(self, intake_address: str, gateway_address: str) -> None:
         self._ctx = zmq.asyncio.Context()
         self._to_planner = make_socket(self._ctx, zmq.PUSH, connect=intake_address)
         self._inbox = make_socket(self._ctx, zmq.PULL, bind=gateway_address)
         self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._order: dict[str, ChunkOrder] = {}
         self._task: asyncio.Task[None] | None = None
         self.drops = DropCounter()
         self.status: ClusterStatus | None = None
@@ -50,10 +75,12 @@ class PlannerLink:
     def open(self, request_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[request_id] = queue
+        self._order[request_id] = ChunkOrder()
         return queue
 
     def release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
+        self._order.pop(request_id, None)
 
     @property
     def open_requests(self) -> int:
@@ -82,7 +109,10 @@ class PlannerLink:
                 self.status, self.status_time = msg, time.monotonic()
             elif isinstance(msg, (Admitted, Parked, Refused, TokenChunk)):
                 queue = self._queues.get(msg.request_id)
-                if queue is not None:
-                    queue.put_nowait(msg)
+                if queue is None:
+                    continue
+                ordered = self._order[msg.request_id].accept(msg) if isinstance(msg, TokenChunk) else [msg]
+                for event in ordered:
+                    queue.put_nowait(event)
             elif msg is not None:
                 log.warning("ignored unexpected %s", type(msg).__name__)

@@ -56,6 +56,7 @@ class Planner:
     pending_aborts: dict[str, list[str]] = field(default_factory=dict)
     next_step_id: int = 0
     generated_tokens: int = 0
+    handovers: int = 0
 
     def on_submit(self, msg: Submit) -> list[Message]:
         """Messages for the gateway in answer to a submission."""
@@ -83,6 +84,8 @@ class Planner:
         log.info("request %s: aborted (%s)", msg.request_id, msg.reason)
         if req.worker_id is not None and req.delivered:
             self.pending_aborts.setdefault(req.worker_id, []).append(msg.request_id)
+        if req.decode_worker is not None and req.import_sent:
+            self.pending_aborts.setdefault(req.decode_worker, []).append(msg.request_id)
         self._forget(req)
 
     def on_hello(self, msg: WorkerHello) -> list[Message]:
@@ -107,11 +110,12 @@ class Planner:
             worker.last_seen = self.clock.now()
             worker.reported_free_blocks = msg.free_blocks
 
-    def on_report(self, msg: StepReport) -> None:
+    def on_report(self, msg: StepReport) -> list[Message]:
+        """Messages for the gateway: requests that had to end."""
         worker = self.state.workers.get(msg.worker_id)
         if worker is None or worker.step_in_flight != msg.step_id:
             log.warning("worker %s: unexpected report for step %d", msg.worker_id, msg.step_id)
-            return
+            return []
         worker.step_in_flight = None
         worker.last_seen = self.clock.now()
         worker.reported_free_blocks = msg.free_blocks
@@ -119,6 +123,8 @@ class Planner:
             req = self.state.requests.get(p.request_id)
             if req is None:
                 continue
+            if req.decode_worker == msg.worker_id:
+                self._complete_handover(req)
             self.generated_tokens += p.num_output_tokens - req.num_output
             req.num_computed = p.num_computed_tokens
             req.num_output = p.num_output_tokens
@@ -126,13 +132,27 @@ class Planner:
                 counts = self.state.speculation.setdefault(req.slo_class or "default", SpecCounts())
                 counts.proposed += p.num_proposed
                 counts.accepted += p.num_accepted
-            if req.num_computed >= req.prompt_len:
+            if req.num_computed >= req.prompt_len and worker.role != "prefill":
                 req.phase = "decode"
             if p.finish_reason is not None:
                 self._forget(req)
         for rid in msg.out_of_blocks:
             log.error("request %s: worker %s ran out of KV blocks despite the reservation",
                       rid, msg.worker_id)
+        for export in msg.exports:
+            req = self.state.requests.get(export.request_id)
+            if req is not None:
+                req.export = export
+                req.phase = "handover"
+            else:  # aborted meanwhile: the worker still holds it
+                self.pending_aborts.setdefault(msg.worker_id, []).append(export.request_id)
+        lost: list[Message] = []
+        for rid in msg.failed_imports:
+            req = self.state.requests.get(rid)
+            if req is not None and req.decode_worker == msg.worker_id:
+                log.error("request %s: worker %s could not read its KV; ending it", rid, msg.worker_id)
+                lost += self._end(req)
+        return lost
 
     def check_workers(self) -> list[Message]:
         """Declare silent workers dead; their requests end with an error."""
@@ -174,6 +194,7 @@ class Planner:
             generated_tokens=self.generated_tokens,
             dropped_messages=dropped,
             speculation=self.state.speculation,
+            handovers=self.handovers,
         )
 
     def _apply(self, decisions: Decisions) -> list[Message]:
@@ -182,12 +203,21 @@ class Planner:
             log.info("request %s: refused (%s)", rid, reason)
             self._forget(self.state.requests[rid])
             out.append(Refused(rid, reason, retry_after_s=1.0))
+        for rid, worker_id in decisions.handover.items():
+            req = self.state.requests[rid]
+            worker = self.state.workers[worker_id]
+            req.decode_worker = worker_id
+            req.decode_reserved = worker.blocks_for(req.max_len)
+            worker.reserved_blocks += req.decode_reserved
+            worker.requests.append(rid)
+            req.phase = "transfer"
+            log.info("request %s: handed from %s to %s", rid, req.worker_id, worker_id)
         for rid, worker_id in decisions.assign.items():
             req = self.state.requests[rid]
             worker = self.state.workers[worker_id]
             req.worker_id = worker_id
             req.phase = "prefill"
-            req.reserved_blocks = worker.blocks_for(req.max_len)
+            req.reserved_blocks = worker.blocks_for(req.tokens_on(worker.role))
             worker.reserved_blocks += req.reserved_blocks
             worker.requests.append(rid)
             self.state.waiting.remove(rid)
@@ -202,6 +232,12 @@ class Planner:
             if not req.delivered:
                 new.append(NewRequest(rid, req.prompt_token_ids, req.params))
                 req.delivered = True
+        imports = []
+        for rid in batch.decode:
+            req = self.state.requests[rid]
+            if req.decode_worker == worker_id and not req.import_sent and req.export is not None:
+                imports.append(req.export)
+                req.import_sent = True
         self.next_step_id += 1
         return BatchOrder(
             step_id=self.next_step_id,
@@ -209,7 +245,29 @@ class Planner:
             prefill=[PrefillChunk(rid, n) for rid, n in batch.prefill],
             decode=batch.decode,
             spec_lens=batch.spec_lens,
+            kv_imports=imports,
         )
+
+    def _complete_handover(self, req: RequestState) -> None:
+        """The decode worker has the request: the prefill worker may free it."""
+        source = self.state.workers.get(req.worker_id or "")
+        if source is not None:
+            source.reserved_blocks -= req.reserved_blocks
+            source.requests.remove(req.request_id)
+            self.pending_aborts.setdefault(source.worker_id, []).append(req.request_id)
+        req.worker_id, req.reserved_blocks = req.decode_worker, req.decode_reserved
+        req.decode_worker, req.decode_reserved, req.export = None, 0, None
+        req.phase = "decode"
+        self.handovers += 1
+
+    def _end(self, req: RequestState) -> list[Message]:
+        """End a request with an error, freeing it wherever it is held."""
+        for worker_id in (req.worker_id, req.decode_worker):
+            worker = self.state.workers.get(worker_id or "")
+            if worker is not None and worker.alive:
+                self.pending_aborts.setdefault(worker.worker_id, []).append(req.request_id)
+        self._forget(req)
+        return [TokenChunk(req.request_id, [], "", finish_reason="error")]
 
     def _forget(self, req: RequestState) -> None:
         self.state.requests.pop(req.request_id, None)
@@ -217,19 +275,26 @@ class Planner:
             if req.request_id in self.state.waiting:
                 self.state.waiting.remove(req.request_id)
             return
-        worker = self.state.workers.get(req.worker_id)
-        if worker is not None:
-            worker.reserved_blocks -= req.reserved_blocks
-            worker.requests.remove(req.request_id)
+        for worker_id, reserved in ((req.worker_id, req.reserved_blocks), (req.decode_worker, req.decode_reserved)):
+            worker = self.state.workers.get(worker_id or "")
+            if worker is not None:
+                worker.reserved_blocks -= reserved
+                worker.requests.remove(req.request_id)
 
     def _drop_worker(self, worker_id: str) -> list[Message]:
         worker = self.state.workers[worker_id]
         worker.alive = False
         lost: list[Message] = []
         for rid in list(worker.requests):
+            req = self.state.requests[rid]
+            if req.decode_worker == worker_id:  # it died taking the request over: hand it again
+                log.error("request %s: decode worker %s lost during the handover", rid, worker_id)
+                worker.requests.remove(rid)
+                req.decode_worker, req.decode_reserved, req.import_sent = None, 0, False
+                req.phase = "handover"
+                continue
             log.error("request %s: lost with worker %s", rid, worker_id)
-            self._forget(self.state.requests[rid])
-            lost.append(TokenChunk(rid, [], "", finish_reason="error"))
+            lost += self._end(req)
         self.pending_aborts.pop(worker_id, None)
         del self.state.workers[worker_id]
         return lost
@@ -292,7 +357,7 @@ def _dispatch(planner: Planner, msg: Message) -> list[Message]:
         case Heartbeat():
             planner.on_heartbeat(msg)
         case StepReport():
-            planner.on_report(msg)
+            return planner.on_report(msg)
         case _:
             log.warning("ignored unexpected %s", type(msg).__name__)
     return []

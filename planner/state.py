@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shared.messages import Role, SamplingParams, SpecCounts
+from shared.messages import ExportedRequest, Role, SamplingParams, SpecCounts
 from shared.slo import SLOTarget
 
-Phase = Literal["waiting", "prefill", "decode"]
+# waiting -> prefill -> decode on one worker; in disaggregated mode a prefill worker's request
+# goes prefill -> handover (prefilled, held, waiting for a decode worker) -> transfer (a decode
+# worker is reading its KV) -> decode on the decode worker.
+Phase = Literal["waiting", "prefill", "handover", "transfer", "decode"]
 
 
 @dataclass
@@ -26,6 +29,10 @@ class RequestState:
     num_output: int = 0
     reserved_blocks: int = 0
     delivered: bool = False  # the worker has been sent the prompt
+    export: ExportedRequest | None = None  # what the prefill worker holds for the handover
+    decode_worker: str | None = None  # taking the request over, during the transfer
+    decode_reserved: int = 0
+    import_sent: bool = False
 
     @property
     def prompt_len(self) -> int:
@@ -38,6 +45,11 @@ class RequestState:
     @property
     def max_len(self) -> int:
         return self.prompt_len + self.params.max_tokens
+
+    def tokens_on(self, role: Role) -> int:
+        """Tokens of KV to reserve on a worker of this role: a prefill worker keeps only the
+        prompt; any other holds the whole request."""
+        return self.prompt_len if role == "prefill" else self.max_len
 
 
 @dataclass

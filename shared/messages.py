@@ -102,6 +102,7 @@ class BatchOrder(msgspec.Struct, tag=True):
     decode: list[str] = []
     aborts: list[str] = []
     spec_lens: dict[str, int] = {}
+    kv_imports: list[ExportedRequest] = []  # take these over (read their KV) before the step
 
 
 class TokenChunk(msgspec.Struct, tag=True):
@@ -112,6 +113,7 @@ class TokenChunk(msgspec.Struct, tag=True):
     text: str
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
+    index: int = 0  # position of the first token among the request's output tokens
 
 
 class RequestProgress(msgspec.Struct):
@@ -134,6 +136,8 @@ class StepReport(msgspec.Struct, tag=True):
     progress: list[RequestProgress]
     out_of_blocks: list[str]
     free_blocks: int
+    exports: list[ExportedRequest] = []  # prefills done, held for a decode worker
+    failed_imports: list[str] = []  # kv_imports that could not be read
 
 
 class KVEndpoint(msgspec.Struct, frozen=True):
@@ -152,6 +156,21 @@ class KVFetch(msgspec.Struct, tag=True):
     """peer -> worker (ZeroMQ transport): send me these blocks' bytes, in this order."""
 
     blocks: list[int]
+
+
+class ExportedRequest(msgspec.Struct):
+    """A prefilled request that a prefill worker holds for a decode worker to take over: its
+    tokens so far, where its KV blocks are, and its sampler's state, so that greedy and seeded
+    sampling continue exactly as on one worker."""
+
+    request_id: str
+    token_ids: list[int]  # prompt, then the output so far
+    num_prompt: int
+    num_computed: int
+    params: SamplingParams
+    blocks: list[int]  # on the source, covering num_computed tokens
+    source: KVEndpoint
+    generator_state: bytes = b""
 
 
 class WorkerHello(msgspec.Struct, tag=True):
@@ -199,6 +218,7 @@ class ClusterStatus(msgspec.Struct, tag=True):
     generated_tokens: int
     dropped_messages: int
     speculation: dict[str, SpecCounts] = {}  # by SLO class
+    handovers: int = 0  # requests moved from a prefill to a decode worker
 
 
 Message = Union[

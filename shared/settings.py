@@ -42,7 +42,13 @@ class Settings(BaseSettings):
     planner_address: str = Field("", description="ZeroMQ ROUTER the workers connect to")
     planner_intake_address: str = Field("", description="ZeroMQ PULL the gateway sends to")
     gateway_address: str = Field("", description="ZeroMQ PULL receiving tokens and verdicts")
-    workers: int = Field(1, ge=1)
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    workers: int = Field(1, ge=1, description="colocated workers")
+    prefill_workers: int = Field(1, ge=1, description="prefill workers in disaggregated mode")
+    decode_workers: int = Field(1, ge=1, description="decode workers in disaggregated mode")
+    kv_transport: Literal["auto", "nixl", "zmq"] = Field(
+        "auto", description="how KV moves from prefill to decode workers; auto: nixl when importable")
+    kv_host: str = Field("127.0.0.1", description="address this worker's ZeroMQ KV server binds to")
     policy: Literal["fcfs"] = "fcfs"
     block_size: int = Field(16, ge=1)
     kv_cache_mb: int = Field(256, ge=1, description="KV cache memory per worker")

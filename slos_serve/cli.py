@@ -92,6 +92,10 @@ def up(
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
     workers: Annotated[int | None, typer.Option(help="colocated workers (default 1)")] = None,
+    mode: Annotated[str | None, typer.Option(help="colocated (default) or disaggregated")] = None,
+    prefill: Annotated[int | None, typer.Option(help="prefill workers in disaggregated mode")] = None,
+    decode: Annotated[int | None, typer.Option(help="decode workers in disaggregated mode")] = None,
+    kv_transport: Annotated[str | None, typer.Option(help="auto, nixl or zmq")] = None,
     model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key")] = None,
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
@@ -105,7 +109,8 @@ def up(
     """Start gateway, planner and workers on this machine; Ctrl-C stops them all."""
     from slos_serve.launcher import up as run_up
 
-    settings = _settings(config, host=host, port=port, workers=workers, api_key=api_key,
+    settings = _settings(config, host=host, port=port, workers=workers, mode=mode, prefill_workers=prefill,
+                         decode_workers=decode, kv_transport=kv_transport, api_key=api_key,
                          kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype,
                          speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model)
     _logging(settings, "up")
@@ -151,21 +156,23 @@ def planner(config: ConfigOpt = None) -> None:
 @app.command()
 def worker(
     worker_id: Annotated[str, typer.Option(help="unique name of this worker")],
-    role: Annotated[str, typer.Option(help="colocated (prefill and decode roles come later)")] = "colocated",
+    role: Annotated[str, typer.Option(help="colocated, prefill or decode")] = "colocated",
+    planner: Annotated[str | None, typer.Option(help="the planner's worker address, e.g. tcp://host:port")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Run one worker."""
+    """Run one worker (also on another host: point it at the planner, the planner's intake
+    and the gateway with --planner, SLOS_PLANNER_INTAKE_ADDRESS and SLOS_GATEWAY_ADDRESS)."""
     import torch
 
     from workers.worker import serve
 
-    if role != "colocated":
-        raise typer.BadParameter("only the colocated role exists so far", param_hint="--role")
-    settings = _settings(config)
+    if role not in ("colocated", "prefill", "decode"):
+        raise typer.BadParameter("colocated, prefill or decode", param_hint="--role")
+    settings = _settings(config, planner_address=planner)
     _logging(settings, worker_id)
     if settings.threads_per_worker:
         torch.set_num_threads(settings.threads_per_worker)
-    serve(settings, worker_id, "colocated", _stop_on_signals())
+    serve(settings, worker_id, role, _stop_on_signals())  # type: ignore[arg-type]
 
 
 @app.command()

@@ -50,8 +50,16 @@ def wire(settings: Settings, run_dir: Path) -> Settings:
     }
     update = {k: v for k, v in defaults.items() if not getattr(settings, k)}
     if settings.threads_per_worker is None:
-        update["threads_per_worker"] = max(1, (os.cpu_count() or 1) // settings.workers)
+        update["threads_per_worker"] = max(1, (os.cpu_count() or 1) // len(worker_roles(settings)))
     return settings.model_copy(update=update)
+
+
+def worker_roles(settings: Settings) -> list[tuple[str, str]]:
+    """(worker id, role) of every worker `up` starts."""
+    if settings.mode == "colocated":
+        return [(f"worker-{i}", "colocated") for i in range(settings.workers)]
+    return ([(f"prefill-{i}", "prefill") for i in range(settings.prefill_workers)]
+            + [(f"decode-{i}", "decode") for i in range(settings.decode_workers)])
 
 
 def _ready(settings: Settings) -> bool:
@@ -90,7 +98,7 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     procs = [spawn(["planner"], env), spawn(["gateway"], env)]
-    procs += [spawn(["worker", "--worker-id", f"worker-{i}"], env) for i in range(settings.workers)]
+    procs += [spawn(["worker", "--worker-id", wid, "--role", role], env) for wid, role in worker_roles(settings)]
     started, announced, code = time.monotonic(), False, 0
     try:
         while not stopping:
@@ -101,8 +109,9 @@ def up(settings: Settings) -> int:
                 code = 1
                 break
             if not announced and _ready(settings):
-                log.info("slos-serve ready: http://%s:%d/v1 (model %s, %d workers)",
-                         settings.host, settings.port, settings.served_model_name, settings.workers)
+                log.info("slos-serve ready: http://%s:%d/v1 (model %s, %s mode, %d workers)",
+                         settings.host, settings.port, settings.served_model_name, settings.mode,
+                         len(worker_roles(settings)))
                 announced = True
             if not announced and time.monotonic() - started > READY_TIMEOUT_S:
                 log.error("not ready after %.0f s; stopping", READY_TIMEOUT_S)

@@ -1,19 +1,28 @@
 """A worker: receives batch orders from the planner, runs them on the engine, streams tokens
-straight to the gateway and reports progress and free KV blocks to the planner."""
+straight to the gateway and reports progress and free KV blocks to the planner.
+
+One loop serves every role. A prefill worker holds each request whose prompt it finished (and
+whose first token it streamed) and reports it as an export; a decode worker takes exported
+requests over by reading their KV blocks from the prefill worker; a colocated worker does both
+halves itself and moves no KV.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 
 import torch
 import zmq
 
+from engine.kv_transfer import KVTransferError, KVTransport, make_transport
 from engine.runner import Engine, RequestOutput, StepResult
 from shared.bus import DropCounter, make_socket
 from shared.messages import (
     BatchOrder,
+    ExportedRequest,
     Heartbeat,
     RequestProgress,
     Role,
@@ -27,41 +36,64 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def run_order(engine: Engine, order: BatchOrder) -> StepResult:
-    """Run one order; if the engine fails, end every request in it with an error instead of
-    taking the worker down."""
+@dataclass
+class Step:
+    result: StepResult
+    exports: list[ExportedRequest] = field(default_factory=list)
+    failed_imports: list[str] = field(default_factory=list)
+
+
+def run_order(engine: Engine, order: BatchOrder, role: Role, transport: KVTransport | None) -> Step:
+    """Take over the order's imports, run the step, and export what a prefill worker finished.
+    If the engine fails, end every request in the order with an error instead of taking the
+    worker down."""
+    failed = []
+    for export in order.kv_imports:
+        try:
+            if transport is None:
+                raise KVTransferError("this worker has no KV transport")
+            engine.import_request(export, transport)
+        except Exception as exc:  # a dead source or a bad record must not stop the worker
+            log.error("request %s: KV import from %s failed: %s", export.request_id, export.source.name, exc)
+            failed.append(export.request_id)
+    order.decode = [rid for rid in order.decode if rid not in failed]
     try:
-        return engine.step(order)
+        result = engine.step(order)
     except Exception:
         log.exception("step %d failed; ending its requests with an error", order.step_id)
         rids = {r.request_id for r in order.new_requests} | {c.request_id for c in order.prefill}
         rids |= set(order.decode)
         for rid in rids:
             engine.abort(rid)
-        return StepResult(
-            [RequestOutput(rid, [], "", 0, 0, 0, "error") for rid in sorted(rids)], [], 0.0
-        )
+        return Step(StepResult([RequestOutput(rid, [], "", 0, 0, 0, "error") for rid in sorted(rids)], [], 0.0),
+                    failed_imports=failed)
+    exports = []
+    if role == "prefill" and transport is not None:
+        exports = [engine.export(o.request_id, transport.endpoint) for o in result.outputs
+                   if o.finish_reason is None and o.new_token_ids]
+    return Step(result, exports, failed)
 
 
-def messages_for(
-    worker_id: str, order: BatchOrder, result: StepResult, free: int
-) -> tuple[list[TokenChunk], StepReport]:
+def messages_for(worker_id: str, order: BatchOrder, step: Step, free: int) -> tuple[list[TokenChunk], StepReport]:
     chunks = [
-        TokenChunk(o.request_id, o.new_token_ids, o.text, o.finish_reason, o.num_prompt_tokens)
-        for o in result.outputs
+        TokenChunk(o.request_id, o.new_token_ids, o.text, o.finish_reason, o.num_prompt_tokens,
+                   o.num_output_tokens - len(o.new_token_ids))
+        for o in step.result.outputs
         if o.new_token_ids or o.text or o.finish_reason
     ]
     report = StepReport(
         worker_id=worker_id,
         step_id=order.step_id,
-        duration_s=result.duration_s,
+        duration_s=step.result.duration_s,
         progress=[
             RequestProgress(o.request_id, o.num_computed_tokens, o.num_output_tokens, o.finish_reason,
                             o.num_proposed, o.num_accepted)
-            for o in result.outputs
+            for o in step.result.outputs
         ],
-        out_of_blocks=result.out_of_blocks,
+        out_of_blocks=step.result.out_of_blocks,
         free_blocks=free,
+        exports=step.exports,
+        failed_imports=step.failed_imports,
     )
     return chunks, report
 
@@ -87,13 +119,15 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
         speculator=settings.speculator,
         draft_dir=settings.draft_model_dir,
     )
+    transport = (make_transport(settings.kv_transport, worker_id, engine.kv.data, f"tcp://{settings.kv_host}:*")
+                 if role != "colocated" else None)
     ctx = zmq.Context()
     planner = make_socket(ctx, zmq.DEALER, connect=settings.planner_address, identity=worker_id.encode())
     gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
     drops = DropCounter()
     planner.send(encode(WorkerHello(worker_id, role, engine.kv.allocator.num_blocks,
                                     engine.kv.block_size, engine.max_model_len, os.getpid(),
-                                    settings.speculator)))
+                                    settings.speculator, transport.endpoint if transport else None)))
     log.info("worker %s up: role %s, %d KV blocks", worker_id, role, engine.kv.allocator.num_blocks)
     beat = threading.Thread(target=heartbeat, args=(ctx, settings, worker_id, engine, stop), daemon=True)
     beat.start()
@@ -103,8 +137,8 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
                 continue
             msg = drops.accept(planner.recv(), "planner")
             if isinstance(msg, BatchOrder):
-                result = run_order(engine, msg)
-                chunks, report = messages_for(worker_id, msg, result, engine.num_free_blocks)
+                step = run_order(engine, msg, role, transport)
+                chunks, report = messages_for(worker_id, msg, step, engine.num_free_blocks)
                 for chunk in chunks:
                     gateway.send(encode(chunk))
                 planner.send(encode(report))
@@ -114,3 +148,5 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
         stop.set()
         beat.join()
         ctx.destroy(linger=0)
+        if transport is not None:
+            transport.close()

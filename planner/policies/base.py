@@ -29,6 +29,7 @@ class WorkerBatch:
 @dataclass
 class Decisions:
     assign: dict[str, str] = field(default_factory=dict)  # request -> worker
+    handover: dict[str, str] = field(default_factory=dict)  # prefilled request -> decode worker
     batches: dict[str, WorkerBatch] = field(default_factory=dict)  # worker -> next step
     refuse: list[tuple[str, str]] = field(default_factory=list)  # (request, reason)
 

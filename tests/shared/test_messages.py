@@ -12,7 +12,10 @@ from shared.messages import (
     BatchOrder,
     ClusterStatus,
     DecodeFailure,
+    ExportedRequest,
     Heartbeat,
+    KVEndpoint,
+    KVFetch,
     NewRequest,
     Parked,
     PrefillChunk,
@@ -32,16 +35,20 @@ from shared.messages import (
 
 PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=1, stop=["\n"],
                         stop_token_ids=[2], ignore_eos=True)
+ENDPOINT = KVEndpoint("nixl", "w0", 4096, b"\x00\x01meta", 140_000_000, "")
+EXPORT = ExportedRequest("r1", [1, 2, 3, 9], 3, 3, PARAMS, [4, 5], ENDPOINT, b"\x07" * 16)
 EXAMPLES = [
     Submit("r1", [1, 2, 3], PARAMS, SLOSpec("coding", 100.0, None), 12.5),
     Abort("r1", "client disconnected"),
     Admitted("r1"),
     Parked("r1", "queue full"),
     Refused("r1", "overloaded", 2.0),
-    BatchOrder(3, [NewRequest("r1", [1, 2], PARAMS)], [PrefillChunk("r1", 2)], ["r0"], ["r9"], {"r0": 3}),
-    TokenChunk("r1", [5, 6], "hi", "stop", 3),
-    StepReport("w0", 3, 0.01, [RequestProgress("r1", 3, 1, None, 4, 2)], ["r2"], 10),
-    WorkerHello("w0", "colocated", 100, 16, 2048, 42),
+    BatchOrder(3, [NewRequest("r1", [1, 2], PARAMS)], [PrefillChunk("r1", 2)], ["r0"], ["r9"], {"r0": 3},
+               [EXPORT]),
+    TokenChunk("r1", [5, 6], "hi", "stop", 3, 7),
+    StepReport("w0", 3, 0.01, [RequestProgress("r1", 3, 1, None, 4, 2)], ["r2"], 10, [EXPORT], ["r3"]),
+    WorkerHello("w0", "prefill", 100, 16, 2048, 42, "ngram", ENDPOINT),
+    KVFetch([3, 1, 2]),
     Heartbeat("w0", 99),
     ClusterStatus([WorkerStatus("w0", "colocated", True, 100, 90, 2)], 1, 2, 30, 0,
                   {"coding": SpecCounts(10, 7)}),
