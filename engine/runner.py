@@ -108,21 +108,31 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.kv.allocator.num_free
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    resume_token_ids: list[int] | tuple[int, ...] = ()) -> None:
+        """A new request; `resume_token_ids` is output it produced elsewhere (on a worker that
+        died), prefilled with the prompt and counted as output already streamed."""
         if request_id in self.seqs:
             raise ValueError(f"request {request_id} already exists")
-        if not 0 < len(prompt_token_ids) < self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(prompt_token_ids)} tokens; must be 1..{self.max_model_len - 1}"
-            )
+        length = len(prompt_token_ids) + len(resume_token_ids)
+        if not prompt_token_ids or length >= self.max_model_len:
+            raise ValueError(f"prompt of {length} tokens; must be 1..{self.max_model_len - 1}")
         self.seqs[request_id] = Sequence(
             request_id=request_id,
-            token_ids=list(prompt_token_ids),
+            token_ids=list(prompt_token_ids) + list(resume_token_ids),
             num_prompt=len(prompt_token_ids),
             params=params,
             generator=make_generator(params, self.device),
-            detokenizer=Detokenizer(self.tokenizer, list(params.stop)),
+            detokenizer=self._detokenizer(params, resume_token_ids),
         )
+
+    def _detokenizer(self, params: SamplingParams, streamed: list[int] | tuple[int, ...]) -> Detokenizer:
+        """A detokenizer that has handed out the text of `streamed` already."""
+        detokenizer = Detokenizer(self.tokenizer, list(params.stop))
+        for token in streamed:
+            detokenizer.add(token)
+        detokenizer.release(finished=False)
+        return detokenizer
 
     def assume_computed(self, request_id: str, num_tokens: int) -> None:
         """For profiling: mark the first tokens as computed without running them. Their KV
@@ -159,10 +169,7 @@ class Engine:
         generator = make_generator(export.params, self.device)
         if generator is not None and export.generator_state:
             generator.set_state(torch.frombuffer(bytearray(export.generator_state), dtype=torch.uint8))
-        detokenizer = Detokenizer(self.tokenizer, list(export.params.stop))
-        for token in export.token_ids[export.num_prompt:]:
-            detokenizer.add(token)
-        detokenizer.release(finished=False)  # the source has handed this text out already
+        detokenizer = self._detokenizer(export.params, export.token_ids[export.num_prompt:])
         self.seqs[export.request_id] = Sequence(export.request_id, list(export.token_ids), export.num_prompt,
                                                 export.params, generator, detokenizer, blocks,
                                                 export.num_computed)
@@ -178,10 +185,10 @@ class Engine:
 
     def step(self, order: BatchOrder) -> StepResult:
         start = time.perf_counter()
-        for req in order.new_requests:
-            self.add_request(req.request_id, req.prompt_token_ids, req.params)
-        for rid in order.aborts:
+        for rid in order.aborts:  # first: a resubmitted request may reuse an aborted one's id
             self.abort(rid)
+        for req in order.new_requests:
+            self.add_request(req.request_id, req.prompt_token_ids, req.params, req.resume_token_ids)
         work = [(c.request_id, c.num_tokens, 0) for c in order.prefill]
         work += [(rid, 1, order.spec_lens.get(rid, 0)) for rid in order.decode]
         items, out_of_blocks = self._reserve(work)

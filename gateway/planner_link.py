@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -16,6 +17,7 @@ from shared.messages import (
     Abort,
     Admitted,
     ClusterStatus,
+    Lost,
     Message,
     Parked,
     Refused,
@@ -25,6 +27,8 @@ from shared.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_RESUBMITS = 3
 
 Event = Admitted | Parked | Refused | TokenChunk
 
@@ -37,6 +41,7 @@ class ChunkOrder:
 
     next_index: int = 0
     held: dict[int, TokenChunk] = field(default_factory=dict)
+    delivered: list[int] = field(default_factory=list)  # token ids, in order
 
     def accept(self, chunk: TokenChunk) -> list[TokenChunk]:
         if not chunk.token_ids:  # an ending without tokens has no position to wait for
@@ -49,6 +54,7 @@ class ChunkOrder:
         while self.next_index in self.held:
             ready.append(self.held.pop(self.next_index))
             self.next_index += len(ready[-1].token_ids)
+            self.delivered += ready[-1].token_ids
         return ready
 
 
@@ -59,6 +65,9 @@ class PlannerLink:
         self._inbox = make_socket(self._ctx, zmq.PULL, bind=gateway_address)
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._order: dict[str, ChunkOrder] = {}
+        self._submits: dict[str, Submit] = {}
+        self._attempts: dict[str, int] = {}
+        self.resubmitted = 0
         self._task: asyncio.Task[None] | None = None
         self.drops = DropCounter()
         self.status: ClusterStatus | None = None
@@ -81,13 +90,33 @@ class PlannerLink:
     def release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
         self._order.pop(request_id, None)
+        self._submits.pop(request_id, None)
+        self._attempts.pop(request_id, None)
 
     @property
     def open_requests(self) -> int:
         return len(self._queues)
 
     async def submit(self, msg: Submit) -> None:
+        self._submits[msg.request_id] = msg
         await self._to_planner.send(encode(msg))
+
+    async def _resubmit(self, lost: Lost) -> None:
+        """Send a lost request again, continuing after the tokens the client has; a request
+        lost too often ends with an error."""
+        original, order = self._submits.get(lost.request_id), self._order.get(lost.request_id)
+        if original is None or order is None:
+            return
+        attempts = self._attempts[lost.request_id] = self._attempts.get(lost.request_id, 0) + 1
+        if attempts > MAX_RESUBMITS:
+            log.error("request %s: lost %d times (%s); giving up", lost.request_id, attempts, lost.reason)
+            self._queues[lost.request_id].put_nowait(TokenChunk(lost.request_id, [], "", "error"))
+            return
+        log.warning("request %s: %s; resubmitting after %d streamed tokens", lost.request_id, lost.reason,
+                    len(order.delivered))
+        order.held.clear()  # chunks from the dead worker that never got their turn
+        self.resubmitted += 1
+        await self._to_planner.send(encode(msgspec.structs.replace(original, resume_token_ids=order.delivered)))
 
     def abort(self, request_id: str, reason: str) -> None:
         """Synchronous, so it also runs in the cleanup of a cancelled stream."""
@@ -107,6 +136,8 @@ class PlannerLink:
             msg: Message | None = self.drops.accept(data, "bus")
             if isinstance(msg, ClusterStatus):
                 self.status, self.status_time = msg, time.monotonic()
+            elif isinstance(msg, Lost):
+                await self._resubmit(msg)
             elif isinstance(msg, (Admitted, Parked, Refused, TokenChunk)):
                 queue = self._queues.get(msg.request_id)
                 if queue is None:

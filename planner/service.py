@@ -24,6 +24,7 @@ from shared.messages import (
     BatchOrder,
     ClusterStatus,
     Heartbeat,
+    Lost,
     Message,
     NewRequest,
     PrefillChunk,
@@ -73,6 +74,8 @@ class Planner:
             slo=slo,
             arrival=self.clock.now(),
             slo_class=msg.slo.slo_class,
+            resume_token_ids=msg.resume_token_ids,
+            num_output=len(msg.resume_token_ids),
         )
         self.state.waiting.append(msg.request_id)
         return []
@@ -132,7 +135,7 @@ class Planner:
                 counts = self.state.speculation.setdefault(req.slo_class or "default", SpecCounts())
                 counts.proposed += p.num_proposed
                 counts.accepted += p.num_accepted
-            if req.num_computed >= req.prompt_len and worker.role != "prefill":
+            if req.num_computed >= req.prefill_len and worker.role != "prefill":
                 req.phase = "decode"
             if p.finish_reason is not None:
                 self._forget(req)
@@ -230,7 +233,7 @@ class Planner:
         for rid, _ in batch.prefill:
             req = self.state.requests[rid]
             if not req.delivered:
-                new.append(NewRequest(rid, req.prompt_token_ids, req.params))
+                new.append(NewRequest(rid, req.prompt_token_ids, req.params, req.resume_token_ids))
                 req.delivered = True
         imports = []
         for rid in batch.decode:
@@ -260,13 +263,16 @@ class Planner:
         req.phase = "decode"
         self.handovers += 1
 
-    def _end(self, req: RequestState) -> list[Message]:
-        """End a request with an error, freeing it wherever it is held."""
+    def _end(self, req: RequestState, lost: bool = False) -> list[Message]:
+        """End a request with an error, or as lost (the gateway resubmits it), freeing it
+        wherever it is held."""
         for worker_id in (req.worker_id, req.decode_worker):
             worker = self.state.workers.get(worker_id or "")
             if worker is not None and worker.alive:
                 self.pending_aborts.setdefault(worker.worker_id, []).append(req.request_id)
         self._forget(req)
+        if lost:
+            return [Lost(req.request_id, f"worker {req.worker_id} died")]
         return [TokenChunk(req.request_id, [], "", finish_reason="error")]
 
     def _forget(self, req: RequestState) -> None:
@@ -293,8 +299,8 @@ class Planner:
                 req.decode_worker, req.decode_reserved, req.import_sent = None, 0, False
                 req.phase = "handover"
                 continue
-            log.error("request %s: lost with worker %s", rid, worker_id)
-            lost += self._end(req)
+            log.error("request %s: lost with worker %s; the gateway resubmits it", rid, worker_id)
+            lost += self._end(req, lost=True)
         self.pending_aborts.pop(worker_id, None)
         del self.state.workers[worker_id]
         return lost

@@ -23,6 +23,7 @@ class RequestState:
     slo: SLOTarget
     arrival: float
     slo_class: str | None = None
+    resume_token_ids: list[int] = field(default_factory=list)  # output streamed before a worker died
     phase: Phase = "waiting"
     worker_id: str | None = None
     num_computed: int = 0
@@ -39,8 +40,13 @@ class RequestState:
         return len(self.prompt_token_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens to prefill: the prompt, and the output streamed before if resumed."""
+        return self.prompt_len + len(self.resume_token_ids)
+
+    @property
     def prefill_left(self) -> int:
-        return self.prompt_len - self.num_computed
+        return self.prefill_len - self.num_computed
 
     @property
     def max_len(self) -> int:
@@ -49,7 +55,7 @@ class RequestState:
     def tokens_on(self, role: Role) -> int:
         """Tokens of KV to reserve on a worker of this role: a prefill worker keeps only the
         prompt; any other holds the whole request."""
-        return self.prompt_len if role == "prefill" else self.max_len
+        return self.prefill_len if role == "prefill" else self.max_len
 
 
 @dataclass

@@ -47,6 +47,7 @@ class Submit(msgspec.Struct, tag=True):
     params: SamplingParams
     slo: SLOSpec
     arrival_time: float
+    resume_token_ids: list[int] = []  # output the client already has: continue after it
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -54,6 +55,14 @@ class Abort(msgspec.Struct, tag=True):
 
     request_id: str
     reason: str = "client disconnected"
+
+
+class Lost(msgspec.Struct, tag=True):
+    """planner -> gateway: the worker serving the request died; the gateway resubmits it with
+    the tokens the client already has, so the stream goes on where it stopped."""
+
+    request_id: str
+    reason: str
 
 
 class Admitted(msgspec.Struct, tag=True):
@@ -83,6 +92,7 @@ class NewRequest(msgspec.Struct):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    resume_token_ids: list[int] = []  # output produced elsewhere before: prefilled with the prompt
 
 
 class PrefillChunk(msgspec.Struct):
@@ -93,8 +103,9 @@ class PrefillChunk(msgspec.Struct):
 
 
 class BatchOrder(msgspec.Struct, tag=True):
-    """planner -> worker: one engine step. A decode entry produces one token, or up to k + 1
-    when `spec_lens` gives it a speculative length k (absent: 0)."""
+    """planner -> worker: one engine step. Aborts run first (a resubmitted request may reuse
+    an aborted one's id), then imports and new requests. A decode entry produces one token, or
+    up to k + 1 when `spec_lens` gives it a speculative length k (absent: 0)."""
 
     step_id: int
     new_requests: list[NewRequest] = []
@@ -226,6 +237,7 @@ Message = Union[
     Abort,
     Admitted,
     KVFetch,
+    Lost,
     Parked,
     Refused,
     BatchOrder,

@@ -1,8 +1,10 @@
 """`slos-serve up`: start gateway, planner and workers as separate processes and supervise them.
 
 Children get their settings through the environment and die with the launcher (Linux parent
-death signal), so Ctrl-C, SIGTERM or even SIGKILL of the launcher leaves no orphan behind. If
-any child exits on its own, everything is stopped: a half-running server is worse than none.
+death signal), so Ctrl-C, SIGTERM or even SIGKILL of the launcher leaves no orphan behind. A
+worker that dies is started again (the planner has re-planned its requests meanwhile), unless
+it exits by itself within MIN_UPTIME_S of starting, which means it cannot run at all. If the
+planner or the gateway exits, everything is stopped: a half-running server is worse than none.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared.settings import Settings, as_env
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
+MIN_UPTIME_S = 10.0
 STOP_GRACE_S = 5.0
 PR_SET_PDEATHSIG = 1
 
@@ -97,17 +100,28 @@ def up(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    procs = [spawn(["planner"], env), spawn(["gateway"], env)]
-    procs += [spawn(["worker", "--worker-id", wid, "--role", role], env) for wid, role in worker_roles(settings)]
+    core = [spawn(["planner"], env), spawn(["gateway"], env)]
+    workers = {wid: (spawn(["worker", "--worker-id", wid, "--role", role], env), time.monotonic())
+               for wid, role in worker_roles(settings)}
+    roles = dict(worker_roles(settings))
     started, announced, code = time.monotonic(), False, 0
     try:
         while not stopping:
-            dead = [p for p in procs if p.poll() is not None]
+            dead = [p for p in core if p.poll() is not None]
             if dead:
                 log.error("a process exited (pid %d, code %s); stopping everything",
                           dead[0].pid, dead[0].returncode)
                 code = 1
                 break
+            crashed = [wid for wid, (p, _) in workers.items() if p.poll() is not None]
+            if any(workers[wid][0].returncode >= 0 and time.monotonic() - workers[wid][1] < MIN_UPTIME_S
+                   for wid in crashed):
+                log.error("a worker exited right after starting; stopping everything")
+                code = 1
+                break
+            for wid in crashed:
+                log.error("worker %s exited (code %s); starting it again", wid, workers[wid][0].returncode)
+                workers[wid] = (spawn(["worker", "--worker-id", wid, "--role", roles[wid]], env), time.monotonic())
             if not announced and _ready(settings):
                 log.info("slos-serve ready: http://%s:%d/v1 (model %s, %s mode, %d workers)",
                          settings.host, settings.port, settings.served_model_name, settings.mode,
@@ -119,7 +133,7 @@ def up(settings: Settings) -> int:
                 break
             time.sleep(0.2)
     finally:
-        stop_all(procs)
+        stop_all(core + [p for p, _ in workers.values()])
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("stopped")
     return code

@@ -41,16 +41,16 @@ def test_no_leak_after_many_requests_with_aborts(tiny_model: Path) -> None:
     live: dict[str, int] = {}
     for step in range(300):
         order = BatchOrder(step_id=step)
+        if live and rng.random() < 0.1:  # aborts run before an order's new requests
+            victim = rng.choice(sorted(live))
+            order.aborts.append(victim)
+            live.pop(victim)
         if len(live) < 6:
             rid = f"r{step}"
             n = rng.randint(1, 40)
             params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=0.0, ignore_eos=True)
             order.new_requests.append(NewRequest(rid, [rng.randint(10, 400) for _ in range(n)], params))
             live[rid] = n
-        if live and rng.random() < 0.1:
-            victim = rng.choice(sorted(live))
-            order.aborts.append(victim)
-            live.pop(victim)
         for rid, left in list(live.items()):
             if left > 0:
                 chunk = min(left, rng.randint(1, 16))

@@ -8,7 +8,11 @@ from shared.clock import ManualClock
 from shared.messages import (
     Abort,
     Admitted,
+    ExportedRequest,
+    KVEndpoint,
     Heartbeat,
+    Lost,
+    PrefillChunk,
     Refused,
     RequestProgress,
     SamplingParams,
@@ -16,7 +20,6 @@ from shared.messages import (
     SpecCounts,
     StepReport,
     Submit,
-    TokenChunk,
     WorkerHello,
 )
 from shared.slo import DEFAULT_CLASSES
@@ -80,7 +83,7 @@ def test_abort_of_a_waiting_request_needs_no_worker() -> None:
     assert planner.state.waiting == [] and planner.pending_aborts == {}
 
 
-def test_silent_worker_is_declared_dead_and_its_requests_fail() -> None:
+def test_silent_worker_is_declared_dead_and_its_requests_are_lost() -> None:
     planner, clock = make()
     submit(planner, "r")
     planner.schedule()
@@ -89,7 +92,7 @@ def test_silent_worker_is_declared_dead_and_its_requests_fail() -> None:
     clock.advance(0.9)
     assert planner.check_workers() == []
     clock.advance(0.2)
-    assert planner.check_workers() == [TokenChunk("r", [], "", finish_reason="error")]
+    assert planner.check_workers() == [Lost("r", "worker w0 died")]  # the gateway resubmits it
     assert "w0" not in planner.state.workers and not planner.state.requests
 
 
@@ -119,3 +122,34 @@ def test_speculative_length_is_ordered_and_acceptance_counted_per_class() -> Non
     order = plain.schedule()[0]["w0"]
     plain.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
     assert plain.schedule()[0]["w0"].spec_lens == {}
+
+
+def test_disaggregated_handover_moves_the_reservation_and_frees_the_source() -> None:
+    planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=1.0)
+    endpoint = KVEndpoint("zmq", "p0", 64, zmq_address="tcp://127.0.0.1:1")
+    planner.on_hello(WorkerHello("p0", "prefill", 64, 16, 2048, 1, kv_endpoint=endpoint))
+    planner.on_hello(WorkerHello("d0", "decode", 64, 16, 2048, 2))
+    planner.on_hello(WorkerHello("d1", "decode", 8, 16, 2048, 3))
+    submit(planner, "r", prompt=20)  # GREEDY: 4 new tokens, so 24 tokens: 2 blocks
+    order = planner.schedule()[0]["p0"]
+    p0, d0, d1 = (planner.state.workers[w] for w in ("p0", "d0", "d1"))
+    assert order.prefill == [PrefillChunk("r", 20)] and p0.reserved_blocks == 2  # the prompt only
+    export = ExportedRequest("r", [1] * 20 + [7], 20, 20, GREEDY, [0, 1], endpoint)
+    planner.on_report(StepReport("p0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 62, [export]))
+    orders = planner.schedule()[0]
+    assert set(orders) == {"d0"}  # the decode worker with the most room
+    assert orders["d0"].kv_imports == [export] and orders["d0"].decode == ["r"]
+    assert d0.reserved_blocks == 2 and p0.reserved_blocks == 2 and d1.reserved_blocks == 0
+
+    planner.on_hello(WorkerHello("d0", "decode", 64, 16, 2048, 4))  # d0 restarted mid-transfer
+    assert planner.state.requests["r"].phase == "handover"
+    orders = planner.schedule()[0]
+    assert orders["d0"].kv_imports == [export]
+    planner.on_report(StepReport("d0", orders["d0"].step_id, 0.01, [RequestProgress("r", 21, 2)], [], 62))
+    assert planner.state.requests["r"].worker_id == "d0" and p0.reserved_blocks == 0
+    orders = planner.schedule()[0]
+    assert orders["p0"].aborts == ["r"]  # the source frees its copy
+    assert orders["d0"].decode == ["r"] and orders["d0"].kv_imports == []
+    planner.on_report(StepReport("d0", orders["d0"].step_id, 0.01, [RequestProgress("r", 23, 4, "length")], [], 64))
+    assert not planner.state.requests and planner.state.workers["d0"].reserved_blocks == 0
+    assert planner.handovers == 1

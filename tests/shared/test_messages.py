@@ -16,6 +16,7 @@ from shared.messages import (
     Heartbeat,
     KVEndpoint,
     KVFetch,
+    Lost,
     NewRequest,
     Parked,
     PrefillChunk,
@@ -38,9 +39,10 @@ PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=
 ENDPOINT = KVEndpoint("nixl", "w0", 4096, b"\x00\x01meta", 140_000_000, "")
 EXPORT = ExportedRequest("r1", [1, 2, 3, 9], 3, 3, PARAMS, [4, 5], ENDPOINT, b"\x07" * 16)
 EXAMPLES = [
-    Submit("r1", [1, 2, 3], PARAMS, SLOSpec("coding", 100.0, None), 12.5),
+    Submit("r1", [1, 2, 3], PARAMS, SLOSpec("coding", 100.0, None), 12.5, [4, 5]),
     Abort("r1", "client disconnected"),
     Admitted("r1"),
+    Lost("r1", "worker w1 died"),
     Parked("r1", "queue full"),
     Refused("r1", "overloaded", 2.0),
     BatchOrder(3, [NewRequest("r1", [1, 2], PARAMS)], [PrefillChunk("r1", 2)], ["r0"], ["r9"], {"r0": 3},

@@ -1,0 +1,98 @@
+"""Workers killed with SIGKILL mid-stream or with prompts queued: every request still
+completes with exactly the tokens it would have had, the client sees one coherent stream,
+and the launcher starts the dead worker again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from engine.runner import Engine
+from server_process import IGNORE_EOS, Server, start, wait_idle
+from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
+
+PROMPTS = [f"request {i}: " + "the planner schedules the workers " * (1 + i % 4) for i in range(8)]
+
+
+def reference(model: Path, max_tokens: int) -> list[str]:
+    engine = Engine(model, kv_cache_mb=8)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    texts = []
+    for prompt in PROMPTS:
+        ids = engine.tokenizer(prompt)["input_ids"]
+        out = engine.step(BatchOrder(0, [NewRequest("r", ids, params)], [PrefillChunk("r", len(ids))])).outputs[0]
+        text = out.text
+        while not out.finish_reason:
+            out = engine.step(BatchOrder(1, decode=["r"])).outputs[0]
+            text += out.text
+        texts.append(text)
+    return texts
+
+
+def worker_pid(server: Server, worker_id: str) -> int:
+    for pid in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split():
+        if f"--worker-id\0{worker_id}\0" in Path(f"/proc/{pid}/cmdline").read_text():
+            return int(pid)
+    raise AssertionError(f"no process for {worker_id}")
+
+
+def stream_all(server: Server, max_tokens: int, started: threading.Barrier | None = None) -> list[str]:
+    client = server.client()
+
+    def one(i: int) -> str:
+        text, tokens = "", 0
+        for chunk in client.completions.create(model=server.model, prompt=PROMPTS[i], max_tokens=max_tokens,
+                                               temperature=0, stream=True, extra_body=IGNORE_EOS):
+            text += chunk.choices[0].text
+            tokens += 1
+            if started is not None and tokens == 3:
+                started.wait(30)
+        return text
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, range(len(PROMPTS))))
+
+
+def test_decode_worker_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> None:
+    max_tokens = 300
+    server = start(tiny_model, tmp_path, workers=1,
+                   extra=("--mode", "disaggregated", "--prefill", "1", "--decode", "2", "--kv-transport", "zmq"))
+    victim = worker_pid(server, "decode-0")
+    killed = threading.Barrier(len(PROMPTS) + 1)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            texts = pool.submit(stream_all, server, max_tokens, killed)
+            killed.wait(60)  # every stream is under way
+            os.kill(victim, signal.SIGKILL)
+            got = texts.result(timeout=120)
+        assert got == reference(tiny_model, max_tokens)
+        metrics = wait_idle(server, timeout=30)
+        assert metrics["slos_requests_resubmitted_total"] >= 1
+        deadline = time.monotonic() + 60
+        while worker_pid(server, "decode-0") == victim:  # started again
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(timeout=20)
+
+
+def test_prefill_worker_killed_with_prompts_queued(tiny_model: Path, tmp_path: Path) -> None:
+    max_tokens = 24
+    server = start(tiny_model, tmp_path, workers=1,
+                   extra=("--mode", "disaggregated", "--prefill", "2", "--decode", "1"))
+    try:
+        os.kill(worker_pid(server, "prefill-0"), signal.SIGKILL)  # the planner does not know yet
+        assert stream_all(server, max_tokens) == reference(tiny_model, max_tokens)
+        assert wait_idle(server, timeout=30)["slos_requests_resubmitted_total"] >= 1
+    finally:
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(timeout=20)
