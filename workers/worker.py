@@ -109,6 +109,7 @@ def heartbeat(ctx: zmq.Context, settings: Settings, worker_id: str, engine: Engi
 
 def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event) -> None:
     """Load the engine, say hello, then execute orders until `stop` is set."""
+    speculator = "none" if role == "prefill" else settings.speculator  # the draft lives where decoding is
     engine = Engine(
         settings.model_dir,
         device=settings.device,
@@ -116,7 +117,7 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
         block_size=settings.block_size,
         kv_cache_mb=settings.kv_cache_mb,
         max_model_len=settings.max_model_len,
-        speculator=settings.speculator,
+        speculator=speculator,
         draft_dir=settings.draft_model_dir,
     )
     transport = (make_transport(settings.kv_transport, worker_id, engine.kv.data, f"tcp://{settings.kv_host}:*")
@@ -127,7 +128,7 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
     drops = DropCounter()
     planner.send(encode(WorkerHello(worker_id, role, engine.kv.allocator.num_blocks,
                                     engine.kv.block_size, engine.max_model_len, os.getpid(),
-                                    settings.speculator, transport.endpoint if transport else None)))
+                                    speculator, transport.endpoint if transport else None)))
     log.info("worker %s up: role %s, %d KV blocks", worker_id, role, engine.kv.allocator.num_blocks)
     beat = threading.Thread(target=heartbeat, args=(ctx, settings, worker_id, engine, stop), daemon=True)
     beat.start()

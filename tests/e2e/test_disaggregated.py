@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
 from engine.runner import Engine
 from server_process import IGNORE_EOS, Server, start, wait_idle
@@ -30,17 +32,25 @@ def params(i: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path) -> list[str]:
-    """One engine doing everything, one request at a time."""
+    """One engine doing everything, one request at a time; its greedy texts are those of
+    `transformers`."""
     engine = Engine(tiny_model, kv_cache_mb=4)
+    hf = LlamaForCausalLM.from_pretrained(tiny_model).eval()
     texts = []
     for i, prompt in enumerate(PROMPTS):
         ids = engine.tokenizer(prompt)["input_ids"]
         out = engine.step(BatchOrder(0, [NewRequest("r", ids, params(i))], [PrefillChunk("r", len(ids))])).outputs[0]
-        text = out.text
+        text, tokens = out.text, list(out.new_token_ids)
         while not out.finish_reason:
             out = engine.step(BatchOrder(1, decode=["r"])).outputs[0]
             text += out.text
+            tokens += out.new_token_ids
         texts.append(text)
+        if params(i).temperature == 0:
+            with torch.no_grad():
+                hf_ids = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                     min_new_tokens=MAX_TOKENS)[0, len(ids):]
+            assert tokens == hf_ids.tolist(), i
     return texts
 
 

@@ -21,10 +21,11 @@ PROMPTS = ["def parse(line):", "The queue holds", "Return a list of the lines in
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=[("--mode", "colocated"), ("--mode", "disaggregated", "--kv-transport", "zmq")],
+                ids=["colocated", "disaggregated"])
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
     srv = start(tiny_model, tmp_path_factory.mktemp("spec-server"), workers=1,
-                extra=("--speculator", "draft", "--draft-model", str(tiny_model), "--spec-len", "4"))
+                extra=("--speculator", "draft", "--draft-model", str(tiny_model), "--spec-len", "4", *request.param))
     yield srv
     srv.proc.send_signal(signal.SIGINT)
     srv.proc.wait(timeout=20)
