@@ -124,11 +124,11 @@ class PlannerLink:
         self._to_planner.send(encode(Abort(request_id, reason)), flags=zmq.NOBLOCK)
 
     def healthy(self, max_age_s: float = 2.0) -> bool:
-        return (
-            self.status is not None
-            and time.monotonic() - self.status_time < max_age_s
-            and any(w.alive for w in self.status.workers)
-        )
+        """A fresh status, and live workers that can both prefill and decode."""
+        if self.status is None or time.monotonic() - self.status_time >= max_age_s:
+            return False
+        roles = {w.role for w in self.status.workers if w.alive}
+        return "colocated" in roles or {"prefill", "decode"} <= roles
 
     async def _receive(self) -> None:
         while True:

@@ -92,6 +92,7 @@ class FCFSPolicy:
 
 
 def _needs_decode(prefill_pool: list[WorkerState], decode_pool: list[WorkerState], req: RequestState) -> bool:
-    """Only prefill workers can take it, and no decode worker can ever hold it."""
+    """Only prefill workers can take it, and no decode worker can ever hold it (with no decode
+    worker up yet, it waits for one)."""
     only_prefill = all(w.role == "prefill" for w in prefill_pool)
-    return only_prefill and all(w.blocks_for(req.max_len) > w.num_blocks for w in decode_pool)
+    return only_prefill and bool(decode_pool) and all(w.blocks_for(req.max_len) > w.num_blocks for w in decode_pool)

@@ -76,3 +76,9 @@ def test_max_num_seqs_caps_placement() -> None:
     s = state_with([worker("w0")], [request(f"r{i}", 4) for i in range(5)])
     d = FCFSPolicy(max_num_seqs=3).schedule(s, now=0.0)
     assert list(d.assign) == ["r0", "r1", "r2"]
+
+
+def test_prefilled_requests_wait_for_a_decode_worker_to_join() -> None:
+    state = state_with([WorkerState("p0", "prefill", 64, 16, 2048, last_seen=0.0)], [request("r", prompt=20)])
+    decisions = FCFSPolicy().schedule(state, 0.0)
+    assert decisions.refuse == [] and decisions.assign == {"r": "p0"}
