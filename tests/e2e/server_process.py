@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import openai
 
+from engine.runner import Engine
 from shared.bus import free_tcp_port
+from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 API_KEY = "test-key"
 IGNORE_EOS = {"ignore_eos": True}
@@ -93,3 +95,15 @@ def wait_idle(server: Server, timeout: float = 10.0, min_generated: float = 0) -
         time.sleep(0.2)
 
 
+
+
+def generate(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[int], str]:
+    """The reference: one engine running one request alone to the end; its tokens and text."""
+    ids = engine.tokenizer(prompt)["input_ids"]
+    out = engine.step(BatchOrder(0, [NewRequest("ref", ids, params)], [PrefillChunk("ref", len(ids))])).outputs[0]
+    tokens, text = list(out.new_token_ids), out.text
+    while not out.finish_reason:
+        out = engine.step(BatchOrder(1, decode=["ref"])).outputs[0]
+        tokens += out.new_token_ids
+        text += out.text
+    return tokens, text

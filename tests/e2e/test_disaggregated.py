@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from engine.runner import Engine
-from server_process import IGNORE_EOS, Server, start, wait_idle
-from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
+from server_process import IGNORE_EOS, Server, generate, start, wait_idle
+from shared.messages import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
@@ -38,15 +38,10 @@ def reference(tiny_model: Path) -> list[str]:
     hf = LlamaForCausalLM.from_pretrained(tiny_model).eval()
     texts = []
     for i, prompt in enumerate(PROMPTS):
-        ids = engine.tokenizer(prompt)["input_ids"]
-        out = engine.step(BatchOrder(0, [NewRequest("r", ids, params(i))], [PrefillChunk("r", len(ids))])).outputs[0]
-        text, tokens = out.text, list(out.new_token_ids)
-        while not out.finish_reason:
-            out = engine.step(BatchOrder(1, decode=["r"])).outputs[0]
-            text += out.text
-            tokens += out.new_token_ids
+        tokens, text = generate(engine, prompt, params(i))
         texts.append(text)
         if params(i).temperature == 0:
+            ids = engine.tokenizer(prompt)["input_ids"]
             with torch.no_grad():
                 hf_ids = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
                                      min_new_tokens=MAX_TOKENS)[0, len(ids):]

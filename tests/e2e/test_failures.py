@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine.runner import Engine
-from server_process import IGNORE_EOS, Server, start, wait_idle
-from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
+from server_process import IGNORE_EOS, Server, generate, start, wait_idle
+from shared.messages import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
@@ -25,16 +25,7 @@ PROMPTS = [f"request {i}: " + "the planner schedules the workers " * (1 + i % 4)
 def reference(model: Path, max_tokens: int) -> list[str]:
     engine = Engine(model, kv_cache_mb=8)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    texts = []
-    for prompt in PROMPTS:
-        ids = engine.tokenizer(prompt)["input_ids"]
-        out = engine.step(BatchOrder(0, [NewRequest("r", ids, params)], [PrefillChunk("r", len(ids))])).outputs[0]
-        text = out.text
-        while not out.finish_reason:
-            out = engine.step(BatchOrder(1, decode=["r"])).outputs[0]
-            text += out.text
-        texts.append(text)
-    return texts
+    return [generate(engine, prompt, params)[1] for prompt in PROMPTS]
 
 
 def worker_pid(server: Server, worker_id: str) -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine.runner import Engine
-from server_process import IGNORE_EOS, Server, start, wait_idle
-from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
+from server_process import IGNORE_EOS, Server, generate, start, wait_idle
+from shared.messages import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
@@ -31,18 +31,6 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, request: 
     srv.proc.wait(timeout=20)
 
 
-def plain_greedy(model: Path, prompt: str) -> list[int]:
-    engine = Engine(model, kv_cache_mb=4)
-    ids = engine.tokenizer(prompt)["input_ids"]
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    out = engine.step(BatchOrder(0, [NewRequest("r", ids, params)], [PrefillChunk("r", len(ids))])).outputs[0]
-    tokens = list(out.new_token_ids)
-    while not out.finish_reason:
-        out = engine.step(BatchOrder(len(tokens), decode=["r"])).outputs[0]
-        tokens += out.new_token_ids
-    return tokens
-
-
 def test_concurrent_greedy_streams_equal_plain_decoding(server: Server, tiny_model: Path) -> None:
     client = server.client()
 
@@ -54,9 +42,9 @@ def test_concurrent_greedy_streams_equal_plain_decoding(server: Server, tiny_mod
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         texts = list(pool.map(stream, PROMPTS))
-    engine = Engine(tiny_model, num_kv_blocks=1)
-    for prompt, text in zip(PROMPTS, texts):
-        assert text == engine.tokenizer.decode(plain_greedy(tiny_model, prompt), skip_special_tokens=True)
+    engine = Engine(tiny_model, kv_cache_mb=4)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    assert texts == [generate(engine, prompt, greedy)[1] for prompt in PROMPTS]
     metrics = wait_idle(server, min_generated=len(PROMPTS) * MAX_TOKENS)
     proposed = metrics['slos_spec_proposed_tokens_total{slo_class="coding"}']
     accepted = metrics['slos_spec_accepted_tokens_total{slo_class="coding"}']
