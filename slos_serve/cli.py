@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -350,6 +351,22 @@ def bench_kv_transfer(
                 print(f"| {r.layout} ({prof.hardware}) | {n:,} | {r.megabytes:,.1f} | {r.transport} | "
                       f"{r.seconds * 1e3:,.2f} | {r.gb_per_s:.2f} | {r.gb_per_s / memcpy:.0%} | "
                       f"{ttft * 1e3:,.1f} | {r.seconds / (ttft + r.seconds):.1%} |", flush=True)
+
+
+@bench_app.command("planner")
+def bench_planner(
+    queued: Annotated[str, typer.Option(help="waiting requests, comma-separated")] = "100,1000,10000",
+    calls: Annotated[int, typer.Option(help="scheduling calls per size")] = 200,
+) -> None:
+    """Time per scheduling call (admission and prefill plan) at each queue length: p50 and p99."""
+    from bench.planner_bench import call_times
+
+    profile = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
+    print("| queued requests | p50 ms | p99 ms | admitted |")
+    print("|---|---|---|---|")
+    for n in (int(q) for q in queued.split(",")):
+        times, share = call_times(profile, n, calls)
+        print(f"| {n:,} | {np.percentile(times, 50) * 1e3:.3f} | {np.percentile(times, 99) * 1e3:.3f} | {share:.0%} |")
 
 
 @bench_app.command("engine")
