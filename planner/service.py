@@ -32,7 +32,6 @@ from shared.messages import (
     SpecCounts,
     StepReport,
     Submit,
-    TokenChunk,
     WorkerHello,
     WorkerStatus,
     encode,
@@ -153,8 +152,9 @@ class Planner:
         for rid in msg.failed_imports:
             req = self.state.requests.get(rid)
             if req is not None and req.decode_worker == msg.worker_id:
-                log.error("request %s: worker %s could not read its KV; ending it", rid, msg.worker_id)
-                lost += self._end(req)
+                log.error("request %s: worker %s could not read its KV; the gateway resubmits it",
+                          rid, msg.worker_id)
+                lost += self._lose(req, f"KV import on {msg.worker_id} failed")
         return lost
 
     def check_workers(self) -> list[Message]:
@@ -263,17 +263,15 @@ class Planner:
         req.phase = "decode"
         self.handovers += 1
 
-    def _end(self, req: RequestState, lost: bool = False) -> list[Message]:
-        """End a request with an error, or as lost (the gateway resubmits it), freeing it
-        wherever it is held."""
+    def _lose(self, req: RequestState, reason: str) -> list[Message]:
+        """Free the request wherever it is held and tell the gateway, which resubmits it
+        after the tokens the client already has."""
         for worker_id in (req.worker_id, req.decode_worker):
             worker = self.state.workers.get(worker_id or "")
             if worker is not None and worker.alive:
                 self.pending_aborts.setdefault(worker.worker_id, []).append(req.request_id)
         self._forget(req)
-        if lost:
-            return [Lost(req.request_id, f"worker {req.worker_id} died")]
-        return [TokenChunk(req.request_id, [], "", finish_reason="error")]
+        return [Lost(req.request_id, reason)]
 
     def _forget(self, req: RequestState) -> None:
         self.state.requests.pop(req.request_id, None)
@@ -300,7 +298,7 @@ class Planner:
                 req.phase = "handover"
                 continue
             log.error("request %s: lost with worker %s; the gateway resubmits it", rid, worker_id)
-            lost += self._end(req, lost=True)
+            lost += self._lose(req, f"worker {worker_id} died")
         self.pending_aborts.pop(worker_id, None)
         del self.state.workers[worker_id]
         return lost

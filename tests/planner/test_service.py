@@ -153,3 +153,20 @@ def test_disaggregated_handover_moves_the_reservation_and_frees_the_source() -> 
     planner.on_report(StepReport("d0", orders["d0"].step_id, 0.01, [RequestProgress("r", 23, 4, "length")], [], 64))
     assert not planner.state.requests and planner.state.workers["d0"].reserved_blocks == 0
     assert planner.handovers == 1
+
+
+def test_a_failed_kv_import_is_lost_and_freed_on_both_sides() -> None:
+    planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=1.0)
+    endpoint = KVEndpoint("zmq", "p0", 64, zmq_address="tcp://127.0.0.1:1")
+    planner.on_hello(WorkerHello("p0", "prefill", 64, 16, 2048, 1, kv_endpoint=endpoint))
+    planner.on_hello(WorkerHello("d0", "decode", 64, 16, 2048, 2))
+    submit(planner, "r", prompt=20)
+    order = planner.schedule()[0]["p0"]
+    export = ExportedRequest("r", [1] * 21, 20, 20, GREEDY, [0, 1], endpoint)
+    planner.on_report(StepReport("p0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 62, [export]))
+    order = planner.schedule()[0]["d0"]
+    lost = planner.on_report(StepReport("d0", order.step_id, 0.01, [], [], 64, failed_imports=["r"]))
+    assert lost == [Lost("r", "KV import on d0 failed")]
+    assert not planner.state.requests
+    assert all(w.reserved_blocks == 0 and not w.requests for w in planner.state.workers.values())
+    assert planner.schedule()[0]["p0"].aborts == ["r"]  # the prefill worker frees its copy
