@@ -54,11 +54,12 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = ()) -> Server:
+def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
+          env_extra: dict[str, str] | None = None) -> Server:
     port = free_tcp_port()
     intake, gateway = f"ipc://{tmp}/intake.sock", f"ipc://{tmp}/gateway.sock"
     env = {**os.environ, "SLOS_API_KEY": API_KEY, "SLOS_PLANNER_INTAKE_ADDRESS": intake,
-           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_REQUEST_TIMEOUT_S": "60"}
+           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_REQUEST_TIMEOUT_S": "60", **(env_extra or {})}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),

@@ -77,12 +77,23 @@ def test_decode_worker_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> No
 
 
 def test_prefill_worker_killed_with_prompts_queued(tiny_model: Path, tmp_path: Path) -> None:
+    """prefill-0 is frozen, so prompts queue on it, then killed. Heartbeats every second give
+    the planner four seconds before it would call the frozen worker dead by itself."""
     max_tokens = 24
     server = start(tiny_model, tmp_path, workers=1,
-                   extra=("--mode", "disaggregated", "--prefill", "2", "--decode", "1"))
+                   extra=("--mode", "disaggregated", "--prefill", "2", "--decode", "1"),
+                   env_extra={"SLOS_HEARTBEAT_S": "1.0"})
+    victim = worker_pid(server, "prefill-0")
     try:
-        os.kill(worker_pid(server, "prefill-0"), signal.SIGKILL)  # the planner does not know yet
-        assert stream_all(server, max_tokens) == reference(tiny_model, max_tokens)
+        os.kill(victim, signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            texts = pool.submit(stream_all, server, max_tokens)
+            deadline = time.monotonic() + 30
+            while server.metrics().get('slos_worker_requests_running{worker="prefill-0"}', 0) < 1:
+                assert time.monotonic() < deadline and not texts.done()
+                time.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            assert texts.result(timeout=120) == reference(tiny_model, max_tokens)
         assert wait_idle(server, timeout=30)["slos_requests_resubmitted_total"] >= 1
     finally:
         server.proc.send_signal(signal.SIGINT)
