@@ -156,7 +156,8 @@ def create_app(settings: Settings) -> FastAPI:
         if body.slo_class is not None and body.slo_class not in settings.slo_classes:
             known = ", ".join(sorted(settings.slo_classes))
             raise ApiError(400, f"unknown slo_class `{body.slo_class}`; known: {known}", param="slo_class")
-        return SLOSpec(body.slo_class, values["ttft_ms"], values["tpot_ms"])
+        stages = [s.stage() for s in body.slo_stages or []]
+        return SLOSpec(body.slo_class, values["ttft_ms"], values["tpot_ms"], stages)
 
     def output_budget(prompt_len: int, requested: int | None) -> int:
         room = max_len - prompt_len

@@ -40,6 +40,17 @@ class ClusterCollector(Collector):
                                   value=self.link.resubmitted)
         yield CounterMetricFamily("slos_kv_handovers", "Requests moved from a prefill to a decode worker",
                                   value=status.handovers if status else 0)
+        yield CounterMetricFamily("slos_requests_preempted", "Running requests preempted for room and resumed",
+                                  value=self.link.preempted)
+        yield GaugeMetricFamily("slos_requests_parked", "Requests in the best-effort queue",
+                                value=status.parked if status else 0)
+        met = CounterMetricFamily("slos_slo_met_requests", "Requests that met all their SLOs, by the planner's "
+                                  "clock", labels=["slo_class"])
+        judged = CounterMetricFamily("slos_slo_judged_requests", "Requests finished or refused", labels=["slo_class"])
+        for slo_class, count in (status.attainment if status else {}).items():
+            met.add_metric([slo_class], count.met)
+            judged.add_metric([slo_class], count.total)
+        yield from (met, judged)
         yield GaugeMetricFamily("slos_gateway_open_requests", "Requests the gateway is serving",
                                 value=self.link.open_requests)
         proposed = CounterMetricFamily("slos_spec_proposed_tokens", "Speculative tokens verified",

@@ -68,6 +68,7 @@ class PlannerLink:
         self._submits: dict[str, Submit] = {}
         self._attempts: dict[str, int] = {}
         self.resubmitted = 0
+        self.preempted = 0
         self._task: asyncio.Task[None] | None = None
         self.drops = DropCounter()
         self.status: ClusterStatus | None = None
@@ -103,11 +104,11 @@ class PlannerLink:
 
     async def _resubmit(self, lost: Lost) -> None:
         """Send a lost request again, continuing after the tokens the client has; a request
-        lost too often ends with an error."""
+        lost too often to failures ends with an error (preemptions do not count)."""
         original, order = self._submits.get(lost.request_id), self._order.get(lost.request_id)
         if original is None or order is None:
             return
-        attempts = self._attempts[lost.request_id] = self._attempts.get(lost.request_id, 0) + 1
+        attempts = self._attempts[lost.request_id] = self._attempts.get(lost.request_id, 0) + (not lost.preempted)
         if attempts > MAX_RESUBMITS:
             log.error("request %s: lost %d times (%s); giving up", lost.request_id, attempts, lost.reason)
             self._queues[lost.request_id].put_nowait(TokenChunk(lost.request_id, [], "", "error"))
@@ -115,7 +116,10 @@ class PlannerLink:
         log.warning("request %s: %s; resubmitting after %d streamed tokens", lost.request_id, lost.reason,
                     len(order.delivered))
         order.held.clear()  # chunks from the dead worker that never got their turn
-        self.resubmitted += 1
+        if lost.preempted:
+            self.preempted += 1
+        else:
+            self.resubmitted += 1
         await self._to_planner.send(encode(msgspec.structs.replace(original, resume_token_ids=order.delivered)))
 
     def abort(self, request_id: str, reason: str) -> None:

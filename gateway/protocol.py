@@ -2,7 +2,7 @@
 
 Fields OpenAI defines that we cannot honour (n > 1, logprobs, tools) are refused with a clear
 error rather than silently ignored. SLO fields are extensions: `slo_class`, `ttft_ms`,
-`tpot_ms`.
+`tpot_ms` and `slo_stages` (a list of {tokens, tpot_ms}: e.g. think fast, then answer).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.messages import SamplingParams
+from shared.messages import SamplingParams, Stage
 
 
 class TextPart(BaseModel):
@@ -34,6 +34,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SLOStage(BaseModel):
+    """A stage of the output with its own TPOT: its first `tokens` tokens (the last stage may
+    leave it out: all the rest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: int | None = Field(None, ge=1)
+    tpot_ms: float | None = Field(None, gt=0)
+
+    def stage(self) -> Stage:
+        return Stage(self.tokens, self.tpot_ms)
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -52,6 +65,14 @@ class _Common(BaseModel):
     slo_class: str | None = None
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
+    slo_stages: list[SLOStage] | None = Field(None, min_length=1, max_length=16)
+
+    @field_validator("slo_stages")
+    @classmethod
+    def _open_stage_last(cls, v: list[SLOStage] | None) -> list[SLOStage] | None:
+        if v and any(s.tokens is None for s in v[:-1]):
+            raise ValueError("only the last stage may leave out `tokens`")
+        return v
 
     @field_validator("n")
     @classmethod

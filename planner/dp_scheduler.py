@@ -2,17 +2,23 @@
 their TTFT without breaking any running request's TPOT, and how many prefill tokens each
 upcoming batch gives each of them.
 
-Batches repeat every `step_s`, the tightest TPOT among the requests decoding (a batch must end
-before any of them is late for its next token). The performance model says how many prefill
-tokens fit in such a batch beside the decode work: the per-batch budget. A set of requests is
-feasible when, taken in deadline order, the prefill tokens of each request and of all those
-before it fit in the budgets of the batches that end before its deadline, and their KV blocks
-fit in memory. Among feasible sets the planner keeps the largest: in deadline order it adds
-each request and, when the set stops being feasible, drops the one whose removal frees the
-most of what ran out (prefill tokens, or blocks). With tokens alone this is Moore and
-Hodgson's rule, which admits the most requests possible. Requests already promised are never
-dropped. Each TPOT tier is tried as the batch period (a tighter one admits tight requests but
-shrinks every budget) and the tier admitting the most wins.
+Batches repeat every `step_s`. On a replica that decodes, a batch must end before any
+decoding request is late for its next token, so the period is the tightest TPOT among them,
+stretched by the tokens speculation yields per step: with acceptance α and k proposed tokens
+a sequence gains E(k) tokens a step, so the step may last τ·E(k). For each TPOT tier τ the
+speculative length k is chosen by enumeration (`planner.spec_choice`) to leave the most
+prefill tokens per second beside the decode work; those tokens are the per-batch budget.
+
+A set of requests is feasible when, taken in deadline order, the prefill tokens of each
+request and of all those before it fit in the budgets of the batches that end before its
+deadline, and their KV blocks fit in memory. Among feasible sets the planner keeps the
+largest: in deadline order it adds each request and, when the set stops being feasible, drops
+the one whose removal frees the most of what ran out (prefill tokens, or blocks). With tokens
+alone this is Moore and Hodgson's rule, which admits the most requests possible. Requests
+already promised are never dropped. Each TPOT tier is tried as the batch period (a tighter
+one admits tight requests but shrinks every budget) and the tier admitting the most wins;
+then the budget is priced again with the decode work of what it admits, which may only
+shrink it, and the plan redone at that budget, so the promise holds once they decode too.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.roofline import Profile, prefill_budget
+from planner.spec_choice import choose_spec_len
+from shared.roofline import Batches, Profile, prefill_budget
+
+IDLE_STEP_S = 0.05  # batch period with no TPOT to pace it
+DEFAULT_CONTEXT = 512  # context assumed for a decoding request when nothing else says
 
 
 @dataclass(frozen=True)
@@ -40,13 +50,27 @@ class Job:
 
 @dataclass(frozen=True)
 class Replica:
-    """What is running on one replica: the decode work every batch carries."""
+    """What is running on one replica (the decode work every batch carries) and what it may
+    take on."""
 
     decoding: int  # requests decoding
     context_tokens: int  # their KV tokens, read by every decode step
     tightest_tpot_s: float | None
     free_blocks: int  # not held by running requests
     max_num_seqs: int = 256
+    prefill_only: bool = False  # a prefill worker: no decode work in its batches
+    max_new: int | None = None  # most requests it may admit now; None: no cap
+    alpha: float = 0.0  # per-token speculative acceptance of its decoding requests
+    max_spec_len: int = 0  # 0: it cannot speculate
+    draft: Profile | None = None  # the draft model's cost, for a draft-model speculator
+    busy: bool = False  # a step is running: the first planned batch starts after it
+
+
+@dataclass(frozen=True)
+class Period:
+    step_s: float
+    budget: int  # prefill tokens per batch
+    spec_len: int  # tokens each tight request proposes per step
 
 
 @dataclass
@@ -55,11 +79,9 @@ class Plan:
     rejected: list[str]  # do not fit now: park them or refuse
     step_s: float  # batch period
     budget: int  # prefill tokens per batch
+    spec_len: int = 0  # speculative length of the tightest tier
     chunks: dict[str, int] = field(default_factory=dict)  # prefill tokens in the next batch
     late: list[str] = field(default_factory=list)  # promised, but now past what fits
-
-
-IDLE_STEP_S = 0.05  # batch period with nothing to pace it
 
 
 @dataclass(frozen=True)
@@ -91,53 +113,95 @@ class _Queue:
 
 def plan(profile: Profile, replica: Replica, jobs: list[Job], now: float) -> Plan:
     queue = _Queue.of(jobs)
-    tiers = sorted(set(queue.tpot[~np.isnan(queue.tpot)].tolist())
-                   | ({replica.tightest_tpot_s} if replica.tightest_tpot_s else set()))
-    floor = replica.tightest_tpot_s or math.inf
-    periods = [t for t in tiers if t <= floor] or [min(floor, IDLE_STEP_S)]
+    promised = int(queue.promised.sum())
+    context = (replica.context_tokens / replica.decoding if replica.decoding
+               else float(queue.tokens.mean()) if len(queue.ids) else DEFAULT_CONTEXT)
+    tiers: list[float | None] = [None]
+    if not replica.prefill_only:
+        with np.errstate(invalid="ignore"):
+            floor = min(replica.tightest_tpot_s or math.inf,
+                        float(np.nanmin(queue.tpot[queue.promised], initial=math.inf)))
+        found = set(queue.tpot[~np.isnan(queue.tpot)].tolist())
+        tiers = sorted(t for t in found | {floor} if t <= floor and math.isfinite(t)) or [None]
     best: Plan | None = None
-    for step_s in reversed(periods):  # on a tie the longer period wins: bigger budgets, more slack
-        candidate = _plan_at(profile, replica, queue, now, step_s)
+    best_tier: float | None = None
+    for tier in reversed(tiers):  # on a tie the longer period wins: bigger budgets, more slack
+        with np.errstate(invalid="ignore"):
+            eligible = (queue.promised | np.isnan(queue.tpot) | (queue.tpot >= tier) if tier is not None
+                        else np.ones(len(queue.ids), dtype=bool))
+        if best is not None and int(eligible.sum()) <= len(best.admitted):
+            continue  # cannot admit more than the best so far
+        candidate = _plan_at(queue, eligible, _period(profile, replica, tier, promised, context), replica, now)
         if best is None or len(candidate.admitted) > len(best.admitted):
-            best = candidate
+            best, best_tier = candidate, tier
     assert best is not None
+    joining = len(best.admitted) - promised
+    if joining and not replica.prefill_only:
+        loaded = _period(profile, replica, best_tier, len(best.admitted), context)
+        if loaded.budget < best.budget or loaded.step_s != best.step_s:
+            with np.errstate(invalid="ignore"):
+                eligible = (queue.promised | np.isnan(queue.tpot) | (queue.tpot >= best_tier)
+                            if best_tier is not None else np.ones(len(queue.ids), dtype=bool))
+            best = _plan_at(queue, eligible, loaded, replica, now)
     return best
 
 
-def _plan_at(profile: Profile, replica: Replica, queue: _Queue, now: float, step_s: float) -> Plan:
-    with np.errstate(invalid="ignore"):
-        eligible = queue.promised | np.isnan(queue.tpot) | (queue.tpot >= step_s)
+def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max_num_seqs: int) -> int:
+    """The most sequences of `context` tokens a plain decode step can hold and still last at
+    most `tpot_s`."""
+    if tpot_s is None:
+        return max_num_seqs
+    seqs = np.arange(1, max_num_seqs + 1)
+    times = profile.predict(Batches.of(decode_seqs=seqs, kv_read=seqs * context, attention_pairs=seqs * context))
+    return int((times <= tpot_s).sum())
+
+
+def _period(profile: Profile, replica: Replica, tpot_s: float | None, joining: int, context: float) -> Period:
+    """The batch period and prefill budget at TPOT `tpot_s`, with the running requests and
+    `joining` more decoding; None: nothing paces the batches."""
+    if replica.prefill_only or tpot_s is None:
+        seqs = 0 if replica.prefill_only else min(replica.max_num_seqs, replica.decoding + joining)
+        step_s = IDLE_STEP_S if tpot_s is None else tpot_s
+        return Period(step_s, prefill_budget(profile.model, profile.params, step_s, seqs, 1.0, seqs * context), 0)
+    seqs = min(replica.max_num_seqs, replica.decoding + joining)
+    choice = choose_spec_len(profile, tpot_s, seqs, round(context), replica.alpha, replica.draft,
+                             replica.max_spec_len)
+    if choice is None:  # not even the running requests keep this TPOT
+        return Period(tpot_s, 0, 0)
+    return Period(choice.step_s, round(choice.prefill_tokens_per_s * choice.step_s), choice.k)
+
+
+def _plan_at(queue: _Queue, eligible: np.ndarray, period: Period, replica: Replica, now: float) -> Plan:
     rows = np.flatnonzero(eligible)
-    budget = batch_budget(profile, replica, step_s, int(queue.promised.sum()))
     tokens, promised = queue.tokens[rows], queue.promised[rows]
-    keep, late = _by_deadline(tokens, promised, _batches(queue.deadline[rows], now, step_s), budget)
+    batches = _batches(queue.deadline[rows], now, period.step_s, replica.busy)
+    keep, late = _by_deadline(tokens, promised, batches, period.budget)
     keep, late_mem = _by_memory(keep, queue.blocks[rows], promised, replica.free_blocks)
+    cap = replica.max_num_seqs - replica.decoding - int(promised.sum())
+    if replica.max_new is not None:
+        cap = min(cap, replica.max_new)
+    extra = np.flatnonzero(keep & ~promised)[max(0, cap):]  # latest deadlines beyond the cap
+    keep[extra] = False
     kept = rows[keep]
     admitted = [queue.ids[i] for i in kept.tolist()]
     rejected_rows = np.sort(np.concatenate([np.flatnonzero(~eligible), rows[~keep]]))
     return Plan(
         admitted=admitted,
         rejected=[queue.ids[i] for i in rejected_rows.tolist()],
-        step_s=step_s,
-        budget=budget,
-        chunks=_next_batch(admitted, queue.tokens[kept].tolist(), budget),
+        step_s=period.step_s,
+        budget=period.budget,
+        spec_len=period.spec_len,
+        chunks=_next_batch(admitted, queue.tokens[kept].tolist(), period.budget),
         late=[queue.ids[i] for i in rows[late | late_mem].tolist()],
     )
 
 
-def batch_budget(profile: Profile, replica: Replica, step_s: float, joining: int) -> int:
-    """Prefill tokens per batch beside the decode work of the running requests and of
-    `joining` more (promised ones, about to decode), each with the running ones' mean context."""
-    seqs = min(replica.max_num_seqs, replica.decoding + joining)
-    context = replica.context_tokens + (seqs - replica.decoding) * replica.context_tokens / max(1, replica.decoding)
-    return prefill_budget(profile.model, profile.params, step_s, seqs, 1.0, context)
-
-
-def _batches(deadlines: np.ndarray, now: float, step_s: float) -> np.ndarray:
-    """Batches that end by each deadline (a large number for none)."""
+def _batches(deadlines: np.ndarray, now: float, step_s: float, busy: bool) -> np.ndarray:
+    """Batches that end by each deadline (a large number for none); one fewer while a step
+    is still running."""
     finite = np.isfinite(deadlines)
     out = np.full(len(deadlines), np.iinfo(np.int64).max // 4, dtype=np.int64)
-    out[finite] = np.maximum(0, np.floor((deadlines[finite] - now) / step_s)).astype(np.int64)
+    out[finite] = np.maximum(0, np.floor((deadlines[finite] - now) / step_s).astype(np.int64) - int(busy))
     return out
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import zmq
 
 from planner.policies import Decisions, Policy, WorkerBatch
-from planner.state import PlannerState, RequestState, WorkerState
+from planner.roles import conflicts
+from planner.state import Attainment, PlannerState, RequestState, WorkerState
 from shared.bus import DropCounter, make_socket
 from shared.clock import Clock
 from shared.messages import (
@@ -24,11 +26,14 @@ from shared.messages import (
     BatchOrder,
     ClusterStatus,
     Heartbeat,
+    SLOCount,
     Lost,
     Message,
     NewRequest,
+    Parked,
     PrefillChunk,
     Refused,
+    Role,
     SpecCounts,
     StepReport,
     Submit,
@@ -37,11 +42,12 @@ from shared.messages import (
     encode,
 )
 from shared.settings import Settings
-from shared.slo import SLOTarget, UnknownSLOClass, resolve
+from shared.slo import SLOClass, UnknownSLOClass, resolve
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.2
+VERDICTS_KEPT = 10_000  # recent requests whose admission verdict the admin API can explain
 
 
 @dataclass
@@ -50,13 +56,19 @@ class Planner:
 
     policy: Policy
     clock: Clock
-    slo_classes: dict[str, SLOTarget]
+    slo_classes: dict[str, SLOClass]
     worker_timeout_s: float
     state: PlannerState = field(default_factory=PlannerState)
     pending_aborts: dict[str, list[str]] = field(default_factory=dict)
     next_step_id: int = 0
     generated_tokens: int = 0
     handovers: int = 0
+    preemptions: int = 0
+    verdicts: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request -> why, newest last
+    unsent_roles: dict[str, Role] = field(default_factory=dict)  # role changes the worker has not been told
+
+    def __post_init__(self) -> None:
+        self.state.lengths.typical.update({k: c.output_tokens for k, c in self.slo_classes.items()})
 
     def on_submit(self, msg: Submit) -> list[Message]:
         """Messages for the gateway in answer to a submission."""
@@ -75,6 +87,7 @@ class Planner:
             slo_class=msg.slo.slo_class,
             resume_token_ids=msg.resume_token_ids,
             num_output=len(msg.resume_token_ids),
+            expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(msg.slo.slo_class)),
         )
         self.state.waiting.append(msg.request_id)
         return []
@@ -118,8 +131,9 @@ class Planner:
         if worker is None or worker.step_in_flight != msg.step_id:
             log.warning("worker %s: unexpected report for step %d", msg.worker_id, msg.step_id)
             return []
+        now = self.clock.now()
         worker.step_in_flight = None
-        worker.last_seen = self.clock.now()
+        worker.last_seen = now
         worker.reported_free_blocks = msg.free_blocks
         for p in msg.progress:
             req = self.state.requests.get(p.request_id)
@@ -127,27 +141,36 @@ class Planner:
                 continue
             if req.decode_worker == msg.worker_id:
                 self._complete_handover(req)
-            self.generated_tokens += p.num_output_tokens - req.num_output
+            new_tokens = p.num_output_tokens - req.num_output
+            self.generated_tokens += new_tokens
+            req.tracker.add(new_tokens, now)
             req.num_computed = p.num_computed_tokens
             req.num_output = p.num_output_tokens
             if p.num_proposed:
                 counts = self.state.speculation.setdefault(req.slo_class or "default", SpecCounts())
                 counts.proposed += p.num_proposed
                 counts.accepted += p.num_accepted
+                counts.steps += 1
             if req.num_computed >= req.prefill_len and worker.role != "prefill":
                 req.phase = "decode"
             if p.finish_reason is not None:
+                if p.finish_reason in ("stop", "length"):
+                    self.state.lengths.observe(req.slo_class, req.num_output)
+                    self._judge(req, req.tracker.met())
                 self._forget(req)
+            elif req.worker_id == msg.worker_id and req.phase == "decode":
+                self._regrow(req, worker)
         for rid in msg.out_of_blocks:
-            log.error("request %s: worker %s ran out of KV blocks despite the reservation",
-                      rid, msg.worker_id)
+            log.warning("request %s: worker %s is out of KV blocks; it waits a step", rid, msg.worker_id)
         for export in msg.exports:
             req = self.state.requests.get(export.request_id)
-            if req is not None:
+            if req is None:  # aborted meanwhile: the worker still holds it
+                self.pending_aborts.setdefault(msg.worker_id, []).append(export.request_id)
+            elif worker.role == "prefill":
                 req.export = export
                 req.phase = "handover"
-            else:  # aborted meanwhile: the worker still holds it
-                self.pending_aborts.setdefault(msg.worker_id, []).append(export.request_id)
+            else:  # the worker changed roles during the step: it decodes the request itself
+                self._keep(req, worker)
         lost: list[Message] = []
         for rid in msg.failed_imports:
             req = self.state.requests.get(rid)
@@ -170,22 +193,27 @@ class Planner:
 
     def schedule(self) -> tuple[dict[str, BatchOrder], list[Message]]:
         """Batch orders per worker, and verdicts for the gateway."""
+        for worker in self.state.workers.values():
+            if worker.target_role is not None and not conflicts(self.state, worker, worker.target_role):
+                self._set_role(worker, worker.target_role)
         decisions = self.policy.schedule(self.state, self.clock.now())
         to_gateway = self._apply(decisions)
         orders: dict[str, BatchOrder] = {}
         for worker_id, batch in decisions.batches.items():
             orders[worker_id] = self._order(worker_id, batch)
-        for worker_id in list(self.pending_aborts):
+        for worker_id in list(self.pending_aborts) + list(self.unsent_roles):
             worker = self.state.workers.get(worker_id)
             if worker is not None and worker.alive and worker.step_in_flight is None:
                 orders.setdefault(worker_id, self._order(worker_id, WorkerBatch()))
         for worker_id, order in orders.items():
             order.aborts = self.pending_aborts.pop(worker_id, [])
+            order.role = self.unsent_roles.pop(worker_id, None)
             self.state.workers[worker_id].step_in_flight = order.step_id
         return orders, to_gateway
 
     def status(self, dropped: int) -> ClusterStatus:
         running = sum(1 for r in self.state.requests.values() if r.worker_id is not None)
+        parked = sum(1 for r in self.state.requests.values() if r.parked and r.worker_id is None)
         return ClusterStatus(
             workers=[
                 WorkerStatus(w.worker_id, w.role, w.alive, w.num_blocks, w.reported_free_blocks,
@@ -198,19 +226,57 @@ class Planner:
             dropped_messages=dropped,
             speculation=self.state.speculation,
             handovers=self.handovers,
+            parked=parked,
+            preemptions=self.preemptions,
+            attainment={k: SLOCount(a.met, a.total) for k, a in self.state.attainment.items()},
         )
+
+    def explain(self, request_id: str) -> str | None:
+        """The latest verdict on a request: admitted where, parked or refused and why."""
+        return self.verdicts.get(request_id)
+
+    def _note(self, request_id: str, verdict: str) -> None:
+        self.verdicts[request_id] = verdict
+        self.verdicts.move_to_end(request_id)
+        while len(self.verdicts) > VERDICTS_KEPT:
+            self.verdicts.popitem(last=False)
+
+    def _judge(self, req: RequestState, met: bool) -> None:
+        counts = self.state.attainment.setdefault(req.slo_class or "default", Attainment())
+        counts.total += 1
+        counts.met += met
 
     def _apply(self, decisions: Decisions) -> list[Message]:
         out: list[Message] = []
+        for worker_id, role in decisions.roles.items():
+            worker = self.state.workers[worker_id]
+            self.state.last_role_change = self.clock.now()
+            if conflicts(self.state, worker, role):
+                log.info("worker %s: becomes %s once its current requests allow", worker_id, role)
+                worker.target_role = role
+            else:
+                self._set_role(worker, role)
         for rid, reason in decisions.refuse:
             log.info("request %s: refused (%s)", rid, reason)
+            self._note(rid, f"refused: {reason}")
+            self._judge(self.state.requests[rid], met=False)
             self._forget(self.state.requests[rid])
             out.append(Refused(rid, reason, retry_after_s=1.0))
+        for rid, reason in decisions.park:
+            log.info("request %s: parked (%s)", rid, reason)
+            self._note(rid, f"parked: {reason}")
+            self.state.requests[rid].parked = True
+            out.append(Parked(rid, reason))
+        for rid, reason in decisions.preempt:
+            log.info("request %s: preempted (%s)", rid, reason)
+            self._note(rid, f"preempted: {reason}")
+            self.preemptions += 1
+            out += self._lose(self.state.requests[rid], reason, preempted=True)
         for rid, worker_id in decisions.handover.items():
             req = self.state.requests[rid]
             worker = self.state.workers[worker_id]
             req.decode_worker = worker_id
-            req.decode_reserved = worker.blocks_for(req.max_len)
+            req.decode_reserved = worker.blocks_for(req.tokens_on(worker.role))
             worker.reserved_blocks += req.decode_reserved
             worker.requests.append(rid)
             req.phase = "transfer"
@@ -220,13 +286,43 @@ class Planner:
             worker = self.state.workers[worker_id]
             req.worker_id = worker_id
             req.phase = "prefill"
+            req.best_effort = rid in decisions.best_effort
             req.reserved_blocks = worker.blocks_for(req.tokens_on(worker.role))
             worker.reserved_blocks += req.reserved_blocks
             worker.requests.append(rid)
             self.state.waiting.remove(rid)
-            log.info("request %s: admitted to worker %s", rid, worker_id)
+            how = "as best effort" if req.best_effort else "with its SLOs promised"
+            log.info("request %s: admitted to worker %s %s", rid, worker_id, how)
+            self._note(rid, f"admitted to worker {worker_id} {how}")
             out.append(Admitted(rid))
         return out
+
+    def _set_role(self, worker: WorkerState, role: Role) -> None:
+        """Change a worker's role now; a prefill worker turning colocated decodes the requests
+        it holds for a handover itself."""
+        log.info("worker %s: role %s -> %s", worker.worker_id, worker.role, role)
+        worker.role, worker.target_role = role, None
+        self.unsent_roles[worker.worker_id] = role
+        for rid in list(worker.requests):
+            req = self.state.requests[rid]
+            if req.phase == "handover" and req.worker_id == worker.worker_id and role != "prefill":
+                self._keep(req, worker)
+
+    def _keep(self, req: RequestState, worker: WorkerState) -> None:
+        """A prefilled request decodes where it was prefilled."""
+        req.phase, req.export = "decode", None
+        self._regrow(req, worker)
+
+    def _regrow(self, req: RequestState, worker: WorkerState) -> None:
+        """Re-plan a request's KV reservation as its output grows (it may outlive its length
+        estimate); a worker whose requests outgrow it preempts some (`relieve_memory`)."""
+        need = worker.blocks_for(req.tokens_on(worker.role))
+        if need > req.reserved_blocks:
+            if req.num_output > req.expected_output:
+                req.expected_output = req.planned_output()
+                need = worker.blocks_for(req.tokens_on(worker.role))
+            worker.reserved_blocks += need - req.reserved_blocks
+            req.reserved_blocks = need
 
     def _order(self, worker_id: str, batch: WorkerBatch) -> BatchOrder:
         new = []
@@ -263,7 +359,7 @@ class Planner:
         req.phase = "decode"
         self.handovers += 1
 
-    def _lose(self, req: RequestState, reason: str) -> list[Message]:
+    def _lose(self, req: RequestState, reason: str, preempted: bool = False) -> list[Message]:
         """Free the request wherever it is held and tell the gateway, which resubmits it
         after the tokens the client already has."""
         for worker_id in (req.worker_id, req.decode_worker):
@@ -271,7 +367,7 @@ class Planner:
             if worker is not None and worker.alive:
                 self.pending_aborts.setdefault(worker.worker_id, []).append(req.request_id)
         self._forget(req)
-        return [Lost(req.request_id, reason)]
+        return [Lost(req.request_id, reason, preempted)]
 
     def _forget(self, req: RequestState) -> None:
         self.state.requests.pop(req.request_id, None)
@@ -313,8 +409,9 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     poller = zmq.Poller()
     poller.register(intake, zmq.POLLIN)
     poller.register(workers, zmq.POLLIN)
-    classes = {k: SLOTarget(v.ttft_ms, v.tpot_ms) for k, v in settings.slo_classes.items()}
+    classes = {k: v.resolved() for k, v in settings.slo_classes.items()}
     planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s))
+    planner.state.mode = settings.mode
     drops = DropCounter()
     last_status = 0.0
     log.info("planner up: intake %s, workers %s", settings.planner_intake_address,

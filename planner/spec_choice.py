@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from shared.messages import MAX_SPEC_LEN
 from shared.roofline import Batches, Profile, prefill_budget
 
@@ -48,19 +50,22 @@ class SpecChoice:
 
 def options(target: Profile, tpot_s: float, batch: int, context: int, alpha: float,
             draft: Profile | None = None, max_k: int = MAX_SPEC_LEN) -> list[SpecChoice]:
-    """Every k that keeps the TPOT, with what it leaves for prefill."""
+    """Every k that keeps the TPOT, with what it leaves for prefill. With nothing decoding
+    there is nothing to speculate: k = 0 only."""
+    ks = np.arange((max_k if batch else 0) + 1)
+    gain = ks + 1.0 if alpha >= 1 else (1 - alpha ** (ks + 1)) / (1 - alpha)
+    steps = tpot_s * gain
+    kv_read = batch * (context + ks + 1)
+    verify = target.predict(Batches.of(decode_seqs=batch, verify_len=ks + 1, kv_read=kv_read,
+                                       attention_pairs=batch * (ks + 1) * context))
+    draft_s = ks * float(draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
+                                                  attention_pairs=batch * context))) if draft else 0.0 * ks
     out = []
-    for k in range(max_k + 1):
-        step_s = tpot_s * expected_tokens(alpha, k)
-        kv_read = batch * (context + k + 1)
-        verify = float(target.predict(Batches.of(decode_seqs=batch, verify_len=k + 1, kv_read=kv_read,
-                                                 attention_pairs=batch * (k + 1) * context)))
-        draft_s = k * float(draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
-                                                     attention_pairs=batch * context))) if draft and k else 0.0
-        if verify + draft_s > step_s:
-            continue
-        budget = prefill_budget(target.model, target.params, step_s - draft_s, batch, k + 1, kv_read)
-        out.append(SpecChoice(k, step_s, verify + draft_s, budget / step_s))
+    for k in np.flatnonzero(verify + draft_s <= steps).tolist():
+        step_s = float(steps[k])
+        budget = prefill_budget(target.model, target.params, step_s - float(draft_s[k]), batch, k + 1,
+                                float(kv_read[k]))
+        out.append(SpecChoice(k, step_s, float(verify[k] + draft_s[k]), budget / step_s))
     return out
 
 

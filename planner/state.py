@@ -3,16 +3,20 @@ policies read and the service updates from messages."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from planner.lengths import LengthModel, expected_output
 from shared.messages import ExportedRequest, Role, SamplingParams, SpecCounts
-from shared.slo import SLOTarget
+from shared.slo import SLOTarget, Tracker
 
 # waiting -> prefill -> decode on one worker; in disaggregated mode a prefill worker's request
 # goes prefill -> handover (prefilled, held, waiting for a decode worker) -> transfer (a decode
 # worker is reading its KV) -> decode on the decode worker.
 Phase = Literal["waiting", "prefill", "handover", "transfer", "decode"]
+
+RESERVE_AHEAD = 16  # tokens of room a decoding request keeps beyond what it has written
 
 
 @dataclass
@@ -24,6 +28,7 @@ class RequestState:
     arrival: float
     slo_class: str | None = None
     resume_token_ids: list[int] = field(default_factory=list)  # output streamed before a worker died
+    expected_output: int = 0  # output tokens the plan assumes; grows when outlived
     phase: Phase = "waiting"
     worker_id: str | None = None
     num_computed: int = 0
@@ -34,6 +39,15 @@ class RequestState:
     decode_worker: str | None = None  # taking the request over, during the transfer
     decode_reserved: int = 0
     import_sent: bool = False
+    parked: bool = False  # waiting in the best-effort queue
+    best_effort: bool = False  # served without a promise: preempted first when room is short
+    tracker: Tracker | None = None
+
+    def __post_init__(self) -> None:
+        if self.tracker is None:
+            self.tracker = Tracker(self.slo, self.arrival, resumed=bool(self.resume_token_ids),
+                                   tokens=len(self.resume_token_ids))
+        self.expected_output = max(self.expected_output, self.num_output)
 
     @property
     def prompt_len(self) -> int:
@@ -52,10 +66,29 @@ class RequestState:
     def max_len(self) -> int:
         return self.prompt_len + self.params.max_tokens
 
+    @property
+    def deadline(self) -> float:
+        """When the first token is due; inf for none (no objective, or already streamed)."""
+        return self.tracker.deadline()
+
+    @property
+    def tpot_s(self) -> float | None:
+        """The TPOT objective of the next token, in seconds; None for none."""
+        if self.best_effort:
+            return None
+        tpot = self.slo.tpot_at(self.num_output)
+        return None if tpot is None else tpot / 1e3
+
+    def planned_output(self) -> int:
+        """Output tokens the plan assumes: the estimate, and room for the next few steps."""
+        written = self.num_output
+        return min(self.params.max_tokens, max(written + RESERVE_AHEAD,
+                                               expected_output(self.expected_output, written, self.params.max_tokens)))
+
     def tokens_on(self, role: Role) -> int:
         """Tokens of KV to reserve on a worker of this role: a prefill worker keeps only the
-        prompt; any other holds the whole request."""
-        return self.prefill_len if role == "prefill" else self.max_len
+        prompt; any other holds the request as long as it is expected to grow."""
+        return self.prefill_len if role == "prefill" else self.prompt_len + self.planned_output()
 
 
 @dataclass
@@ -67,18 +100,44 @@ class WorkerState:
     max_model_len: int
     last_seen: float
     speculator: str = "none"
+    home_role: Role | None = None  # the role it joined with; None: `role`
     reserved_blocks: int = 0
     reported_free_blocks: int = 0
     step_in_flight: int | None = None
     requests: list[str] = field(default_factory=list)
     alive: bool = True
+    draining: bool = False  # an operator asked it to take no new requests
+    target_role: Role | None = None  # changing to this role once its current work allows: takes no new requests
+
+    def __post_init__(self) -> None:
+        self.home_role = self.home_role or self.role
 
     @property
     def unreserved_blocks(self) -> int:
         return self.num_blocks - self.reserved_blocks
 
+    @property
+    def can_prefill(self) -> bool:
+        return self.alive and self.role != "decode"
+
+    @property
+    def can_decode(self) -> bool:
+        return self.alive and self.role != "prefill"
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+
+@dataclass
+class Attainment:
+    """Requests that met all their SLOs, of those finished or refused, per class."""
+
+    met: int = 0
+    total: int = 0
+
+    @property
+    def share(self) -> float:
+        return self.met / self.total if self.total else math.nan
 
 
 @dataclass
@@ -87,6 +146,15 @@ class PlannerState:
     speculation: dict[str, SpecCounts] = field(default_factory=dict)  # by SLO class
     waiting: list[str] = field(default_factory=list)  # unassigned, in arrival order
     workers: dict[str, WorkerState] = field(default_factory=dict)
+    lengths: LengthModel = field(default_factory=LengthModel)
+    attainment: dict[str, Attainment] = field(default_factory=dict)  # by SLO class
+    # disaggregated: every worker plays its home role, falling back to colocated when a pool
+    # is lost; colocated: every worker runs both (see planner.roles)
+    mode: Literal["colocated", "disaggregated"] = "disaggregated"
+    last_role_change: float = -math.inf
 
     def idle_workers(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.alive and w.step_in_flight is None]
+
+    def acceptance(self, slo_class: str | None) -> SpecCounts:
+        return self.speculation.get(slo_class or "default", SpecCounts())

@@ -31,12 +31,22 @@ class SamplingParams(msgspec.Struct, frozen=True):
     ignore_eos: bool = False
 
 
+class Stage(msgspec.Struct, frozen=True):
+    """A part of a request's output with a decode objective of its own (say, thinking then
+    answering): its first `tokens` output tokens (None: all the rest) at `tpot_ms`."""
+
+    tokens: int | None = None
+    tpot_ms: float | None = None
+
+
 class SLOSpec(msgspec.Struct, frozen=True):
-    """A request's latency objectives in milliseconds; None means no objective."""
+    """A request's latency objectives in milliseconds; None means no objective. `stages`, when
+    given, replace the single `tpot_ms` stage by stage."""
 
     slo_class: str | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
+    stages: list[Stage] = []
 
 
 class Submit(msgspec.Struct, tag=True):
@@ -58,11 +68,13 @@ class Abort(msgspec.Struct, tag=True):
 
 
 class Lost(msgspec.Struct, tag=True):
-    """planner -> gateway: the worker serving the request died; the gateway resubmits it with
-    the tokens the client already has, so the stream goes on where it stopped."""
+    """planner -> gateway: the worker serving the request died, or the planner preempted it to
+    make room for admitted work; the gateway resubmits it with the tokens the client already
+    has, so the stream goes on where it stopped. Preemptions do not count as failures."""
 
     request_id: str
     reason: str
+    preempted: bool = False
 
 
 class Admitted(msgspec.Struct, tag=True):
@@ -103,8 +115,8 @@ class PrefillChunk(msgspec.Struct):
 
 
 class BatchOrder(msgspec.Struct, tag=True):
-    """planner -> worker: one engine step. Aborts run first (a resubmitted request may reuse
-    an aborted one's id), then imports and new requests. A decode entry produces one token, or
+    """planner -> worker: one engine step. A role change applies first, then aborts (a
+    resubmitted request may reuse an aborted one's id), then imports and new requests. A decode entry produces one token, or
     up to k + 1 when `spec_lens` gives it a speculative length k (absent: 0)."""
 
     step_id: int
@@ -114,6 +126,7 @@ class BatchOrder(msgspec.Struct, tag=True):
     aborts: list[str] = []
     spec_lens: dict[str, int] = {}
     kv_imports: list[ExportedRequest] = []  # take these over (read their KV) before the step
+    role: Role | None = None  # play this role from this step on
 
 
 class TokenChunk(msgspec.Struct, tag=True):
@@ -214,10 +227,18 @@ class WorkerStatus(msgspec.Struct):
 
 
 class SpecCounts(msgspec.Struct):
-    """Speculative tokens verified and accepted so far."""
+    """Speculative tokens verified and accepted so far, in `steps` verifications."""
 
     proposed: int = 0
     accepted: int = 0
+    steps: int = 0
+
+
+class SLOCount(msgspec.Struct):
+    """Requests that met all their SLOs, of those finished or refused."""
+
+    met: int = 0
+    total: int = 0
 
 
 class ClusterStatus(msgspec.Struct, tag=True):
@@ -230,6 +251,9 @@ class ClusterStatus(msgspec.Struct, tag=True):
     dropped_messages: int
     speculation: dict[str, SpecCounts] = {}  # by SLO class
     handovers: int = 0  # requests moved from a prefill to a decode worker
+    parked: int = 0  # waiting in the best-effort queue
+    preemptions: int = 0  # running requests preempted for room
+    attainment: dict[str, SLOCount] = {}  # by SLO class, as the planner sees token times
 
 
 Message = Union[

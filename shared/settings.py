@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,16 +19,27 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from shared.messages import MAX_SPEC_LEN
-from shared.slo import DEFAULT_CLASSES
+from shared.messages import MAX_SPEC_LEN, Stage
+from shared.slo import DEFAULT_CLASSES, SLOClass, SLOTarget
 
 ENV_PREFIX = "SLOS_"
 CONFIG_ENV = "SLOS_CONFIG"
 
 
+class StageSetting(BaseModel):
+    tokens: int | None = Field(None, ge=1)
+    tpot_ms: float | None = Field(None, gt=0)
+
+
 class SLOClassSetting(BaseModel):
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+    stages: list[StageSetting] = []
+    output_tokens: int = Field(256, ge=1, description="typical output length, until the planner has seen some")
+
+    def resolved(self) -> SLOClass:
+        stages = tuple(Stage(s.tokens, s.tpot_ms) for s in self.stages)
+        return SLOClass(SLOTarget(self.ttft_ms, self.tpot_ms, stages), self.output_tokens)
 
 
 class Settings(BaseSettings):
@@ -49,7 +60,13 @@ class Settings(BaseSettings):
     kv_transport: Literal["auto", "nixl", "zmq"] = Field(
         "auto", description="how KV moves from prefill to decode workers; auto: nixl when importable")
     kv_host: str = Field("127.0.0.1", description="address this worker's ZeroMQ KV server binds to")
-    policy: Literal["fcfs"] = "fcfs"
+    policy: Literal["slos", "fcfs", "sarathi", "distserve", "edf"] = Field(
+        "slos", description="slos (SLO-aware admission and planning) or a baseline: fcfs (vLLM-like), "
+        "sarathi (chunked prefill), distserve (disaggregated FCFS), edf (deadline first, early rejection)")
+    profile: Path | None = Field(None, description="performance-model profile the planner prices batches "
+                                 "with; default: the shipped CPU profile of the built-in model")
+    draft_profile: Path | None = Field(None, description="profile of the draft model, to price draft steps")
+    best_effort_limit: int = Field(256, ge=0, description="parked requests before new ones are refused")
     block_size: int = Field(16, ge=1)
     kv_cache_mb: int = Field(256, ge=1, description="KV cache memory per worker")
     max_model_len: int | None = Field(None, ge=16, description="default: the model's")
@@ -61,15 +78,27 @@ class Settings(BaseSettings):
     speculator: Literal["none", "ngram", "draft"] = Field(
         "none", description="how workers propose speculative tokens")
     draft_model_dir: Path | None = Field(None, description="draft model; default: the built-in draft")
-    spec_len: int = Field(0, ge=0, le=MAX_SPEC_LEN, description="speculative tokens per decode step (fcfs policy)")
+    spec_len: int = Field(0, ge=0, le=MAX_SPEC_LEN, description="speculative tokens per decode step under the "
+                          "baseline policies; slos chooses its own per SLO tier")
     threads_per_worker: int | None = Field(None, ge=1)
     heartbeat_s: float = Field(0.25, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
     slo_classes: dict[str, SLOClassSetting] = {
-        name: SLOClassSetting(ttft_ms=t.ttft_ms, tpot_ms=t.tpot_ms)
-        for name, t in DEFAULT_CLASSES.items()
+        name: SLOClassSetting(ttft_ms=c.target.ttft_ms, tpot_ms=c.target.tpot_ms, output_tokens=c.output_tokens,
+                              stages=[StageSetting(tokens=s.tokens, tpot_ms=s.tpot_ms) for s in c.target.stages])
+        for name, c in DEFAULT_CLASSES.items()
     }
     log_level: str = "INFO"
+    admin_port: int = Field(8001, ge=0, le=65535, description="the planner's admin API (on `host`)")
+    admin_token: str | None = Field(None, description="bearer token of the admin API; default: a random one, "
+                                    "written to the planner's log and to `admin_token_file`")
+    admin_token_file: Path | None = Field(None, description="where the planner writes its admin token")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.policy == "distserve" and self.mode != "disaggregated":
+            raise ValueError("policy distserve runs prefill and decode pools: it needs mode disaggregated")
+        return self
 
     @classmethod
     def settings_customise_sources(

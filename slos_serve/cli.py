@@ -97,6 +97,8 @@ def up(
     prefill: Annotated[int | None, typer.Option(help="prefill workers in disaggregated mode")] = None,
     decode: Annotated[int | None, typer.Option(help="decode workers in disaggregated mode")] = None,
     kv_transport: Annotated[str | None, typer.Option(help="auto, nixl or zmq")] = None,
+    policy: Annotated[str | None, typer.Option(help="slos (default), fcfs, sarathi, distserve or edf")] = None,
+    profile: Annotated[Path | None, typer.Option(help="performance-model profile the planner uses")] = None,
     model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key")] = None,
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
@@ -111,7 +113,8 @@ def up(
     from slos_serve.launcher import up as run_up
 
     settings = _settings(config, host=host, port=port, workers=workers, mode=mode, prefill_workers=prefill,
-                         decode_workers=decode, kv_transport=kv_transport, api_key=api_key,
+                         decode_workers=decode, kv_transport=kv_transport, policy=policy, profile=profile,
+                         api_key=api_key,
                          kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype,
                          speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model)
     _logging(settings, "up")
@@ -143,15 +146,15 @@ def gateway(config: ConfigOpt = None) -> None:
 @app.command()
 def planner(config: ConfigOpt = None) -> None:
     """Run the planner."""
-    from planner.policies.fcfs import FCFSPolicy
+    from planner.policies import make_policy
     from planner.service import serve
     from shared.clock import WallClock
 
     settings = _settings(config)
     _logging(settings, "planner")
-    policy = FCFSPolicy(max_batch_tokens=settings.max_batch_tokens, max_num_seqs=settings.max_num_seqs,
-                        spec_len=settings.spec_len)
-    serve(settings, policy, WallClock(), _stop_on_signals())
+    profile = load_profile(settings.profile or SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json")
+    draft = load_profile(settings.draft_profile) if settings.draft_profile else None
+    serve(settings, make_policy(settings.policy, settings, profile, draft), WallClock(), _stop_on_signals())
 
 
 @app.command()

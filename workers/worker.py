@@ -4,7 +4,9 @@ straight to the gateway and reports progress and free KV blocks to the planner.
 One loop serves every role. A prefill worker holds each request whose prompt it finished (and
 whose first token it streamed) and reports it as an export; a decode worker takes exported
 requests over by reading their KV blocks from the prefill worker; a colocated worker does both
-halves itself and moves no KV.
+halves itself and moves no KV. The planner may change a worker's role with any order (falling
+back to colocated when a pool is lost, or moving a worker between the pools); a worker that
+starts moving KV then opens its transport.
 """
 
 from __future__ import annotations
@@ -120,8 +122,10 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
         speculator=speculator,
         draft_dir=settings.draft_model_dir,
     )
-    transport = (make_transport(settings.kv_transport, worker_id, engine.kv.data, f"tcp://{settings.kv_host}:*")
-                 if role != "colocated" else None)
+    def open_transport() -> KVTransport:
+        return make_transport(settings.kv_transport, worker_id, engine.kv.data, f"tcp://{settings.kv_host}:*")
+
+    transport = open_transport() if role != "colocated" else None
     ctx = zmq.Context()
     planner = make_socket(ctx, zmq.DEALER, connect=settings.planner_address, identity=worker_id.encode())
     gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
@@ -138,6 +142,11 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
                 continue
             msg = drops.accept(planner.recv(), "planner")
             if isinstance(msg, BatchOrder):
+                if msg.role is not None and msg.role != role:
+                    log.info("worker %s: role %s -> %s", worker_id, role, msg.role)
+                    role = msg.role
+                    if role != "colocated" and transport is None:
+                        transport = open_transport()
                 step = run_order(engine, msg, role, transport)
                 chunks, report = messages_for(worker_id, msg, step, engine.num_free_blocks)
                 for chunk in chunks:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from planner.state import PlannerState
+from shared.messages import Role
 
 
 @dataclass
@@ -32,7 +33,13 @@ class Decisions:
     handover: dict[str, str] = field(default_factory=dict)  # prefilled request -> decode worker
     batches: dict[str, WorkerBatch] = field(default_factory=dict)  # worker -> next step
     refuse: list[tuple[str, str]] = field(default_factory=list)  # (request, reason)
+    park: list[tuple[str, str]] = field(default_factory=list)  # (request, reason): best-effort queue
+    preempt: list[tuple[str, str]] = field(default_factory=list)  # (running request, reason)
+    roles: dict[str, Role] = field(default_factory=dict)  # worker -> its new role
+    best_effort: set[str] = field(default_factory=set)  # assigned without a promise: preempted first
 
 
 class Policy(Protocol):
+    name: str
+
     def schedule(self, state: PlannerState, now: float) -> Decisions: ...

@@ -67,12 +67,19 @@ def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+    server = Server(url, model.name, proc, intake, gateway)
+    flags = dict(zip(extra[::2], extra[1::2]))
+    expected = int(flags.get("--workers", workers))
+    if flags.get("--mode") == "disaggregated":
+        expected = int(flags.get("--prefill", 1)) + int(flags.get("--decode", 1))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # healthy, and every worker has joined
         assert proc.poll() is None, (tmp / "server.log").read_text()
         try:
             if httpx.get(url + "/health").status_code == 200:
-                return Server(url, model.name, proc, intake, gateway)
+                alive = sum(v for k, v in server.metrics().items() if k.startswith("slos_worker_alive"))
+                if alive >= expected:
+                    return server
         except httpx.TransportError:
             pass
         time.sleep(0.3)

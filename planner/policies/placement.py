@@ -1,0 +1,138 @@
+"""What every policy does the same way: which workers can take work, placing a request on
+the worker with the most room, handing prefilled requests to decode workers, the decode half
+of a batch, and preempting when a worker's requests have outgrown its KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from planner.policies.base import Decisions, WorkerBatch
+from planner.state import PlannerState, RequestState, WorkerState
+
+Load = dict[str, tuple[int, int]]  # worker -> (unreserved blocks, requests)
+
+
+def load_of(state: PlannerState) -> Load:
+    return {w.worker_id: (w.unreserved_blocks, len(w.requests)) for w in state.workers.values()}
+
+
+def prefill_pool(state: PlannerState) -> list[WorkerState]:
+    """Workers that can take new requests."""
+    return [w for w in state.workers.values() if w.can_prefill and not w.draining and w.target_role is None]
+
+
+def decode_pool(state: PlannerState) -> list[WorkerState]:
+    """Workers that can take prefilled requests over."""
+    return [w for w in state.workers.values()
+            if w.alive and w.role == "decode" and not w.draining and w.target_role is None]
+
+
+def fits(req: RequestState, worker: WorkerState, load: Load, max_num_seqs: int) -> bool:
+    free, count = load[worker.worker_id]
+    return free >= worker.blocks_for(req.tokens_on(worker.role)) and count < max_num_seqs
+
+
+def take(req: RequestState, worker: WorkerState, load: Load) -> None:
+    free, count = load[worker.worker_id]
+    load[worker.worker_id] = (free - worker.blocks_for(req.tokens_on(worker.role)), count + 1)
+
+
+def place(req: RequestState, pool: Iterable[WorkerState], load: Load, max_num_seqs: int) -> WorkerState | None:
+    """The worker with the most room that can hold the request, its load updated."""
+    worker = max((w for w in pool if fits(req, w, load, max_num_seqs)), key=lambda w: load[w.worker_id][0],
+                 default=None)
+    if worker is not None:
+        take(req, worker, load)
+    return worker
+
+
+def never_fits(state: PlannerState, req: RequestState) -> str | None:
+    """Why no worker could ever hold the request, or None if one could."""
+    alive = [w for w in state.workers.values() if w.alive]
+    prefill = [w for w in alive if w.role != "decode"]
+    if prefill and all(w.blocks_for(req.tokens_on(w.role)) > w.num_blocks for w in prefill):
+        return "request needs more KV cache than any worker has"
+    decode = [w for w in alive if w.role == "decode"]
+    if decode and all(w.role == "prefill" for w in prefill) and all(
+            w.blocks_for(req.tokens_on("decode")) > w.num_blocks for w in decode):
+        return "request needs more KV cache than any decode worker has"
+    return None
+
+
+def admit_in_order(state: PlannerState, decisions: Decisions, load: Load, max_num_seqs: int,
+                   order: Callable[[RequestState], float] | None = None) -> dict[str, list[str]]:
+    """Place waiting requests in order (arrival by default) until the first that fits nowhere:
+    what a server without admission control does. Returns what each worker was given."""
+    added: dict[str, list[str]] = {w: [] for w in state.workers}
+    pool = prefill_pool(state)
+    waiting = [state.requests[rid] for rid in state.waiting]
+    if order is not None:
+        waiting.sort(key=order)
+    for req in waiting:
+        reason = never_fits(state, req)
+        if reason is not None:
+            decisions.refuse.append((req.request_id, reason))
+            continue
+        worker = place(req, pool, load, max_num_seqs)
+        if worker is None:
+            break
+        decisions.assign[req.request_id] = worker.worker_id
+        added[worker.worker_id].append(req.request_id)
+    return added
+
+
+def hand_over(state: PlannerState, load: Load, max_num_seqs: int, decisions: Decisions,
+              added: dict[str, list[str]],
+              accepts: Callable[[RequestState, WorkerState], bool] = lambda r, w: True) -> None:
+    """Prefilled requests, oldest first, to the decode worker with the most room that
+    `accepts` them."""
+    pool = decode_pool(state)
+    ready = sorted((r for r in state.requests.values() if r.phase == "handover"), key=lambda r: r.arrival)
+    for req in ready:
+        worker = place(req, [w for w in pool if accepts(req, w)], load, max_num_seqs)
+        if worker is None:
+            continue
+        decisions.handover[req.request_id] = worker.worker_id
+        added[worker.worker_id].append(req.request_id)
+
+
+def decoding(state: PlannerState, worker: WorkerState, request_ids: list[str], decisions: Decisions) -> list[str]:
+    """The requests that decode on the worker in its next step, those it takes over included."""
+    return [
+        r.request_id for r in (state.requests[rid] for rid in request_ids)
+        if (r.phase == "decode" and r.worker_id == worker.worker_id) or r.decode_worker == worker.worker_id
+        or decisions.handover.get(r.request_id) == worker.worker_id
+    ]
+
+
+def decode_batch(state: PlannerState, worker: WorkerState, request_ids: list[str], decisions: Decisions,
+                 spec_len: int) -> WorkerBatch:
+    """Every request decoding on the worker, each speculating `spec_len` tokens where the
+    worker can."""
+    batch = WorkerBatch(decode=decoding(state, worker, request_ids, decisions))
+    if spec_len and worker.speculator != "none":
+        batch.spec_lens = dict.fromkeys(batch.decode, spec_len)
+    return batch
+
+
+def prefilling(state: PlannerState, request_ids: list[str]) -> list[RequestState]:
+    reqs = (state.requests[r] for r in request_ids)
+    return [r for r in reqs if r.phase in ("waiting", "prefill") and r.prefill_left > 0]
+
+
+def relieve_memory(state: PlannerState, decisions: Decisions) -> None:
+    """Where requests have outgrown a worker's KV cache, preempt until the rest fit: best-effort
+    requests first, then the most recently arrived (as vLLM does). The gateway resubmits them
+    after the tokens already streamed."""
+    for worker in state.workers.values():
+        excess = worker.reserved_blocks - worker.num_blocks
+        if excess <= 0 or not worker.alive:
+            continue
+        movable = [state.requests[r] for r in worker.requests
+                   if state.requests[r].phase in ("prefill", "decode") and state.requests[r].worker_id == worker.worker_id]
+        for req in sorted(movable, key=lambda r: (not r.best_effort, -r.arrival)):
+            if excess <= 0 or len(movable) == 1:
+                break
+            decisions.preempt.append((req.request_id, f"worker {worker.worker_id} ran short of KV blocks"))
+            excess -= req.reserved_blocks
+            movable.remove(req)

@@ -1,0 +1,239 @@
+"""SLOs-Serve's policy: admit what the plan can keep on its SLOs, park the rest.
+
+Routing: replicas (workers that prefill) are tried least loaded first, so a request goes to
+the replica that can admit it with the most slack. On each, the admission plan
+(`planner.dp_scheduler`) takes the replica's decoding requests as the load every batch
+carries, the requests it has promised as fixed, and the waiting requests as candidates; those
+it admits go there, the rest try the next replica. On a prefill worker the decode pool's room
+caps what may be admitted, so prefill never outruns decoding.
+
+Soft admission: what no replica admits waits in the best-effort queue (the gateway hears
+Parked) and is tried again at every call, so a burst is admitted as slack appears. A parked
+request whose TTFT has passed has no deadline left: it is admitted as soon as there is room,
+as best effort, without a TPOT promise, and it is the first to be preempted when admitted work
+needs its KV blocks. Requests with no objectives at all are best effort too. Beyond
+`best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After).
+
+Speculation: each batch's period and speculative length come from the plan (the k that
+leaves the most prefill budget at the tightest TPOT); every other decoding request speculates
+the fewest tokens that keep its own TPOT at that period. Acceptance rates per SLO class come
+from the workers' reports.
+
+Roles: `planner.roles` falls back to colocated workers when a pool is lost and moves workers
+between the pools when one of them is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Plan, Replica, max_decode_batch, plan
+from planner.policies.base import Decisions, WorkerBatch
+from planner.policies.placement import (
+    Load,
+    decode_pool,
+    decoding,
+    hand_over,
+    load_of,
+    never_fits,
+    prefill_pool,
+    relieve_memory,
+    take,
+)
+from planner.roles import choose_roles
+from planner.spec_choice import acceptance_from_rate, expected_tokens
+from planner.state import PlannerState, RequestState, WorkerState
+from shared.messages import MAX_SPEC_LEN
+from shared.roofline import Profile
+
+MIN_PROPOSED = 50  # speculative tokens a class must have verified before its own rate counts
+
+
+@dataclass
+class SLOPolicy:
+    profile: Profile
+    draft: Profile | None = None  # the draft model's cost, for workers that speculate with it
+    max_num_seqs: int = 64
+    best_effort_limit: int = 256
+    max_spec_len: int = MAX_SPEC_LEN  # 0: no speculation
+    routing: bool = True  # False: each request is bound to one replica by a hash of its id
+    rebalance: bool = True  # move workers between the pools when one is the bottleneck
+    prior_alpha: float = 0.5  # per-token acceptance assumed before a class has reports
+    name: str = "slos"
+
+    def schedule(self, state: PlannerState, now: float) -> Decisions:
+        decisions = Decisions(roles=choose_roles(state, now, self.profile, self.rebalance, self.max_num_seqs))
+        relieve_memory(state, decisions)
+        gone = {rid for rid, _ in decisions.preempt}
+        load = load_of(state)
+        added: dict[str, list[str]] = {w: [] for w in state.workers}
+        candidates: list[RequestState] = []
+        for rid in state.waiting:
+            req = state.requests[rid]
+            reason = never_fits(state, req)
+            if reason is not None:
+                decisions.refuse.append((rid, reason))
+            else:
+                candidates.append(req)
+        plans = self._admit(state, now, candidates, load, added, decisions, gone)
+        admitted = set(decisions.assign)
+        parked = sum(1 for r in state.requests.values() if r.parked and r.worker_id is None)
+        for req in candidates:
+            if req.request_id in admitted or req.parked:
+                continue
+            if parked >= self.best_effort_limit:
+                decisions.refuse.append((req.request_id, "overloaded: the best-effort queue is full"))
+            else:
+                decisions.park.append((req.request_id, "no worker can meet its SLOs now; waiting for room"))
+                parked += 1
+        hand_over(state, load, self.max_num_seqs, decisions, added,
+                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], r.tpot_s) > 0)
+
+        for worker in state.idle_workers():
+            request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
+            batch = WorkerBatch(decode=decoding(state, worker, request_ids, decisions))
+            if worker.role == "decode":
+                step_s, k = self._decode_period(state, worker, batch.decode)
+            else:
+                p = plans.get(worker.worker_id) or self._plan(state, worker, load, [], now, gone)
+                step_s, k = p.step_s, p.spec_len
+                mine = set(request_ids)
+                batch.prefill = [(rid, n) for rid, n in p.chunks.items() if rid in mine]
+            batch.spec_lens = self._spec_lens(state, worker, batch.decode, step_s, k)
+            if batch:
+                decisions.batches[worker.worker_id] = batch
+        return decisions
+
+    def _admit(self, state: PlannerState, now: float, candidates: list[RequestState], load: Load,
+               added: dict[str, list[str]], decisions: Decisions, gone: set[str]) -> dict[str, Plan]:
+        """Route candidates to replicas, least loaded first; returns each planned replica's plan."""
+        plans: dict[str, Plan] = {}
+        pool = sorted(prefill_pool(state), key=lambda w: (_backlog(state, w), -load[w.worker_id][0], w.worker_id))
+        if not candidates or not pool:
+            return plans
+        home = {r.request_id: pool[zlib.crc32(r.request_id.encode()) % len(pool)].worker_id for r in candidates}
+        for worker in pool:
+            mine = candidates if self.routing else [r for r in candidates if home[r.request_id] == worker.worker_id]
+            if not mine:
+                continue
+            p = plans[worker.worker_id] = self._plan(state, worker, load, mine, now, gone)
+            admitted = set(p.admitted)
+            for req in mine:
+                if req.request_id not in admitted:
+                    continue
+                decisions.assign[req.request_id] = worker.worker_id
+                added[worker.worker_id].append(req.request_id)
+                take(req, worker, load)
+                if math.isinf(_deadline(req, now)) and req.tpot_s is None or req.parked and req.deadline < now:
+                    decisions.best_effort.add(req.request_id)
+            self._make_room(state, worker, load, decisions, gone)
+            candidates = [r for r in candidates if r.request_id not in admitted]
+        return plans
+
+    def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
+                   gone: set[str]) -> None:
+        """Preempt best-effort requests, newest first, while admitted work needs their blocks."""
+        free, count = load[worker.worker_id]
+        movable = sorted((state.requests[r] for r in worker.requests
+                          if state.requests[r].best_effort and r not in gone
+                          and state.requests[r].phase in ("prefill", "decode")), key=lambda r: -r.arrival)
+        for req in movable:
+            if free >= 0:
+                break
+            decisions.preempt.append((req.request_id, "preempted for admitted work"))
+            gone.add(req.request_id)
+            free += req.reserved_blocks
+            count -= 1
+        load[worker.worker_id] = (free, count)
+
+    def _plan(self, state: PlannerState, worker: WorkerState, load: Load, candidates: list[RequestState],
+              now: float, gone: set[str]) -> Plan:
+        mine = [state.requests[r] for r in worker.requests if r not in gone]
+        running = [r for r in mine if r.phase == "decode"]
+        tpots = [t for t in (r.tpot_s for r in running) if t is not None]
+        tightest = min(running, key=lambda r: r.tpot_s or math.inf, default=None)
+        best_effort = sum(r.reserved_blocks for r in mine if r.best_effort and r.phase in ("prefill", "decode"))
+        replica = Replica(
+            decoding=len(running),
+            context_tokens=sum(r.prompt_len + r.num_output for r in running),
+            tightest_tpot_s=min(tpots, default=None),
+            free_blocks=load[worker.worker_id][0] + best_effort,
+            max_num_seqs=self.max_num_seqs,
+            prefill_only=worker.role == "prefill",
+            max_new=self._decode_slots(state) if worker.role == "prefill" else None,
+            alpha=self._alpha(state, tightest.slo_class if tightest else None),
+            max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
+            draft=self.draft if worker.speculator == "draft" else None,
+            busy=worker.step_in_flight is not None,
+        )
+        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), r.tpot_s, promised=True)
+                for r in mine if r.phase == "prefill" and r.prefill_left > 0]
+        jobs += [Job(r.request_id, r.prefill_left, worker.blocks_for(r.tokens_on(worker.role)), _deadline(r, now),
+                     None if r.parked and r.deadline < now else r.tpot_s) for r in candidates]
+        return plan(self.profile, replica, jobs, now)
+
+    def _alpha(self, state: PlannerState, slo_class: str | None) -> float:
+        counts = state.acceptance(slo_class)
+        if counts.proposed < MIN_PROPOSED:
+            return self.prior_alpha
+        mean_k = max(1, round(counts.proposed / max(1, counts.steps)))
+        return acceptance_from_rate(counts.accepted / counts.proposed, mean_k)
+
+    def _spec_lens(self, state: PlannerState, worker: WorkerState, decode: list[str], step_s: float,
+                   k_tight: int) -> dict[str, int]:
+        """For each decoding request, the fewest speculative tokens that keep its TPOT at this
+        period (the tightest tier's k when none does); none for requests without a TPOT."""
+        if worker.speculator == "none" or not self.max_spec_len:
+            return {}
+        out = {}
+        for rid in decode:
+            req = state.requests[rid]
+            if req.tpot_s is None:
+                continue
+            alpha = self._alpha(state, req.slo_class)
+            k = next((k for k in range(self.max_spec_len + 1) if req.tpot_s * expected_tokens(alpha, k) >= step_s),
+                     k_tight)
+            if k:
+                out[rid] = k
+        return out
+
+    def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
+        """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""
+        reqs = [state.requests[r] for r in decode]
+        tightest = min(reqs, key=lambda r: r.tpot_s or math.inf, default=None)
+        if tightest is None or tightest.tpot_s is None:
+            return math.inf, 0
+        replica = Replica(decoding=len(reqs), context_tokens=sum(r.prompt_len + r.num_output for r in reqs),
+                          tightest_tpot_s=tightest.tpot_s, free_blocks=0, max_num_seqs=self.max_num_seqs,
+                          alpha=self._alpha(state, tightest.slo_class),
+                          max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
+                          draft=self.draft if worker.speculator == "draft" else None)
+        p = plan(self.profile, replica, [], 0.0)
+        return p.step_s, p.spec_len
+
+    def _decode_room(self, state: PlannerState, worker: WorkerState, count: int, tpot_s: float | None) -> int:
+        """How many more requests a decode worker holding `count` can take at TPOT `tpot_s`."""
+        reqs = [state.requests[r] for r in worker.requests]
+        tpots = [t for t in (r.tpot_s for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
+        context = sum(r.prompt_len + r.num_output for r in reqs) / len(reqs) if reqs else DEFAULT_CONTEXT
+        return max_decode_batch(self.profile, context, min(tpots, default=None), self.max_num_seqs) - count
+
+    def _decode_slots(self, state: PlannerState) -> int:
+        """Requests the decode pool can still take beside those it holds and those on their way."""
+        pool = decode_pool(state)
+        on_the_way = sum(1 for r in state.requests.values()
+                         if r.phase in ("prefill", "handover") and r.worker_id is not None
+                         and state.workers[r.worker_id].role == "prefill")
+        return max(0, sum(max(0, self._decode_room(state, w, len(w.requests), None)) for w in pool) - on_the_way)
+
+
+def _deadline(req: RequestState, now: float) -> float:
+    """A parked request past its TTFT has no deadline left."""
+    return math.inf if req.parked and req.deadline < now else req.deadline
+
+
+def _backlog(state: PlannerState, worker: WorkerState) -> int:
+    """Prompt tokens the worker still has to prefill."""
+    return sum(state.requests[r].prefill_left for r in worker.requests if state.requests[r].phase == "prefill")
