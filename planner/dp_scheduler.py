@@ -33,6 +33,7 @@ from planner.spec_choice import choose_spec_len
 from shared.roofline import Batches, Profile, prefill_budget
 
 IDLE_STEP_S = 0.05  # batch period with no TPOT to pace it
+SEARCH_STEPS = 6  # bisection steps when pricing the decode work of what is admitted
 DEFAULT_CONTEXT = 512  # context assumed for a decoding request when nothing else says
 
 
@@ -46,6 +47,7 @@ class Job:
     deadline: float  # absolute TTFT deadline; inf when it has none
     tpot_s: float | None  # its decode objective; None when it has none
     promised: bool = False  # admitted earlier: never dropped
+    context: int = 0  # KV tokens each of its decode steps reads, on average over its life
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,14 @@ class Period:
 @dataclass
 class Plan:
     admitted: list[str]  # in deadline order
+    admitted_tokens: list[int]  # their prefill tokens left
     rejected: list[str]  # do not fit now: park them or refuse
     step_s: float  # batch period
-    budget: int  # prefill tokens per batch
+    budget: int  # prefill tokens per batch, once the admitted requests decode too
     spec_len: int = 0  # speculative length of the tightest tier
-    chunks: dict[str, int] = field(default_factory=dict)  # prefill tokens in the next batch
+    next_budget: int = 0  # prefill tokens the next batch has room for: only what runs now decodes in it
+    chunks: dict[str, int] = field(default_factory=dict)  # prefill tokens in the next batch, at most
+    needed: int = 0  # prefill tokens the next batch must run for every admitted request to stay on time
     late: list[str] = field(default_factory=list)  # promised, but now past what fits
 
 
@@ -94,6 +99,7 @@ class _Queue:
     deadline: np.ndarray
     tpot: np.ndarray  # nan for none
     promised: np.ndarray
+    context: np.ndarray
 
     @classmethod
     def of(cls, jobs: list[Job]) -> _Queue:
@@ -108,14 +114,14 @@ class _Queue:
             deadline=deadline[order],
             tpot=np.fromiter((math.nan if j.tpot_s is None else j.tpot_s for j in jobs), np.float64, n)[order],
             promised=promised[order],
+            context=np.fromiter((j.context for j in jobs), np.int64, n)[order],
         )
 
 
 def plan(profile: Profile, replica: Replica, jobs: list[Job], now: float) -> Plan:
     queue = _Queue.of(jobs)
     promised = int(queue.promised.sum())
-    context = (replica.context_tokens / replica.decoding if replica.decoding
-               else float(queue.tokens.mean()) if len(queue.ids) else DEFAULT_CONTEXT)
+    promised_context = int(queue.context[queue.promised].sum())
     tiers: list[float | None] = [None]
     if not replica.prefill_only:
         with np.errstate(invalid="ignore"):
@@ -126,24 +132,56 @@ def plan(profile: Profile, replica: Replica, jobs: list[Job], now: float) -> Pla
     best: Plan | None = None
     best_tier: float | None = None
     for tier in reversed(tiers):  # on a tie the longer period wins: bigger budgets, more slack
-        with np.errstate(invalid="ignore"):
-            eligible = (queue.promised | np.isnan(queue.tpot) | (queue.tpot >= tier) if tier is not None
-                        else np.ones(len(queue.ids), dtype=bool))
+        eligible = _eligible(queue, tier)
         if best is not None and int(eligible.sum()) <= len(best.admitted):
             continue  # cannot admit more than the best so far
-        candidate = _plan_at(queue, eligible, _period(profile, replica, tier, promised, context), replica, now)
+        candidate = _plan_at(queue, eligible, _period(profile, replica, tier, promised, promised_context), replica, now)
         if best is None or len(candidate.admitted) > len(best.admitted):
             best, best_tier = candidate, tier
     assert best is not None
+    eligible = _eligible(queue, best_tier)
+    now_budget = _period(profile, replica, best_tier, 0, 0).budget  # the next batch decodes only what runs now
     joining = len(best.admitted) - promised
     if joining and not replica.prefill_only:
-        loaded = _period(profile, replica, best_tier, len(best.admitted), context)
-        if loaded.budget < best.budget or loaded.step_s != best.step_s:
-            with np.errstate(invalid="ignore"):
-                eligible = (queue.promised | np.isnan(queue.tpot) | (queue.tpot >= best_tier)
-                            if best_tier is not None else np.ones(len(queue.ids), dtype=bool))
-            best = _plan_at(queue, eligible, loaded, replica, now)
+        best = _with_their_decode_work(profile, replica, queue, eligible, best, best_tier, now)
+    best.next_budget = max(now_budget, best.budget)
+    best.chunks = _next_batch(best.admitted, best.admitted_tokens, best.next_budget)
     return best
+
+
+def _eligible(queue: _Queue, tier: float | None) -> np.ndarray:
+    """Requests a batch period of `tier` can serve: those with no TPOT, a looser one, or promised."""
+    if tier is None:
+        return np.ones(len(queue.ids), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return queue.promised | np.isnan(queue.tpot) | (queue.tpot >= tier)
+
+
+def _with_their_decode_work(profile: Profile, replica: Replica, queue: _Queue, eligible: np.ndarray, first: Plan,
+                            tier: float | None, now: float) -> Plan:
+    """The most new requests n such that the plan, priced with the decode work of the
+    promised requests and of n new ones, still admits n; by bisection from the plan priced
+    without theirs (which admitted the most it ever can)."""
+    promised = int(queue.promised.sum())
+    context = int(queue.context[queue.promised].sum())
+    new = ~queue.promised & np.isin(queue.ids, first.admitted)
+    per_new = float(queue.context[new].mean()) if new.any() else 0.0
+    lo, hi = 0, int(new.sum())
+    found = None
+    for _ in range(SEARCH_STEPS):
+        if lo >= hi:
+            break
+        mid = (lo + hi + 1) // 2
+        candidate = _plan_at(queue, eligible, _period(profile, replica, tier, promised + mid,
+                                                      context + round(per_new * mid)), replica, now, mid)
+        if len(candidate.admitted) - promised >= mid:
+            lo, found = mid, candidate
+        else:
+            hi = mid - 1
+    if found is None or len(found.admitted) - promised != lo:
+        found = _plan_at(queue, eligible, _period(profile, replica, tier, promised + lo, context + round(per_new * lo)),
+                         replica, now, lo)
+    return found
 
 
 def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max_num_seqs: int) -> int:
@@ -156,42 +194,48 @@ def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max
     return int((times <= tpot_s).sum())
 
 
-def _period(profile: Profile, replica: Replica, tpot_s: float | None, joining: int, context: float) -> Period:
+def _period(profile: Profile, replica: Replica, tpot_s: float | None, joining: int, joining_context: int) -> Period:
     """The batch period and prefill budget at TPOT `tpot_s`, with the running requests and
-    `joining` more decoding; None: nothing paces the batches."""
+    `joining` more (reading `joining_context` KV tokens a step) decoding; None: nothing paces
+    the batches."""
+    seqs = 0 if replica.prefill_only else replica.decoding + joining
+    kv_read = 0 if replica.prefill_only else replica.context_tokens + joining_context
     if replica.prefill_only or tpot_s is None:
-        seqs = 0 if replica.prefill_only else min(replica.max_num_seqs, replica.decoding + joining)
         step_s = IDLE_STEP_S if tpot_s is None else tpot_s
-        return Period(step_s, prefill_budget(profile.model, profile.params, step_s, seqs, 1.0, seqs * context), 0)
-    seqs = min(replica.max_num_seqs, replica.decoding + joining)
-    choice = choose_spec_len(profile, tpot_s, seqs, round(context), replica.alpha, replica.draft,
+        return Period(step_s, prefill_budget(profile.model, profile.params, step_s, seqs, 1.0, kv_read), 0)
+    choice = choose_spec_len(profile, tpot_s, seqs, round(kv_read / max(1, seqs)), replica.alpha, replica.draft,
                              replica.max_spec_len)
     if choice is None:  # not even the running requests keep this TPOT
         return Period(tpot_s, 0, 0)
     return Period(choice.step_s, round(choice.prefill_tokens_per_s * choice.step_s), choice.k)
 
 
-def _plan_at(queue: _Queue, eligible: np.ndarray, period: Period, replica: Replica, now: float) -> Plan:
+def _plan_at(queue: _Queue, eligible: np.ndarray, period: Period, replica: Replica, now: float,
+             limit: int | None = None) -> Plan:
+    """The largest feasible set at this period and budget, with at most `limit` new requests."""
     rows = np.flatnonzero(eligible)
     tokens, promised = queue.tokens[rows], queue.promised[rows]
     batches = _batches(queue.deadline[rows], now, period.step_s, replica.busy)
     keep, late = _by_deadline(tokens, promised, batches, period.budget)
     keep, late_mem = _by_memory(keep, queue.blocks[rows], promised, replica.free_blocks)
     cap = replica.max_num_seqs - replica.decoding - int(promised.sum())
-    if replica.max_new is not None:
-        cap = min(cap, replica.max_new)
+    for bound in (replica.max_new, limit):
+        if bound is not None:
+            cap = min(cap, bound)
     extra = np.flatnonzero(keep & ~promised)[max(0, cap):]  # latest deadlines beyond the cap
     keep[extra] = False
     kept = rows[keep]
     admitted = [queue.ids[i] for i in kept.tolist()]
+    behind = np.cumsum(tokens[keep]) - np.maximum(batches[keep] - 1, 0).astype(np.float64) * period.budget
     rejected_rows = np.sort(np.concatenate([np.flatnonzero(~eligible), rows[~keep]]))
     return Plan(
         admitted=admitted,
+        admitted_tokens=queue.tokens[kept].tolist(),
         rejected=[queue.ids[i] for i in rejected_rows.tolist()],
         step_s=period.step_s,
         budget=period.budget,
         spec_len=period.spec_len,
-        chunks=_next_batch(admitted, queue.tokens[kept].tolist(), period.budget),
+        needed=int(max(0.0, behind.max(initial=0.0))),
         late=[queue.ids[i] for i in rows[late | late_mem].tolist()],
     )
 

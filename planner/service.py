@@ -17,7 +17,7 @@ import zmq
 
 from planner.policies import Decisions, Policy, WorkerBatch
 from planner.roles import conflicts
-from planner.state import Attainment, PlannerState, RequestState, WorkerState
+from planner.state import RESERVE_AHEAD, Attainment, PlannerState, RequestState, WorkerState
 from shared.bus import DropCounter, make_socket
 from shared.clock import Clock
 from shared.messages import (
@@ -316,6 +316,8 @@ class Planner:
     def _regrow(self, req: RequestState, worker: WorkerState) -> None:
         """Re-plan a request's KV reservation as its output grows (it may outlive its length
         estimate); a worker whose requests outgrow it preempts some (`relieve_memory`)."""
+        if (req.prompt_len + req.num_output + RESERVE_AHEAD) <= req.reserved_blocks * worker.block_size:
+            return  # the common case: the reservation still has room ahead
         need = worker.blocks_for(req.tokens_on(worker.role))
         if need > req.reserved_blocks:
             if req.num_output > req.expected_output:
@@ -325,6 +327,12 @@ class Planner:
             req.reserved_blocks = need
 
     def _order(self, worker_id: str, batch: WorkerBatch) -> BatchOrder:
+        held = set(self.state.workers[worker_id].requests)
+        stray = [rid for rid in [r for r, _ in batch.prefill] + batch.decode if rid not in held]
+        if stray:  # a policy bug must not take the planner down
+            log.error("policy %s ordered requests worker %s does not hold: %s", self.policy.name, worker_id, stray)
+            batch = WorkerBatch([(r, n) for r, n in batch.prefill if r in held], [r for r in batch.decode if r in held],
+                                {r: k for r, k in batch.spec_lens.items() if r in held})
         new = []
         for rid, _ in batch.prefill:
             req = self.state.requests[rid]

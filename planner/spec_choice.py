@@ -52,7 +52,14 @@ def options(target: Profile, tpot_s: float, batch: int, context: int, alpha: flo
             draft: Profile | None = None, max_k: int = MAX_SPEC_LEN) -> list[SpecChoice]:
     """Every k that keeps the TPOT, with what it leaves for prefill. With nothing decoding
     there is nothing to speculate: k = 0 only."""
-    ks = np.arange((max_k if batch else 0) + 1)
+    if not batch or not max_k:
+        kv_read = batch * (context + 1)
+        plain = float(target.predict(Batches.of(decode_seqs=batch, kv_read=kv_read, attention_pairs=batch * context)))
+        if batch and plain > tpot_s:
+            return []
+        budget = prefill_budget(target.model, target.params, tpot_s, batch, 1, kv_read)
+        return [SpecChoice(0, tpot_s, plain if batch else 0.0, budget / tpot_s)]
+    ks = np.arange(max_k + 1)
     gain = ks + 1.0 if alpha >= 1 else (1 - alpha ** (ks + 1)) / (1 - alpha)
     steps = tpot_s * gain
     kv_read = batch * (context + ks + 1)

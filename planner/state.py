@@ -42,16 +42,14 @@ class RequestState:
     parked: bool = False  # waiting in the best-effort queue
     best_effort: bool = False  # served without a promise: preempted first when room is short
     tracker: Tracker | None = None
+    prompt_len: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_token_ids)
         if self.tracker is None:
             self.tracker = Tracker(self.slo, self.arrival, resumed=bool(self.resume_token_ids),
                                    tokens=len(self.resume_token_ids))
         self.expected_output = max(self.expected_output, self.num_output)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def prefill_len(self) -> int:
@@ -76,7 +74,7 @@ class RequestState:
         """The TPOT objective of the next token, in seconds; None for none."""
         if self.best_effort:
             return None
-        tpot = self.slo.tpot_at(self.num_output)
+        tpot = self.slo.tpot_at(self.num_output) if self.slo.stages else self.slo.tpot_ms
         return None if tpot is None else tpot / 1e3
 
     def planned_output(self) -> int:

@@ -89,7 +89,7 @@ class RooflineParams(msgspec.Struct, frozen=True):
 
 @dataclass(frozen=True)
 class Batches:
-    """A set of candidate batches, one per array element."""
+    """A set of candidate batches, one per array element (fields broadcast against each other)."""
 
     prefill_tokens: np.ndarray
     decode_seqs: np.ndarray
@@ -102,10 +102,9 @@ class Batches:
     def of(cls, prefill_tokens: ArrayLike = 0, decode_seqs: ArrayLike = 0, verify_len: ArrayLike = 1,
            kv_read: ArrayLike = 0, num_seqs: ArrayLike | None = None,
            attention_pairs: ArrayLike = 0) -> Batches:
-        arrays = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (
+        return cls(*(np.asarray(a, dtype=np.float64) for a in (
             prefill_tokens, decode_seqs, verify_len, kv_read,
             decode_seqs if num_seqs is None else num_seqs, attention_pairs)))
-        return cls(*arrays)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -160,14 +159,15 @@ def fit(shape: ModelShape, b: Batches, times: np.ndarray, overhead: bool = True)
     """The better of the sum and the max combinations, by relative error. Without `overhead`
     the fixed cost is taken to be zero: data in which the bytes read never vary cannot tell a
     fixed cost from the time to read the weights."""
-    flops, nbytes = terms(shape, b)
+    flops, nbytes = (np.broadcast_to(t, times.shape) for t in terms(shape, b))
     one = np.ones_like(times) if overhead else np.zeros_like(times)
-    c = _solve(np.stack([one, b.num_seqs, flops, nbytes], axis=1), times)
+    seqs = np.broadcast_to(b.num_seqs, times.shape)
+    c = _solve(np.stack([one, seqs, flops, nbytes], axis=1), times)
     candidates = [RooflineParams(c[0], c[1], c[2], c[3], "sum")]
     inv_f, inv_b = max(c[2], 1e-18), max(c[3], 1e-18)
     for _ in range(30):  # alternate: pick each batch's bound, refit both slopes
         on_compute = flops * inv_f >= nbytes * inv_b
-        c = _solve(np.stack([one, b.num_seqs, flops * on_compute, nbytes * ~on_compute], axis=1), times)
+        c = _solve(np.stack([one, seqs, flops * on_compute, nbytes * ~on_compute], axis=1), times)
         if c[2] <= 0 or c[3] <= 0:
             break
         done = np.allclose([c[2], c[3]], [inv_f, inv_b])

@@ -107,18 +107,26 @@ class Tracker:
         self.gap_count = [0] * len(self._ends)
 
     def add(self, n: int, at: float) -> None:
-        """`n` tokens arrived together at time `at`."""
-        for j in range(self.tokens, self.tokens + n):
-            if j == 0:
-                self.first_at = at
-            else:
-                stage = next(i for i, end in enumerate(self._ends) if j < end)
-                self.gap_count[stage] += 1
-                if j == self.tokens:  # the first of the group waited; the rest came with it
-                    self.gap_sum[stage] += at - (self.last_at if self.last_at is not None else at)
-        if n:
-            self.last_at = at
-            self.tokens += n
+        """`n` tokens arrived together at time `at`: the first of them waited since the last
+        token, the rest came with it."""
+        if n <= 0:
+            return
+        j = self.tokens
+        if j == 0:
+            self.first_at = at
+            j += 1
+        end = self.tokens + n
+        stage = 0
+        while j < end:
+            while j >= self._ends[stage]:
+                stage += 1
+            upto = min(end, self._ends[stage])
+            self.gap_count[stage] += upto - j
+            if j == self.tokens:
+                self.gap_sum[stage] += at - (self.last_at if self.last_at is not None else at)
+            j = upto
+        self.last_at = at
+        self.tokens = end
 
     @property
     def ttft_s(self) -> float | None:

@@ -19,7 +19,7 @@ from planner.policies.placement import (
     fits,
     hand_over,
     load_of,
-    never_fits,
+    Capacity,
     prefill_pool,
     prefilling,
     relieve_memory,
@@ -39,21 +39,22 @@ class EDFPolicy:
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
         decisions = Decisions()
-        relieve_memory(state, decisions)
-        load = load_of(state)
+        gone = relieve_memory(state, decisions)
+        load = load_of(state, gone)
         pool = prefill_pool(state)
         queued: dict[str, list[tuple[float, int]]] = {}  # worker -> (deadline, prefill tokens left)
         for w in pool:
             queued[w.worker_id] = []
-            for r in prefilling(state, w.requests):
+            for r in prefilling(state, [r for r in w.requests if r not in gone]):
                 if r.num_computed == 0 and not r.delivered and r.deadline < now:
                     decisions.refuse.append((r.request_id, "its TTFT deadline passed before its prefill began"))
                 else:
                     queued[w.worker_id].append((r.deadline, r.prefill_left))
-        rates = {w.worker_id: self._prefill_rate(state, w) for w in pool}
+        rates = {w.worker_id: self._prefill_rate(state, w, gone) for w in pool}
         added: dict[str, list[str]] = {w: [] for w in state.workers}
+        capacity = Capacity.of(state)
         for req in sorted((state.requests[r] for r in state.waiting), key=lambda r: (r.deadline, r.arrival)):
-            reason = never_fits(state, req) or ("its TTFT deadline has passed" if req.deadline < now else None)
+            reason = capacity.never_fits(req) or ("its TTFT deadline has passed" if req.deadline < now else None)
             if reason is not None:
                 decisions.refuse.append((req.request_id, reason))
                 continue
@@ -71,9 +72,9 @@ class EDFPolicy:
             decisions.assign[req.request_id] = worker.worker_id
             added[worker.worker_id].append(req.request_id)
         hand_over(state, load, self.max_num_seqs, decisions, added)
-        refused = {rid for rid, _ in decisions.refuse}
+        gone |= {rid for rid, _ in decisions.refuse}
         for worker in state.idle_workers():
-            request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in refused]
+            request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
             batch = decode_batch(state, worker, request_ids, decisions, self.spec_len)
             budget = self.max_batch_tokens - len(batch.decode) - sum(batch.spec_lens.values())
             for req in sorted(prefilling(state, request_ids), key=lambda r: (r.deadline, r.arrival)):
@@ -86,9 +87,9 @@ class EDFPolicy:
                 decisions.batches[worker.worker_id] = batch
         return decisions
 
-    def _prefill_rate(self, state: PlannerState, worker: WorkerState) -> float:
+    def _prefill_rate(self, state: PlannerState, worker: WorkerState, gone: set[str]) -> float:
         """Prefill tokens per second beside the worker's decode work, in steps of the budget."""
-        decoding = [state.requests[r] for r in worker.requests if state.requests[r].phase == "decode"]
+        decoding = [state.requests[r] for r in worker.requests if state.requests[r].phase == "decode" and r not in gone]
         prefill = max(1, self.max_batch_tokens - len(decoding))
         context = sum(r.prefill_len + r.num_output for r in decoding)
         step_s = float(self.profile.predict(Batches.of(prefill_tokens=prefill, decode_seqs=len(decoding),

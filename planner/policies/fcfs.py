@@ -34,12 +34,12 @@ class FCFSPolicy:
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
         decisions = Decisions()
-        relieve_memory(state, decisions)
-        load = load_of(state)
+        gone = relieve_memory(state, decisions)
+        load = load_of(state, gone)
         added = admit_in_order(state, decisions, load, self.max_num_seqs)
         hand_over(state, load, self.max_num_seqs, decisions, added)
         for worker in state.idle_workers():
-            request_ids = worker.requests + added[worker.worker_id]
+            request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
             batch = WorkerBatch()
             budget = self.max_batch_tokens
             for req in sorted(prefilling(state, request_ids), key=lambda r: r.arrival):

@@ -5,6 +5,7 @@ of a batch, and preempting when a worker's requests have outgrown its KV cache."
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from planner.policies.base import Decisions, WorkerBatch
 from planner.state import PlannerState, RequestState, WorkerState
@@ -12,8 +13,14 @@ from planner.state import PlannerState, RequestState, WorkerState
 Load = dict[str, tuple[int, int]]  # worker -> (unreserved blocks, requests)
 
 
-def load_of(state: PlannerState) -> Load:
-    return {w.worker_id: (w.unreserved_blocks, len(w.requests)) for w in state.workers.values()}
+def load_of(state: PlannerState, gone: set[str] = frozenset()) -> Load:
+    """Each worker's room, not counting the requests in `gone` (preempted in this call)."""
+    load = {w.worker_id: (w.unreserved_blocks, len(w.requests)) for w in state.workers.values()}
+    for rid in gone:
+        req = state.requests[rid]
+        free, count = load[req.worker_id]
+        load[req.worker_id] = (free + req.reserved_blocks, count - 1)
+    return load
 
 
 def prefill_pool(state: PlannerState) -> list[WorkerState]:
@@ -46,17 +53,36 @@ def place(req: RequestState, pool: Iterable[WorkerState], load: Load, max_num_se
     return worker
 
 
-def never_fits(state: PlannerState, req: RequestState) -> str | None:
-    """Why no worker could ever hold the request, or None if one could."""
-    alive = [w for w in state.workers.values() if w.alive]
-    prefill = [w for w in alive if w.role != "decode"]
-    if prefill and all(w.blocks_for(req.tokens_on(w.role)) > w.num_blocks for w in prefill):
+@dataclass(frozen=True)
+class Capacity:
+    """The largest KV cache (in blocks) of the live workers of each role: what a request must
+    fit somewhere. Computed once per scheduling call."""
+
+    colocated: int | None
+    prefill: int | None
+    decode: int | None
+    block_size: int
+
+    @classmethod
+    def of(cls, state: PlannerState) -> Capacity:
+        alive = [w for w in state.workers.values() if w.alive]
+        largest = {role: max((w.num_blocks for w in alive if w.role == role), default=None)
+                   for role in ("colocated", "prefill", "decode")}
+        return cls(**largest, block_size=alive[0].block_size if alive else 16)
+
+    def never_fits(self, req: RequestState) -> str | None:
+        """Why no worker could ever hold the request, or None if one could (or none is up yet)."""
+        whole = -(-req.tokens_on("colocated") // self.block_size)
+        prompt = -(-req.prefill_len // self.block_size)
+        if self.colocated is not None and self.colocated >= whole:
+            return None
+        if self.prefill is not None and self.prefill >= prompt:
+            if self.decode is None or self.decode >= whole:
+                return None  # a prefilled request waits for a decode worker that can hold it
+            return "request needs more KV cache than any decode worker has"
+        if self.colocated is None and self.prefill is None:
+            return None
         return "request needs more KV cache than any worker has"
-    decode = [w for w in alive if w.role == "decode"]
-    if decode and all(w.role == "prefill" for w in prefill) and all(
-            w.blocks_for(req.tokens_on("decode")) > w.num_blocks for w in decode):
-        return "request needs more KV cache than any decode worker has"
-    return None
 
 
 def admit_in_order(state: PlannerState, decisions: Decisions, load: Load, max_num_seqs: int,
@@ -65,11 +91,12 @@ def admit_in_order(state: PlannerState, decisions: Decisions, load: Load, max_nu
     what a server without admission control does. Returns what each worker was given."""
     added: dict[str, list[str]] = {w: [] for w in state.workers}
     pool = prefill_pool(state)
+    capacity = Capacity.of(state)
     waiting = [state.requests[rid] for rid in state.waiting]
     if order is not None:
         waiting.sort(key=order)
     for req in waiting:
-        reason = never_fits(state, req)
+        reason = capacity.never_fits(req)
         if reason is not None:
             decisions.refuse.append((req.request_id, reason))
             continue
@@ -120,10 +147,10 @@ def prefilling(state: PlannerState, request_ids: list[str]) -> list[RequestState
     return [r for r in reqs if r.phase in ("waiting", "prefill") and r.prefill_left > 0]
 
 
-def relieve_memory(state: PlannerState, decisions: Decisions) -> None:
+def relieve_memory(state: PlannerState, decisions: Decisions) -> set[str]:
     """Where requests have outgrown a worker's KV cache, preempt until the rest fit: best-effort
     requests first, then the most recently arrived (as vLLM does). The gateway resubmits them
-    after the tokens already streamed."""
+    after the tokens already streamed. Returns the preempted."""
     for worker in state.workers.values():
         excess = worker.reserved_blocks - worker.num_blocks
         if excess <= 0 or not worker.alive:
@@ -136,3 +163,4 @@ def relieve_memory(state: PlannerState, decisions: Decisions) -> None:
             decisions.preempt.append((req.request_id, f"worker {worker.worker_id} ran short of KV blocks"))
             excess -= req.reserved_blocks
             movable.remove(req)
+    return {rid for rid, _ in decisions.preempt}

@@ -29,6 +29,8 @@ import math
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Plan, Replica, max_decode_batch, plan
 from planner.policies.base import Decisions, WorkerBatch
 from planner.policies.placement import (
@@ -37,7 +39,7 @@ from planner.policies.placement import (
     decoding,
     hand_over,
     load_of,
-    never_fits,
+    Capacity,
     prefill_pool,
     relieve_memory,
     take,
@@ -46,9 +48,12 @@ from planner.roles import choose_roles
 from planner.spec_choice import acceptance_from_rate, expected_tokens
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import MAX_SPEC_LEN
-from shared.roofline import Profile
+from shared.roofline import Batches, Profile
 
 MIN_PROPOSED = 50  # speculative tokens a class must have verified before its own rate counts
+EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
+SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
+BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
 
 
 @dataclass
@@ -65,14 +70,14 @@ class SLOPolicy:
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
         decisions = Decisions(roles=choose_roles(state, now, self.profile, self.rebalance, self.max_num_seqs))
-        relieve_memory(state, decisions)
-        gone = {rid for rid, _ in decisions.preempt}
-        load = load_of(state)
+        gone = relieve_memory(state, decisions)
+        load = load_of(state, gone)
         added: dict[str, list[str]] = {w: [] for w in state.workers}
         candidates: list[RequestState] = []
+        capacity = Capacity.of(state)
         for rid in state.waiting:
             req = state.requests[rid]
-            reason = never_fits(state, req)
+            reason = capacity.never_fits(req)
             if reason is not None:
                 decisions.refuse.append((rid, reason))
             else:
@@ -102,34 +107,46 @@ class SLOPolicy:
                 mine = set(request_ids)
                 batch.prefill = [(rid, n) for rid, n in p.chunks.items() if rid in mine]
             batch.spec_lens = self._spec_lens(state, worker, batch.decode, step_s, k)
+            if batch.prefill:
+                batch.prefill = self._size(state, batch, step_s, p.needed)
             if batch:
                 decisions.batches[worker.worker_id] = batch
         return decisions
 
     def _admit(self, state: PlannerState, now: float, candidates: list[RequestState], load: Load,
                added: dict[str, list[str]], decisions: Decisions, gone: set[str]) -> dict[str, Plan]:
-        """Route candidates to replicas, least loaded first; returns each planned replica's plan."""
+        """Route candidates to replicas, least loaded first, then best-effort ones into the slack
+        left; returns each replica's plan."""
         plans: dict[str, Plan] = {}
         pool = sorted(prefill_pool(state), key=lambda w: (_backlog(state, w), -load[w.worker_id][0], w.worker_id))
-        if not candidates or not pool:
-            return plans
-        home = {r.request_id: pool[zlib.crc32(r.request_id.encode()) % len(pool)].worker_id for r in candidates}
+        promising = [r for r in candidates if not _best_effort(r, now)]
+        home = {r.request_id: pool[zlib.crc32(r.request_id.encode()) % len(pool)].worker_id for r in promising}
         for worker in pool:
-            mine = candidates if self.routing else [r for r in candidates if home[r.request_id] == worker.worker_id]
-            if not mine:
-                continue
+            mine = promising if self.routing else [r for r in promising if home[r.request_id] == worker.worker_id]
             p = plans[worker.worker_id] = self._plan(state, worker, load, mine, now, gone)
             admitted = set(p.admitted)
             for req in mine:
-                if req.request_id not in admitted:
-                    continue
-                decisions.assign[req.request_id] = worker.worker_id
-                added[worker.worker_id].append(req.request_id)
-                take(req, worker, load)
-                if math.isinf(_deadline(req, now)) and req.tpot_s is None or req.parked and req.deadline < now:
-                    decisions.best_effort.add(req.request_id)
+                if req.request_id in admitted:
+                    decisions.assign[req.request_id] = worker.worker_id
+                    added[worker.worker_id].append(req.request_id)
+                    take(req, worker, load)
             self._make_room(state, worker, load, decisions, gone)
-            candidates = [r for r in candidates if r.request_id not in admitted]
+            promising = [r for r in promising if r.request_id not in admitted]
+        for req in (r for r in candidates if _best_effort(r, now)):
+            slack = [w for w in pool if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget
+                     and load[w.worker_id][1] < self.max_num_seqs
+                     and load[w.worker_id][0] - w.blocks_for(req.tokens_on(w.role)) >= BE_RESERVE * w.num_blocks]
+            worker = max(slack, key=lambda w: load[w.worker_id][0], default=None)
+            if worker is None:
+                continue
+            decisions.assign[req.request_id] = worker.worker_id
+            decisions.best_effort.add(req.request_id)
+            added[worker.worker_id].append(req.request_id)
+            take(req, worker, load)
+            p = plans[worker.worker_id]
+            left = p.next_budget - sum(p.chunks.values())
+            if left > 0:
+                p.chunks[req.request_id] = min(left, req.prefill_left)
         return plans
 
     def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
@@ -168,11 +185,48 @@ class SLOPolicy:
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
         )
-        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), r.tpot_s, promised=True)
+        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), r.tpot_s, True, _life_context(r))
                 for r in mine if r.phase == "prefill" and r.prefill_left > 0]
         jobs += [Job(r.request_id, r.prefill_left, worker.blocks_for(r.tokens_on(worker.role)), _deadline(r, now),
-                     None if r.parked and r.deadline < now else r.tpot_s) for r in candidates]
+                     None if r.parked and r.deadline < now else r.tpot_s, False, _life_context(r))
+                 for r in candidates]
         return plan(self.profile, replica, jobs, now)
+
+    def _size(self, state: PlannerState, batch: WorkerBatch, step_s: float, needed: int) -> list[tuple[str, int]]:
+        """How much of the planned prefill the next batch runs, cut from the end of its chunks.
+
+        Never so much that the batch outlasts its period (the budget was priced without the
+        chunks' own attention over their earlier context), and no more than the deadlines
+        need, or than it takes to prefill at EFFICIENCY of the best rate the period allows: a
+        longer batch adds little prefill per second but slows every decoding request, which
+        then holds its KV blocks longer."""
+        reqs = [state.requests[rid] for rid in batch.decode]
+        verify = [1 + batch.spec_lens.get(r.request_id, 0) for r in reqs]
+        contexts = [r.prompt_len + r.num_output for r in reqs]
+        pairs = sum(v * c for v, c in zip(verify, contexts))
+        start = np.array([state.requests[rid].num_computed for rid, _ in batch.prefill], dtype=np.float64)
+        size = np.array([n for _, n in batch.prefill], dtype=np.float64)
+        ends = np.cumsum(size)
+        totals = np.unique(np.linspace(0, ends[-1], 33).round())
+        taken = np.clip(totals[:, None] - (ends - size)[None, :], 0, size[None, :])
+        seconds = self.profile.predict(Batches.of(
+            prefill_tokens=totals, decode_seqs=len(reqs), verify_len=sum(verify) / max(1, len(reqs)),
+            kv_read=sum(contexts) + (start[None, :] + taken).sum(axis=1),
+            num_seqs=len(reqs) + (taken > 0).sum(axis=1),
+            attention_pairs=pairs + (taken * (start[None, :] + taken / 2)).sum(axis=1)))
+        fits = seconds <= step_s
+        if not fits.any():
+            return []
+        rates = totals / seconds
+        efficient = totals[fits & (rates >= EFFICIENCY * rates[fits].max())]
+        keep = min(totals[fits][-1], max(efficient[0], needed))
+        out = []
+        for (rid, n), end in zip(batch.prefill, ends.tolist()):
+            n = int(min(n, keep - (end - n)))
+            if n <= 0:
+                break
+            out.append((rid, n))
+        return out
 
     def _alpha(self, state: PlannerState, slo_class: str | None) -> float:
         counts = state.acceptance(slo_class)
@@ -229,9 +283,19 @@ class SLOPolicy:
         return max(0, sum(max(0, self._decode_room(state, w, len(w.requests), None)) for w in pool) - on_the_way)
 
 
+def _best_effort(req: RequestState, now: float) -> bool:
+    """No objective left to promise: none was given, or the TTFT passed while it was parked."""
+    return req.parked and req.deadline < now or math.isinf(req.deadline) and req.tpot_s is None
+
+
 def _deadline(req: RequestState, now: float) -> float:
     """A parked request past its TTFT has no deadline left."""
     return math.inf if req.parked and req.deadline < now else req.deadline
+
+
+def _life_context(req: RequestState) -> int:
+    """KV tokens a decode step of the request reads, on average over its life."""
+    return req.prompt_len + (req.num_output + req.planned_output()) // 2
 
 
 def _backlog(state: PlannerState, worker: WorkerState) -> int:

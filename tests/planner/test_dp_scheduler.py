@@ -17,6 +17,7 @@ from shared.roofline import ModelShape, Profile, RooflineParams
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
 GPU = Profile(SHAPE, "gpu", RooflineParams(0.002, 0.0, 1 / 200e12, 1 / 1.5e12, "max"))
 IDLE = Replica(decoding=0, context_tokens=0, tightest_tpot_s=None, free_blocks=10_000)
+PREFILL = Replica(decoding=0, context_tokens=0, tightest_tpot_s=None, free_blocks=10_000, prefill_only=True)
 
 
 def feasible(jobs: list[Job], p: Plan, now: float, free_blocks: int) -> bool:
@@ -38,12 +39,12 @@ def best_count(jobs: list[Job], p: Plan, now: float, free_blocks: int) -> int:
 
 def test_tight_deadlines_keep_the_most_requests() -> None:
     """One big prompt due early crowds out two small ones: the planner drops the big one."""
-    probe = plan(GPU, IDLE, [Job("x", 1, 1, 1.0, 0.05)], 0.0)
+    probe = plan(GPU, PREFILL, [Job("x", 1, 1, 1.0, 0.05)], 0.0)
     b, step = probe.budget, probe.step_s
     jobs = [Job("big", 2 * b, 1, 2 * step + 1e-6, 0.05),
             Job("small1", b // 2, 1, 2 * step + 1e-6, 0.05),
             Job("small2", b // 2, 1, 2 * step + 1e-6, 0.05)]
-    p = plan(GPU, IDLE, jobs, 0.0)
+    p = plan(GPU, PREFILL, jobs, 0.0)
     assert set(p.admitted) == {"small1", "small2"} and p.rejected == ["big"]
     assert p.chunks == {"small1": b // 2, "small2": b // 2}
 
@@ -81,12 +82,15 @@ jobs_strategy = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(jobs_strategy, st.integers(1, 120), st.integers(0, 40))
-def test_random_workloads(raw: list[tuple], free_blocks: int, decoding: int) -> None:
+@given(jobs_strategy, st.integers(1, 120), st.integers(0, 40), st.booleans())
+def test_random_workloads(raw: list[tuple], free_blocks: int, decoding: int, prefill_only: bool) -> None:
     now = 10.0
-    jobs = [Job(f"r{i}", tokens, blocks, now + slack if slack < 0.95 else math.inf, tpot, promised=promised and i == 0)
-            for i, (tokens, blocks, slack, tpot, promised) in enumerate(raw)]
-    replica = Replica(decoding, decoding * 500, 0.1 if decoding else None, free_blocks)
+    jobs = [Job(f"r{i}", tokens, blocks, now + slack if slack < 0.95 else math.inf, tpot, promised=promised and i == 0,
+                context=tokens + 100) for i, (tokens, blocks, slack, tpot, promised) in enumerate(raw)]
+    if prefill_only:
+        replica = Replica(0, 0, None, free_blocks, prefill_only=True)
+    else:
+        replica = Replica(decoding, decoding * 500, 0.1 if decoding else None, free_blocks)
     p = plan(GPU, replica, jobs, now)
     ids = [j.request_id for j in jobs]
     assert sorted(p.admitted + p.rejected) == sorted(ids)  # nothing lost, nothing twice
@@ -95,12 +99,12 @@ def test_random_workloads(raw: list[tuple], free_blocks: int, decoding: int) -> 
     on_time = [j for j in admitted if j.request_id not in p.late]
     if not p.late:
         assert feasible(on_time, p, now, free_blocks)
-    assert all(j.tpot_s is None or j.tpot_s >= p.step_s or j.promised for j in admitted)
-    assert sum(p.chunks.values()) <= p.budget
+    assert prefill_only or all(j.tpot_s is None or j.tpot_s >= p.step_s or j.promised for j in admitted)
+    assert p.budget <= p.next_budget and sum(p.chunks.values()) <= p.next_budget
+    assert list(p.chunks) == p.admitted[:len(p.chunks)]  # earliest deadlines first
     roomy = free_blocks >= sum(j.blocks for j in jobs)
-    if roomy and not any(j.promised for j in jobs):  # tokens alone: the rule is optimal
-        eligible = [j for j in jobs if j.tpot_s is None or j.tpot_s >= p.step_s]
-        assert len(p.admitted) == best_count(eligible, p, now, free_blocks)
+    if prefill_only and roomy and not any(j.promised for j in jobs):  # tokens alone: the rule is optimal
+        assert len(p.admitted) == best_count(jobs, p, now, free_blocks)
 
 
 def test_ten_thousand_requests_plan_quickly() -> None:

@@ -1,0 +1,364 @@
+"""Discrete-event simulator: the planner's own code driven by a simulated clock.
+
+The planner (`planner.service.Planner` with any policy) is fed exactly the messages it gets
+live: submissions, worker hellos and step reports; its batch orders are executed by simulated
+workers. A simulated worker runs an order like the engine does (aborts, KV imports, new
+requests, prefill chunks, decode steps that may verify speculative tokens) and takes the time
+the performance-model profile predicts for the batch's shape, plus the KV transfer of its
+imports at the cluster's bandwidth. Accepted speculative tokens are drawn per request from
+its acceptance rate. Nothing about scheduling is decided here.
+
+The simulated clients judge each request by its token times with `shared.slo.Tracker`, as the
+live benchmarks do; a refused request, or one still unfinished at the end, missed its SLOs.
+Tool-calling loops are chains: the next call of a loop arrives a think time after the
+previous one finishes (and never, if it was refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from planner.policies import Policy
+from planner.service import Planner
+from shared.clock import ManualClock
+from shared.messages import (
+    BatchOrder,
+    ExportedRequest,
+    KVEndpoint,
+    Lost,
+    Refused,
+    RequestProgress,
+    Role,
+    SamplingParams,
+    SLOSpec,
+    Stage,
+    StepReport,
+    Submit,
+    WorkerHello,
+)
+from shared.roofline import Batches, Profile
+from shared.slo import SLOClass, Tracker, resolve
+
+TICK_S = 0.25  # the live planner wakes at least this often (worker heartbeats)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One request of a workload."""
+
+    request_id: str
+    at: float  # arrival time; for a follow-up, the think time after its predecessor finished
+    prompt_tokens: int
+    output_tokens: int  # what it writes before it stops
+    slo_class: str
+    ttft_ms: float | None = None  # overrides the class's objectives when set
+    tpot_ms: float | None = None
+    stages: tuple[Stage, ...] = ()
+    max_tokens: int | None = None  # the client's cap; None: the output length is known to nobody
+    alpha: float = 0.0  # per-token acceptance of speculative proposals for this request
+    then: Arrival | None = None  # the next call of a tool loop
+
+
+@dataclass(frozen=True)
+class Cluster:
+    profile: Profile
+    num_blocks: int  # KV blocks per worker
+    colocated: int = 1
+    prefill: int = 0
+    decode: int = 0
+    block_size: int = 16
+    max_model_len: int = 1 << 20
+    speculator: str = "none"  # what decoding workers propose with: none, ngram or draft
+    draft: Profile | None = None  # the draft model's cost, for speculator "draft"
+    kv_bandwidth: float = 25e9  # bytes/s of a KV handover between workers
+
+    @property
+    def mode(self) -> str:
+        return "disaggregated" if self.prefill or self.decode else "colocated"
+
+    def roles(self) -> list[tuple[str, Role]]:
+        return ([(f"w{i}", "colocated") for i in range(self.colocated if not self.prefill else 0)]
+                + [(f"p{i}", "prefill") for i in range(self.prefill)]
+                + [(f"d{i}", "decode") for i in range(self.decode)])
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    slo_class: str
+    arrival: float
+    prompt_tokens: int
+    output_tokens: int
+    refused: bool
+    finished: bool
+    met: bool
+    ttft_s: float | None
+    tpots_s: list[float | None]
+
+
+@dataclass
+class SimResult:
+    outcomes: list[Outcome]
+    end: float  # simulated seconds
+    planner_calls: int
+    planner_s: float  # wall time spent in the planner
+
+    @property
+    def attainment(self) -> float:
+        return sum(o.met for o in self.outcomes) / max(1, len(self.outcomes))
+
+    def by_class(self) -> dict[str, float]:
+        classes = sorted({o.slo_class for o in self.outcomes})
+        return {c: float(np.mean([o.met for o in self.outcomes if o.slo_class == c])) for c in classes}
+
+
+@dataclass
+class _Seq:
+    prefill: int  # tokens to prefill: prompt, and output written before a resubmission
+    computed: int
+    output: int
+    target: int  # output it writes before it stops
+    max_tokens: int
+    alpha: float
+    blocks: int = 0
+
+
+@dataclass
+class _Client:
+    arrival: Arrival
+    tracker: Tracker
+    submit: Submit
+    refused: bool = False
+    finished: bool = False
+    output: int = 0
+
+
+class _Worker:
+    def __init__(self, worker_id: str, role: Role, cluster: Cluster, rng: np.random.Generator) -> None:
+        self.worker_id, self.role, self.cluster, self.rng = worker_id, role, cluster, rng
+        self.seqs: dict[str, _Seq] = {}
+        self.used = 0
+        self.endpoint = KVEndpoint("zmq", worker_id, cluster.block_size * cluster.profile.model.kv_bytes_per_token)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.cluster.block_size)
+
+    def _grow(self, seq: _Seq, tokens: int) -> bool:
+        need = self.blocks_for(tokens) - seq.blocks
+        if need > 0 and self.used + need > self.cluster.num_blocks:
+            return False
+        if need > 0:
+            seq.blocks += need
+            self.used += need
+        return True
+
+    def _free(self, rid: str) -> None:
+        seq = self.seqs.pop(rid, None)
+        if seq is not None:
+            self.used -= seq.blocks
+
+    def _shrink(self, seq: _Seq) -> None:
+        keep = self.blocks_for(seq.computed)
+        self.used -= seq.blocks - keep
+        seq.blocks = keep
+
+    def step(self, order: BatchOrder, truth: dict[str, tuple[int, float]]) -> tuple[float, StepReport, dict[str, int]]:
+        """Run an order: its duration, its report, and the tokens each request got."""
+        c = self.cluster
+        if order.role is not None:
+            self.role = order.role
+        for rid in order.aborts:
+            self._free(rid)
+        transfer_s, failed = 0.0, []
+        for export in order.kv_imports:
+            target, alpha = truth[export.request_id]
+            seq = _Seq(export.num_computed, 0, len(export.token_ids), target, export.params.max_tokens, alpha)
+            if not self._grow(seq, export.num_computed):
+                failed.append(export.request_id)
+                continue
+            seq.computed = export.num_computed
+            self.seqs[export.request_id] = seq
+            transfer_s += export.num_computed * c.profile.model.kv_bytes_per_token / c.kv_bandwidth
+        for new in order.new_requests:
+            target, alpha = truth[new.request_id]
+            self.seqs[new.request_id] = _Seq(len(new.prompt_token_ids) + len(new.resume_token_ids), 0,
+                                             len(new.resume_token_ids), target, new.params.max_tokens, alpha)
+        progress: dict[str, RequestProgress] = {}
+        tokens: dict[str, int] = {}
+        out_of_blocks: list[str] = []
+        exports: list[ExportedRequest] = []
+        prefill_tokens = pairs = kv_read = 0
+        for chunk in order.prefill:
+            seq = self.seqs.get(chunk.request_id)
+            if seq is None:
+                continue
+            n = min(chunk.num_tokens, seq.prefill - seq.computed)
+            completes = seq.computed + n == seq.prefill
+            if n <= 0 or not self._grow(seq, seq.computed + n + completes):
+                out_of_blocks.append(chunk.request_id)
+                continue
+            prefill_tokens += n
+            pairs += n * (seq.computed + n // 2)
+            kv_read += seq.computed + n
+            seq.computed += n
+            if completes:
+                seq.output += 1
+                tokens[chunk.request_id] = 1
+            progress[chunk.request_id] = self._progress(chunk.request_id, seq, 0, 0)
+            if completes and self.role == "prefill" and not self._finished(seq):
+                exports.append(ExportedRequest(chunk.request_id, [0] * seq.output, 0, seq.computed,
+                                               SamplingParams(max_tokens=seq.max_tokens), [], self.endpoint))
+        decode_seqs = verify = 0
+        spec_seqs, draft_steps, draft_kv = 0, 0, 0
+        for rid in order.decode:
+            seq = self.seqs.get(rid)
+            if seq is None:
+                continue
+            room = min(seq.max_tokens, seq.target) - seq.output - 1
+            k = max(0, min(order.spec_lens.get(rid, 0), room)) if c.speculator != "none" else 0
+            if not self._grow(seq, seq.computed + 1 + k):
+                out_of_blocks.append(rid)
+                continue
+            accepted = 0
+            while accepted < k and self.rng.random() < seq.alpha:
+                accepted += 1
+            decode_seqs += 1
+            verify += k + 1
+            kv_read += seq.computed
+            pairs += (k + 1) * seq.computed
+            if k:
+                spec_seqs += 1
+                draft_steps = max(draft_steps, k)
+                draft_kv += seq.computed
+            new = accepted + 1
+            seq.output += new
+            seq.computed += new
+            self._shrink(seq)
+            tokens[rid] = new
+            progress[rid] = self._progress(rid, seq, k, accepted)
+        for rid, p in progress.items():
+            seq = self.seqs[rid]
+            finish = "stop" if seq.output >= seq.target else "length" if seq.output >= seq.max_tokens else None
+            if finish is not None:
+                progress[rid] = msgspec.structs.replace(p, finish_reason=finish)
+                self._free(rid)
+        seconds = transfer_s
+        if prefill_tokens or decode_seqs:
+            batch = Batches.of(prefill_tokens=prefill_tokens, decode_seqs=decode_seqs,
+                               verify_len=verify / decode_seqs if decode_seqs else 1.0, kv_read=kv_read,
+                               num_seqs=decode_seqs + len(order.prefill), attention_pairs=pairs)
+            seconds += float(c.profile.predict(batch))
+        if draft_steps and c.speculator == "draft" and c.draft is not None:
+            seconds += draft_steps * float(c.draft.predict(Batches.of(decode_seqs=spec_seqs, kv_read=draft_kv,
+                                                                     attention_pairs=draft_kv)))
+        report = StepReport(self.worker_id, order.step_id, seconds, list(progress.values()), out_of_blocks,
+                            c.num_blocks - self.used, exports, failed)
+        return seconds, report, tokens
+
+    @staticmethod
+    def _finished(seq: _Seq) -> bool:
+        return seq.output >= seq.target or seq.output >= seq.max_tokens
+
+    @staticmethod
+    def _progress(rid: str, seq: _Seq, proposed: int, accepted: int) -> RequestProgress:
+        return RequestProgress(rid, seq.computed, seq.output, None, proposed, accepted)
+
+
+def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes: dict[str, SLOClass],
+             seed: int = 0, drain_s: float = 600.0) -> SimResult:
+    """Run the workload to its end (or `drain_s` after the last arrival) and judge every request."""
+    rng = np.random.default_rng(seed)
+    clock = ManualClock()
+    planner = Planner(policy, clock, classes, worker_timeout_s=math.inf)
+    planner.state.mode = cluster.mode  # type: ignore[assignment]
+    workers = {wid: _Worker(wid, role, cluster, rng) for wid, role in cluster.roles()}
+    for i, (wid, role) in enumerate(cluster.roles()):
+        planner.on_hello(WorkerHello(wid, role, cluster.num_blocks, cluster.block_size, cluster.max_model_len, i,
+                                     "none" if role == "prefill" else cluster.speculator, workers[wid].endpoint))
+    events: list[tuple[float, int, str, object]] = []
+    counter = itertools.count()
+    for a in arrivals:
+        heapq.heappush(events, (a.at, next(counter), "arrive", a))
+    clients: dict[str, _Client] = {}
+    truth: dict[str, tuple[int, float]] = {}
+    in_flight: dict[str, tuple[StepReport, dict[str, int]]] = {}
+    last_arrival = max((a.at for a in arrivals), default=0.0)
+    calls, planner_s = 0, 0.0
+    tick_pending = False
+
+    def arrive(a: Arrival, now: float) -> None:
+        slo = resolve(SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), classes)
+        max_tokens = a.max_tokens or max(1, cluster.max_model_len - a.prompt_tokens - 1)
+        submit = Submit(a.request_id, [0] * a.prompt_tokens, SamplingParams(max_tokens=max_tokens),
+                        SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), now)
+        clients[a.request_id] = _Client(a, Tracker(slo, now), submit)
+        truth[a.request_id] = (a.output_tokens, a.alpha)
+        handle(planner.on_submit(submit), now)
+
+    def handle(messages: list, now: float) -> None:
+        for msg in messages:
+            client = clients.get(getattr(msg, "request_id", ""))
+            if client is None:
+                continue
+            if isinstance(msg, Refused):
+                client.refused = True
+            elif isinstance(msg, Lost):  # the gateway resubmits after the tokens already streamed
+                submit = msgspec.structs.replace(client.submit, resume_token_ids=[0] * client.output)
+                handle(planner.on_submit(submit), now)
+
+    while events:
+        now = events[0][0]
+        if now > last_arrival + drain_s:
+            break
+        clock.advance(now - clock.now())
+        while events and events[0][0] <= now:
+            _, _, kind, payload = heapq.heappop(events)
+            if kind == "arrive":
+                arrive(payload, now)  # type: ignore[arg-type]
+            elif kind == "tick":
+                tick_pending = False
+            else:
+                report, tokens = in_flight.pop(payload)  # type: ignore[arg-type]
+                for rid, n in tokens.items():
+                    client = clients[rid]
+                    client.tracker.add(n, now)
+                    client.output += n
+                for p in report.progress:
+                    if p.finish_reason is not None:
+                        client = clients[p.request_id]
+                        client.finished = True
+                        follow = client.arrival.then
+                        if follow is not None:
+                            heapq.heappush(events, (now + follow.at, next(counter), "arrive",
+                                                    dataclasses.replace(follow, at=now + follow.at)))
+                handle(planner.on_report(report), now)
+        started = time.perf_counter()
+        orders, verdicts = planner.schedule()
+        planner_s += time.perf_counter() - started
+        calls += 1
+        handle(verdicts, now)
+        for wid, order in orders.items():
+            seconds, report, tokens = workers[wid].step(order, truth)
+            in_flight[wid] = (report, tokens)
+            heapq.heappush(events, (now + seconds, next(counter), "done", wid))
+        if not in_flight and planner.state.waiting and not tick_pending:
+            heapq.heappush(events, (now + TICK_S, next(counter), "tick", None))
+            tick_pending = True
+
+    outcomes = [_outcome(c) for c in clients.values()]
+    return SimResult(outcomes, clock.now(), calls, planner_s)
+
+
+def _outcome(c: _Client) -> Outcome:
+    a = c.arrival
+    met = c.finished and not c.refused and c.tracker.met()
+    return Outcome(a.request_id, a.slo_class, c.tracker.arrival, a.prompt_tokens, c.output, c.refused, c.finished,
+                   met, c.tracker.ttft_s, c.tracker.stage_tpots_s())
