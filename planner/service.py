@@ -316,15 +316,11 @@ class Planner:
     def _regrow(self, req: RequestState, worker: WorkerState) -> None:
         """Re-plan a request's KV reservation as its output grows (it may outlive its length
         estimate); a worker whose requests outgrow it preempts some (`relieve_memory`)."""
-        if (req.prompt_len + req.num_output + RESERVE_AHEAD) <= req.reserved_blocks * worker.block_size:
+        if req.prompt_len + req.num_output + RESERVE_AHEAD <= req.reserved_blocks * worker.block_size:
             return  # the common case: the reservation still has room ahead
-        need = worker.blocks_for(req.tokens_on(worker.role))
-        if need > req.reserved_blocks:
-            if req.num_output > req.expected_output:
-                req.expected_output = req.planned_output()
-                need = worker.blocks_for(req.tokens_on(worker.role))
-            worker.reserved_blocks += need - req.reserved_blocks
-            req.reserved_blocks = need
+        need = max(req.reserved_blocks, worker.blocks_for(req.tokens_on(worker.role)))
+        worker.reserved_blocks += need - req.reserved_blocks
+        req.reserved_blocks = need
 
     def _order(self, worker_id: str, batch: WorkerBatch) -> BatchOrder:
         held = set(self.state.workers[worker_id].requests)

@@ -101,14 +101,14 @@ class SLOPolicy:
             batch = WorkerBatch(decode=decoding(state, worker, request_ids, decisions))
             if worker.role == "decode":
                 step_s, k = self._decode_period(state, worker, batch.decode)
+                batch.spec_lens = self._spec_lens(state, worker, batch.decode, step_s, k)
             else:
                 p = plans.get(worker.worker_id) or self._plan(state, worker, load, [], now, gone)
-                step_s, k = p.step_s, p.spec_len
                 mine = set(request_ids)
                 batch.prefill = [(rid, n) for rid, n in p.chunks.items() if rid in mine]
-            batch.spec_lens = self._spec_lens(state, worker, batch.decode, step_s, k)
-            if batch.prefill:
-                batch.prefill = self._size(state, batch, step_s, p.needed)
+                batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
+                if batch.prefill:
+                    batch.prefill = self._size(state, batch, p.step_s, p.needed)
             if batch:
                 decisions.batches[worker.worker_id] = batch
         return decisions
@@ -199,7 +199,8 @@ class SLOPolicy:
         chunks' own attention over their earlier context), and no more than the deadlines
         need, or than it takes to prefill at EFFICIENCY of the best rate the period allows: a
         longer batch adds little prefill per second but slows every decoding request, which
-        then holds its KV blocks longer."""
+        then holds its KV blocks longer. A cut inside a prompt moves to its end when that fits,
+        rather than leave a stub for the next batch."""
         reqs = [state.requests[rid] for rid in batch.decode]
         verify = [1 + batch.spec_lens.get(r.request_id, 0) for r in reqs]
         contexts = [r.prompt_len + r.num_output for r in reqs]
@@ -207,7 +208,7 @@ class SLOPolicy:
         start = np.array([state.requests[rid].num_computed for rid, _ in batch.prefill], dtype=np.float64)
         size = np.array([n for _, n in batch.prefill], dtype=np.float64)
         ends = np.cumsum(size)
-        totals = np.unique(np.linspace(0, ends[-1], 33).round())
+        totals = np.unique(np.concatenate([np.linspace(0, ends[-1], 33).round(), ends]))
         taken = np.clip(totals[:, None] - (ends - size)[None, :], 0, size[None, :])
         seconds = self.profile.predict(Batches.of(
             prefill_tokens=totals, decode_seqs=len(reqs), verify_len=sum(verify) / max(1, len(reqs)),
@@ -219,7 +220,11 @@ class SLOPolicy:
             return []
         rates = totals / seconds
         efficient = totals[fits & (rates >= EFFICIENCY * rates[fits].max())]
-        keep = min(totals[fits][-1], max(efficient[0], needed))
+        most = totals[fits][-1]
+        keep = min(most, max(efficient[0], needed))
+        finish = ends[np.searchsorted(ends, keep)] if keep < ends[-1] else ends[-1]
+        if finish <= most:  # finish the prompt it cuts into, rather than leave a stub for the next batch
+            keep = finish
         out = []
         for (rid, n), end in zip(batch.prefill, ends.tolist()):
             n = int(min(n, keep - (end - n)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from planner.policies.base import Decisions
 from planner.policies.fcfs import FCFSPolicy
 from planner.service import Planner
 from shared.clock import ManualClock
@@ -12,8 +13,10 @@ from shared.messages import (
     KVEndpoint,
     Heartbeat,
     Lost,
+    Parked,
     PrefillChunk,
     Refused,
+    SLOCount,
     RequestProgress,
     SamplingParams,
     SLOSpec,
@@ -170,3 +173,44 @@ def test_a_failed_kv_import_is_lost_and_freed_on_both_sides() -> None:
     assert not planner.state.requests
     assert all(w.reserved_blocks == 0 and not w.requests for w in planner.state.workers.values())
     assert planner.schedule()[0]["p0"].aborts == ["r"]  # the prefill worker frees its copy
+
+
+def test_verdicts_reach_the_gateway_and_the_admin_can_ask_why() -> None:
+    planner, clock = make()
+    for rid in ("a", "b", "c"):
+        submit(planner, rid, slo=SLOSpec(slo_class="coding"))
+    out = planner._apply(Decisions(assign={"a": "w0"}, park=[("b", "no room")], refuse=[("c", "full")]))
+    assert out == [Refused("c", "full", 1.0), Parked("b", "no room"), Admitted("a")]
+    assert planner.explain("b") == "parked: no room" and planner.explain("c") == "refused: full"
+    assert planner.explain("a").startswith("admitted to worker w0")
+    assert planner.state.requests["b"].parked and planner.state.attainment["coding"].total == 1  # the refusal
+
+
+def test_preemption_frees_the_worker_and_the_gateway_resumes_the_stream() -> None:
+    planner, clock = make()
+    submit(planner, "r")
+    order = planner.schedule()[0]["w0"]
+    planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
+    out = planner._apply(Decisions(preempt=[("r", "room for promised work")]))
+    assert out == [Lost("r", "room for promised work", preempted=True)]
+    assert planner.preemptions == 1 and not planner.state.requests
+    assert planner.state.workers["w0"].reserved_blocks == 0
+    assert planner.schedule()[0]["w0"].aborts == ["r"]
+
+
+def test_attainment_counts_what_met_its_slos_by_the_planners_clock() -> None:
+    planner, clock = make()
+    submit(planner, "fast", slo=SLOSpec(ttft_ms=100.0, tpot_ms=50.0))
+    submit(planner, "slow", slo=SLOSpec(ttft_ms=100.0, tpot_ms=50.0))
+    order = planner.schedule()[0]["w0"]
+    clock.advance(0.05)
+    planner.on_report(StepReport("w0", order.step_id, 0.05, [RequestProgress("fast", 20, 1),
+                                                             RequestProgress("slow", 20, 1)], [], 60))
+    order = planner.schedule()[0]["w0"]
+    clock.advance(0.04)
+    planner.on_report(StepReport("w0", order.step_id, 0.04, [RequestProgress("fast", 21, 2, "length"),
+                                                             RequestProgress("slow", 21, 2)], [], 60))
+    order = planner.schedule()[0]["w0"]
+    clock.advance(0.2)
+    planner.on_report(StepReport("w0", order.step_id, 0.2, [RequestProgress("slow", 22, 3, "length")], [], 64))
+    assert planner.status(0).attainment == {"default": SLOCount(met=1, total=2)}

@@ -1,0 +1,77 @@
+"""The simulator: every request accounted for, time only moving forward, the same result for
+the same seed, the planner seeing only what it sees live, and the policies ranked as they
+should be on an overload."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bench.simulator as sim
+from bench.simulator import Arrival, Cluster, simulate
+from planner.policies.fcfs import FCFSPolicy
+from planner.policies.slos import SLOPolicy
+from shared.roofline import SHIPPED_PROFILES, load_profile
+from shared.slo import SLOClass, SLOTarget
+
+A100 = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
+CLASSES = {"coding": SLOClass(SLOTarget(2000.0, 50.0), 200), "summarization": SLOClass(SLOTarget(1500.0, 150.0), 100)}
+
+
+def workload(rate: float, n: int, seed: int = 0) -> list[Arrival]:
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(rng.exponential(1 / rate, n))
+    out = []
+    for i, t in enumerate(times):
+        if i % 3:
+            out.append(Arrival(f"c{i}", float(t), int(rng.integers(100, 800)), int(rng.integers(50, 300)), "coding",
+                               alpha=0.7))
+        else:
+            out.append(Arrival(f"s{i}", float(t), int(rng.integers(1500, 4000)), int(rng.integers(50, 150)),
+                               "summarization"))
+    return out
+
+
+def test_every_request_is_accounted_for_in_order_of_time() -> None:
+    tool = Arrival("t0", 0.5, 300, 20, "coding", then=Arrival("t1", 0.2, 400, 30, "coding"))
+    arrivals = [*workload(4, 60), tool]
+    result = simulate(SLOPolicy(A100, max_num_seqs=256), Cluster(A100, num_blocks=6800), arrivals, CLASSES)
+    assert sorted(o.request_id for o in result.outcomes) == sorted([a.request_id for a in arrivals] + ["t1"])
+    for o in result.outcomes:
+        assert o.refused or o.finished
+        if o.finished:
+            assert o.ttft_s is not None and o.ttft_s >= 0 and all(t is None or t >= 0 for t in o.tpots_s)
+    t0, t1 = (next(o for o in result.outcomes if o.request_id == r) for r in ("t0", "t1"))
+    assert t1.arrival >= t0.arrival + t0.ttft_s + 0.2  # the loop's next call after the previous one ended
+    assert result.end >= max(a.at for a in arrivals)
+
+
+def test_the_same_seed_gives_the_same_result() -> None:
+    cluster = Cluster(A100, num_blocks=6800, speculator="ngram")
+    runs = [simulate(SLOPolicy(A100, max_num_seqs=256), cluster, workload(8, 80), CLASSES, seed=3) for _ in range(2)]
+    assert runs[0].outcomes == runs[1].outcomes
+
+
+def test_the_planner_sees_only_the_messages_it_gets_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator talks to the planner only through on_submit, on_hello, on_report and
+    schedule, as the live service loop does."""
+    seen: set[str] = set()
+    real = sim.Planner
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __getattribute__(self, name: str):  # noqa: ANN204
+            if not name.startswith("_") and callable(object.__getattribute__(self, name)):
+                seen.add(name)
+            return object.__getattribute__(self, name)
+
+    monkeypatch.setattr(sim, "Planner", Recording)
+    simulate(FCFSPolicy(), Cluster(A100, num_blocks=6800, prefill=1, decode=1), workload(4, 20), CLASSES)
+    assert seen <= {"on_submit", "on_hello", "on_report", "schedule"}
+
+
+def test_slos_keeps_more_requests_on_their_slos_than_fcfs_under_overload() -> None:
+    cluster = Cluster(A100, num_blocks=6800)
+    arrivals = workload(10, 200)
+    slos = simulate(SLOPolicy(A100, max_num_seqs=256), cluster, arrivals, CLASSES).attainment
+    fcfs = simulate(FCFSPolicy(max_num_seqs=256), cluster, arrivals, CLASSES).attainment
+    assert slos > fcfs + 0.3

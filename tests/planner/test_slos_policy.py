@@ -1,0 +1,150 @@
+"""The SLO policy on hand-built states, priced on an A100-like profile: routing, soft
+admission, best effort in slack, preemption, per-request speculative lengths, batches that
+keep the tightest TPOT, and a disaggregated cluster whose decode pool caps admission."""
+
+from __future__ import annotations
+
+from planner.policies.slos import SLOPolicy
+from planner.state import PlannerState, RequestState, WorkerState
+from shared.messages import SamplingParams, SpecCounts
+from shared.roofline import Batches, ModelShape, Profile, RooflineParams
+from shared.slo import SLOTarget
+
+SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
+GPU = Profile(SHAPE, "gpu", RooflineParams(0.002, 0.0, 1 / 200e12, 1 / 1.5e12, "max"))
+TIGHT = SLOTarget(ttft_ms=1000.0, tpot_ms=30.0)
+LOOSE = SLOTarget(ttft_ms=5000.0, tpot_ms=200.0)
+
+
+def worker(wid: str, role: str = "colocated", blocks: int = 4000, speculator: str = "none") -> WorkerState:
+    return WorkerState(wid, role, blocks, 16, 8192, last_seen=0.0, speculator=speculator)  # type: ignore[arg-type]
+
+
+def request(rid: str, prompt: int, slo: SLOTarget = LOOSE, arrival: float = 0.0, max_tokens: int = 128,
+            slo_class: str | None = None) -> RequestState:
+    return RequestState(rid, [1] * prompt, SamplingParams(max_tokens=max_tokens), slo, arrival, slo_class,
+                        expected_output=max_tokens)
+
+
+def state(workers: list[WorkerState], waiting: list[RequestState] = (), running: dict[str, list[RequestState]] = {},
+          ) -> PlannerState:
+    s = PlannerState()
+    s.workers = {w.worker_id: w for w in workers}
+    for r in waiting:
+        s.requests[r.request_id] = r
+        s.waiting.append(r.request_id)
+    for wid, reqs in running.items():
+        w = s.workers[wid]
+        for r in reqs:
+            r.worker_id, r.phase, r.num_computed, r.num_output = wid, "decode", r.prompt_len, 1
+            r.reserved_blocks = w.blocks_for(r.tokens_on(w.role))
+            w.reserved_blocks += r.reserved_blocks
+            w.requests.append(r.request_id)
+            s.requests[r.request_id] = r
+    return s
+
+
+def step_time(s: PlannerState, prefill: list[tuple[str, int]], decode: list[str], spec: dict[str, int]) -> float:
+    contexts = [s.requests[r].prompt_len + s.requests[r].num_output for r in decode]
+    verify = [1 + spec.get(r, 0) for r in decode]
+    pre = [(s.requests[r].num_computed, n) for r, n in prefill]
+    return float(GPU.predict(Batches.of(
+        prefill_tokens=sum(n for _, n in pre), decode_seqs=len(decode), verify_len=sum(verify) / max(1, len(decode)),
+        kv_read=sum(contexts) + sum(c + n for c, n in pre), num_seqs=len(decode) + len(pre),
+        attention_pairs=sum(v * c for v, c in zip(verify, contexts)) + sum(n * (c + n / 2) for c, n in pre))))
+
+
+def test_admits_what_fits_keeps_the_tightest_tpot_and_parks_the_rest() -> None:
+    decoding = [request(f"d{i}", 500, TIGHT) for i in range(8)]
+    waiting = [request(f"w{i}", 3000, LOOSE, arrival=0.0) for i in range(60)]
+    s = state([worker("w0")], waiting, {"w0": decoding})
+    d = SLOPolicy(GPU).schedule(s, now=0.0)
+    assert 0 < len(d.assign) < 60 and set(d.assign.values()) == {"w0"}
+    assert len(d.park) == 60 - len(d.assign) and not d.refuse
+    batch = d.batches["w0"]
+    assert batch.decode == [r.request_id for r in decoding]
+    assert batch.prefill and step_time(s, batch.prefill, batch.decode, batch.spec_lens) <= 0.030
+
+
+def test_the_best_effort_queue_is_bounded() -> None:
+    decoding = [request(f"d{i}", 500, TIGHT) for i in range(8)]
+    waiting = [request(f"w{i}", 3000, TIGHT) for i in range(40)]
+    s = state([worker("w0")], waiting, {"w0": decoding})
+    d = SLOPolicy(GPU, best_effort_limit=5).schedule(s, now=0.0)
+    assert len(d.park) == 5 and len(d.refuse) == 40 - 5 - len(d.assign)
+    assert all("best-effort queue is full" in why for _, why in d.refuse)
+
+
+def test_routes_to_the_replica_with_the_most_slack() -> None:
+    busy = [request(f"b{i}", 4000, LOOSE) for i in range(3)]
+    s = state([worker("w0"), worker("w1")], [request("new", 100)], {})
+    for r in busy:  # w0 has prompts still to prefill
+        r.worker_id, r.phase, r.reserved_blocks = "w0", "prefill", 10
+        s.workers["w0"].requests.append(r.request_id)
+        s.requests[r.request_id] = r
+    assert SLOPolicy(GPU).schedule(s, now=0.0).assign == {"new": "w1"}
+
+
+def test_without_routing_a_request_waits_for_its_own_replica() -> None:
+    s = state([worker("w0"), worker("w1", blocks=10)], [request(f"r{i}", 400) for i in range(6)], {})
+    routed = SLOPolicy(GPU).schedule(s, now=0.0)
+    bound = SLOPolicy(GPU, routing=False).schedule(s, now=0.0)
+    assert len(routed.assign) == 6 and set(routed.assign.values()) == {"w0"}
+    assert len(bound.assign) < 6 and len(bound.park) == 6 - len(bound.assign)
+
+
+def test_a_parked_request_past_its_ttft_is_served_as_best_effort_in_slack() -> None:
+    late = request("late", 100, TIGHT, arrival=0.0)
+    late.parked = True
+    s = state([worker("w0")], [late], {})
+    d = SLOPolicy(GPU).schedule(s, now=5.0)
+    assert d.assign == {"late": "w0"} and d.best_effort == {"late"}
+    assert d.batches["w0"].prefill == [("late", 100)]
+
+
+def test_best_effort_needs_slack_and_is_preempted_for_promised_work() -> None:
+    be = [request(f"be{i}", 1000, SLOTarget()) for i in range(3)]
+    s = state([worker("w0", blocks=300)], [request("new", 2000, LOOSE)], {"w0": be})
+    for r in be:
+        r.best_effort = True
+    d = SLOPolicy(GPU).schedule(s, now=0.0)
+    assert d.assign == {"new": "w0"}
+    preempted = [rid for rid, _ in d.preempt]
+    assert len(preempted) == 1 and set(preempted) <= {"be0", "be1", "be2"}
+    assert not set(preempted) & set(d.batches["w0"].decode)
+
+    full = state([worker("w0", blocks=200)], [request("extra", 100, SLOTarget())], {"w0": [request("d", 2900, TIGHT)]})
+    assert SLOPolicy(GPU).schedule(full, now=0.0).assign == {}  # no slack in memory: it waits
+
+
+def test_speculates_the_fewest_tokens_that_keep_each_requests_tpot() -> None:
+    tight = [request(f"t{i}", 500, SLOTarget(ttft_ms=1000.0, tpot_ms=12.0), slo_class="coding") for i in range(4)]
+    loose = [request(f"l{i}", 500, LOOSE, slo_class="chatbot") for i in range(4)]
+    s = state([worker("w0", speculator="ngram")], [], {"w0": tight + loose})
+    s.speculation = {"coding": SpecCounts(1000, 800, 250), "chatbot": SpecCounts(1000, 800, 250)}
+    batch = SLOPolicy(GPU).schedule(s, now=0.0).batches["w0"]
+    ks = {rid: batch.spec_lens.get(rid, 0) for rid in batch.decode}
+    assert all(ks[r.request_id] > 0 for r in tight)  # plain decoding is too slow for 12 ms here
+    assert all(ks[r.request_id] == 0 for r in loose)
+    plain = SLOPolicy(GPU, max_spec_len=0).schedule(s, now=0.0).batches["w0"]
+    assert plain.spec_lens == {}
+
+
+def test_a_prefill_worker_admits_no_more_than_the_decode_pool_can_take() -> None:
+    s = state([worker("p0", "prefill"), worker("d0", "decode")], [request(f"r{i}", 200, TIGHT) for i in range(300)])
+    d = SLOPolicy(GPU, max_num_seqs=256).schedule(s, now=0.0)
+    slots = SLOPolicy(GPU, max_num_seqs=256)._decode_slots(s)
+    assert 0 < len(d.assign) <= slots < 300
+    assert set(d.assign.values()) == {"p0"} and "d0" not in d.batches
+
+
+def test_handover_goes_to_a_decode_worker_whose_batch_keeps_the_tpot() -> None:
+    full = [request(f"f{i}", 2000, TIGHT) for i in range(30)]
+    s = state([worker("p0", "prefill"), worker("d0", "decode"), worker("d1", "decode")], [], {"d0": full})
+    ready = request("ready", 500, TIGHT)
+    ready.worker_id, ready.phase, ready.num_computed, ready.num_output = "p0", "handover", 500, 1
+    s.workers["p0"].requests.append("ready")
+    s.requests["ready"] = ready
+    d = SLOPolicy(GPU).schedule(s, now=0.0)
+    assert d.handover == {"ready": "d1"}
+    assert d.batches["d1"].decode == ["ready"]
