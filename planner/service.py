@@ -8,11 +8,15 @@ It never touches tensors and never sees tokens beyond counts.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import uvicorn
 import zmq
 
 from planner.policies import Decisions, Policy, WorkerBatch
@@ -249,13 +253,7 @@ class Planner:
     def _apply(self, decisions: Decisions) -> list[Message]:
         out: list[Message] = []
         for worker_id, role in decisions.roles.items():
-            worker = self.state.workers[worker_id]
-            self.state.last_role_change = self.clock.now()
-            if conflicts(self.state, worker, role):
-                log.info("worker %s: becomes %s once its current requests allow", worker_id, role)
-                worker.target_role = role
-            else:
-                self._set_role(worker, role)
+            self.move(self.state.workers[worker_id], role)
         for rid, reason in decisions.refuse:
             log.info("request %s: refused (%s)", rid, reason)
             self._note(rid, f"refused: {reason}")
@@ -296,6 +294,18 @@ class Planner:
             self._note(rid, f"admitted to worker {worker_id} {how}")
             out.append(Admitted(rid))
         return out
+
+    def move(self, worker: WorkerState, role: Role) -> None:
+        """Give a worker a new role: now, or once it holds nothing the new role could not finish
+        (it takes no new requests meanwhile)."""
+        if role == worker.role and worker.target_role is None:
+            return
+        self.state.last_role_change = self.clock.now()
+        if conflicts(self.state, worker, role):
+            log.info("worker %s: becomes %s once its current requests allow", worker.worker_id, role)
+            worker.target_role = role
+        else:
+            self._set_role(worker, role)
 
     def _set_role(self, worker: WorkerState, role: Role) -> None:
         """Change a worker's role now; a prefill worker turning colocated decodes the requests
@@ -404,8 +414,9 @@ class Planner:
         return lost
 
 
-def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event) -> None:
-    """Run the planner loop until `stop` is set."""
+def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event,
+          make_policy: Callable[[str], Policy] | None = None) -> None:
+    """Run the planner loop, and its admin API, until `stop` is set."""
     ctx = zmq.Context()
     intake = make_socket(ctx, zmq.PULL, bind=settings.planner_intake_address)
     workers = make_socket(ctx, zmq.ROUTER, bind=settings.planner_address)
@@ -416,39 +427,67 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     classes = {k: v.resolved() for k, v in settings.slo_classes.items()}
     planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s))
     planner.state.mode = settings.mode
+    lock = threading.Lock()
+    admin = _start_admin(settings, planner, lock, make_policy or (lambda name: policy))
     drops = DropCounter()
     last_status = 0.0
-    log.info("planner up: intake %s, workers %s", settings.planner_intake_address,
-             settings.planner_address)
+    log.info("planner up: intake %s, workers %s, policy %s", settings.planner_intake_address,
+             settings.planner_address, policy.name)
     try:
         while not stop.is_set():
             to_gateway: list[Message] = []
-            for sock, _ in poller.poll(timeout=int(settings.heartbeat_s * 1000)):
-                for _ in range(1000):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    source = "worker" if sock is workers else "gateway"
-                    msg = drops.accept(frames[-1], source)
-                    if msg is not None:
-                        to_gateway += _dispatch(planner, msg)
-            to_gateway += planner.check_workers()
-            orders, verdicts = planner.schedule()
-            to_gateway += verdicts
+            events = poller.poll(timeout=int(settings.heartbeat_s * 1000))
+            with lock:
+                for sock, _ in events:
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        source = "worker" if sock is workers else "gateway"
+                        msg = drops.accept(frames[-1], source)
+                        if msg is not None:
+                            to_gateway += _dispatch(planner, msg)
+                to_gateway += planner.check_workers()
+                orders, verdicts = planner.schedule()
+                to_gateway += verdicts
+                now = time.monotonic()
+                if now - last_status > STATUS_INTERVAL_S:
+                    to_gateway.append(planner.status(drops.dropped))
+                    last_status = now
             for worker_id, order in orders.items():
                 try:
                     workers.send_multipart([worker_id.encode(), encode(order)])
                 except zmq.ZMQError as exc:
                     log.error("worker %s: order not delivered (%s)", worker_id, exc)
-            now = time.monotonic()
-            if now - last_status > STATUS_INTERVAL_S:
-                to_gateway.append(planner.status(drops.dropped))
-                last_status = now
             for msg in to_gateway:
                 gateway.send(encode(msg))
     finally:
+        admin.should_exit = True
         ctx.destroy(linger=0)
+
+
+def _start_admin(settings: Settings, planner: Planner, lock: threading.Lock,
+                 make_policy: Callable[[str], Policy]) -> uvicorn.Server:
+    """The admin API in a thread; its token is the configured one or a fresh random one,
+    logged and written (owner-only) to `admin_token_file`."""
+    from planner.admin import create_admin_app
+
+    token = settings.admin_token or secrets.token_urlsafe(24)
+    if settings.admin_token is None and settings.admin_token_file is not None:
+        path = Path(settings.admin_token_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(token + "\n")
+    server = uvicorn.Server(uvicorn.Config(create_admin_app(planner, lock, token, make_policy), host=settings.host,
+                                           port=settings.admin_port, log_level="warning"))
+    threading.Thread(target=server.run, name="admin-api", daemon=True).start()
+    where = f" (token in {settings.admin_token_file})" if settings.admin_token_file else ""
+    log.info("admin API on http://%s:%d/admin%s", settings.host, settings.admin_port, where)
+    if settings.admin_token is None and settings.admin_token_file is None:
+        log.warning("admin token (set SLOS_ADMIN_TOKEN or admin_token_file to choose where it goes): %s", token)
+    return server
 
 
 def _dispatch(planner: Planner, msg: Message) -> list[Message]:

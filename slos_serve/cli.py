@@ -101,6 +101,7 @@ def up(
     profile: Annotated[Path | None, typer.Option(help="performance-model profile the planner uses")] = None,
     model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key")] = None,
+    admin_port: Annotated[int | None, typer.Option(help="port of the planner's admin API (default 8001)")] = None,
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context window limit")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16")] = None,
@@ -114,7 +115,7 @@ def up(
 
     settings = _settings(config, host=host, port=port, workers=workers, mode=mode, prefill_workers=prefill,
                          decode_workers=decode, kv_transport=kv_transport, policy=policy, profile=profile,
-                         api_key=api_key,
+                         api_key=api_key, admin_port=admin_port,
                          kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype,
                          speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model)
     _logging(settings, "up")
@@ -154,7 +155,8 @@ def planner(config: ConfigOpt = None) -> None:
     _logging(settings, "planner")
     profile = load_profile(settings.profile or SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json")
     draft = load_profile(settings.draft_profile) if settings.draft_profile else None
-    serve(settings, make_policy(settings.policy, settings, profile, draft), WallClock(), _stop_on_signals())
+    serve(settings, make_policy(settings.policy, settings, profile, draft), WallClock(), _stop_on_signals(),
+          lambda name: make_policy(name, settings, profile, draft))
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import platformdirs
 
 from shared.bus import ipc_address
 from shared.settings import Settings, as_env
@@ -45,15 +48,24 @@ def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def wire(settings: Settings, run_dir: Path) -> Settings:
-    """Fill in the ZeroMQ addresses that are not set with ipc sockets in `run_dir`."""
+    """Fill in the ZeroMQ addresses that are not set with ipc sockets in `run_dir`, and give
+    the planner's admin API a token if it has none (kept owner-only in the user cache)."""
     defaults = {
         "planner_address": ipc_address(run_dir, "planner"),
         "planner_intake_address": ipc_address(run_dir, "planner-intake"),
         "gateway_address": ipc_address(run_dir, "gateway"),
     }
-    update = {k: v for k, v in defaults.items() if not getattr(settings, k)}
+    update: dict[str, object] = {k: v for k, v in defaults.items() if not getattr(settings, k)}
     if settings.threads_per_worker is None:
         update["threads_per_worker"] = max(1, (os.cpu_count() or 1) // len(worker_roles(settings)))
+    if settings.admin_token is None:
+        update["admin_token"] = secrets.token_urlsafe(24)
+        path = settings.admin_token_file or platformdirs.user_cache_path("slos-serve") / f"admin-token-{settings.admin_port}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(f"{update['admin_token']}\n")
+        update["admin_token_file"] = path
     return settings.model_copy(update=update)
 
 
@@ -123,9 +135,11 @@ def up(settings: Settings) -> int:
                 log.error("worker %s exited (code %s); starting it again", wid, workers[wid][0].returncode)
                 workers[wid] = (spawn(["worker", "--worker-id", wid, "--role", roles[wid]], env), time.monotonic())
             if not announced and _ready(settings):
-                log.info("slos-serve ready: http://%s:%d/v1 (model %s, %s mode, %d workers)",
-                         settings.host, settings.port, settings.served_model_name, settings.mode,
-                         len(worker_roles(settings)))
+                log.info("slos-serve ready: http://%s:%d/v1 (model %s, %s mode, %d workers, policy %s); "
+                         "admin API http://%s:%d/admin%s", settings.host, settings.port, settings.served_model_name,
+                         settings.mode, len(worker_roles(settings)), settings.policy, settings.host,
+                         settings.admin_port,
+                         f", token in {settings.admin_token_file}" if settings.admin_token_file else "")
                 announced = True
             if not announced and time.monotonic() - started > READY_TIMEOUT_S:
                 log.error("not ready after %.0f s; stopping", READY_TIMEOUT_S)

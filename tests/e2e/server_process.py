@@ -17,6 +17,7 @@ from shared.bus import free_tcp_port
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 API_KEY = "test-key"
+ADMIN_TOKEN = "test-admin-token"
 IGNORE_EOS = {"ignore_eos": True}
 
 
@@ -27,6 +28,11 @@ class Server:
     proc: subprocess.Popen
     intake_address: str
     gateway_address: str
+    admin_url: str
+
+    def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.request(method, self.admin_url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                             **kwargs)  # type: ignore[arg-type]
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
@@ -56,10 +62,11 @@ def alive(pid: int) -> bool:
 
 def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
           env_extra: dict[str, str] | None = None) -> Server:
-    port = free_tcp_port()
+    port, admin_port = free_tcp_port(), free_tcp_port()
     intake, gateway = f"ipc://{tmp}/intake.sock", f"ipc://{tmp}/gateway.sock"
     env = {**os.environ, "SLOS_API_KEY": API_KEY, "SLOS_PLANNER_INTAKE_ADDRESS": intake,
-           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_REQUEST_TIMEOUT_S": "60", **(env_extra or {})}
+           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_REQUEST_TIMEOUT_S": "60", "SLOS_ADMIN_PORT": str(admin_port),
+           "SLOS_ADMIN_TOKEN": ADMIN_TOKEN, **(env_extra or {})}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
@@ -67,7 +74,7 @@ def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    server = Server(url, model.name, proc, intake, gateway)
+    server = Server(url, model.name, proc, intake, gateway, f"http://127.0.0.1:{admin_port}/admin")
     flags = dict(zip(extra[::2], extra[1::2]))
     expected = int(flags.get("--workers", workers))
     if flags.get("--mode") == "disaggregated":

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_process import API_KEY, IGNORE_EOS, Server, wait_idle
+from server_process import ADMIN_TOKEN, API_KEY, IGNORE_EOS, Server, wait_idle
 from shared.bus import free_tcp_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
@@ -61,9 +61,10 @@ def namespaces() -> Iterator[None]:
 def test_workers_in_their_own_namespaces(namespaces: None, tiny_model: Path, tmp_path: Path, transport: str) -> None:
     if transport == "nixl":
         pytest.importorskip("nixl._api")
-    port = free_tcp_port()
+    port, admin_port = free_tcp_port(), free_tcp_port()
     planner, intake, gateway = (f"tcp://{HOST}:{free_tcp_port(HOST)}" for _ in range(3))
     env = {**os.environ, "SLOS_MODEL_DIR": str(tiny_model), "SLOS_API_KEY": API_KEY, "SLOS_PORT": str(port),
+           "SLOS_ADMIN_PORT": str(admin_port), "SLOS_ADMIN_TOKEN": ADMIN_TOKEN,
            "SLOS_MODE": "disaggregated", "SLOS_KV_TRANSPORT": transport, "SLOS_THREADS_PER_WORKER": "1",
            "SLOS_PLANNER_ADDRESS": planner, "SLOS_PLANNER_INTAKE_ADDRESS": intake, "SLOS_GATEWAY_ADDRESS": gateway}
     cli = [sys.executable, "-m", "slos_serve.cli"]
@@ -87,7 +88,7 @@ def test_workers_in_their_own_namespaces(namespaces: None, tiny_model: Path, tmp
                 pass
             assert time.monotonic() < deadline, (tmp_path / "cluster.log").read_text()[-3000:]
             time.sleep(0.3)
-        server = Server(url, tiny_model.name, procs[0], intake, gateway)
+        server = Server(url, tiny_model.name, procs[0], intake, gateway, f"http://127.0.0.1:{admin_port}/admin")
         client = server.client()
 
         def one(i: int) -> str:

@@ -205,3 +205,15 @@ def test_stopping_up_leaves_no_orphans(tiny_model: Path, tmp_path: Path, sig: si
     while any(alive(k) for k in kids):
         assert time.monotonic() < deadline, [k for k in kids if alive(k)]
         time.sleep(0.2)
+
+
+def test_admin_api_has_its_own_token_and_explains_verdicts(server: Server) -> None:
+    assert httpx.get(server.admin_url + "/workers", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+    workers = server.admin("GET", "/workers").json()
+    assert sorted(w["worker_id"] for w in workers) == ["worker-0", "worker-1"]
+    assert all(w["alive"] and w["role"] == "colocated" for w in workers)
+    done = server.client().completions.create(model=server.model, prompt="admin", max_tokens=4, temperature=0,
+                                              extra_body={**IGNORE_EOS, "slo_class": "chatbot"})
+    verdict = server.admin("GET", f"/requests/{done.id}").json()["verdict"]
+    assert verdict.startswith("admitted to worker worker-")
+    assert server.admin("GET", "/policy").json()["policy"] == "slos"

@@ -1,0 +1,85 @@
+"""The admin API over a live planner object: token required, state read under the lock, and
+the operator's levers (drain, role, policy, mode) acting on the next scheduling call."""
+
+from __future__ import annotations
+
+import threading
+
+from fastapi.testclient import TestClient
+
+from planner.admin import create_admin_app
+from planner.policies.fcfs import FCFSPolicy
+from planner.policies.sarathi import SarathiPolicy
+from planner.service import Planner
+from shared.clock import ManualClock
+from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello
+from shared.slo import DEFAULT_CLASSES
+
+TOKEN = "admin-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def setup() -> tuple[Planner, TestClient]:
+    planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=10.0)
+    for wid in ("w0", "w1"):
+        planner.on_hello(WorkerHello(wid, "colocated", 64, 16, 2048, 1))
+    policies = {"fcfs": FCFSPolicy, "sarathi": SarathiPolicy}
+    app = create_admin_app(planner, threading.Lock(), TOKEN, lambda name: policies[name]())
+    return planner, TestClient(app)
+
+
+def submit(planner: Planner, rid: str) -> None:
+    planner.on_submit(Submit(rid, [1] * 20, SamplingParams(max_tokens=4, temperature=0.0), SLOSpec("coding"), 0.0))
+
+
+def test_every_route_needs_the_admin_token() -> None:
+    _, client = setup()
+    for path in ("/admin/workers", "/admin/queues", "/admin/slo", "/admin/policy", "/admin/requests/x"):
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    body = client.get("/admin/workers").json()
+    assert body["error"]["message"] == "invalid or missing admin token"
+
+
+def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_went() -> None:
+    planner, client = setup()
+    assert client.post("/admin/workers/w0/drain", headers=AUTH).json() == {"worker_id": "w0", "draining": True}
+    assert client.post("/admin/workers/nope/drain", headers=AUTH).status_code == 404
+    for rid in ("a", "b"):
+        submit(planner, rid)
+    planner.schedule()
+    assert client.get("/admin/requests/a", headers=AUTH).json()["verdict"].startswith("admitted to worker w1")
+    assert client.get("/admin/requests/zzz", headers=AUTH).status_code == 404
+    queues = client.get("/admin/queues", headers=AUTH).json()
+    assert queues["running"] == {"w0": [], "w1": ["a", "b"]} and queues["waiting"] == []
+    workers = {w["worker_id"]: w for w in client.get("/admin/workers", headers=AUTH).json()}
+    assert workers["w0"]["draining"] and workers["w1"]["requests"] == ["a", "b"]
+    client.post("/admin/workers/w0/undrain", headers=AUTH)
+    assert not planner.state.workers["w0"].draining
+
+
+def test_policy_and_mode_switch_live() -> None:
+    planner, client = setup()
+    assert client.get("/admin/policy", headers=AUTH).json()["policy"] == "fcfs"
+    assert client.put("/admin/policy", json={"policy": "sarathi"}, headers=AUTH).json() == {"policy": "sarathi"}
+    assert planner.policy.name == "sarathi"
+    assert client.put("/admin/policy", json={"policy": "distserve"}, headers=AUTH).status_code == 409
+    assert client.put("/admin/policy", json={"policy": "nope"}, headers=AUTH).status_code == 422
+    assert client.put("/admin/workers/w1/role", json={"role": "decode"}, headers=AUTH).json()["role"] == "decode"
+    assert planner.state.workers["w1"].home_role == "decode"
+    client.put("/admin/mode", json={"mode": "colocated"}, headers=AUTH)
+    assert {w.role for w in planner.state.workers.values()} == {"colocated"}
+    client.put("/admin/mode", json={"mode": "disaggregated"}, headers=AUTH)
+    assert planner.state.workers["w1"].role == "decode"
+
+
+def test_slo_attainment_per_class() -> None:
+    planner, client = setup()
+    submit(planner, "a")
+    orders = planner.schedule()[0]
+    wid, order = next(iter(orders.items()))
+    planner.on_report(StepReport(wid, order.step_id, 0.01, [RequestProgress("a", 20, 1)], [], 60))
+    order = planner.schedule()[0][wid]
+    planner.on_report(StepReport(wid, order.step_id, 0.01, [RequestProgress("a", 23, 4, "length")], [], 64))
+    slo = client.get("/admin/slo", headers=AUTH).json()
+    assert slo["attainment"] == {"coding": {"met": 1, "total": 1, "share": 1.0}}
