@@ -39,32 +39,15 @@ from shared.messages import (
     Role,
     SamplingParams,
     SLOSpec,
-    Stage,
     StepReport,
     Submit,
     WorkerHello,
 )
+from bench.workloads import Arrival, Outcome, attainment, attainment_by_class
 from shared.roofline import Batches, Profile
 from shared.slo import SLOClass, Tracker, resolve
 
 TICK_S = 0.25  # the live planner wakes at least this often (worker heartbeats)
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """One request of a workload."""
-
-    request_id: str
-    at: float  # arrival time; for a follow-up, the think time after its predecessor finished
-    prompt_tokens: int
-    output_tokens: int  # what it writes before it stops
-    slo_class: str
-    ttft_ms: float | None = None  # overrides the class's objectives when set
-    tpot_ms: float | None = None
-    stages: tuple[Stage, ...] = ()
-    max_tokens: int | None = None  # the client's cap; None: the output length is known to nobody
-    alpha: float = 0.0  # per-token acceptance of speculative proposals for this request
-    then: Arrival | None = None  # the next call of a tool loop
 
 
 @dataclass(frozen=True)
@@ -91,20 +74,6 @@ class Cluster:
 
 
 @dataclass
-class Outcome:
-    request_id: str
-    slo_class: str
-    arrival: float
-    prompt_tokens: int
-    output_tokens: int
-    refused: bool
-    finished: bool
-    met: bool
-    ttft_s: float | None
-    tpots_s: list[float | None]
-
-
-@dataclass
 class SimResult:
     outcomes: list[Outcome]
     end: float  # simulated seconds
@@ -113,11 +82,10 @@ class SimResult:
 
     @property
     def attainment(self) -> float:
-        return sum(o.met for o in self.outcomes) / max(1, len(self.outcomes))
+        return attainment(self.outcomes)
 
     def by_class(self) -> dict[str, float]:
-        classes = sorted({o.slo_class for o in self.outcomes})
-        return {c: float(np.mean([o.met for o in self.outcomes if o.slo_class == c])) for c in classes}
+        return attainment_by_class(self.outcomes)
 
 
 @dataclass
@@ -277,7 +245,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
     """Run the workload to its end (or `drain_s` after the last arrival) and judge every request."""
     rng = np.random.default_rng(seed)
     clock = ManualClock()
-    planner = Planner(policy, clock, classes, worker_timeout_s=math.inf)
+    planner = Planner(policy, clock, classes, worker_timeout_s=math.inf, profile=cluster.profile)
     planner.state.mode = cluster.mode  # type: ignore[assignment]
     workers = {wid: _Worker(wid, role, cluster, rng) for wid, role in cluster.roles()}
     for i, (wid, role) in enumerate(cluster.roles()):

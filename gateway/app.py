@@ -260,6 +260,8 @@ def create_app(settings: Settings) -> FastAPI:
                 obj = chat_chunk(gen.request_id, body.model, ts, delta, finish)
             else:
                 obj = completion_chunk(gen.request_id, body.model, ts, text, finish)
+            if body.continuous_usage:
+                obj["usage"] = usage(gen.prompt_tokens, gen.completion_tokens)
             return f"data: {json.dumps(obj)}\n\n"
 
         deadline = gen.started + settings.request_timeout_s
@@ -269,7 +271,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield event(chunk.text, None, role=True) if chat else event(chunk.text, None)
             while gen.finish_reason is None:
                 chunk = await next_chunk(gen, request, deadline)
-                if chunk.text:
+                if chunk.text or (body.continuous_usage and chunk.token_ids):
                     yield event(chunk.text, None)
             yield event("", gen.finish_reason)
             if body.include_usage:

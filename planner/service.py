@@ -19,6 +19,7 @@ from pathlib import Path
 import uvicorn
 import zmq
 
+from planner.costs import batch_shape
 from planner.policies import Decisions, Policy, WorkerBatch
 from planner.roles import conflicts
 from planner.state import RESERVE_AHEAD, Attainment, PlannerState, RequestState, WorkerState
@@ -45,6 +46,7 @@ from shared.messages import (
     WorkerStatus,
     encode,
 )
+from shared.roofline import Profile, split
 from shared.settings import Settings
 from shared.slo import SLOClass, UnknownSLOClass, resolve
 
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.2
 VERDICTS_KEPT = 10_000  # recent requests whose admission verdict the admin API can explain
+TURNAROUND_S = 0.02  # a new order sooner than this after a report follows on from that step
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Planner:
     clock: Clock
     slo_classes: dict[str, SLOClass]
     worker_timeout_s: float
+    profile: Profile | None = None  # to learn how each worker's steps run against it (planner.calibration)
     state: PlannerState = field(default_factory=PlannerState)
     pending_aborts: dict[str, list[str]] = field(default_factory=dict)
     next_step_id: int = 0
@@ -139,6 +143,9 @@ class Planner:
         worker.step_in_flight = None
         worker.last_seen = now
         worker.reported_free_blocks = msg.free_blocks
+        if worker.order_parts is not None:
+            worker.fit.add(*worker.order_parts, now - worker.order_sent_at)
+        worker.last_report_at = now
         for p in msg.progress:
             req = self.state.requests.get(p.request_id)
             if req is None:
@@ -204,11 +211,19 @@ class Planner:
         to_gateway = self._apply(decisions)
         orders: dict[str, BatchOrder] = {}
         for worker_id, batch in decisions.batches.items():
+            worker = self.state.workers[worker_id]
+            now = self.clock.now()  # a step right after the last one counts the planner's turnaround too
+            worker.order_sent_at = worker.last_report_at if now - worker.last_report_at < TURNAROUND_S else now
+            worker.order_parts = None
+            if self.profile is not None:
+                fixed, work = split(self.profile.model, self.profile.params, batch_shape(self.state, batch))
+                worker.order_parts = (float(fixed[0]), float(work[0]))
             orders[worker_id] = self._order(worker_id, batch)
         for worker_id in list(self.pending_aborts) + list(self.unsent_roles):
             worker = self.state.workers.get(worker_id)
-            if worker is not None and worker.alive and worker.step_in_flight is None:
-                orders.setdefault(worker_id, self._order(worker_id, WorkerBatch()))
+            if worker is not None and worker.alive and worker.step_in_flight is None and worker_id not in orders:
+                worker.order_parts = None
+                orders[worker_id] = self._order(worker_id, WorkerBatch())
         for worker_id, order in orders.items():
             order.aborts = self.pending_aborts.pop(worker_id, [])
             order.role = self.unsent_roles.pop(worker_id, None)
@@ -414,7 +429,7 @@ class Planner:
         return lost
 
 
-def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event,
+def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event, profile: Profile,
           make_policy: Callable[[str], Policy] | None = None) -> None:
     """Run the planner loop, and its admin API, until `stop` is set."""
     ctx = zmq.Context()
@@ -425,7 +440,7 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     poller.register(intake, zmq.POLLIN)
     poller.register(workers, zmq.POLLIN)
     classes = {k: v.resolved() for k, v in settings.slo_classes.items()}
-    planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s))
+    planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s), profile=profile)
     planner.state.mode = settings.mode
     lock = threading.Lock()
     admin = _start_admin(settings, planner, lock, make_policy or (lambda name: policy))

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from planner.calibration import StepFit
 from planner.lengths import LengthModel, expected_output
 from shared.messages import ExportedRequest, Role, SamplingParams, SpecCounts
 from shared.slo import SLOTarget, Tracker
@@ -104,6 +105,10 @@ class WorkerState:
     step_in_flight: int | None = None
     requests: list[str] = field(default_factory=list)
     alive: bool = True
+    fit: StepFit = field(default_factory=StepFit)  # how its steps run against the performance model
+    order_sent_at: float = 0.0
+    order_parts: tuple[float, float] | None = None  # the model's (fixed, roofline) seconds of its step in flight
+    last_report_at: float = -math.inf
     draining: bool = False  # an operator asked it to take no new requests
     target_role: Role | None = None  # changing to this role once its current work allows: takes no new requests
 

@@ -118,12 +118,19 @@ def terms(shape: ModelShape, b: Batches) -> tuple[np.ndarray, np.ndarray]:
     return flops, nbytes
 
 
-def predict(shape: ModelShape, p: RooflineParams, b: Batches) -> np.ndarray:
-    """Seconds per batch."""
+def split(shape: ModelShape, p: RooflineParams, b: Batches) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds per batch in two parts: the fixed cost (per step and per sequence) and the
+    roofline of its work."""
     flops, nbytes = terms(shape, b)
     compute, memory = flops * p.inv_flops, nbytes * p.inv_bandwidth
     bound = np.maximum(compute, memory) if p.combine == "max" else compute + memory
-    return p.overhead_s + p.per_sequence_s * b.num_seqs + bound
+    return p.overhead_s + p.per_sequence_s * b.num_seqs, bound
+
+
+def predict(shape: ModelShape, p: RooflineParams, b: Batches) -> np.ndarray:
+    """Seconds per batch."""
+    fixed, work = split(shape, p, b)
+    return fixed + work
 
 
 def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_seqs: float,
@@ -209,6 +216,16 @@ class Profile(msgspec.Struct, frozen=True):
 
     def predict(self, b: Batches) -> np.ndarray:
         return predict(self.model, self.params, b)
+
+    def rescaled(self, fixed: float, work: float) -> Profile:
+        """The same machine with its fixed costs `fixed` times and its roofline `work` times
+        slower (shared cores, a busy host: see planner.calibration)."""
+        if fixed == work == 1.0:
+            return self
+        p = self.params
+        return msgspec.structs.replace(self, params=msgspec.structs.replace(
+            p, overhead_s=p.overhead_s * fixed, per_sequence_s=p.per_sequence_s * fixed,
+            inv_flops=p.inv_flops * work, inv_bandwidth=p.inv_bandwidth * work))
 
 
 class ProfileError(ValueError):

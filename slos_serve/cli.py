@@ -155,7 +155,7 @@ def planner(config: ConfigOpt = None) -> None:
     _logging(settings, "planner")
     profile = load_profile(settings.profile or SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json")
     draft = load_profile(settings.draft_profile) if settings.draft_profile else None
-    serve(settings, make_policy(settings.policy, settings, profile, draft), WallClock(), _stop_on_signals(),
+    serve(settings, make_policy(settings.policy, settings, profile, draft), WallClock(), _stop_on_signals(), profile,
           lambda name: make_policy(name, settings, profile, draft))
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.costs import batch_seconds
 from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Plan, Replica, max_decode_batch, plan
 from planner.policies.base import Decisions, WorkerBatch
 from planner.policies.placement import (
@@ -48,7 +49,7 @@ from planner.roles import choose_roles
 from planner.spec_choice import acceptance_from_rate, expected_tokens
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import MAX_SPEC_LEN
-from shared.roofline import Batches, Profile
+from shared.roofline import Profile
 
 MIN_PROPOSED = 50  # speculative tokens a class must have verified before its own rate counts
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
@@ -66,6 +67,7 @@ class SLOPolicy:
     routing: bool = True  # False: each request is bound to one replica by a hash of its id
     rebalance: bool = True  # move workers between the pools when one is the bottleneck
     prior_alpha: float = 0.5  # per-token acceptance assumed before a class has reports
+    margin: float = 0.9  # plan batches to this share of each TPOT: headroom for prediction error
     name: str = "slos"
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
@@ -94,7 +96,7 @@ class SLOPolicy:
                 decisions.park.append((req.request_id, "no worker can meet its SLOs now; waiting for room"))
                 parked += 1
         hand_over(state, load, self.max_num_seqs, decisions, added,
-                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], r.tpot_s) > 0)
+                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], self._tpot(r)) > 0)
 
         for worker in state.idle_workers():
             request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
@@ -108,7 +110,7 @@ class SLOPolicy:
                 batch.prefill = [(rid, n) for rid, n in p.chunks.items() if rid in mine]
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
                 if batch.prefill:
-                    batch.prefill = self._size(state, batch, p.step_s, p.needed)
+                    batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed)
             if batch:
                 decisions.batches[worker.worker_id] = batch
         return decisions
@@ -169,8 +171,8 @@ class SLOPolicy:
               now: float, gone: set[str]) -> Plan:
         mine = [state.requests[r] for r in worker.requests if r not in gone]
         running = [r for r in mine if r.phase == "decode"]
-        tpots = [t for t in (r.tpot_s for r in running) if t is not None]
-        tightest = min(running, key=lambda r: r.tpot_s or math.inf, default=None)
+        tpots = [t for t in (self._tpot(r) for r in running) if t is not None]
+        tightest = min(running, key=lambda r: self._tpot(r) or math.inf, default=None)
         best_effort = sum(r.reserved_blocks for r in mine if r.best_effort and r.phase in ("prefill", "decode"))
         replica = Replica(
             decoding=len(running),
@@ -185,14 +187,15 @@ class SLOPolicy:
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
         )
-        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), r.tpot_s, True, _life_context(r))
+        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r), True, _life_context(r))
                 for r in mine if r.phase == "prefill" and r.prefill_left > 0]
         jobs += [Job(r.request_id, r.prefill_left, worker.blocks_for(r.tokens_on(worker.role)), _deadline(r, now),
-                     None if r.parked and r.deadline < now else r.tpot_s, False, _life_context(r))
+                     None if r.parked and r.deadline < now else self._tpot(r), False, _life_context(r))
                  for r in candidates]
-        return plan(self.profile, replica, jobs, now)
+        return plan(self._profile(worker), replica, jobs, now)
 
-    def _size(self, state: PlannerState, batch: WorkerBatch, step_s: float, needed: int) -> list[tuple[str, int]]:
+    def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,
+              needed: int) -> list[tuple[str, int]]:
         """How much of the planned prefill the next batch runs, cut from the end of its chunks.
 
         Never so much that the batch outlasts its period (the budget was priced without the
@@ -201,20 +204,9 @@ class SLOPolicy:
         longer batch adds little prefill per second but slows every decoding request, which
         then holds its KV blocks longer. A cut inside a prompt moves to its end when that fits,
         rather than leave a stub for the next batch."""
-        reqs = [state.requests[rid] for rid in batch.decode]
-        verify = [1 + batch.spec_lens.get(r.request_id, 0) for r in reqs]
-        contexts = [r.prompt_len + r.num_output for r in reqs]
-        pairs = sum(v * c for v, c in zip(verify, contexts))
-        start = np.array([state.requests[rid].num_computed for rid, _ in batch.prefill], dtype=np.float64)
-        size = np.array([n for _, n in batch.prefill], dtype=np.float64)
-        ends = np.cumsum(size)
+        ends = np.cumsum([n for _, n in batch.prefill], dtype=np.float64)
         totals = np.unique(np.concatenate([np.linspace(0, ends[-1], 33).round(), ends]))
-        taken = np.clip(totals[:, None] - (ends - size)[None, :], 0, size[None, :])
-        seconds = self.profile.predict(Batches.of(
-            prefill_tokens=totals, decode_seqs=len(reqs), verify_len=sum(verify) / max(1, len(reqs)),
-            kv_read=sum(contexts) + (start[None, :] + taken).sum(axis=1),
-            num_seqs=len(reqs) + (taken > 0).sum(axis=1),
-            attention_pairs=pairs + (taken * (start[None, :] + taken / 2)).sum(axis=1)))
+        seconds = batch_seconds(profile, state, batch, totals)
         fits = seconds <= step_s
         if not fits.any():
             return []
@@ -233,6 +225,16 @@ class SLOPolicy:
             out.append((rid, n))
         return out
 
+    def _tpot(self, req: RequestState) -> float | None:
+        """The TPOT the plan keeps for the request's next tokens: its objective with headroom
+        for prediction error."""
+        tpot = req.tpot_s
+        return None if tpot is None else tpot * self.margin
+
+    def _profile(self, worker: WorkerState) -> Profile:
+        """The performance model as this worker's steps have been running lately."""
+        return self.profile.rescaled(worker.fit.fixed, worker.fit.work)
+
     def _alpha(self, state: PlannerState, slo_class: str | None) -> float:
         counts = state.acceptance(slo_class)
         if counts.proposed < MIN_PROPOSED:
@@ -249,10 +251,10 @@ class SLOPolicy:
         out = {}
         for rid in decode:
             req = state.requests[rid]
-            if req.tpot_s is None:
+            if self._tpot(req) is None:
                 continue
             alpha = self._alpha(state, req.slo_class)
-            k = next((k for k in range(self.max_spec_len + 1) if req.tpot_s * expected_tokens(alpha, k) >= step_s),
+            k = next((k for k in range(self.max_spec_len + 1) if self._tpot(req) * expected_tokens(alpha, k) >= step_s),
                      k_tight)
             if k:
                 out[rid] = k
@@ -261,23 +263,23 @@ class SLOPolicy:
     def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
         """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""
         reqs = [state.requests[r] for r in decode]
-        tightest = min(reqs, key=lambda r: r.tpot_s or math.inf, default=None)
-        if tightest is None or tightest.tpot_s is None:
+        tightest = min(reqs, key=lambda r: self._tpot(r) or math.inf, default=None)
+        if tightest is None or self._tpot(tightest) is None:
             return math.inf, 0
         replica = Replica(decoding=len(reqs), context_tokens=sum(r.prompt_len + r.num_output for r in reqs),
-                          tightest_tpot_s=tightest.tpot_s, free_blocks=0, max_num_seqs=self.max_num_seqs,
+                          tightest_tpot_s=self._tpot(tightest), free_blocks=0, max_num_seqs=self.max_num_seqs,
                           alpha=self._alpha(state, tightest.slo_class),
                           max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
                           draft=self.draft if worker.speculator == "draft" else None)
-        p = plan(self.profile, replica, [], 0.0)
+        p = plan(self._profile(worker), replica, [], 0.0)
         return p.step_s, p.spec_len
 
     def _decode_room(self, state: PlannerState, worker: WorkerState, count: int, tpot_s: float | None) -> int:
         """How many more requests a decode worker holding `count` can take at TPOT `tpot_s`."""
         reqs = [state.requests[r] for r in worker.requests]
-        tpots = [t for t in (r.tpot_s for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
+        tpots = [t for t in (self._tpot(r) for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
         context = sum(r.prompt_len + r.num_output for r in reqs) / len(reqs) if reqs else DEFAULT_CONTEXT
-        return max_decode_batch(self.profile, context, min(tpots, default=None), self.max_num_seqs) - count
+        return max_decode_batch(self._profile(worker), context, min(tpots, default=None), self.max_num_seqs) - count
 
     def _decode_slots(self, state: PlannerState) -> int:
         """Requests the decode pool can still take beside those it holds and those on their way."""

@@ -1,0 +1,77 @@
+"""Live load: a workload sent to a running server over its OpenAI API, each request at its
+time, judged by its client-side token times with the simulator's judge.
+
+Prompts are token ids (so each has exactly its length), outputs run to their length with
+EOS ignored, and every streamed chunk carries the usage so far (vLLM's
+`continuous_usage_stats`), so the client knows how many tokens each chunk brought. A 429 is
+a refusal; the next call of a tool loop goes out its think time after the previous one ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+
+import numpy as np
+import openai
+
+from bench.workloads import Arrival, Outcome
+from shared.messages import SLOSpec
+from shared.slo import SLOClass, Tracker, resolve
+
+
+async def _request(client: openai.AsyncOpenAI, model: str, a: Arrival, vocab: int, classes: dict[str, SLOClass],
+                   out: list[Outcome]) -> None:
+    rng = np.random.default_rng(zlib.crc32(a.request_id.encode()))
+    prompt = rng.integers(10, vocab, a.prompt_tokens).tolist()
+    extra: dict[str, object] = {"ignore_eos": True, "slo_class": a.slo_class}
+    if a.ttft_ms is not None:
+        extra["ttft_ms"] = a.ttft_ms
+    if a.tpot_ms is not None:
+        extra["tpot_ms"] = a.tpot_ms
+    if a.stages:
+        extra["slo_stages"] = [{"tokens": s.tokens, "tpot_ms": s.tpot_ms} for s in a.stages]
+    tracker = Tracker(resolve(SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), classes), time.monotonic())
+    refused = finished = False
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=a.output_tokens, temperature=0.0, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=extra)
+        async for chunk in stream:
+            if chunk.usage is not None and chunk.usage.completion_tokens > tracker.tokens:
+                tracker.add(chunk.usage.completion_tokens - tracker.tokens, time.monotonic())
+            finished = finished or any(c.finish_reason for c in chunk.choices)
+    except openai.RateLimitError:
+        refused = True
+    except openai.APIError:
+        pass
+    out.append(Outcome(a.request_id, a.slo_class, tracker.arrival, a.prompt_tokens, tracker.tokens, refused,
+                       finished, finished and tracker.met(), tracker.ttft_s, tracker.stage_tpots_s()))
+    if a.then is not None and finished:
+        await asyncio.sleep(a.then.at)
+        await _request(client, model, a.then, vocab, classes, out)
+
+
+async def _run(client: openai.AsyncOpenAI, model: str, arrivals: list[Arrival], vocab: int,
+               classes: dict[str, SLOClass]) -> list[Outcome]:
+    out: list[Outcome] = []
+    start = time.monotonic()
+
+    async def at_its_time(a: Arrival) -> None:
+        await asyncio.sleep(max(0.0, start + a.at - time.monotonic()))
+        await _request(client, model, a, vocab, classes, out)
+
+    await asyncio.gather(*(at_its_time(a) for a in arrivals))
+    return out
+
+
+def run_live(base_url: str, api_key: str, model: str, arrivals: list[Arrival], vocab: int,
+             classes: dict[str, SLOClass], timeout_s: float = 600.0) -> list[Outcome]:
+    """Send the workload and wait for every request (and its follow-ups) to end."""
+
+    async def main() -> list[Outcome]:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s) as client:
+            return await _run(client, model, arrivals, vocab, classes)
+
+    return asyncio.run(main())

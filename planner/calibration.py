@@ -1,0 +1,45 @@
+"""How each worker's steps really run against the performance model, learned as they run.
+
+A profile measured on an idle machine is wrong on a busy one, and wrong differently for
+different steps: shared cores slow small, overhead-bound decode steps far more than big
+prefill ones. So each worker keeps its recent steps as (the profile's fixed cost, the
+profile's roofline, the time the step took, from order to report) and fits two factors by
+least squares on relative error: one for the fixed part, one for the roofline. With steps
+too alike to tell the two apart, one factor serves for both. The policies price that worker's
+batches with the profile so rescaled; the planner's own turnaround between steps is part of
+the measured time, as it is part of every token's wait.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+WINDOW = 64  # recent steps kept per worker
+LIMITS = (0.2, 20.0)  # a factor outside these is a measurement gone wrong
+
+
+@dataclass
+class StepFit:
+    steps: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    fixed: float = 1.0
+    work: float = 1.0
+
+    def add(self, fixed_s: float, work_s: float, seconds: float) -> None:
+        """One step: the profile's two parts of it and the time it took; refits."""
+        if fixed_s + work_s <= 0 or seconds <= 0:
+            return
+        self.steps.append((fixed_s, work_s, seconds))
+        # weighted least squares on relative error: minimise sum ((a f + b w - t) / t)^2
+        sff = sfw = sww = sft = swt = 0.0
+        for f, w, t in self.steps:
+            f, w = f / t, w / t
+            sff, sfw, sww, sft, swt = sff + f * f, sfw + f * w, sww + w * w, sft + f, swt + w
+        det = sff * sww - sfw * sfw
+        if det > 1e-6 * sff * sww:
+            a, b = (sft * sww - swt * sfw) / det, (swt * sff - sft * sfw) / det
+            if a > 0 and b > 0:
+                self.fixed, self.work = (min(max(x, LIMITS[0]), LIMITS[1]) for x in (a, b))
+                return
+        one = sum(t for *_, t in self.steps) / sum(f + w for f, w, _ in self.steps)
+        self.fixed = self.work = min(max(one, LIMITS[0]), LIMITS[1])

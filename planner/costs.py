@@ -1,0 +1,36 @@
+"""What a batch costs, by the performance model: the planner's view of a step's shape (the
+contexts its decoding requests read, the context each prefill chunk attends to) priced by a
+profile. The policies size batches with it and the service checks it against the time steps
+really take."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.policies.base import WorkerBatch
+from planner.state import PlannerState
+from shared.roofline import Batches, Profile
+
+
+def batch_seconds(profile: Profile, state: PlannerState, batch: WorkerBatch,
+                  prefill_totals: np.ndarray | None = None) -> np.ndarray:
+    """Predicted seconds of the batch's decode work plus the first t of its prefill tokens (in
+    chunk order), for each t in `prefill_totals`; by default, of the whole batch."""
+    return profile.predict(batch_shape(state, batch, prefill_totals))
+
+
+def batch_shape(state: PlannerState, batch: WorkerBatch, prefill_totals: np.ndarray | None = None) -> Batches:
+    """The batch as the performance model sees it (see `batch_seconds`)."""
+    reqs = [state.requests[rid] for rid in batch.decode]
+    verify = [1 + batch.spec_lens.get(r.request_id, 0) for r in reqs]
+    contexts = [r.prompt_len + r.num_output for r in reqs]
+    start = np.array([state.requests[rid].num_computed for rid, _ in batch.prefill], dtype=np.float64)
+    size = np.array([n for _, n in batch.prefill], dtype=np.float64)
+    ends = np.cumsum(size)
+    totals = np.array([ends[-1] if len(ends) else 0.0]) if prefill_totals is None else prefill_totals
+    taken = np.clip(totals[:, None] - (ends - size)[None, :], 0, size[None, :])
+    return Batches.of(
+        prefill_tokens=totals, decode_seqs=len(reqs), verify_len=sum(verify) / max(1, len(reqs)),
+        kv_read=sum(contexts) + (start[None, :] + taken).sum(axis=1),
+        num_seqs=len(reqs) + (taken > 0).sum(axis=1),
+        attention_pairs=sum(v * c for v, c in zip(verify, contexts)) + (taken * (start[None, :] + taken / 2)).sum(axis=1))
