@@ -7,7 +7,9 @@ profile's roofline, the time the step took, from order to report) and fits two f
 least squares on relative error: one for the fixed part, one for the roofline. With steps
 too alike to tell the two apart, one factor serves for both. The policies price that worker's
 batches with the profile so rescaled; the planner's own turnaround between steps is part of
-the measured time, as it is part of every token's wait.
+the measured time, as it is part of every token's wait. How far off the rescaled profile
+still is (the mean relative error of its predictions, smoothed) is the headroom the policies
+leave below each TPOT: none where the model is exact, as in the simulator.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 
 WINDOW = 64  # recent steps kept per worker
 LIMITS = (0.2, 20.0)  # a factor outside these is a measurement gone wrong
+ERROR_WEIGHT = 0.05  # of each step in the smoothed prediction error
+MAX_HEADROOM = 0.25  # the most of a TPOT left as headroom
 
 
 @dataclass
@@ -24,11 +28,19 @@ class StepFit:
     steps: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     fixed: float = 1.0
     work: float = 1.0
+    error: float = 0.0  # mean relative error of the rescaled profile's predictions, smoothed
+
+    @property
+    def headroom(self) -> float:
+        """The share of a TPOT to plan batches to."""
+        return 1.0 - min(self.error, MAX_HEADROOM)
 
     def add(self, fixed_s: float, work_s: float, seconds: float) -> None:
         """One step: the profile's two parts of it and the time it took; refits."""
         if fixed_s + work_s <= 0 or seconds <= 0:
             return
+        miss = abs(self.fixed * fixed_s + self.work * work_s - seconds) / seconds
+        self.error = (1 - ERROR_WEIGHT) * self.error + ERROR_WEIGHT * miss
         self.steps.append((fixed_s, work_s, seconds))
         # weighted least squares on relative error: minimise sum ((a f + b w - t) / t)^2
         sff = sfw = sww = sft = swt = 0.0

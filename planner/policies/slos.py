@@ -67,7 +67,6 @@ class SLOPolicy:
     routing: bool = True  # False: each request is bound to one replica by a hash of its id
     rebalance: bool = True  # move workers between the pools when one is the bottleneck
     prior_alpha: float = 0.5  # per-token acceptance assumed before a class has reports
-    margin: float = 0.9  # plan batches to this share of each TPOT: headroom for prediction error
     name: str = "slos"
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
@@ -96,7 +95,7 @@ class SLOPolicy:
                 decisions.park.append((req.request_id, "no worker can meet its SLOs now; waiting for room"))
                 parked += 1
         hand_over(state, load, self.max_num_seqs, decisions, added,
-                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], self._tpot(r)) > 0)
+                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], self._tpot(r, w)) > 0)
 
         for worker in state.idle_workers():
             request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
@@ -171,8 +170,8 @@ class SLOPolicy:
               now: float, gone: set[str]) -> Plan:
         mine = [state.requests[r] for r in worker.requests if r not in gone]
         running = [r for r in mine if r.phase == "decode"]
-        tpots = [t for t in (self._tpot(r) for r in running) if t is not None]
-        tightest = min(running, key=lambda r: self._tpot(r) or math.inf, default=None)
+        tpots = [t for t in (self._tpot(r, worker) for r in running) if t is not None]
+        tightest = min(running, key=lambda r: self._tpot(r, worker) or math.inf, default=None)
         best_effort = sum(r.reserved_blocks for r in mine if r.best_effort and r.phase in ("prefill", "decode"))
         replica = Replica(
             decoding=len(running),
@@ -187,10 +186,10 @@ class SLOPolicy:
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
         )
-        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r), True, _life_context(r))
-                for r in mine if r.phase == "prefill" and r.prefill_left > 0]
+        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
+                    _life_context(r)) for r in mine if r.phase == "prefill" and r.prefill_left > 0]
         jobs += [Job(r.request_id, r.prefill_left, worker.blocks_for(r.tokens_on(worker.role)), _deadline(r, now),
-                     None if r.parked and r.deadline < now else self._tpot(r), False, _life_context(r))
+                     None if r.parked and r.deadline < now else self._tpot(r, worker), False, _life_context(r))
                  for r in candidates]
         return plan(self._profile(worker), replica, jobs, now)
 
@@ -225,11 +224,12 @@ class SLOPolicy:
             out.append((rid, n))
         return out
 
-    def _tpot(self, req: RequestState) -> float | None:
-        """The TPOT the plan keeps for the request's next tokens: its objective with headroom
-        for prediction error."""
+    @staticmethod
+    def _tpot(req: RequestState, worker: WorkerState) -> float | None:
+        """The TPOT the plan keeps for the request's next tokens on the worker: its objective,
+        less headroom for how far off the worker's predictions have been."""
         tpot = req.tpot_s
-        return None if tpot is None else tpot * self.margin
+        return None if tpot is None else tpot * worker.fit.headroom
 
     def _profile(self, worker: WorkerState) -> Profile:
         """The performance model as this worker's steps have been running lately."""
@@ -251,11 +251,11 @@ class SLOPolicy:
         out = {}
         for rid in decode:
             req = state.requests[rid]
-            if self._tpot(req) is None:
+            tpot = self._tpot(req, worker)
+            if tpot is None:
                 continue
             alpha = self._alpha(state, req.slo_class)
-            k = next((k for k in range(self.max_spec_len + 1) if self._tpot(req) * expected_tokens(alpha, k) >= step_s),
-                     k_tight)
+            k = next((k for k in range(self.max_spec_len + 1) if tpot * expected_tokens(alpha, k) >= step_s), k_tight)
             if k:
                 out[rid] = k
         return out
@@ -263,11 +263,11 @@ class SLOPolicy:
     def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
         """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""
         reqs = [state.requests[r] for r in decode]
-        tightest = min(reqs, key=lambda r: self._tpot(r) or math.inf, default=None)
-        if tightest is None or self._tpot(tightest) is None:
+        tightest = min(reqs, key=lambda r: self._tpot(r, worker) or math.inf, default=None)
+        if tightest is None or self._tpot(tightest, worker) is None:
             return math.inf, 0
         replica = Replica(decoding=len(reqs), context_tokens=sum(r.prompt_len + r.num_output for r in reqs),
-                          tightest_tpot_s=self._tpot(tightest), free_blocks=0, max_num_seqs=self.max_num_seqs,
+                          tightest_tpot_s=self._tpot(tightest, worker), free_blocks=0, max_num_seqs=self.max_num_seqs,
                           alpha=self._alpha(state, tightest.slo_class),
                           max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
                           draft=self.draft if worker.speculator == "draft" else None)
@@ -277,7 +277,7 @@ class SLOPolicy:
     def _decode_room(self, state: PlannerState, worker: WorkerState, count: int, tpot_s: float | None) -> int:
         """How many more requests a decode worker holding `count` can take at TPOT `tpot_s`."""
         reqs = [state.requests[r] for r in worker.requests]
-        tpots = [t for t in (self._tpot(r) for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
+        tpots = [t for t in (self._tpot(r, worker) for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
         context = sum(r.prompt_len + r.num_output for r in reqs) / len(reqs) if reqs else DEFAULT_CONTEXT
         return max_decode_batch(self._profile(worker), context, min(tpots, default=None), self.max_num_seqs) - count
 
