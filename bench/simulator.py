@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 
 from planner.policies import Policy
-from planner.service import Planner
+from planner.service import Planner, quiet_gc
 from shared.clock import ManualClock
 from shared.messages import (
     BatchOrder,
@@ -244,6 +244,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
              seed: int = 0, drain_s: float = 600.0) -> SimResult:
     """Run the workload to its end (or `drain_s` after the last arrival) and judge every request."""
     rng = np.random.default_rng(seed)
+    quiet_gc()
     clock = ManualClock()
     planner = Planner(policy, clock, classes, worker_timeout_s=math.inf, profile=cluster.profile)
     planner.state.mode = cluster.mode  # type: ignore[assignment]

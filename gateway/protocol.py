@@ -104,7 +104,7 @@ class _Common(BaseModel):
             top_k=self.top_k,
             top_p=self.top_p,
             seed=self.seed,
-            stop=list(self.stop or []),
+            stop=tuple(self.stop or ()),
             ignore_eos=self.ignore_eos,
         )
 

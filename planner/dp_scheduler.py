@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.spec_choice import choose_spec_len
-from shared.roofline import Batches, Profile, prefill_budget
+from planner.spec_choice import periods
+from shared.roofline import Batches, Profile, prefill_budgets
 
 IDLE_STEP_S = 0.05  # batch period with no TPOT to pace it
-SEARCH_STEPS = 6  # bisection steps when pricing the decode work of what is admitted
+CONSIDERED = 256  # waiting requests, earliest deadlines first, that one call plans at most
 DEFAULT_CONTEXT = 512  # context assumed for a decoding request when nothing else says
 
 
@@ -87,13 +87,14 @@ class Plan:
     chunks: dict[str, int] = field(default_factory=dict)  # prefill tokens in the next batch, at most
     needed: int = 0  # prefill tokens the next batch must run for every admitted request to stay on time
     late: list[str] = field(default_factory=list)  # promised, but now past what fits
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the admitted, in the planned jobs
 
 
 @dataclass(frozen=True)
-class _Queue:
-    """The jobs as arrays in deadline order (promised first among equals), built once per call."""
+class Jobs:
+    """Requests with prompt left to prefill, as columns (see `Job`)."""
 
-    ids: list[str]
+    ids: np.ndarray  # object
     tokens: np.ndarray
     blocks: np.ndarray
     deadline: np.ndarray
@@ -102,24 +103,46 @@ class _Queue:
     context: np.ndarray
 
     @classmethod
-    def of(cls, jobs: list[Job]) -> _Queue:
+    def of(cls, jobs: list[Job]) -> Jobs:
         n = len(jobs)
-        deadline = np.fromiter((j.deadline for j in jobs), np.float64, n)
-        promised = np.fromiter((j.promised for j in jobs), bool, n)
-        order = np.lexsort((~promised, deadline))
-        return cls(
-            ids=[jobs[i].request_id for i in order.tolist()],
-            tokens=np.fromiter((j.prefill_tokens for j in jobs), np.int64, n)[order],
-            blocks=np.fromiter((j.blocks for j in jobs), np.int64, n)[order],
-            deadline=deadline[order],
-            tpot=np.fromiter((math.nan if j.tpot_s is None else j.tpot_s for j in jobs), np.float64, n)[order],
-            promised=promised[order],
-            context=np.fromiter((j.context for j in jobs), np.int64, n)[order],
-        )
+        return cls(np.array([j.request_id for j in jobs], dtype=object).reshape(n),
+                   np.fromiter((j.prefill_tokens for j in jobs), np.int64, n),
+                   np.fromiter((j.blocks for j in jobs), np.int64, n),
+                   np.fromiter((j.deadline for j in jobs), np.float64, n),
+                   np.fromiter((math.nan if j.tpot_s is None else j.tpot_s for j in jobs), np.float64, n),
+                   np.fromiter((j.promised for j in jobs), bool, n),
+                   np.fromiter((j.context for j in jobs), np.int64, n))
+
+    def __add__(self, other: Jobs) -> Jobs:
+        return Jobs(*(np.concatenate([a, b]) for a, b in zip(self._columns(), other._columns())))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, rows: np.ndarray) -> Jobs:
+        return Jobs(*(c[rows] for c in self._columns()))
+
+    def _columns(self) -> tuple[np.ndarray, ...]:
+        return self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context
 
 
-def plan(profile: Profile, replica: Replica, jobs: list[Job], now: float) -> Plan:
-    queue = _Queue.of(jobs)
+def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float) -> Plan:
+    if isinstance(jobs, list):
+        jobs = Jobs.of(jobs)
+    queue = jobs.take(np.lexsort((~jobs.promised, jobs.deadline)))  # deadline order, promised first among equals
+    beyond = np.flatnonzero(~queue.promised)[CONSIDERED:]
+    if len(beyond):  # a burst: only the earliest deadlines compete this time
+        keep = np.ones(len(queue), dtype=bool)
+        keep[beyond] = False
+        queue, passed_over = queue.take(np.flatnonzero(keep)), queue.ids[beyond].tolist()
+    else:
+        passed_over = []
+    best = _plan(profile, replica, queue, now)
+    best.rejected += passed_over
+    return best
+
+
+def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
     promised = int(queue.promised.sum())
     promised_context = int(queue.context[queue.promised].sum())
     tiers: list[float | None] = [None]
@@ -127,29 +150,28 @@ def plan(profile: Profile, replica: Replica, jobs: list[Job], now: float) -> Pla
         with np.errstate(invalid="ignore"):
             floor = min(replica.tightest_tpot_s or math.inf,
                         float(np.nanmin(queue.tpot[queue.promised], initial=math.inf)))
-        found = set(queue.tpot[~np.isnan(queue.tpot)].tolist())
+        found = set(np.unique(queue.tpot[~np.isnan(queue.tpot)]).tolist())
         tiers = sorted(t for t in found | {floor} if t <= floor and math.isfinite(t)) or [None]
     best: Plan | None = None
     best_tier: float | None = None
+    now_budget = 0  # the next batch decodes only what runs now: its budget
     for tier in reversed(tiers):  # on a tie the longer period wins: bigger budgets, more slack
         eligible = _eligible(queue, tier)
         if best is not None and int(eligible.sum()) <= len(best.admitted):
             continue  # cannot admit more than the best so far
-        candidate = _plan_at(queue, eligible, _period(profile, replica, tier, promised, promised_context), replica, now)
+        steps, budgets, ks = _periods(profile, replica, tier, np.array([promised, 0]), np.array([promised_context, 0]))
+        candidate = _plan_at(queue, eligible, Period(float(steps[0]), int(budgets[0]), int(ks[0])), replica, now)
         if best is None or len(candidate.admitted) > len(best.admitted):
-            best, best_tier = candidate, tier
+            best, best_tier, now_budget = candidate, tier, int(budgets[1])
     assert best is not None
-    eligible = _eligible(queue, best_tier)
-    now_budget = _period(profile, replica, best_tier, 0, 0).budget  # the next batch decodes only what runs now
-    joining = len(best.admitted) - promised
-    if joining and not replica.prefill_only:
-        best = _with_their_decode_work(profile, replica, queue, eligible, best, best_tier, now)
+    if len(best.admitted) > promised and not replica.prefill_only:
+        best = _with_their_decode_work(profile, replica, queue, best, best_tier, now)
     best.next_budget = max(now_budget, best.budget)
     best.chunks = _next_batch(best.admitted, best.admitted_tokens, best.next_budget)
     return best
 
 
-def _eligible(queue: _Queue, tier: float | None) -> np.ndarray:
+def _eligible(queue: Jobs, tier: float | None) -> np.ndarray:
     """Requests a batch period of `tier` can serve: those with no TPOT, a looser one, or promised."""
     if tier is None:
         return np.ones(len(queue.ids), dtype=bool)
@@ -157,31 +179,35 @@ def _eligible(queue: _Queue, tier: float | None) -> np.ndarray:
         return queue.promised | np.isnan(queue.tpot) | (queue.tpot >= tier)
 
 
-def _with_their_decode_work(profile: Profile, replica: Replica, queue: _Queue, eligible: np.ndarray, first: Plan,
+def _with_their_decode_work(profile: Profile, replica: Replica, queue: Jobs, first: Plan,
                             tier: float | None, now: float) -> Plan:
-    """The most new requests n such that the plan, priced with the decode work of the
-    promised requests and of n new ones, still admits n; by bisection from the plan priced
-    without theirs (which admitted the most it ever can)."""
-    promised = int(queue.promised.sum())
-    context = int(queue.context[queue.promised].sum())
-    new = ~queue.promised & np.isin(queue.ids, first.admitted)
-    per_new = float(queue.context[new].mean()) if new.any() else 0.0
-    lo, hi = 0, int(new.sum())
-    found = None
-    for _ in range(SEARCH_STEPS):
-        if lo >= hi:
-            break
-        mid = (lo + hi + 1) // 2
-        candidate = _plan_at(queue, eligible, _period(profile, replica, tier, promised + mid,
-                                                      context + round(per_new * mid)), replica, now, mid)
-        if len(candidate.admitted) - promised >= mid:
-            lo, found = mid, candidate
-        else:
-            hi = mid - 1
-    if found is None or len(found.admitted) - promised != lo:
-        found = _plan_at(queue, eligible, _period(profile, replica, tier, promised + lo, context + round(per_new * lo)),
-                         replica, now, lo)
-    return found
+    """The most new requests n such that the promised ones and the n new ones with the
+    earliest deadlines, among those the plan priced without their decode work admitted (it
+    admits the most it ever can), still meet their deadlines once the budget is priced with
+    the decode work of all of them. Every n is priced at once."""
+    sub = queue.take(first.rows)
+    fresh = ~sub.promised
+    rank = np.cumsum(fresh) - 1  # among the new ones, in deadline order
+    counts = np.arange(int(fresh.sum()) + 1)
+    joining_context = int(sub.context[sub.promised].sum()) + np.concatenate([[0], np.cumsum(sub.context[fresh])])
+    steps, budgets, ks = _periods(profile, replica, tier, int(sub.promised.sum()) + counts, joining_context)
+    taken = sub.promised[None, :] | (fresh[None, :] & (rank[None, :] < counts[:, None]))
+    cumulative = np.cumsum(np.where(taken, sub.tokens[None, :], 0), axis=1)
+    finite = np.isfinite(sub.deadline)
+    batches = np.where(finite[None, :], np.floor((np.where(finite, sub.deadline, now)[None, :] - now) / steps[:, None]),
+                       np.inf) - int(replica.busy)
+    over = taken & (cumulative > np.maximum(batches, 0) * budgets[:, None])
+    from_first_new = np.arange(len(sub))[None, :] >= int(np.argmax(fresh))
+    n = int(np.flatnonzero(~(over & from_first_new).any(axis=1)).max())
+    rows = np.flatnonzero(taken[n])
+    plan = _plan_of(sub, rows, Period(float(steps[n]), int(budgets[n]), int(ks[n])), replica, now,
+                    np.zeros(len(sub), dtype=bool))
+    rejected = np.ones(len(queue), dtype=bool)
+    rejected[first.rows[rows]] = False
+    plan.rejected = queue.ids[rejected].tolist()
+    plan.late = [rid for rid in first.late if rid in set(plan.admitted)]
+    plan.rows = first.rows[rows]
+    return plan
 
 
 def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max_num_seqs: int) -> int:
@@ -198,19 +224,27 @@ def _period(profile: Profile, replica: Replica, tpot_s: float | None, joining: i
     """The batch period and prefill budget at TPOT `tpot_s`, with the running requests and
     `joining` more (reading `joining_context` KV tokens a step) decoding; None: nothing paces
     the batches."""
-    seqs = 0 if replica.prefill_only else replica.decoding + joining
-    kv_read = 0 if replica.prefill_only else replica.context_tokens + joining_context
+    steps, budgets, ks = _periods(profile, replica, tpot_s, np.array([joining]), np.array([joining_context]))
+    return Period(float(steps[0]), int(budgets[0]), int(ks[0]))
+
+
+def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: np.ndarray,
+             joining_context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_period` for arrays of joining requests: step lengths, budgets and speculative lengths."""
+    if replica.prefill_only:
+        joining, joining_context = 0 * joining, 0 * joining_context
+    seqs = replica.decoding + joining
+    kv_read = replica.context_tokens + joining_context
     if replica.prefill_only or tpot_s is None:
         step_s = IDLE_STEP_S if tpot_s is None else tpot_s
-        return Period(step_s, prefill_budget(profile.model, profile.params, step_s, seqs, 1.0, kv_read), 0)
-    choice = choose_spec_len(profile, tpot_s, seqs, round(kv_read / max(1, seqs)), replica.alpha, replica.draft,
-                             replica.max_spec_len)
-    if choice is None:  # not even the running requests keep this TPOT
-        return Period(tpot_s, 0, 0)
-    return Period(choice.step_s, round(choice.prefill_tokens_per_s * choice.step_s), choice.k)
+        budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
+        return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
+    ks, steps, budgets = periods(profile, tpot_s, seqs, np.round(kv_read / np.maximum(1, seqs)), replica.alpha,
+                                 replica.draft, replica.max_spec_len)
+    return steps, np.maximum(budgets, 0), np.where(budgets < 0, 0, ks)
 
 
-def _plan_at(queue: _Queue, eligible: np.ndarray, period: Period, replica: Replica, now: float,
+def _plan_at(queue: Jobs, eligible: np.ndarray, period: Period, replica: Replica, now: float,
              limit: int | None = None) -> Plan:
     """The largest feasible set at this period and budget, with at most `limit` new requests."""
     rows = np.flatnonzero(eligible)
@@ -224,19 +258,27 @@ def _plan_at(queue: _Queue, eligible: np.ndarray, period: Period, replica: Repli
             cap = min(cap, bound)
     extra = np.flatnonzero(keep & ~promised)[max(0, cap):]  # latest deadlines beyond the cap
     keep[extra] = False
-    kept = rows[keep]
-    admitted = [queue.ids[i] for i in kept.tolist()]
-    behind = np.cumsum(tokens[keep]) - np.maximum(batches[keep] - 1, 0).astype(np.float64) * period.budget
-    rejected_rows = np.sort(np.concatenate([np.flatnonzero(~eligible), rows[~keep]]))
+    plan = _plan_of(queue, rows[keep], period, replica, now, ~eligible)
+    plan.late = queue.ids[rows[late | late_mem]].tolist()
+    return plan
+
+
+def _plan_of(queue: Jobs, kept: np.ndarray, period: Period, replica: Replica, now: float,
+             ineligible: np.ndarray) -> Plan:
+    """The plan that admits the rows `kept` (in deadline order) at this period."""
+    rejected = np.ones(len(queue), dtype=bool)
+    rejected[kept] = False
+    batches = _batches(queue.deadline[kept], now, period.step_s, replica.busy)
+    behind = np.cumsum(queue.tokens[kept]) - np.maximum(batches - 1, 0).astype(np.float64) * period.budget
     return Plan(
-        admitted=admitted,
+        admitted=queue.ids[kept].tolist(),
         admitted_tokens=queue.tokens[kept].tolist(),
-        rejected=[queue.ids[i] for i in rejected_rows.tolist()],
+        rejected=queue.ids[rejected | ineligible].tolist(),
         step_s=period.step_s,
         budget=period.budget,
         spec_len=period.spec_len,
         needed=int(max(0.0, behind.max(initial=0.0))),
-        late=[queue.ids[i] for i in rows[late | late_mem].tolist()],
+        rows=kept,
     )
 
 
@@ -265,12 +307,22 @@ def _by_deadline(tokens: np.ndarray, promised: np.ndarray, batches: np.ndarray,
     heapq.heapify(heap)
     used = int(tokens[:first].sum())
     token_list, promised_list, capacity_list = tokens.tolist(), promised.tolist(), capacity.tolist()
+    push, pop = heapq.heappush, heapq.heappop
     for i in range(first, n):
-        used += token_list[i]
+        t = token_list[i]
+        used += t
+        if used <= capacity_list[i]:
+            if not promised_list[i]:
+                push(heap, (-t, i))
+            continue
         if not promised_list[i]:
-            heapq.heappush(heap, (-token_list[i], i))
+            if not heap or t >= -heap[0][0]:  # the largest so far: it is the one to drop
+                keep[i] = False
+                used -= t
+                continue
+            push(heap, (-t, i))
         while used > capacity_list[i] and heap:
-            size, drop = heapq.heappop(heap)
+            size, drop = pop(heap)
             keep[drop] = False
             used += size
     late = keep & promised & (np.cumsum(tokens * keep) > capacity)

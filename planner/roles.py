@@ -56,8 +56,8 @@ def _rebalance(state: PlannerState, alive: list[WorkerState], profile: Profile, 
     decode = [w for w in alive if w.role == "decode" and w.target_role is None]
     if not prefill or not decode:
         return {}
-    queued = sum(r.prefill_left for r in state.requests.values()
-                 if r.phase == "waiting" or (r.phase == "prefill" and r.worker_id in {w.worker_id for w in prefill}))
+    queued = int(state.waiting.rows().prefill.sum()) + sum(
+        state.requests[rid].prefill_left for w in prefill for rid in w.requests if state.requests[rid].phase == "prefill")
     rate = prefill_budget(profile.model, profile.params, IDLE_STEP_S, 0, 1.0, 0) / IDLE_STEP_S * len(prefill)
     backlog_s = queued / rate if rate > 0 else math.inf
     held = [state.requests[r] for w in decode for r in w.requests]
@@ -65,7 +65,7 @@ def _rebalance(state: PlannerState, alive: list[WorkerState], profile: Profile, 
     tpots = [t for t in (r.tpot_s for r in held) if t is not None]
     slots = len(decode) * max_decode_batch(profile, context, min(tpots, default=None), max_num_seqs)
     occupancy = len(held) / max(1, slots)
-    waiting_handovers = sum(1 for r in state.requests.values() if r.phase == "handover")
+    waiting_handovers = sum(1 for w in prefill for rid in w.requests if state.requests[rid].phase == "handover")
     if backlog_s > BACKLOG_S and occupancy < 0.5 and not waiting_handovers and len(decode) >= 2:
         return {min(decode, key=lambda w: len(w.requests)).worker_id: "prefill"}
     if (waiting_handovers > len(decode) or occupancy > 0.9) and backlog_s < BACKLOG_S / 4 and len(prefill) >= 2:

@@ -7,6 +7,7 @@ It never touches tensors and never sees tokens beyond counts.
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import threading
@@ -86,18 +87,18 @@ class Planner:
             slo = resolve(msg.slo, self.slo_classes)
         except UnknownSLOClass as exc:
             return [Refused(msg.request_id, str(exc), retry_after_s=0.0)]
-        self.state.requests[msg.request_id] = RequestState(
+        req = self.state.requests[msg.request_id] = RequestState(
             request_id=msg.request_id,
-            prompt_token_ids=msg.prompt_token_ids,
+            prompt_token_ids=tuple(msg.prompt_token_ids),
             params=msg.params,
             slo=slo,
             arrival=self.clock.now(),
             slo_class=msg.slo.slo_class,
-            resume_token_ids=msg.resume_token_ids,
+            resume_token_ids=tuple(msg.resume_token_ids),
             num_output=len(msg.resume_token_ids),
             expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(msg.slo.slo_class)),
         )
-        self.state.waiting.append(msg.request_id)
+        self.state.waiting.add(req)
         return []
 
     def on_abort(self, msg: Abort) -> None:
@@ -279,6 +280,7 @@ class Planner:
             log.info("request %s: parked (%s)", rid, reason)
             self._note(rid, f"parked: {reason}")
             self.state.requests[rid].parked = True
+            self.state.waiting.park(rid)
             out.append(Parked(rid, reason))
         for rid, reason in decisions.preempt:
             log.info("request %s: preempted (%s)", rid, reason)
@@ -303,7 +305,7 @@ class Planner:
             req.reserved_blocks = worker.blocks_for(req.tokens_on(worker.role))
             worker.reserved_blocks += req.reserved_blocks
             worker.requests.append(rid)
-            self.state.waiting.remove(rid)
+            self.state.waiting.discard(rid)
             how = "as best effort" if req.best_effort else "with its SLOs promised"
             log.info("request %s: admitted to worker %s %s", rid, worker_id, how)
             self._note(rid, f"admitted to worker {worker_id} {how}")
@@ -358,7 +360,7 @@ class Planner:
         for rid, _ in batch.prefill:
             req = self.state.requests[rid]
             if not req.delivered:
-                new.append(NewRequest(rid, req.prompt_token_ids, req.params, req.resume_token_ids))
+                new.append(NewRequest(rid, list(req.prompt_token_ids), req.params, list(req.resume_token_ids)))
                 req.delivered = True
         imports = []
         for rid in batch.decode:
@@ -401,8 +403,7 @@ class Planner:
     def _forget(self, req: RequestState) -> None:
         self.state.requests.pop(req.request_id, None)
         if req.worker_id is None:
-            if req.request_id in self.state.waiting:
-                self.state.waiting.remove(req.request_id)
+            self.state.waiting.discard(req.request_id)
             return
         for worker_id, reserved in ((req.worker_id, req.reserved_blocks), (req.decode_worker, req.decode_reserved)):
             worker = self.state.workers.get(worker_id or "")
@@ -429,6 +430,14 @@ class Planner:
         return lost
 
 
+def quiet_gc() -> None:
+    """With thousands of requests queued a full garbage collection takes tens of milliseconds,
+    a stall every batch would feel; the planner makes few reference cycles, so collect
+    rarely, and never look at what was loaded at start again."""
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 50)
+
+
 def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event, profile: Profile,
           make_policy: Callable[[str], Policy] | None = None) -> None:
     """Run the planner loop, and its admin API, until `stop` is set."""
@@ -446,6 +455,7 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     admin = _start_admin(settings, planner, lock, make_policy or (lambda name: policy))
     drops = DropCounter()
     last_status = 0.0
+    quiet_gc()
     log.info("planner up: intake %s, workers %s, policy %s", settings.planner_intake_address,
              settings.planner_address, policy.name)
     try:

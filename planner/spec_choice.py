@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.messages import MAX_SPEC_LEN
-from shared.roofline import Batches, Profile, prefill_budget
+from shared.roofline import Batches, Profile, prefill_budgets
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -48,32 +48,44 @@ class SpecChoice:
     prefill_tokens_per_s: float  # prefill that still fits, per second
 
 
-def options(target: Profile, tpot_s: float, batch: int, context: int, alpha: float,
-            draft: Profile | None = None, max_k: int = MAX_SPEC_LEN) -> list[SpecChoice]:
-    """Every k that keeps the TPOT, with what it leaves for prefill. With nothing decoding
-    there is nothing to speculate: k = 0 only."""
-    if not batch or not max_k:
-        kv_read = batch * (context + 1)
-        plain = float(target.predict(Batches.of(decode_seqs=batch, kv_read=kv_read, attention_pairs=batch * context)))
-        if batch and plain > tpot_s:
-            return []
-        budget = prefill_budget(target.model, target.params, tpot_s, batch, 1, kv_read)
-        return [SpecChoice(0, tpot_s, plain if batch else 0.0, budget / tpot_s)]
-    ks = np.arange(max_k + 1)
+def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
+          draft: Profile | None, max_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every (batch, context) pair by every k: the step length, its decode work, whether that
+    keeps the TPOT, and the prefill budget left."""
+    batch = np.asarray(batch, dtype=np.float64)[:, None]
+    context = np.asarray(context, dtype=np.float64)[:, None]
+    ks = np.arange(max_k + 1)[None, :]
     gain = ks + 1.0 if alpha >= 1 else (1 - alpha ** (ks + 1)) / (1 - alpha)
-    steps = tpot_s * gain
+    steps = np.broadcast_to(tpot_s * gain, (batch.shape[0], ks.shape[1]))
     kv_read = batch * (context + ks + 1)
     verify = target.predict(Batches.of(decode_seqs=batch, verify_len=ks + 1, kv_read=kv_read,
                                        attention_pairs=batch * (ks + 1) * context))
-    draft_s = ks * float(draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
-                                                  attention_pairs=batch * context))) if draft else 0.0 * ks
-    out = []
-    for k in np.flatnonzero(verify + draft_s <= steps).tolist():
-        step_s = float(steps[k])
-        budget = prefill_budget(target.model, target.params, step_s - float(draft_s[k]), batch, k + 1,
-                                float(kv_read[k]))
-        out.append(SpecChoice(k, step_s, float(verify[k] + draft_s[k]), budget / step_s))
-    return out
+    draft_s = ks * draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
+                                            attention_pairs=batch * context)) if draft else 0.0 * ks
+    decode_s = np.broadcast_to(verify + draft_s, steps.shape)
+    ok = (decode_s <= steps) & ((ks == 0) | (batch > 0))
+    budget = prefill_budgets(target.model, target.params, steps - draft_s, batch, ks + 1, kv_read)
+    return steps, decode_s, ok, budget
+
+
+def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
+            draft: Profile | None = None, max_k: int = MAX_SPEC_LEN) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each (batch, context) pair, the best k, its step length and its prefill budget;
+    budget -1 where no k keeps the TPOT. With nothing decoding there is nothing to
+    speculate: k = 0."""
+    steps, _, ok, budget = _grid(target, tpot_s, batch, context, alpha, draft, max_k)
+    rate = np.where(ok, budget / steps, -1.0)
+    best = np.argmax(rate, axis=1)  # the first, so the smallest k, among equals
+    rows = np.arange(len(best))
+    return best, steps[rows, best], np.where(ok[rows, best], budget[rows, best], -1)
+
+
+def options(target: Profile, tpot_s: float, batch: int, context: int, alpha: float,
+            draft: Profile | None = None, max_k: int = MAX_SPEC_LEN) -> list[SpecChoice]:
+    """Every k that keeps the TPOT, with what it leaves for prefill."""
+    steps, decode_s, ok, budget = _grid(target, tpot_s, np.array([batch]), np.array([context]), alpha, draft, max_k)
+    return [SpecChoice(k, float(steps[0, k]), float(decode_s[0, k]), float(budget[0, k] / steps[0, k]))
+            for k in np.flatnonzero(ok[0]).tolist()]
 
 
 def choose_spec_len(target: Profile, tpot_s: float, batch: int, context: int, alpha: float,

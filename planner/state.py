@@ -9,6 +9,7 @@ from typing import Literal
 
 from planner.calibration import StepFit
 from planner.lengths import LengthModel, expected_output
+from planner.waiting import WaitingQueue
 from shared.messages import ExportedRequest, Role, SamplingParams, SpecCounts
 from shared.slo import SLOTarget, Tracker
 
@@ -23,12 +24,12 @@ RESERVE_AHEAD = 16  # tokens of room a decoding request keeps beyond what it has
 @dataclass
 class RequestState:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]  # a tuple of ints, which the garbage collector stops scanning
     params: SamplingParams
     slo: SLOTarget
     arrival: float
     slo_class: str | None = None
-    resume_token_ids: list[int] = field(default_factory=list)  # output streamed before a worker died
+    resume_token_ids: tuple[int, ...] = ()  # output streamed before a worker died
     expected_output: int = 0  # output tokens the plan assumes; grows when outlived
     phase: Phase = "waiting"
     worker_id: str | None = None
@@ -147,7 +148,7 @@ class Attainment:
 class PlannerState:
     requests: dict[str, RequestState] = field(default_factory=dict)
     speculation: dict[str, SpecCounts] = field(default_factory=dict)  # by SLO class
-    waiting: list[str] = field(default_factory=list)  # unassigned, in arrival order
+    waiting: WaitingQueue = field(default_factory=WaitingQueue)  # unassigned, in arrival order
     workers: dict[str, WorkerState] = field(default_factory=dict)
     lengths: LengthModel = field(default_factory=LengthModel)
     attainment: dict[str, Attainment] = field(default_factory=dict)  # by SLO class

@@ -18,20 +18,21 @@ Role = Literal["colocated", "prefill", "decode"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
-class SamplingParams(msgspec.Struct, frozen=True):
-    """How to pick tokens; temperature 0 means greedy."""
+class SamplingParams(msgspec.Struct, frozen=True, gc=False):
+    """How to pick tokens; temperature 0 means greedy. Tuples and gc=False keep thousands of
+    queued requests out of the garbage collector's way."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
 
-class Stage(msgspec.Struct, frozen=True):
+class Stage(msgspec.Struct, frozen=True, gc=False):
     """A part of a request's output with a decode objective of its own (say, thinking then
     answering): its first `tokens` output tokens (None: all the rest) at `tpot_ms`."""
 

@@ -137,16 +137,23 @@ def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_s
                    verify_len: float, kv_read: float) -> int:
     """The most prefill tokens that fit beside the given decode work in a step of `step_s`,
     ignoring the prefill's own attention (small for chunks of a few hundred tokens)."""
-    seqs = decode_seqs + 1
-    fixed = p.overhead_s + p.per_sequence_s * seqs
+    return int(prefill_budgets(shape, p, step_s, decode_seqs, verify_len, kv_read))
+
+
+def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, decode_seqs: ArrayLike,
+                    verify_len: ArrayLike, kv_read: ArrayLike) -> np.ndarray:
+    """`prefill_budget` for arrays of steps (broadcast against each other)."""
+    step_s, decode_seqs, verify_len, kv_read = (np.asarray(a, dtype=np.float64)
+                                                 for a in (step_s, decode_seqs, verify_len, kv_read))
+    fixed = p.overhead_s + p.per_sequence_s * (decode_seqs + 1)
     decode_flops = decode_seqs * verify_len * shape.flops_per_token + kv_read * shape.flops_per_pair
     memory = (shape.weight_bytes + kv_read * shape.kv_bytes_per_token) * p.inv_bandwidth
     room = step_s - fixed - (0.0 if p.combine == "max" else memory)
-    if room <= 0 or (p.combine == "max" and memory > room):
-        return 0
+    blocked = (room <= 0) | ((memory > room) if p.combine == "max" else False)
     if p.inv_flops <= 0:
-        return 1 << 30
-    return max(0, int((room / p.inv_flops - decode_flops) / shape.flops_per_token))
+        return np.where(blocked, 0, 1 << 30)
+    tokens = np.floor((room / p.inv_flops - decode_flops) / shape.flops_per_token)
+    return np.where(blocked, 0, np.maximum(tokens, 0)).astype(np.int64)
 
 
 def _solve(design: np.ndarray, times: np.ndarray) -> np.ndarray:

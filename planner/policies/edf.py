@@ -52,11 +52,12 @@ class EDFPolicy:
                     queued[w.worker_id].append((r.deadline, r.prefill_left))
         rates = {w.worker_id: self._prefill_rate(state, w, gone) for w in pool}
         added: dict[str, list[str]] = {w: [] for w in state.workers}
-        capacity = Capacity.of(state)
-        for req in sorted((state.requests[r] for r in state.waiting), key=lambda r: (r.deadline, r.arrival)):
-            reason = capacity.never_fits(req) or ("its TTFT deadline has passed" if req.deadline < now else None)
-            if reason is not None:
-                decisions.refuse.append((req.request_id, reason))
+        refused = dict(Capacity.of(state).refusals(state.waiting.rows()))
+        decisions.refuse += refused.items()
+        waiting = (state.requests[r] for r in state.waiting if r not in refused)
+        for req in sorted(waiting, key=lambda r: (r.deadline, r.arrival)):
+            if req.deadline < now:
+                decisions.refuse.append((req.request_id, "its TTFT deadline has passed"))
                 continue
             options = [w for w in pool if fits(req, w, load, self.max_num_seqs)]
             if not options:

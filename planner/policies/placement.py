@@ -7,8 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.policies.base import Decisions, WorkerBatch
 from planner.state import PlannerState, RequestState, WorkerState
+from planner.waiting import Rows
 
 Load = dict[str, tuple[int, int]]  # worker -> (unreserved blocks, requests)
 
@@ -70,19 +73,19 @@ class Capacity:
                    for role in ("colocated", "prefill", "decode")}
         return cls(**largest, block_size=alive[0].block_size if alive else 16)
 
-    def never_fits(self, req: RequestState) -> str | None:
-        """Why no worker could ever hold the request, or None if one could (or none is up yet)."""
-        whole = -(-req.tokens_on("colocated") // self.block_size)
-        prompt = -(-req.prefill_len // self.block_size)
-        if self.colocated is not None and self.colocated >= whole:
-            return None
-        if self.prefill is not None and self.prefill >= prompt:
-            if self.decode is None or self.decode >= whole:
-                return None  # a prefilled request waits for a decode worker that can hold it
-            return "request needs more KV cache than any decode worker has"
+    def refusals(self, rows: Rows) -> list[tuple[str, str]]:
+        """The waiting requests no worker could ever hold, and why (none while no worker is up)."""
         if self.colocated is None and self.prefill is None:
-            return None
-        return "request needs more KV cache than any worker has"
+            return []
+        whole, prompt = -(-rows.whole // self.block_size), -(-rows.prefill // self.block_size)
+        colocated = whole <= self.colocated if self.colocated is not None else np.zeros(len(rows), dtype=bool)
+        prefilled = prompt <= self.prefill if self.prefill is not None else np.zeros(len(rows), dtype=bool)
+        decoded = whole <= self.decode if self.decode is not None else np.ones(len(rows), dtype=bool)
+        out = []
+        for i in np.flatnonzero(~colocated & ~(prefilled & decoded)).tolist():
+            where = "any decode worker" if prefilled[i] else "any worker"
+            out.append((rows.ids[i], f"request needs more KV cache than {where} has"))
+        return out
 
 
 def admit_in_order(state: PlannerState, decisions: Decisions, load: Load, max_num_seqs: int,
@@ -91,15 +94,12 @@ def admit_in_order(state: PlannerState, decisions: Decisions, load: Load, max_nu
     what a server without admission control does. Returns what each worker was given."""
     added: dict[str, list[str]] = {w: [] for w in state.workers}
     pool = prefill_pool(state)
-    capacity = Capacity.of(state)
-    waiting = [state.requests[rid] for rid in state.waiting]
+    refused = dict(Capacity.of(state).refusals(state.waiting.rows()))
+    decisions.refuse += refused.items()
+    waiting = [state.requests[rid] for rid in state.waiting if rid not in refused]
     if order is not None:
         waiting.sort(key=order)
     for req in waiting:
-        reason = capacity.never_fits(req)
-        if reason is not None:
-            decisions.refuse.append((req.request_id, reason))
-            continue
         worker = place(req, pool, load, max_num_seqs)
         if worker is None:
             break
@@ -114,7 +114,8 @@ def hand_over(state: PlannerState, load: Load, max_num_seqs: int, decisions: Dec
     """Prefilled requests, oldest first, to the decode worker with the most room that
     `accepts` them."""
     pool = decode_pool(state)
-    ready = sorted((r for r in state.requests.values() if r.phase == "handover"), key=lambda r: r.arrival)
+    ready = sorted((state.requests[rid] for w in state.workers.values() for rid in w.requests
+                    if state.requests[rid].phase == "handover"), key=lambda r: r.arrival)
     for req in ready:
         worker = place(req, [w for w in pool if accepts(req, w)], load, max_num_seqs)
         if worker is None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costs import batch_seconds
-from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Plan, Replica, max_decode_batch, plan
+from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
 from planner.policies.base import Decisions, WorkerBatch
 from planner.policies.placement import (
     Load,
@@ -48,6 +48,7 @@ from planner.policies.placement import (
 from planner.roles import choose_roles
 from planner.spec_choice import acceptance_from_rate, expected_tokens
 from planner.state import PlannerState, RequestState, WorkerState
+from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN
 from shared.roofline import Profile
 
@@ -74,25 +75,18 @@ class SLOPolicy:
         gone = relieve_memory(state, decisions)
         load = load_of(state, gone)
         added: dict[str, list[str]] = {w: [] for w in state.workers}
-        candidates: list[RequestState] = []
-        capacity = Capacity.of(state)
-        for rid in state.waiting:
-            req = state.requests[rid]
-            reason = capacity.never_fits(req)
-            if reason is not None:
-                decisions.refuse.append((rid, reason))
-            else:
-                candidates.append(req)
-        plans = self._admit(state, now, candidates, load, added, decisions, gone)
-        admitted = set(decisions.assign)
-        parked = sum(1 for r in state.requests.values() if r.parked and r.worker_id is None)
-        for req in candidates:
-            if req.request_id in admitted or req.parked:
-                continue
+        rows = state.waiting.rows()
+        refused = Capacity.of(state).refusals(rows)
+        decisions.refuse += refused
+        candidates = ~rows.mask([rid for rid, _ in refused])
+        plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
+        parked = int(rows.parked.sum())
+        left = candidates & ~rows.parked & ~rows.mask(list(decisions.assign))
+        for rid in rows.ids[left].tolist():
             if parked >= self.best_effort_limit:
-                decisions.refuse.append((req.request_id, "overloaded: the best-effort queue is full"))
+                decisions.refuse.append((rid, "overloaded: the best-effort queue is full"))
             else:
-                decisions.park.append((req.request_id, "no worker can meet its SLOs now; waiting for room"))
+                decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
                 parked += 1
         hand_over(state, load, self.max_num_seqs, decisions, added,
                   accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], self._tpot(r, w)) > 0)
@@ -104,7 +98,8 @@ class SLOPolicy:
                 step_s, k = self._decode_period(state, worker, batch.decode)
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, step_s, k)
             else:
-                p = plans.get(worker.worker_id) or self._plan(state, worker, load, [], now, gone)
+                nobody = np.zeros(len(rows), dtype=bool)
+                p = plans.get(worker.worker_id) or self._plan(state, worker, load, rows, nobody, now, gone)
                 mine = set(request_ids)
                 batch.prefill = [(rid, n) for rid, n in p.chunks.items() if rid in mine]
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
@@ -114,40 +109,43 @@ class SLOPolicy:
                 decisions.batches[worker.worker_id] = batch
         return decisions
 
-    def _admit(self, state: PlannerState, now: float, candidates: list[RequestState], load: Load,
+    def _admit(self, state: PlannerState, now: float, rows: Rows, candidates: np.ndarray, load: Load,
                added: dict[str, list[str]], decisions: Decisions, gone: set[str]) -> dict[str, Plan]:
         """Route candidates to replicas, least loaded first, then best-effort ones into the slack
         left; returns each replica's plan."""
         plans: dict[str, Plan] = {}
         pool = sorted(prefill_pool(state), key=lambda w: (_backlog(state, w), -load[w.worker_id][0], w.worker_id))
-        promising = [r for r in candidates if not _best_effort(r, now)]
-        home = {r.request_id: pool[zlib.crc32(r.request_id.encode()) % len(pool)].worker_id for r in promising}
-        for worker in pool:
-            mine = promising if self.routing else [r for r in promising if home[r.request_id] == worker.worker_id]
-            p = plans[worker.worker_id] = self._plan(state, worker, load, mine, now, gone)
-            admitted = set(p.admitted)
-            for req in mine:
-                if req.request_id in admitted:
-                    decisions.assign[req.request_id] = worker.worker_id
-                    added[worker.worker_id].append(req.request_id)
+        best_effort = (rows.parked & (rows.deadline < now)) | (np.isinf(rows.deadline) & np.isnan(rows.tpot))
+        promising = candidates & ~best_effort
+        if not self.routing and pool:
+            home = np.array([zlib.crc32(rid.encode()) % len(pool) for rid in rows.ids.tolist()], dtype=np.int64)
+        for i, worker in enumerate(pool):
+            mine = promising if self.routing else promising & (home == i)
+            p = plans[worker.worker_id] = self._plan(state, worker, load, rows, mine, now, gone)
+            for rid in p.admitted:
+                req = state.requests[rid]
+                if req.phase == "waiting":
+                    decisions.assign[rid] = worker.worker_id
+                    added[worker.worker_id].append(rid)
                     take(req, worker, load)
             self._make_room(state, worker, load, decisions, gone)
-            promising = [r for r in promising if r.request_id not in admitted]
-        for req in (r for r in candidates if _best_effort(r, now)):
+            promising &= ~rows.mask(p.admitted)
+        for rid in rows.ids[candidates & best_effort].tolist():
+            req = state.requests[rid]
             slack = [w for w in pool if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget
                      and load[w.worker_id][1] < self.max_num_seqs
                      and load[w.worker_id][0] - w.blocks_for(req.tokens_on(w.role)) >= BE_RESERVE * w.num_blocks]
             worker = max(slack, key=lambda w: load[w.worker_id][0], default=None)
             if worker is None:
                 continue
-            decisions.assign[req.request_id] = worker.worker_id
-            decisions.best_effort.add(req.request_id)
-            added[worker.worker_id].append(req.request_id)
+            decisions.assign[rid] = worker.worker_id
+            decisions.best_effort.add(rid)
+            added[worker.worker_id].append(rid)
             take(req, worker, load)
             p = plans[worker.worker_id]
-            left = p.next_budget - sum(p.chunks.values())
-            if left > 0:
-                p.chunks[req.request_id] = min(left, req.prefill_left)
+            room = p.next_budget - sum(p.chunks.values())
+            if room > 0:
+                p.chunks[rid] = min(room, req.prefill_left)
         return plans
 
     def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
@@ -166,8 +164,10 @@ class SLOPolicy:
             count -= 1
         load[worker.worker_id] = (free, count)
 
-    def _plan(self, state: PlannerState, worker: WorkerState, load: Load, candidates: list[RequestState],
+    def _plan(self, state: PlannerState, worker: WorkerState, load: Load, rows: Rows, candidates: np.ndarray,
               now: float, gone: set[str]) -> Plan:
+        """The worker's admission plan: its running requests as load, its promised ones, and the
+        waiting rows in `candidates`."""
         mine = [state.requests[r] for r in worker.requests if r not in gone]
         running = [r for r in mine if r.phase == "decode"]
         tpots = [t for t in (self._tpot(r, worker) for r in running) if t is not None]
@@ -186,12 +186,14 @@ class SLOPolicy:
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
         )
-        jobs = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
-                    _life_context(r)) for r in mine if r.phase == "prefill" and r.prefill_left > 0]
-        jobs += [Job(r.request_id, r.prefill_left, worker.blocks_for(r.tokens_on(worker.role)), _deadline(r, now),
-                     None if r.parked and r.deadline < now else self._tpot(r, worker), False, _life_context(r))
-                 for r in candidates]
-        return plan(self._profile(worker), replica, jobs, now)
+        promised = Jobs.of([Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
+                                _life_context(r)) for r in mine if r.phase == "prefill" and r.prefill_left > 0])
+        deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
+        held = rows.prefill[candidates] if worker.role == "prefill" else rows.whole[candidates]
+        waiting = Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
+                       np.where(past, np.inf, deadline), np.where(past, np.nan, rows.tpot[candidates] * worker.fit.headroom),
+                       np.zeros(len(deadline), dtype=bool), rows.context[candidates])
+        return plan(self._profile(worker), replica, promised + waiting, now)
 
     def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,
               needed: int) -> list[tuple[str, int]]:
@@ -284,15 +286,9 @@ class SLOPolicy:
     def _decode_slots(self, state: PlannerState) -> int:
         """Requests the decode pool can still take beside those it holds and those on their way."""
         pool = decode_pool(state)
-        on_the_way = sum(1 for r in state.requests.values()
-                         if r.phase in ("prefill", "handover") and r.worker_id is not None
-                         and state.workers[r.worker_id].role == "prefill")
+        on_the_way = sum(1 for w in state.workers.values() if w.role == "prefill" for rid in w.requests
+                         if state.requests[rid].phase in ("prefill", "handover"))
         return max(0, sum(max(0, self._decode_room(state, w, len(w.requests), None)) for w in pool) - on_the_way)
-
-
-def _best_effort(req: RequestState, now: float) -> bool:
-    """No objective left to promise: none was given, or the TTFT passed while it was parked."""
-    return req.parked and req.deadline < now or math.isinf(req.deadline) and req.tpot_s is None
 
 
 def _deadline(req: RequestState, now: float) -> float:

@@ -54,7 +54,7 @@ def test_stop_strings_eos_and_max_tokens(tiny_model: Path) -> None:
     assert reason == "length" and len(tokens) == 40
     assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
     stop = text[10:13]
-    _, stopped, reason = _run(engine, prompt, SamplingParams(max_tokens=40, temperature=0.0, stop=[stop],
+    _, stopped, reason = _run(engine, prompt, SamplingParams(max_tokens=40, temperature=0.0, stop=(stop,),
                                                              ignore_eos=True))
     assert reason == "stop" and stopped == text[: text.index(stop)]
     stop_id = tokens[5]

@@ -30,7 +30,8 @@ def state_with(workers: list[WorkerState], requests: list[RequestState]) -> Plan
     s = PlannerState()
     s.workers = {w.worker_id: w for w in workers}
     s.requests = {r.request_id: r for r in requests}
-    s.waiting = [r.request_id for r in requests]
+    for r in requests:
+        s.waiting.add(r)
     return s
 
 
@@ -71,7 +72,7 @@ def busy_worker() -> PlannerState:
     w0.requests = [r.request_id for r in running] + ["p"]
     s = state_with([w0], [])
     s.requests = {r.request_id: r for r in [*running, partial, request("new", 50, arrival=2.0)]}
-    s.waiting = ["new"]
+    s.waiting.add(s.requests["new"])
     return s
 
 
@@ -95,7 +96,8 @@ def test_edf_refuses_early_what_cannot_meet_its_deadline_and_orders_by_deadline(
             request("tight", 200, arrival=0.9, slo=SLOTarget(ttft_ms=1000.0)),
             request("impossible", 1_000_000, arrival=0.9, slo=SLOTarget(ttft_ms=150.0))]
     s.requests = {r.request_id: r for r in reqs}
-    s.waiting = [r.request_id for r in reqs]
+    for r in reqs:
+        s.waiting.add(r)
     s.workers["w0"].num_blocks = 100_000
     d = EDFPolicy(GPU, max_batch_tokens=300).schedule(s, now=1.0)
     refused = dict(d.refuse)

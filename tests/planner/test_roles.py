@@ -8,6 +8,7 @@ from planner.policies.fcfs import FCFSPolicy
 from planner.roles import COOLDOWN_S, choose_roles
 from planner.service import Planner
 from planner.state import PlannerState, RequestState, WorkerState
+from planner.waiting import WaitingQueue
 from shared.clock import ManualClock
 from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello
 from shared.roofline import ModelShape, Profile, RooflineParams
@@ -48,13 +49,13 @@ def test_a_backlogged_prefill_pool_takes_an_idle_decode_worker_once_per_cooldown
     for i in range(50):
         rid = f"r{i}"
         s.requests[rid] = RequestState(rid, [1] * 4000, SamplingParams(max_tokens=64), SLOTarget(), 0.0)
-        s.waiting.append(rid)
+        s.waiting.add(s.requests[rid])
     assert choose_roles(s, 10.0, GPU, rebalance=True) == {"d1": "prefill"}
     assert choose_roles(s, 10.0, GPU, rebalance=False) == {}
     s.last_role_change = 10.0
     assert choose_roles(s, 10.0 + COOLDOWN_S / 2, GPU, rebalance=True) == {}
     s = cluster("prefill", "decode")  # never the last worker of a pool
-    s.requests, s.waiting = {}, []
+    s.requests, s.waiting = {}, WaitingQueue()
     assert choose_roles(s, 10.0, GPU, rebalance=True) == {}
 
 

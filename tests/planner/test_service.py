@@ -83,7 +83,7 @@ def test_abort_of_a_waiting_request_needs_no_worker() -> None:
     planner.state.workers["w0"].step_in_flight = 99
     submit(planner, "r")
     planner.on_abort(Abort("r"))
-    assert planner.state.waiting == [] and planner.pending_aborts == {}
+    assert not planner.state.waiting and planner.pending_aborts == {}
 
 
 def test_silent_worker_is_declared_dead_and_its_requests_are_lost() -> None:

@@ -32,7 +32,7 @@ def state(workers: list[WorkerState], waiting: list[RequestState] = (), running:
     s.workers = {w.worker_id: w for w in workers}
     for r in waiting:
         s.requests[r.request_id] = r
-        s.waiting.append(r.request_id)
+        s.waiting.add(r)
     for wid, reqs in running.items():
         w = s.workers[wid]
         for r in reqs:

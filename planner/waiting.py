@@ -1,0 +1,109 @@
+"""The requests waiting for a worker, kept as numpy columns between scheduling calls.
+
+A burst can leave thousands of requests waiting, and a policy that looked at each one as an
+object on every call would spend its time budget doing only that. What admission needs of a
+waiting request does not change while it waits (its prompt, the KV it will hold, its TTFT
+deadline and TPOT, the context its decode steps will read), so it is written into columns once,
+on arrival, in arrival order. Leaving the queue marks a row dead; dead rows are compacted away
+when they outnumber the live ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from planner.state import RequestState
+
+_COLUMNS = {"prefill": np.int64, "whole": np.int64, "deadline": np.float64, "tpot": np.float64,
+            "context": np.int64, "parked": np.bool_, "live": np.bool_}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The live waiting requests, in arrival order."""
+
+    ids: np.ndarray  # object: request ids
+    prefill: np.ndarray  # prompt tokens to prefill (with any output resumed)
+    whole: np.ndarray  # KV tokens it holds on a worker that decodes it: prompt and planned output
+    deadline: np.ndarray  # TTFT deadline; inf for none
+    tpot: np.ndarray  # TPOT of its first decoded tokens, seconds; nan for none
+    context: np.ndarray  # KV tokens a decode step of it reads, on average over its life
+    parked: np.ndarray  # in the best-effort queue
+    slot: np.ndarray  # row in the queue's columns, increasing
+    where: dict[str, int]  # request id -> slot
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def mask(self, request_ids: list[str]) -> np.ndarray:
+        """The rows of these requests (ids not waiting are ignored)."""
+        out = np.zeros(len(self.ids), dtype=bool)
+        slots = [self.where[r] for r in request_ids if r in self.where]
+        out[np.searchsorted(self.slot, slots)] = True
+        return out
+
+
+class WaitingQueue:
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._row: dict[str, int] = {}
+        self._cols = {name: np.zeros(64, dtype) for name, dtype in _COLUMNS.items()}
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._row
+
+    def __iter__(self) -> Iterator[str]:
+        """Request ids in arrival order."""
+        return iter(list(self._row))
+
+    def add(self, req: RequestState) -> None:
+        n = len(self._ids)
+        if n == len(self._cols["live"]):
+            self._cols = {k: np.concatenate([v, np.zeros_like(v)]) for k, v in self._cols.items()}
+        tpot = req.tpot_s
+        values = {"prefill": req.prefill_left, "whole": req.tokens_on("colocated"), "deadline": req.deadline,
+                  "tpot": math.nan if tpot is None else tpot,
+                  "context": req.prompt_len + (req.num_output + req.planned_output()) // 2,
+                  "parked": req.parked, "live": True}
+        for name, value in values.items():
+            self._cols[name][n] = value
+        self._ids.append(req.request_id)
+        self._row[req.request_id] = n
+
+    def discard(self, request_id: str) -> None:
+        row = self._row.pop(request_id, None)
+        if row is None:
+            return
+        self._cols["live"][row] = False
+        if len(self._ids) > 64 and len(self._row) < len(self._ids) // 2:
+            self._compact()
+
+    def park(self, request_id: str) -> None:
+        self._cols["parked"][self._row[request_id]] = True
+
+    def rows(self) -> Rows:
+        n = len(self._ids)
+        live = np.flatnonzero(self._cols["live"][:n])
+        c = self._cols
+        return Rows(np.array(self._ids, dtype=object)[live], c["prefill"][live], c["whole"][live],
+                    c["deadline"][live], c["tpot"][live], c["context"][live], c["parked"][live], live, self._row)
+
+    def _compact(self) -> None:
+        n = len(self._ids)
+        live = np.flatnonzero(self._cols["live"][:n])
+        self._ids = [self._ids[i] for i in live.tolist()]
+        self._row = {rid: i for i, rid in enumerate(self._ids)}
+        size = max(64, 2 * len(live))
+        fresh = {name: np.zeros(size, dtype) for name, dtype in _COLUMNS.items()}
+        for name, col in self._cols.items():
+            fresh[name][:len(live)] = col[live]
+        self._cols = fresh
