@@ -432,9 +432,7 @@ class Planner:
 
 def quiet_gc() -> None:
     """With thousands of requests queued a full garbage collection takes tens of milliseconds,
-    a stall every batch would feel; the planner makes few reference cycles, so collect
-    rarely, and never look at what was loaded at start again."""
-    gc.freeze()
+    a stall every batch would feel; the planner makes few reference cycles, so collect rarely."""
     gc.set_threshold(100_000, 50, 50)
 
 
@@ -456,6 +454,7 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     drops = DropCounter()
     last_status = 0.0
     quiet_gc()
+    gc.freeze()  # what was loaded at start is never garbage
     log.info("planner up: intake %s, workers %s, policy %s", settings.planner_intake_address,
              settings.planner_address, policy.name)
     try:
