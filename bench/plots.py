@@ -53,3 +53,26 @@ def time_vs_tokens(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def attainment_curves(path: Path, curves: dict[str, dict[str, list[tuple[float, float]]]], title: str) -> None:
+    """SLO attainment against arrival rate: one panel per scenario, one line per policy."""
+    plt = _pyplot()
+    names = list(curves)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for policy, points in curves[name].items():
+            rates, shares = zip(*points)
+            ax.plot(rates, shares, marker="o", markersize=3, linewidth=1.2, label=policy)
+        ax.axhline(0.9, color="grey", linewidth=0.8, linestyle="--")
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel="requests per second", ylabel="SLO attainment", title=name)
+        _plain_log_ticks(ax)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

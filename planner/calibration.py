@@ -29,11 +29,7 @@ class StepFit:
     fixed: float = 1.0
     work: float = 1.0
     error: float = 0.0  # mean relative error of the rescaled profile's predictions, smoothed
-
-    @property
-    def headroom(self) -> float:
-        """The share of a TPOT to plan batches to."""
-        return 1.0 - min(self.error, MAX_HEADROOM)
+    headroom: float = 1.0  # the share of a TPOT to plan batches to
 
     def add(self, fixed_s: float, work_s: float, seconds: float) -> None:
         """One step: the profile's two parts of it and the time it took; refits."""
@@ -41,6 +37,7 @@ class StepFit:
             return
         miss = abs(self.fixed * fixed_s + self.work * work_s - seconds) / seconds
         self.error = (1 - ERROR_WEIGHT) * self.error + ERROR_WEIGHT * miss
+        self.headroom = 1.0 - min(self.error, MAX_HEADROOM)
         self.steps.append((fixed_s, work_s, seconds))
         # weighted least squares on relative error: minimise sum ((a f + b w - t) / t)^2
         sff = sfw = sww = sft = swt = 0.0

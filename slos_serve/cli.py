@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -219,6 +220,39 @@ def profile(
         predicted_vs_measured(plot, series, f"{prof.model.name} on {prof.hardware}")
 
 
+@app.command()
+def sim(
+    scenario_name: Annotated[str, typer.Option("--scenario", help="chatbot, coding, summarization, mixed, "
+                                               "tool_calling or reasoning")] = "mixed",
+    rate: Annotated[float, typer.Option(help="requests per second")] = 4.0,
+    duration: Annotated[float, typer.Option(help="seconds of arrivals")] = 60.0,
+    policy: Annotated[str, typer.Option(help="slos, fcfs, sarathi, distserve, edf or an slos ablation")] = "slos",
+    gpus: Annotated[int, typer.Option(help="GPUs (DistServe splits them into pools)")] = 1,
+    bursty: Annotated[bool, typer.Option(help="the bursty variant")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+) -> None:
+    """Simulate one scenario with the planner's real code and print SLO attainment per class."""
+    from bench.experiments import setups
+    from bench.simulator import simulate
+    from bench.workloads import scenario
+    from shared.slo import DEFAULT_CLASSES
+
+    prof = load_profile(profile)
+    setup = setups(prof, gpus)[policy]
+    arrivals = scenario(scenario_name, prof, rate, duration, seed, bursty)
+    result = simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed)
+    done = [o for o in result.outcomes if o.finished]
+    ttft = [o.ttft_s for o in done if o.ttft_s is not None]
+    print(f"{len(result.outcomes)} requests, {sum(o.refused for o in result.outcomes)} refused; "
+          f"SLO attainment {result.attainment:.1%} "
+          + ", ".join(f"{c} {a:.1%}" for c, a in result.by_class().items()))
+    if ttft:
+        print(f"TTFT p50 {np.percentile(ttft, 50) * 1e3:.0f} ms, p99 {np.percentile(ttft, 99) * 1e3:.0f} ms; "
+              f"simulated {result.end:.0f} s in {result.planner_calls} planner calls "
+              f"({result.planner_s / max(1, result.planner_calls) * 1e3:.2f} ms each)")
+
+
 @model_app.command("make")
 def model_make() -> None:
     """Build (or find) the built-in target + draft models in the user cache."""
@@ -374,6 +408,83 @@ def bench_planner(
         t = call_times(profile, n, calls)
         print(f"| {n:,} | {np.percentile(t.plan_s, 50) * 1e3:.3f} | {np.percentile(t.plan_s, 99) * 1e3:.3f} | "
               f"{np.percentile(t.call_s, 50) * 1e3:.3f} | {np.percentile(t.call_s, 99) * 1e3:.3f} | {t.admitted:.0%} |")
+
+
+@bench_app.command("capacity")
+def bench_capacity(
+    scenarios: Annotated[str, typer.Option(help="comma-separated, or all")] = "all",
+    policies: Annotated[str, typer.Option(help="comma-separated: slos, fcfs, sarathi, distserve, edf, "
+                                          "slos-no-spec, slos-no-routing, slos-no-burst")] = "slos,fcfs,sarathi,distserve,edf",
+    gpus: Annotated[int, typer.Option(help="GPUs each policy gets (DistServe splits them)")] = 2,
+    duration: Annotated[float, typer.Option(help="seconds of arrivals per simulated run")] = 30.0,
+    bursty: Annotated[bool, typer.Option(help="the bursty variant of each scenario")] = False,
+    start: Annotated[float, typer.Option(help="rate (req/s) the search starts from")] = 4.0,
+    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+    plot: Annotated[Path | None, typer.Option(help="PNG of SLO attainment against rate")] = None,
+) -> None:
+    """Capacity (req/s at 90 % SLO attainment) of each policy on each scenario, in the simulator."""
+    from bench.experiments import BASELINES, geomean, roofline_bound, search, setups
+    from bench.workloads import SCENARIOS, scenario
+
+    prof = load_profile(profile)
+    names = list(SCENARIOS) if scenarios == "all" else scenarios.split(",")
+    wanted = policies.split(",")
+    by_policy = setups(prof, gpus)
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    rows = []
+    print(f"{prof.model.name} on {gpus} x {prof.hardware}, {duration:.0f} s of arrivals per run"
+          f"{', bursty' if bursty else ''}; capacity in requests per second (tool calling: tasks per second)")
+    head = " | ".join(wanted)
+    print(f"| scenario | {head} | slos ÷ best of {'/'.join(BASELINES)} | slos ÷ edf | roofline bound |")
+    print("|---" * (len(wanted) + 4) + "|")
+    for name in names:
+        caps = {}
+        for policy in wanted:
+            found = search(by_policy[policy], name, prof, duration, bursty, start)
+            caps[policy] = found.capacity
+            curves.setdefault(name, {})[policy] = found.probes
+        best = max((caps[b] for b in BASELINES if b in caps), default=math.nan)
+        ratio = caps.get("slos", math.nan) / best if best else math.inf
+        vs_edf = caps.get("slos", math.nan) / caps["edf"] if caps.get("edf") else math.inf
+        bound = roofline_bound(prof, scenario(name, prof, 1.0, duration, 0, bursty), gpus)
+        rows.append((ratio, vs_edf))
+        print(f"| {name} | " + " | ".join(f"{caps[p]:.2f}" for p in wanted)
+              + f" | {ratio:.2f}x | {vs_edf:.2f}x | {bound:.1f} |", flush=True)
+    print(f"| geometric mean | " + " | ".join("" for _ in wanted)
+          + f" | {geomean([r for r, _ in rows]):.2f}x | {geomean([e for _, e in rows]):.2f}x | |")
+    if plot is not None:
+        from bench.plots import attainment_curves
+
+        attainment_curves(plot, curves, f"{prof.model.name}, {gpus} x {prof.hardware}")
+
+
+@bench_app.command("replicas")
+def bench_replicas(
+    scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario")] = "tool_calling",
+    replicas: Annotated[str, typer.Option(help="comma-separated")] = "1,2,4,8",
+    duration: Annotated[float, typer.Option(help="seconds of arrivals per simulated run")] = 30.0,
+    bursty: Annotated[bool, typer.Option(help="the bursty variant")] = True,
+    policies: Annotated[str, typer.Option(help="comma-separated")] = "slos,sarathi",
+    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+) -> None:
+    """Capacity as replicas are added: superlinear when routing and admission pool the slack."""
+    from bench.experiments import search, setups
+
+    prof = load_profile(profile)
+    wanted = policies.split(",")
+    counts = [int(r) for r in replicas.split(",")]
+    print(f"{scenario_name}{' (bursty)' if bursty else ''}, {prof.model.name} on {prof.hardware}; capacity in req/s "
+          "and as a multiple of one replica's")
+    print("| replicas | " + " | ".join(wanted) + " |")
+    print("|---" * (len(wanted) + 1) + "|")
+    single: dict[str, float] = {}
+    for n in counts:
+        cells = []
+        for policy in wanted:
+            cap = search(setups(prof, n)[policy], scenario_name, prof, duration, bursty, start=2.0 * n).capacity
+            single.setdefault(policy, cap)
+            cells.append(f"{cap:.2f} ({cap / single[policy]:.1f}x)" if single[policy] else f"{cap:.2f}")
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
 @bench_app.command("engine")

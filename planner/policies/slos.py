@@ -25,6 +25,7 @@ between the pools when one of them is the bottleneck.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -121,6 +122,8 @@ class SLOPolicy:
             home = np.array([zlib.crc32(rid.encode()) % len(pool) for rid in rows.ids.tolist()], dtype=np.int64)
         for i, worker in enumerate(pool):
             mine = promising if self.routing else promising & (home == i)
+            if not mine.any():
+                continue
             p = plans[worker.worker_id] = self._plan(state, worker, load, rows, mine, now, gone)
             for rid in p.admitted:
                 req = state.requests[rid]
@@ -130,8 +133,12 @@ class SLOPolicy:
                     take(req, worker, load)
             self._make_room(state, worker, load, decisions, gone)
             promising &= ~rows.mask(p.admitted)
+        nobody = np.zeros(len(rows), dtype=bool)
         for rid in rows.ids[candidates & best_effort].tolist():
             req = state.requests[rid]
+            for w in pool:
+                if w.worker_id not in plans:
+                    plans[w.worker_id] = self._plan(state, w, load, rows, nobody, now, gone)
             slack = [w for w in pool if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget
                      and load[w.worker_id][1] < self.max_num_seqs
                      and load[w.worker_id][0] - w.blocks_for(req.tokens_on(w.role)) >= BE_RESERVE * w.num_blocks]
@@ -241,8 +248,7 @@ class SLOPolicy:
         counts = state.acceptance(slo_class)
         if counts.proposed < MIN_PROPOSED:
             return self.prior_alpha
-        mean_k = max(1, round(counts.proposed / max(1, counts.steps)))
-        return acceptance_from_rate(counts.accepted / counts.proposed, mean_k)
+        return _alpha(counts.accepted / counts.proposed, max(1, round(counts.proposed / max(1, counts.steps))))
 
     def _spec_lens(self, state: PlannerState, worker: WorkerState, decode: list[str], step_s: float,
                    k_tight: int) -> dict[str, int]:
@@ -289,6 +295,12 @@ class SLOPolicy:
         on_the_way = sum(1 for w in state.workers.values() if w.role == "prefill" for rid in w.requests
                          if state.requests[rid].phase in ("prefill", "handover"))
         return max(0, sum(max(0, self._decode_room(state, w, len(w.requests), None)) for w in pool) - on_the_way)
+
+
+@functools.lru_cache(maxsize=4096)
+def _alpha(rate: float, mean_k: int) -> float:
+    """The per-token acceptance behind a reported rate (cached: it is a bisection)."""
+    return acceptance_from_rate(round(rate, 3), mean_k)
 
 
 def _deadline(req: RequestState, now: float) -> float:

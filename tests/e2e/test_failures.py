@@ -98,3 +98,32 @@ def test_prefill_worker_killed_with_prompts_queued(tiny_model: Path, tmp_path: P
     finally:
         server.proc.send_signal(signal.SIGINT)
         server.proc.wait(timeout=20)
+
+
+def test_losing_the_decode_pool_falls_back_to_colocated_and_back(tiny_model: Path, tmp_path: Path) -> None:
+    max_tokens = 24
+    server = start(tiny_model, tmp_path, workers=1,
+                   extra=("--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--kv-transport", "zmq"))
+
+    def role_of(worker_id: str) -> str | None:
+        return next((w["role"] for w in server.admin("GET", "/workers").json() if w["worker_id"] == worker_id), None)
+
+    def wait_for(worker_id: str, role: str) -> None:
+        deadline = time.monotonic() + 60
+        while role_of(worker_id) != role:
+            assert time.monotonic() < deadline, server.admin("GET", "/workers").json()
+            time.sleep(0.2)
+
+    victim = worker_pid(server, "decode-0")
+    try:
+        os.kill(victim, signal.SIGSTOP)  # silent: the planner declares it dead; nothing restarts it yet
+        wait_for("prefill-0", "colocated")
+        assert stream_all(server, max_tokens) == reference(tiny_model, max_tokens)
+        os.kill(victim, signal.SIGKILL)  # the launcher starts it again: the pool is back
+        wait_for("decode-0", "decode")
+        wait_for("prefill-0", "prefill")
+        assert stream_all(server, max_tokens) == reference(tiny_model, max_tokens)
+        assert wait_idle(server, timeout=30)["slos_kv_handovers_total"] >= len(PROMPTS)
+    finally:
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(timeout=20)
