@@ -80,10 +80,18 @@ class RequestState:
         return None if tpot is None else tpot / 1e3
 
     def planned_output(self) -> int:
-        """Output tokens the plan assumes: the estimate, and room for the next few steps."""
+        """Output tokens to reserve KV for: what the request holds on average over its life
+        (half the output it is expected to write), and never less than what it has written
+        plus room for the next steps. Requests grow and finish at different times, so
+        reservations that add up to the cache fit it on average; when they outgrow it the
+        newest are preempted (`relieve_memory`)."""
         written = self.num_output
-        return min(self.params.max_tokens, max(written + RESERVE_AHEAD,
-                                               expected_output(self.expected_output, written, self.params.max_tokens)))
+        expected = expected_output(self.expected_output, written, self.params.max_tokens)
+        return min(self.params.max_tokens, max(written + RESERVE_AHEAD, expected // 2))
+
+    def life_context(self) -> int:
+        """KV tokens a decode step of the request reads, on average over its life."""
+        return self.prompt_len + expected_output(self.expected_output, self.num_output, self.params.max_tokens) // 2
 
     def tokens_on(self, role: Role) -> int:
         """Tokens of KV to reserve on a worker of this role: a prefill worker keeps only the

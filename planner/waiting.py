@@ -72,7 +72,7 @@ class WaitingQueue:
         tpot = req.tpot_s
         values = {"prefill": req.prefill_left, "whole": req.tokens_on("colocated"), "deadline": req.deadline,
                   "tpot": math.nan if tpot is None else tpot,
-                  "context": req.prompt_len + (req.num_output + req.planned_output()) // 2,
+                  "context": req.life_context(),
                   "parked": req.parked, "live": True}
         for name, value in values.items():
             self._cols[name][n] = value

@@ -194,7 +194,7 @@ class SLOPolicy:
             busy=worker.step_in_flight is not None,
         )
         promised = Jobs.of([Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
-                                _life_context(r)) for r in mine if r.phase == "prefill" and r.prefill_left > 0])
+                                r.life_context()) for r in mine if r.phase == "prefill" and r.prefill_left > 0])
         deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
         held = rows.prefill[candidates] if worker.role == "prefill" else rows.whole[candidates]
         waiting = Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
@@ -306,11 +306,6 @@ def _alpha(rate: float, mean_k: int) -> float:
 def _deadline(req: RequestState, now: float) -> float:
     """A parked request past its TTFT has no deadline left."""
     return math.inf if req.parked and req.deadline < now else req.deadline
-
-
-def _life_context(req: RequestState) -> int:
-    """KV tokens a decode step of the request reads, on average over its life."""
-    return req.prompt_len + (req.num_output + req.planned_output()) // 2
 
 
 def _backlog(state: PlannerState, worker: WorkerState) -> int:

@@ -25,10 +25,11 @@ def test_estimates_follow_finished_requests_of_the_class() -> None:
 def test_a_request_that_outlives_its_estimate_grows_its_reservation() -> None:
     planner = Planner(SarathiPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=10.0)
     planner.on_hello(WorkerHello("w0", "colocated", 1000, 16, 8192, 1))
-    planner.state.lengths.means["chatbot"] = 32.0
+    planner.state.lengths.means["chatbot"] = 64.0
     planner.on_submit(Submit("r", [1] * 64, SamplingParams(max_tokens=4000), SLOSpec("chatbot"), 0.0))
     order = planner.schedule()[0]["w0"]
     req, w0 = planner.state.requests["r"], planner.state.workers["w0"]
+    # what it holds on average over its life: the prompt and half the 64 tokens it is expected to write
     assert req.reserved_blocks == w0.reserved_blocks == (64 + 32 + 15) // 16  # not 4,064 tokens' worth
     step = order.step_id
     for written in range(1, 120):
