@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
+from bench.workloads import Arrival, Outcome, attainment, attainment_by_class
 from planner.policies import Policy
 from planner.service import Planner, quiet_gc
 from shared.clock import ManualClock
@@ -43,7 +44,6 @@ from shared.messages import (
     Submit,
     WorkerHello,
 )
-from bench.workloads import Arrival, Outcome, attainment, attainment_by_class
 from shared.roofline import Batches, Profile
 from shared.slo import SLOClass, Tracker, resolve
 

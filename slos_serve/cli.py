@@ -195,7 +195,8 @@ def profile(
     """Time the engine over a grid of batch shapes and fit the roofline performance model."""
     import torch
 
-    from engine.profiler import features, profile as run_profile
+    from engine.profiler import features
+    from engine.profiler import profile as run_profile
 
     model_dir, name = _model_dir(model)
     with Progress(TextColumn("profiling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -450,7 +451,7 @@ def bench_capacity(
         rows.append((ratio, vs_edf))
         print(f"| {name} | " + " | ".join(f"{caps[p]:.2f}" for p in wanted)
               + f" | {ratio:.2f}x | {vs_edf:.2f}x | {bound:.1f} |", flush=True)
-    print(f"| geometric mean | " + " | ".join("" for _ in wanted)
+    print("| geometric mean | " + " | ".join("" for _ in wanted)
           + f" | {geomean([r for r, _ in rows]):.2f}x | {geomean([e for _, e in rows]):.2f}x | |")
     if plot is not None:
         from bench.plots import attainment_curves

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from planner.policies.base import Decisions
 from planner.policies.placement import (
+    Capacity,
     decode_batch,
     fits,
     hand_over,
     load_of,
-    Capacity,
     prefill_pool,
     prefilling,
     relieve_memory,

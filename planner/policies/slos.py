@@ -36,12 +36,12 @@ from planner.costs import batch_seconds
 from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
 from planner.policies.base import Decisions, WorkerBatch
 from planner.policies.placement import (
+    Capacity,
     Load,
     decode_pool,
     decoding,
     hand_over,
     load_of,
-    Capacity,
     prefill_pool,
     relieve_memory,
     take,
