@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from planner.policies.base import Decisions
 from planner.policies.placement import (
     Capacity,
-    decode_batch,
+    chunked_batch,
     fits,
     hand_over,
     load_of,
@@ -76,14 +76,8 @@ class EDFPolicy:
         gone |= {rid for rid, _ in decisions.refuse}
         for worker in state.idle_workers():
             request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
-            batch = decode_batch(state, worker, request_ids, decisions, self.spec_len)
-            budget = self.max_batch_tokens - len(batch.decode) - sum(batch.spec_lens.values())
-            for req in sorted(prefilling(state, request_ids), key=lambda r: (r.deadline, r.arrival)):
-                if budget <= 0:
-                    break
-                chunk = min(req.prefill_left, budget)
-                batch.prefill.append((req.request_id, chunk))
-                budget -= chunk
+            batch = chunked_batch(state, worker, request_ids, decisions, self.spec_len, self.max_batch_tokens,
+                                  order=lambda r: (r.deadline, r.arrival))
             if batch:
                 decisions.batches[worker.worker_id] = batch
         return decisions

@@ -14,15 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.policies.base import Decisions, WorkerBatch
-from planner.policies.placement import (
-    admit_in_order,
-    decode_batch,
-    hand_over,
-    load_of,
-    prefilling,
-    relieve_memory,
-)
-from planner.state import PlannerState
+from planner.policies.placement import decode_batch, prefilling, without_admission_control
+from planner.state import PlannerState, WorkerState
 
 
 @dataclass
@@ -33,25 +26,16 @@ class FCFSPolicy:
     name: str = "fcfs"
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
-        decisions = Decisions()
-        gone = relieve_memory(state, decisions)
-        load = load_of(state, gone)
-        added = admit_in_order(state, decisions, load, self.max_num_seqs)
-        hand_over(state, load, self.max_num_seqs, decisions, added)
-        for worker in state.idle_workers():
-            request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
-            batch = WorkerBatch()
-            budget = self.max_batch_tokens
+        def batch_for(worker: WorkerState, request_ids: list[str], decisions: Decisions) -> WorkerBatch:
+            batch, budget = WorkerBatch(), self.max_batch_tokens
             for req in sorted(prefilling(state, request_ids), key=lambda r: r.arrival):
                 if batch.prefill and req.prefill_left > budget:
                     break
                 batch.prefill.append((req.request_id, req.prefill_left))
                 budget -= req.prefill_left
-            if not batch.prefill:
-                batch = decode_batch(state, worker, request_ids, decisions, self.spec_len)
-            if batch:
-                decisions.batches[worker.worker_id] = batch
-        return decisions
+            return batch if batch.prefill else decode_batch(state, worker, request_ids, decisions, self.spec_len)
+
+        return without_admission_control(state, self.max_num_seqs, batch_for)
 
 
 @dataclass

@@ -143,6 +143,37 @@ def decode_batch(state: PlannerState, worker: WorkerState, request_ids: list[str
     return batch
 
 
+def chunked_batch(state: PlannerState, worker: WorkerState, request_ids: list[str], decisions: Decisions,
+                  spec_len: int, max_batch_tokens: int, order: Callable[[RequestState], object]) -> WorkerBatch:
+    """Decode first, then prefill chunks in `order` up to a fixed token budget (Sarathi's step)."""
+    batch = decode_batch(state, worker, request_ids, decisions, spec_len)
+    budget = max_batch_tokens - len(batch.decode) - sum(batch.spec_lens.values())
+    for req in sorted(prefilling(state, request_ids), key=order):
+        if budget <= 0:
+            break
+        chunk = min(req.prefill_left, budget)
+        batch.prefill.append((req.request_id, chunk))
+        budget -= chunk
+    return batch
+
+
+def without_admission_control(state: PlannerState, max_num_seqs: int,
+                              batch_for: Callable[[WorkerState, list[str], Decisions], WorkerBatch]) -> Decisions:
+    """What a server without admission control does: preempt where memory overflows, place
+    requests in arrival order while they fit, hand prefilled ones over, and give each idle
+    worker the batch `batch_for` makes of what it holds."""
+    decisions = Decisions()
+    gone = relieve_memory(state, decisions)
+    load = load_of(state, gone)
+    added = admit_in_order(state, decisions, load, max_num_seqs)
+    hand_over(state, load, max_num_seqs, decisions, added)
+    for worker in state.idle_workers():
+        batch = batch_for(worker, [r for r in worker.requests + added[worker.worker_id] if r not in gone], decisions)
+        if batch:
+            decisions.batches[worker.worker_id] = batch
+    return decisions
+
+
 def prefilling(state: PlannerState, request_ids: list[str]) -> list[RequestState]:
     reqs = (state.requests[r] for r in request_ids)
     return [r for r in reqs if r.phase in ("waiting", "prefill") and r.prefill_left > 0]

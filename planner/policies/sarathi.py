@@ -9,16 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.policies.base import Decisions
-from planner.policies.placement import (
-    admit_in_order,
-    decode_batch,
-    hand_over,
-    load_of,
-    prefilling,
-    relieve_memory,
-)
-from planner.state import PlannerState
+from planner.policies.base import Decisions, WorkerBatch
+from planner.policies.placement import chunked_batch, without_admission_control
+from planner.state import PlannerState, WorkerState
 
 
 @dataclass
@@ -29,21 +22,8 @@ class SarathiPolicy:
     name: str = "sarathi"
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
-        decisions = Decisions()
-        gone = relieve_memory(state, decisions)
-        load = load_of(state, gone)
-        added = admit_in_order(state, decisions, load, self.max_num_seqs)
-        hand_over(state, load, self.max_num_seqs, decisions, added)
-        for worker in state.idle_workers():
-            request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
-            batch = decode_batch(state, worker, request_ids, decisions, self.spec_len)
-            budget = self.max_batch_tokens - len(batch.decode) - sum(batch.spec_lens.values())
-            for req in sorted(prefilling(state, request_ids), key=lambda r: r.arrival):
-                if budget <= 0:
-                    break
-                chunk = min(req.prefill_left, budget)
-                batch.prefill.append((req.request_id, chunk))
-                budget -= chunk
-            if batch:
-                decisions.batches[worker.worker_id] = batch
-        return decisions
+        def batch_for(worker: WorkerState, request_ids: list[str], decisions: Decisions) -> WorkerBatch:
+            return chunked_batch(state, worker, request_ids, decisions, self.spec_len, self.max_batch_tokens,
+                                 order=lambda r: r.arrival)
+
+        return without_admission_control(state, self.max_num_seqs, batch_for)
