@@ -1,8 +1,8 @@
 """The paper's evaluation in the simulator: capacity of `slos` against the baselines per
 scenario, ablations, replica scaling, and a roofline upper bound.
 
-Every policy gets the same GPUs: the colocated ones run on `gpus` colocated workers; DistServe
-splits them into prefill and decode pools (half each, rounded down for prefill). Workers that
+The colocated policies run on `gpus` colocated workers; DistServe splits as many GPUs (two at
+least) into prefill and decode pools, half each. Capacities are compared per GPU. Workers that
 decode propose speculative tokens by n-gram lookup, which costs no GPU time; only `slos`
 orders any (the baselines run as they are usually deployed, without speculation), and its
 ablation without speculation shows what that is worth.
@@ -40,6 +40,11 @@ class Setup:
     make: Callable[[], Policy]
     cluster: Cluster
 
+    @property
+    def gpus(self) -> int:
+        c = self.cluster
+        return c.prefill + c.decode if c.prefill else c.colocated
+
 
 def kv_blocks(profile: Profile, block_size: int = 16) -> int:
     """KV blocks one GPU holds beside the weights."""
@@ -50,7 +55,7 @@ def kv_blocks(profile: Profile, block_size: int = 16) -> int:
 def setups(profile: Profile, gpus: int) -> dict[str, Setup]:
     blocks = kv_blocks(profile)
     colocated = Cluster(profile, blocks, colocated=gpus, speculator="ngram")
-    split = Cluster(profile, blocks, prefill=max(1, gpus // 2), decode=max(1, gpus - gpus // 2))
+    split = Cluster(profile, blocks, prefill=max(1, gpus // 2), decode=max(1, gpus - gpus // 2))  # two at least
     return {
         "slos": Setup(lambda: SLOPolicy(profile, max_num_seqs=MAX_NUM_SEQS), colocated),
         "fcfs": Setup(lambda: FCFSPolicy(max_batch_tokens=PREFILL_CAP, max_num_seqs=MAX_NUM_SEQS), colocated),
@@ -65,7 +70,7 @@ def setups(profile: Profile, gpus: int) -> dict[str, Setup]:
 
 def search(setup: Setup, name: str, profile: Profile, duration_s: float, bursty: bool, start: float,
            seed: int = 0, splits: int = 4) -> Search:
-    """The capacity of one policy on one scenario."""
+    """The capacity of one policy on one scenario (for the whole cluster, not per GPU)."""
     def attainment_at(rate: float) -> float:
         arrivals = scenario(name, profile, rate, duration_s, seed, bursty)
         return simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed).attainment

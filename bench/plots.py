@@ -67,7 +67,8 @@ def attainment_curves(path: Path, curves: dict[str, dict[str, list[tuple[float, 
             rates, shares = zip(*points)
             ax.plot(rates, shares, marker="o", markersize=3, linewidth=1.2, label=policy)
         ax.axhline(0.9, color="grey", linewidth=0.8, linestyle="--")
-        ax.set(xscale="log", ylim=(0, 1.02), xlabel="requests per second", ylabel="SLO attainment", title=name)
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel="requests per second per GPU", ylabel="SLO attainment",
+               title=name)
         _plain_log_ticks(ax)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

@@ -423,7 +423,7 @@ def bench_capacity(
     profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
     plot: Annotated[Path | None, typer.Option(help="PNG of SLO attainment against rate")] = None,
 ) -> None:
-    """Capacity (req/s at 90 % SLO attainment) of each policy on each scenario, in the simulator."""
+    """Capacity per GPU (req/s at 90 % SLO attainment) of each policy on each scenario, in the simulator."""
     from bench.experiments import BASELINES, geomean, roofline_bound, search, setups
     from bench.workloads import SCENARIOS, scenario
 
@@ -433,21 +433,23 @@ def bench_capacity(
     by_policy = setups(prof, gpus)
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     rows = []
-    print(f"{prof.model.name} on {gpus} x {prof.hardware}, {duration:.0f} s of arrivals per run"
-          f"{', bursty' if bursty else ''}; capacity in requests per second (tool calling: tasks per second)")
+    print(f"{prof.model.name} on {prof.hardware}, {gpus} GPU(s) a policy (DistServe: {max(2, gpus)}), "
+          f"{duration:.0f} s of arrivals per run{', bursty' if bursty else ''}; capacity in requests per second "
+          "per GPU (tool calling: tasks)")
     head = " | ".join(wanted)
     print(f"| scenario | {head} | slos ÷ best of {'/'.join(BASELINES)} | slos ÷ edf | roofline bound |")
     print("|---" * (len(wanted) + 4) + "|")
     for name in names:
         caps = {}
         for policy in wanted:
-            found = search(by_policy[policy], name, prof, duration, bursty, start)
-            caps[policy] = found.capacity
-            curves.setdefault(name, {})[policy] = found.probes
+            setup = by_policy[policy]
+            found = search(setup, name, prof, duration, bursty, start * setup.gpus)
+            caps[policy] = found.capacity / setup.gpus
+            curves.setdefault(name, {})[policy] = [(r / setup.gpus, a) for r, a in found.probes]
         best = max((caps[b] for b in BASELINES if b in caps), default=math.nan)
         ratio = caps.get("slos", math.nan) / best if best else math.inf
         vs_edf = caps.get("slos", math.nan) / caps["edf"] if caps.get("edf") else math.inf
-        bound = roofline_bound(prof, scenario(name, prof, 1.0, duration, 0, bursty), gpus)
+        bound = roofline_bound(prof, scenario(name, prof, 1.0, duration, 0, bursty), 1)
         rows.append((ratio, vs_edf))
         print(f"| {name} | " + " | ".join(f"{caps[p]:.2f}" for p in wanted)
               + f" | {ratio:.2f}x | {vs_edf:.2f}x | {bound:.1f} |", flush=True)

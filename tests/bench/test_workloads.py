@@ -1,0 +1,50 @@
+"""Scenarios: the same requests for the same seed, the asked rate on average, bursts that
+keep it, objectives scaled to the hardware, and tool loops as chains of calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.workloads import SCENARIOS, TRACES, arrival_times, idle_latency, scenario
+from shared.roofline import SHIPPED_PROFILES, load_profile
+
+A100 = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
+H100 = load_profile(SHIPPED_PROFILES / "h100-sxm_llama-2-7b.json")
+TRACED = {"chatbot", "coding", "summarization", "mixed"}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenarios_are_deterministic_and_scaled_to_the_hardware(name: str) -> None:
+    if name in TRACED and not TRACES.is_dir():
+        pytest.skip(f"public traces not at {TRACES}")
+    a = scenario(name, A100, rate=4.0, duration_s=20.0, seed=3)
+    assert a == scenario(name, A100, rate=4.0, duration_s=20.0, seed=3)
+    assert a != scenario(name, A100, rate=4.0, duration_s=20.0, seed=4)
+    assert 40 <= len(a) <= 120 and all(x.at <= y.at for x, y in zip(a, a[1:]))
+    first = a[0]
+    prefill, decode = idle_latency(A100, first.prompt_tokens)
+    assert first.ttft_ms > 1e3 * prefill and (first.tpot_ms or first.stages[0].tpot_ms) > 1e3 * decode
+    faster = scenario(name, H100, rate=4.0, duration_s=20.0, seed=3)[0]
+    assert faster.ttft_ms < first.ttft_ms  # the same request, tighter on faster hardware
+
+
+def test_bursts_keep_the_mean_rate() -> None:
+    rng = np.random.default_rng(0)
+    steady = arrival_times(10.0, 4000, rng)
+    bursty = arrival_times(10.0, 4000, np.random.default_rng(0), bursty=True)
+    assert len(steady) / steady[-1] == pytest.approx(10.0, rel=0.05)
+    assert len(bursty) / bursty[-1] == pytest.approx(10.0, rel=0.1)
+    per_second = np.bincount(bursty.astype(int))
+    assert per_second.max() > 2 * per_second.mean()  # the bursts are there
+
+
+def test_a_tool_loop_is_a_chain_of_calls_with_a_looser_final_answer() -> None:
+    task = scenario("tool_calling", A100, rate=1.0, duration_s=5.0, seed=1)[0]
+    calls = []
+    while task is not None:
+        calls.append(task)
+        task = task.then
+    assert 3 <= len(calls) <= 7
+    assert all(b.prompt_tokens > a.prompt_tokens + a.output_tokens for a, b in zip(calls, calls[1:]))
+    assert calls[-1].tpot_ms > calls[0].tpot_ms and calls[-1].output_tokens >= 100
