@@ -149,8 +149,8 @@ class Planner:
         worker.last_report_at = now
         for p in msg.progress:
             req = self.state.requests.get(p.request_id)
-            if req is None:
-                continue
+            if req is None or msg.worker_id not in (req.worker_id, req.decode_worker):
+                continue  # gone, or preempted and resubmitted since the step began: not this step's to update
             if req.decode_worker == msg.worker_id:
                 self._complete_handover(req)
             new_tokens = p.num_output_tokens - req.num_output

@@ -214,3 +214,16 @@ def test_attainment_counts_what_met_its_slos_by_the_planners_clock() -> None:
     clock.advance(0.2)
     planner.on_report(StepReport("w0", order.step_id, 0.2, [RequestProgress("slow", 22, 3, "length")], [], 64))
     assert planner.status(0).attainment == {"default": SLOCount(met=1, total=2)}
+
+
+def test_a_step_that_ran_before_a_preemption_does_not_touch_the_resubmitted_request() -> None:
+    planner, _ = make()
+    submit(planner, "r")
+    order = planner.schedule()[0]["w0"]
+    planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
+    order = planner.schedule()[0]["w0"]  # a decode step is in flight...
+    planner._apply(Decisions(preempt=[("r", "room")]))  # ...when r is preempted and comes back
+    planner.on_submit(Submit("r", [1] * 20, GREEDY, SLOSpec(), 0.0, resume_token_ids=[7]))
+    planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 21, 2, "length")], [], 60))
+    again = planner.state.requests["r"]
+    assert again.phase == "waiting" and again.num_output == 1 and "r" in planner.state.waiting
