@@ -81,5 +81,8 @@ def call_times(profile: Profile, queued: int, calls: int, seed: int = 0) -> Timi
         start = time.perf_counter()
         decisions = policy.schedule(state, now)
         call_s.append(time.perf_counter() - start)
+        for rid, _ in decisions.park:  # as the planner service does
+            state.requests[rid].parked = True
+            state.waiting.park(rid)
         admitted = len(decisions.assign)
     return Timings(np.array(plan_s), np.array(call_s), admitted / queued)

@@ -184,23 +184,35 @@ def _with_their_decode_work(profile: Profile, replica: Replica, queue: Jobs, fir
     """The most new requests n such that the promised ones and the n new ones with the
     earliest deadlines, among those the plan priced without their decode work admitted (it
     admits the most it ever can), still meet their deadlines once the budget is priced with
-    the decode work of all of them. Every n is priced at once."""
+    the decode work of all of them. Every n is priced at once; more joining requests only
+    shrink the budget, so the largest n that fits is found by bisection."""
     sub = queue.take(first.rows)
     fresh = ~sub.promised
-    rank = np.cumsum(fresh) - 1  # among the new ones, in deadline order
-    counts = np.arange(int(fresh.sum()) + 1)
+    rank = np.cumsum(fresh)  # new ones up to and including each row
+    counts = np.arange(int(rank[-1]) + 1)
     joining_context = int(sub.context[sub.promised].sum()) + np.concatenate([[0], np.cumsum(sub.context[fresh])])
     steps, budgets, ks = _periods(profile, replica, tier, int(sub.promised.sum()) + counts, joining_context)
-    taken = sub.promised[None, :] | (fresh[None, :] & (rank[None, :] < counts[:, None]))
-    cumulative = np.cumsum(np.where(taken, sub.tokens[None, :], 0), axis=1)
-    finite = np.isfinite(sub.deadline)
-    batches = np.where(finite[None, :], np.floor((np.where(finite, sub.deadline, now)[None, :] - now) / steps[:, None]),
-                       np.inf) - int(replica.busy)
-    over = taken & (cumulative > np.maximum(batches, 0) * budgets[:, None])
-    from_first_new = np.arange(len(sub))[None, :] >= int(np.argmax(fresh))
-    n = int(np.flatnonzero(~(over & from_first_new).any(axis=1)).max())
-    rows = np.flatnonzero(taken[n])
-    plan = _plan_of(sub, rows, Period(float(steps[n]), int(budgets[n]), int(ks[n])), replica, now,
+
+    def taken(n: int) -> np.ndarray:
+        return sub.promised | (fresh & (rank <= n))
+
+    def over(n: int) -> np.ndarray:
+        rows = taken(n)
+        batches = _batches(sub.deadline, now, float(steps[n]), replica.busy).astype(np.float64)
+        return rows & (np.cumsum(np.where(rows, sub.tokens, 0)) > batches * budgets[n])
+
+    on_time = fresh | ~over(0)  # promised ones already late stay late whatever joins
+    lo, hi = 0, len(counts) - 1
+    if not (over(hi) & on_time).any():
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (over(mid) & on_time).any():
+            hi = mid
+        else:
+            lo = mid
+    rows = np.flatnonzero(taken(lo))
+    plan = _plan_of(sub, rows, Period(float(steps[lo]), int(budgets[lo]), int(ks[lo])), replica, now,
                     np.zeros(len(sub), dtype=bool))
     rejected = np.ones(len(queue), dtype=bool)
     rejected[first.rows[rows]] = False

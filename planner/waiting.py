@@ -51,7 +51,8 @@ class Rows:
 
 class WaitingQueue:
     def __init__(self) -> None:
-        self._ids: list[str] = []
+        self._ids = np.empty(64, dtype=object)
+        self._size = 0  # rows written, live or dead
         self._row: dict[str, int] = {}
         self._cols = {name: np.zeros(64, dtype) for name, dtype in _COLUMNS.items()}
 
@@ -66,8 +67,9 @@ class WaitingQueue:
         return iter(list(self._row))
 
     def add(self, req: RequestState) -> None:
-        n = len(self._ids)
-        if n == len(self._cols["live"]):
+        n = self._size
+        if n == len(self._ids):
+            self._ids = np.concatenate([self._ids, np.empty(n, dtype=object)])
             self._cols = {k: np.concatenate([v, np.zeros_like(v)]) for k, v in self._cols.items()}
         tpot = req.tpot_s
         values = {"prefill": req.prefill_left, "whole": req.tokens_on("colocated"), "deadline": req.deadline,
@@ -76,33 +78,34 @@ class WaitingQueue:
                   "parked": req.parked, "live": True}
         for name, value in values.items():
             self._cols[name][n] = value
-        self._ids.append(req.request_id)
+        self._ids[n] = req.request_id
         self._row[req.request_id] = n
+        self._size += 1
 
     def discard(self, request_id: str) -> None:
         row = self._row.pop(request_id, None)
         if row is None:
             return
         self._cols["live"][row] = False
-        if len(self._ids) > 64 and len(self._row) < len(self._ids) // 2:
+        if self._size > 64 and len(self._row) < self._size // 2:
             self._compact()
 
     def park(self, request_id: str) -> None:
         self._cols["parked"][self._row[request_id]] = True
 
     def rows(self) -> Rows:
-        n = len(self._ids)
-        live = np.flatnonzero(self._cols["live"][:n])
+        live = np.flatnonzero(self._cols["live"][:self._size])
         c = self._cols
-        return Rows(np.array(self._ids, dtype=object)[live], c["prefill"][live], c["whole"][live],
+        return Rows(self._ids[live], c["prefill"][live], c["whole"][live],
                     c["deadline"][live], c["tpot"][live], c["context"][live], c["parked"][live], live, self._row)
 
     def _compact(self) -> None:
-        n = len(self._ids)
-        live = np.flatnonzero(self._cols["live"][:n])
-        self._ids = [self._ids[i] for i in live.tolist()]
-        self._row = {rid: i for i, rid in enumerate(self._ids)}
+        live = np.flatnonzero(self._cols["live"][:self._size])
         size = max(64, 2 * len(live))
+        ids = np.empty(size, dtype=object)
+        ids[:len(live)] = self._ids[live]
+        self._ids, self._size = ids, len(live)
+        self._row = {rid: i for i, rid in enumerate(ids[:len(live)].tolist())}
         fresh = {name: np.zeros(size, dtype) for name, dtype in _COLUMNS.items()}
         for name, col in self._cols.items():
             fresh[name][:len(live)] = col[live]
