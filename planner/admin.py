@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from planner.policies import POLICY_NAMES, Policy
 from planner.service import Planner
+from planner.state import WorkerState
 from shared.messages import Role
 
 
@@ -55,7 +56,7 @@ def create_admin_app(planner: Planner, lock: threading.Lock, token: str,
     async def _error(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": {"message": exc.detail, "code": exc.status_code}}, status_code=exc.status_code)
 
-    def worker_or_404(worker_id: str):  # noqa: ANN202
+    def worker_or_404(worker_id: str) -> WorkerState:
         worker = planner.state.workers.get(worker_id)
         if worker is None:
             raise HTTPException(404, f"no worker {worker_id}")
@@ -66,8 +67,9 @@ def create_admin_app(planner: Planner, lock: threading.Lock, token: str,
         with lock:
             return [{"worker_id": w.worker_id, "role": w.role, "home_role": w.home_role, "target_role": w.target_role,
                      "alive": w.alive, "draining": w.draining, "speculator": w.speculator,
-                     "kv_blocks": w.num_blocks, "kv_blocks_reserved": w.reserved_blocks,
-                     "kv_blocks_free": w.reported_free_blocks, "requests": list(w.requests)}
+                     "block_size": w.block_size, "max_model_len": w.max_model_len, "kv_blocks": w.num_blocks,
+                     "kv_blocks_reserved": w.reserved_blocks, "kv_blocks_free": w.reported_free_blocks,
+                     "requests": list(w.requests)}
                     for w in planner.state.workers.values()]
 
     @app.post("/admin/workers/{worker_id}/drain", dependencies=[Depends(authorize)])

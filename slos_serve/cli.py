@@ -490,6 +490,30 @@ def bench_replicas(
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
+@bench_app.command("validate")
+def bench_validate(
+    scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario")] = "chatbot",
+    duration: Annotated[float, typer.Option(help="seconds of arrivals per run")] = 30.0,
+    splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
+    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+) -> None:
+    """Capacity of one scenario live (`slos-serve up`, one worker) and in the simulator, on this machine."""
+    import tempfile
+
+    from bench.validate import validate
+
+    model_dir, _ = _model_dir(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        v = validate(model_dir, scenario_name, duration, Path(tmp), splits)
+    print(f"{scenario_name}, {duration:.0f} s of arrivals per run, loop overhead {v.loop_overhead_s * 1e3:.1f} ms a step")
+    print("| run | capacity req/s | probes (rate: attainment) |")
+    print("|---|---|---|")
+    for name, found in (("simulated", v.simulated), ("live", v.live)):
+        probes = ", ".join(f"{r:.2f}: {a:.0%}" for r, a in found.probes)
+        print(f"| {name} | {found.capacity:.3f} | {probes} |")
+    print(f"simulated ÷ live: {v.simulated.capacity / v.live.capacity:.2f}" if v.live.capacity else "live capacity 0")
+
+
 @bench_app.command("engine")
 def bench_engine(
     model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,

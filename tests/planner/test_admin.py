@@ -54,6 +54,7 @@ def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_w
     assert queues["running"] == {"w0": [], "w1": ["a", "b"]} and queues["waiting"] == []
     workers = {w["worker_id"]: w for w in client.get("/admin/workers", headers=AUTH).json()}
     assert workers["w0"]["draining"] and workers["w1"]["requests"] == ["a", "b"]
+    assert (workers["w1"]["kv_blocks"], workers["w1"]["block_size"], workers["w1"]["max_model_len"]) == (64, 16, 2048)
     client.post("/admin/workers/w0/undrain", headers=AUTH)
     assert not planner.state.workers["w0"].draining
 

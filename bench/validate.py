@@ -1,0 +1,154 @@
+"""The simulator checked against reality: one scenario's capacity found live on this machine,
+with the built-in model served by `slos-serve up`, and in the simulator.
+
+The simulator gets what it would get for any hardware: a profile of the engine measured here at
+the worker's thread count, with the live loop's own cost per step (planner turnaround,
+messages, streaming) added to the profile's fixed cost. That cost is measured on the idle
+server: one stream's time per token less the profile's decode step. The live planner plans
+with the same profile (and calibrates it online, as always), so both runs schedule alike; the
+scenario's objectives scale with that profile's idle latencies. Prompts and outputs are
+clipped to the model's context window, the same way for both runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import msgspec
+import torch
+
+from bench.capacity import Search, capacity
+from bench.live import run_live
+from bench.simulator import Cluster, simulate
+from bench.workloads import Arrival, attainment, idle_latency, scenario
+from engine.profiler import profile as measure
+from planner.policies import make_policy
+from shared.bus import free_tcp_port
+from shared.roofline import Profile, save_profile
+from shared.settings import Settings
+from shared.slo import DEFAULT_CLASSES
+
+IDLE_PROMPT, IDLE_OUTPUT = 64, 64  # the stream that measures the loop's cost per step
+
+
+@dataclass
+class LiveServer:
+    url: str
+    admin_url: str
+    token: str
+    api_key: str
+    model: str
+
+    def admin(self, path: str) -> object:
+        return httpx.get(self.admin_url + path, headers={"Authorization": f"Bearer {self.token}"}).json()
+
+
+@dataclass
+class Validation:
+    profile: Profile  # measured here, with the loop's cost per step in its fixed cost
+    loop_overhead_s: float
+    simulated: Search
+    live: Search
+
+
+@contextmanager
+def live_server(model: Path, profile: Path, log: Path, policy: str = "slos") -> Iterator[LiveServer]:
+    """`slos-serve up` with one colocated worker, no speculation, until the block ends."""
+    port, admin_port, token, key = free_tcp_port(), free_tcp_port(), secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    env = {**os.environ, "SLOS_ADMIN_TOKEN": token, "SLOS_API_KEY": key}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
+             "--admin-port", str(admin_port), "--workers", "1", "--policy", policy, "--profile", str(profile),
+             "--speculator", "none"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server = LiveServer(url, f"http://127.0.0.1:{admin_port}", token, key, "")
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start; see {log}")
+            try:
+                workers = server.admin("/admin/workers")
+                if isinstance(workers, list) and any(w["alive"] for w in workers):
+                    models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+                    server.model = models["data"][0]["id"]
+                    break
+            except (httpx.TransportError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def within_context(arrivals: list[Arrival], max_len: int) -> list[Arrival]:
+    """Prompts clipped to half the context window, outputs to what is left of it."""
+    out = []
+    for a in arrivals:
+        prompt = min(a.prompt_tokens, max_len // 2)
+        then = within_context([a.then], max_len)[0] if a.then is not None else None
+        out.append(dataclasses.replace(a, prompt_tokens=prompt, output_tokens=min(a.output_tokens, max_len - prompt - 1),
+                                       then=then))
+    return out
+
+
+def with_loop_overhead(profile: Profile, overhead_s: float) -> Profile:
+    return msgspec.structs.replace(profile, params=msgspec.structs.replace(
+        profile.params, overhead_s=profile.params.overhead_s + overhead_s))
+
+
+def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, splits: int = 4, seed: int = 0,
+             say: Callable[[str], None] = print) -> Validation:
+    settings = Settings()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))  # what `up` gives its one worker
+    measured, _, _ = measure(model, repeats=3)
+    say(f"profile measured: held-out R² {measured.quality.r2:.3f}" if measured.quality else "profile measured")
+    path = workdir / "validation-profile.json"
+    save_profile(measured, path)
+    with live_server(model, path, workdir / "server.log") as server:
+        worker = server.admin("/admin/workers")[0]  # type: ignore[index]
+        vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
+        max_len = int(worker["max_model_len"])
+        idle = run_live(server.url + "/v1", server.api_key, server.model,
+                        [Arrival("idle", 0.0, IDLE_PROMPT, IDLE_OUTPUT, "chatbot")], vocab, DEFAULT_CLASSES)
+        live_tpot = idle[0].tpots_s[-1] or 0.0
+        overhead = max(0.0, live_tpot - idle_latency(measured, IDLE_PROMPT + IDLE_OUTPUT // 2)[1])
+        prof = with_loop_overhead(measured, overhead)
+        save_profile(prof, path)
+        say(f"idle time per token live {live_tpot * 1e3:.1f} ms; loop overhead per step {overhead * 1e3:.1f} ms")
+        cluster = Cluster(prof, int(worker["kv_blocks"]), colocated=1, block_size=int(worker["block_size"]),
+                          max_model_len=max_len)
+
+        def arrivals(rate: float) -> list[Arrival]:
+            return within_context(scenario(scenario_name, prof, rate, duration_s, seed), max_len)
+
+        def simulated_at(rate: float) -> float:
+            result = simulate(make_policy("slos", settings, prof), cluster, arrivals(rate), DEFAULT_CLASSES, seed=seed)
+            say(f"simulated {rate:.3f} req/s: attainment {result.attainment:.1%}")
+            return result.attainment
+
+        def live_at(rate: float) -> float:
+            outcomes = run_live(server.url + "/v1", server.api_key, server.model, arrivals(rate), vocab, DEFAULT_CLASSES)
+            say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}")
+            return attainment(outcomes)
+
+        simulated = capacity(simulated_at, start=1.0, splits=splits)
+        live = capacity(live_at, start=simulated.capacity or 1.0, splits=splits)
+    return Validation(prof, overhead, simulated, live)

@@ -1,0 +1,26 @@
+"""The parts of the live-against-simulated validation that run without a server."""
+
+from __future__ import annotations
+
+from bench.validate import with_loop_overhead, within_context
+from bench.workloads import Arrival, scenario
+from shared.roofline import SHIPPED_PROFILES, Batches, load_profile
+
+
+def test_requests_are_clipped_to_the_context_window_follow_ups_too() -> None:
+    follow = Arrival("t.1", 0.5, 3000, 500, "tool_calling")
+    arrivals = [Arrival("a", 0.0, 100, 50, "chatbot"), Arrival("b", 1.0, 5000, 3000, "chatbot"),
+                Arrival("t.0", 2.0, 900, 40, "tool_calling", then=follow)]
+    clipped = within_context(arrivals, 2048)
+    assert [(a.prompt_tokens, a.output_tokens) for a in clipped] == [(100, 50), (1024, 1023), (900, 40)]
+    assert clipped[2].then is not None and (clipped[2].then.prompt_tokens, clipped[2].then.output_tokens) == (1024, 500)
+    assert [a.at for a in clipped] == [0.0, 1.0, 2.0] and clipped[1].slo_class == "chatbot"
+
+
+def test_the_loop_overhead_is_added_to_every_step_and_to_the_objectives() -> None:
+    profile = load_profile(SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json")
+    slower = with_loop_overhead(profile, 0.01)
+    batches = Batches.of(prefill_tokens=[0, 512], decode_seqs=[8, 0], kv_read=[800, 0])
+    assert (slower.predict(batches) - profile.predict(batches)).round(9).tolist() == [0.01, 0.01]
+    fast, slow = (scenario("chatbot", p, 2.0, 5.0) for p in (profile, slower))
+    assert all(s.tpot_ms > f.tpot_ms for f, s in zip(fast, slow))
