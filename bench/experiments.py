@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.capacity import Search, capacity
+from bench.capacity import TARGET, Search, capacity
 from bench.simulator import Cluster, simulate
-from bench.workloads import Arrival, scenario
+from bench.workloads import Arrival, every_request, scenario
 from planner.policies import Policy
 from planner.policies.edf import EDFPolicy
 from planner.policies.fcfs import DistServePolicy, FCFSPolicy
@@ -73,7 +73,7 @@ def search(setup: Setup, name: str, profile: Profile, duration_s: float, bursty:
     """The capacity of one policy on one scenario (for the whole cluster, not per GPU)."""
     def attainment_at(rate: float) -> float:
         arrivals = scenario(name, profile, rate, duration_s, seed, bursty)
-        return simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed).attainment
+        return simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed, stop_below=TARGET).attainment
 
     return capacity(attainment_at, start, splits=splits)
 
@@ -83,20 +83,11 @@ def roofline_bound(profile: Profile, arrivals: list[Arrival], gpus: int) -> floa
     peak and nothing else cost anything: an upper bound no policy can pass."""
     model = profile.model
     flops = []
-    for a in _all(arrivals):
+    for a in every_request(arrivals):
         p, o = a.prompt_tokens, a.output_tokens
         attention = (p * p / 2 + o * (p + o / 2)) * model.flops_per_pair
         flops.append((p + o) * model.flops_per_token + attention)
     return gpus / (float(np.mean(flops)) * profile.params.inv_flops)
-
-
-def _all(arrivals: list[Arrival]) -> list[Arrival]:
-    out = []
-    for a in arrivals:
-        while a is not None:
-            out.append(a)
-            a = a.then
-    return out
 
 
 def geomean(values: list[float]) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from bench.workloads import Arrival, Outcome, attainment, attainment_by_class
+from bench.workloads import Arrival, Outcome, attainment, attainment_by_class, every_request
 from planner.policies import Policy
 from planner.service import Planner, quiet_gc
 from shared.clock import ManualClock
@@ -79,6 +79,7 @@ class SimResult:
     end: float  # simulated seconds
     planner_calls: int
     planner_s: float  # wall time spent in the planner
+    stopped: bool = False  # given up once the attainment asked for was out of reach
 
     @property
     def attainment(self) -> float:
@@ -241,8 +242,12 @@ class _Worker:
 
 
 def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes: dict[str, SLOClass],
-             seed: int = 0, drain_s: float = 600.0) -> SimResult:
-    """Run the workload to its end (or `drain_s` after the last arrival) and judge every request."""
+             seed: int = 0, drain_s: float = 600.0, stop_below: float | None = None) -> SimResult:
+    """Run the workload to its end (or `drain_s` after the last arrival) and judge every request.
+
+    With `stop_below`, stop as soon as so many requests have missed (refused, or finished off
+    their SLOs) that the attainment cannot reach it; requests unfinished then count as missed,
+    so the result stays below it. An overloaded run, the slowest to simulate, ends early."""
     rng = np.random.default_rng(seed)
     quiet_gc()
     clock = ManualClock()
@@ -262,6 +267,9 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
     last_arrival = max((a.at for a in arrivals), default=0.0)
     calls, planner_s = 0, 0.0
     tick_pending = False
+    missed, most_missed = 0, math.inf
+    if stop_below is not None:
+        most_missed = (1.0 - stop_below) * len(every_request(arrivals))
 
     def arrive(a: Arrival, now: float) -> None:
         slo = resolve(SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), classes)
@@ -273,19 +281,21 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
         handle(planner.on_submit(submit), now)
 
     def handle(messages: list, now: float) -> None:
+        nonlocal missed
         for msg in messages:
             client = clients.get(getattr(msg, "request_id", ""))
             if client is None:
                 continue
             if isinstance(msg, Refused):
                 client.refused = True
+                missed += 1
             elif isinstance(msg, Lost):  # the gateway resubmits after the tokens already streamed
                 submit = msgspec.structs.replace(client.submit, resume_token_ids=[0] * client.output)
                 handle(planner.on_submit(submit), now)
 
     while events:
         now = events[0][0]
-        if now > last_arrival + drain_s:
+        if now > last_arrival + drain_s or missed > most_missed:
             break
         clock.advance(now - clock.now())
         while events and events[0][0] <= now:
@@ -304,6 +314,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                     if p.finish_reason is not None:
                         client = clients[p.request_id]
                         client.finished = True
+                        missed += not client.tracker.met()
                         follow = client.arrival.then
                         if follow is not None:
                             heapq.heappush(events, (now + follow.at, next(counter), "arrive",
@@ -323,7 +334,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
             tick_pending = True
 
     outcomes = [_outcome(c) for c in clients.values()]
-    return SimResult(outcomes, clock.now(), calls, planner_s)
+    return SimResult(outcomes, clock.now(), calls, planner_s, missed > most_missed)
 
 
 def _outcome(c: _Client) -> Outcome:

@@ -72,6 +72,16 @@ def attainment(outcomes: list[Outcome]) -> float:
     return sum(o.met for o in outcomes) / max(1, len(outcomes))
 
 
+def every_request(arrivals: list[Arrival]) -> list[Arrival]:
+    """The arrivals and every follow-up they chain (the later calls of tool-calling loops)."""
+    out = []
+    for a in arrivals:
+        while a is not None:
+            out.append(a)
+            a = a.then
+    return out
+
+
 def attainment_by_class(outcomes: list[Outcome]) -> dict[str, float]:
     return {c: attainment([o for o in outcomes if o.slo_class == c]) for c in sorted({o.slo_class for o in outcomes})}
 

@@ -75,3 +75,15 @@ def test_slos_keeps_more_requests_on_their_slos_than_fcfs_under_overload() -> No
     slos = simulate(SLOPolicy(A100, max_num_seqs=256), cluster, arrivals, CLASSES).attainment
     fcfs = simulate(FCFSPolicy(max_num_seqs=256), cluster, arrivals, CLASSES).attainment
     assert slos > fcfs + 0.3
+
+
+def test_a_run_given_up_below_a_target_is_judged_below_it_and_one_that_reaches_it_is_unchanged() -> None:
+    cluster = Cluster(A100, num_blocks=6800)
+    arrivals = workload(10, 200)
+    whole = simulate(FCFSPolicy(max_num_seqs=256), cluster, arrivals, CLASSES)
+    cut = simulate(FCFSPolicy(max_num_seqs=256), cluster, arrivals, CLASSES, stop_below=0.9)
+    assert whole.attainment < 0.9 and not whole.stopped
+    assert cut.stopped and cut.end < whole.end and cut.attainment < 0.9
+    light = workload(1, 30)
+    assert (simulate(FCFSPolicy(max_num_seqs=256), cluster, light, CLASSES, stop_below=0.5).outcomes
+            == simulate(FCFSPolicy(max_num_seqs=256), cluster, light, CLASSES).outcomes)
