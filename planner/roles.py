@@ -34,9 +34,7 @@ def choose_roles(state: PlannerState, now: float, profile: Profile, rebalance: b
     if state.mode == "colocated":
         return {w.worker_id: "colocated" for w in alive if w.role != "colocated"}
     roles = {w.worker_id: w.role for w in alive}
-    if not any(r != "prefill" for r in roles.values()):
-        roles = {wid: "colocated" for wid in roles}
-    elif not any(r != "decode" for r in roles.values()):
+    if set(roles.values()) in ({"prefill"}, {"decode"}):  # a pool is lost: both roles on every worker
         roles = {wid: "colocated" for wid in roles}
     else:
         for w in alive:

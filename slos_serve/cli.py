@@ -339,7 +339,7 @@ def bench_spec(
     from engine.profiler import profile as run_profile
     from planner.spec_choice import acceptance_from_rate, choose_spec_len
 
-    model_dir, name = _model_dir(None)
+    model_dir, _ = _model_dir(None)
     draft_dir = model_dir.parent / "draft"
     sizes = [int(b) for b in batch_sizes.split(",")]
     rows = spec_rows(model_dir, draft_dir, [int(k) for k in ks.split(",")], sizes, prompts, new_tokens)

@@ -176,7 +176,7 @@ def test_a_failed_kv_import_is_lost_and_freed_on_both_sides() -> None:
 
 
 def test_verdicts_reach_the_gateway_and_the_admin_can_ask_why() -> None:
-    planner, clock = make()
+    planner, _ = make()
     for rid in ("a", "b", "c"):
         submit(planner, rid, slo=SLOSpec(slo_class="coding"))
     out = planner._apply(Decisions(assign={"a": "w0"}, park=[("b", "no room")], refuse=[("c", "full")]))
@@ -187,7 +187,7 @@ def test_verdicts_reach_the_gateway_and_the_admin_can_ask_why() -> None:
 
 
 def test_preemption_frees_the_worker_and_the_gateway_resumes_the_stream() -> None:
-    planner, clock = make()
+    planner, _ = make()
     submit(planner, "r")
     order = planner.schedule()[0]["w0"]
     planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
