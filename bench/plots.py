@@ -77,3 +77,21 @@ def attainment_curves(path: Path, curves: dict[str, dict[str, list[tuple[float, 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def scaling(path: Path, series: dict[str, list[tuple[int, float]]], title: str) -> None:
+    """Capacity against replicas, one line per policy, with linear scaling from one replica."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for policy, points in series.items():
+        counts, caps = zip(*points)
+        line, = ax.plot(counts, caps, marker="o", linewidth=1.5, label=policy)
+        ax.plot(counts, [caps[0] * n / counts[0] for n in counts], color=line.get_color(), linewidth=0.8,
+                linestyle="--")
+    ax.set(xscale="log", yscale="log", xlabel="replicas", ylabel="capacity (req/s)", title=title)
+    ax.set_xticks([n for n, _ in next(iter(series.values()))], [str(n) for n, _ in next(iter(series.values()))])
+    _plain_log_ticks(ax)
+    ax.legend(fontsize=8, title="dashed: linear", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -469,6 +469,7 @@ def bench_replicas(
     bursty: Annotated[bool, typer.Option(help="the bursty variant")] = True,
     policies: Annotated[str, typer.Option(help="comma-separated")] = "slos,sarathi",
     profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+    plot: Annotated[Path | None, typer.Option(help="PNG of capacity against replicas")] = None,
 ) -> None:
     """Capacity as replicas are added: superlinear when routing and admission pool the slack."""
     from bench.experiments import search, setups
@@ -480,14 +481,19 @@ def bench_replicas(
           "and as a multiple of one replica's")
     print("| replicas | " + " | ".join(wanted) + " |")
     print("|---" * (len(wanted) + 1) + "|")
-    single: dict[str, float] = {}
+    series: dict[str, list[tuple[int, float]]] = {p: [] for p in wanted}
     for n in counts:
         cells = []
         for policy in wanted:
             cap = search(setups(prof, n)[policy], scenario_name, prof, duration, bursty, start=2.0 * n).capacity
-            single.setdefault(policy, cap)
-            cells.append(f"{cap:.2f} ({cap / single[policy]:.1f}x)" if single[policy] else f"{cap:.2f}")
+            series[policy].append((n, cap))
+            single = series[policy][0][1]
+            cells.append(f"{cap:.2f} ({cap / single:.1f}x)" if single else f"{cap:.2f}")
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+    if plot is not None:
+        from bench.plots import scaling
+
+        scaling(plot, series, f"{scenario_name}{' (bursty)' if bursty else ''}, {prof.model.name} on {prof.hardware}")
 
 
 @bench_app.command("validate")
