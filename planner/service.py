@@ -149,7 +149,8 @@ class Planner:
         worker.last_report_at = now
         for p in msg.progress:
             req = self.state.requests.get(p.request_id)
-            if req is None or msg.worker_id not in (req.worker_id, req.decode_worker):
+            if (req is None or msg.worker_id not in (req.worker_id, req.decode_worker)
+                    or req.first_step is None or msg.step_id < req.first_step):
                 continue  # gone, or preempted and resubmitted since the step began: not this step's to update
             if req.decode_worker == msg.worker_id:
                 self._complete_handover(req)
@@ -356,19 +357,19 @@ class Planner:
             log.error("policy %s ordered requests worker %s does not hold: %s", self.policy.name, worker_id, stray)
             batch = WorkerBatch([(r, n) for r, n in batch.prefill if r in held], [r for r in batch.decode if r in held],
                                 {r: k for r, k in batch.spec_lens.items() if r in held})
+        self.next_step_id += 1
         new = []
         for rid, _ in batch.prefill:
             req = self.state.requests[rid]
             if not req.delivered:
                 new.append(NewRequest(rid, list(req.prompt_token_ids), req.params, list(req.resume_token_ids)))
-                req.delivered = True
+                req.first_step = self.next_step_id
         imports = []
         for rid in batch.decode:
             req = self.state.requests[rid]
             if req.decode_worker == worker_id and not req.import_sent and req.export is not None:
                 imports.append(req.export)
                 req.import_sent = True
-        self.next_step_id += 1
         return BatchOrder(
             step_id=self.next_step_id,
             new_requests=new,

@@ -36,7 +36,7 @@ class RequestState:
     num_computed: int = 0
     num_output: int = 0
     reserved_blocks: int = 0
-    delivered: bool = False  # the worker has been sent the prompt
+    first_step: int | None = None  # the step whose order sent the worker the prompt; None: not sent yet
     export: ExportedRequest | None = None  # what the prefill worker holds for the handover
     decode_worker: str | None = None  # taking the request over, during the transfer
     decode_reserved: int = 0
@@ -52,6 +52,11 @@ class RequestState:
             self.tracker = Tracker(self.slo, self.arrival, resumed=bool(self.resume_token_ids),
                                    tokens=len(self.resume_token_ids))
         self.expected_output = max(self.expected_output, self.num_output)
+
+    @property
+    def delivered(self) -> bool:
+        """The worker has been sent the prompt."""
+        return self.first_step is not None
 
     @property
     def prefill_len(self) -> int:

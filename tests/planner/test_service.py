@@ -227,3 +227,20 @@ def test_a_step_that_ran_before_a_preemption_does_not_touch_the_resubmitted_requ
     planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 21, 2, "length")], [], 60))
     again = planner.state.requests["r"]
     assert again.phase == "waiting" and again.num_output == 1 and "r" in planner.state.waiting
+
+
+def test_a_step_that_ran_before_a_preemption_does_not_touch_the_request_readmitted_to_the_same_worker() -> None:
+    planner, _ = make()
+    submit(planner, "r")
+    order = planner.schedule()[0]["w0"]
+    planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
+    order = planner.schedule()[0]["w0"]  # a decode step is in flight...
+    planner._apply(Decisions(preempt=[("r", "room")]))  # ...when r is preempted, comes back and is admitted again
+    planner.on_submit(Submit("r", [1] * 20, GREEDY, SLOSpec(), 0.0, resume_token_ids=[7]))
+    planner._apply(Decisions(assign={"r": "w0"}))
+    planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 21, 2)], [], 60))
+    again = planner.state.requests["r"]
+    assert again.phase == "prefill" and again.num_computed == 0 and again.num_output == 1
+    order = planner.schedule()[0]["w0"]
+    assert order.aborts == ["r"] and [(n.request_id, n.resume_token_ids) for n in order.new_requests] == [("r", [7])]
+    assert order.decode == [] and [c.request_id for c in order.prefill] == ["r"]
