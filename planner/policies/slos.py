@@ -133,15 +133,21 @@ class SLOPolicy:
                     take(req, worker, load)
             self._make_room(state, worker, load, decisions, gone)
             promising &= ~rows.mask(p.admitted)
+        hopeful = rows.ids[candidates & best_effort].tolist()
+        if not hopeful:
+            return plans
         nobody = np.zeros(len(rows), dtype=bool)
-        for rid in rows.ids[candidates & best_effort].tolist():
+        for w in pool:
+            if w.worker_id not in plans:
+                plans[w.worker_id] = self._plan(state, w, load, rows, nobody, now, gone)
+        with_slack = [w for w in pool if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget]
+        for rid in hopeful:
+            with_slack = [w for w in with_slack if load[w.worker_id][1] < self.max_num_seqs]
+            if not with_slack:
+                break
             req = state.requests[rid]
-            for w in pool:
-                if w.worker_id not in plans:
-                    plans[w.worker_id] = self._plan(state, w, load, rows, nobody, now, gone)
-            slack = [w for w in pool if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget
-                     and load[w.worker_id][1] < self.max_num_seqs
-                     and load[w.worker_id][0] - w.blocks_for(req.tokens_on(w.role)) >= BE_RESERVE * w.num_blocks]
+            slack = [w for w in with_slack
+                     if load[w.worker_id][0] - w.blocks_for(req.tokens_on(w.role)) >= BE_RESERVE * w.num_blocks]
             worker = max(slack, key=lambda w: load[w.worker_id][0], default=None)
             if worker is None:
                 continue
@@ -177,13 +183,13 @@ class SLOPolicy:
         waiting rows in `candidates`."""
         mine = [state.requests[r] for r in worker.requests if r not in gone]
         running = [r for r in mine if r.phase == "decode"]
-        tpots = [t for t in (self._tpot(r, worker) for r in running) if t is not None]
-        tightest = min(running, key=lambda r: self._tpot(r, worker) or math.inf, default=None)
+        paced = [(t, r) for r in running if (t := self._tpot(r, worker)) is not None]
+        tightest = min(paced, key=lambda p: p[0], default=(None, running[0] if running else None))[1]
         best_effort = sum(r.reserved_blocks for r in mine if r.best_effort and r.phase in ("prefill", "decode"))
         replica = Replica(
             decoding=len(running),
             context_tokens=sum(r.prompt_len + r.num_output for r in running),
-            tightest_tpot_s=min(tpots, default=None),
+            tightest_tpot_s=min((t for t, _ in paced), default=None),
             free_blocks=load[worker.worker_id][0] + best_effort,
             max_num_seqs=self.max_num_seqs,
             prefill_only=worker.role == "prefill",
