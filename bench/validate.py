@@ -4,10 +4,16 @@ with the built-in model served by `slos-serve up`, and in the simulator.
 The simulator gets what it would get for any hardware: a profile of the engine measured here at
 the worker's thread count, with the live loop's own cost per step (planner turnaround,
 messages, streaming) added to the profile's fixed cost. That cost is measured on the idle
-server: one stream's time per token less the profile's decode step. The live planner plans
-with the same profile (and calibrates it online, as always), so both runs schedule alike; the
-scenario's objectives scale with that profile's idle latencies. Prompts and outputs are
+server: one stream's time per token less the profile's decode step. The planner, live and
+simulated, is given the measured profile and calibrates it online against the steps it sees,
+as always; the scenario's objectives scale with the idle latencies, loop included. Prompts and outputs are
 clipped to the model's context window, the same way for both runs.
+
+A loaded machine runs slower than an idle one, and on a small machine the gateway and the load
+generator share the worker's cores. So the simulator runs a second time with the profile
+rescaled as the live planner's online calibration found the worker's steps at the live
+capacity (`planner.calibration`: a factor for the fixed costs, one for the roofline): what
+the simulator would be given for hardware known to behave so under load.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import numpy as np
 import torch
 
 from bench.capacity import Search, capacity
@@ -61,6 +69,8 @@ class Validation:
     loop_overhead_s: float
     simulated: Search
     live: Search
+    loaded_fit: tuple[float, float]  # the live calibration's (fixed, work) factors of the measured profile
+    simulated_loaded: Search  # with the profile so rescaled
 
 
 @contextmanager
@@ -98,6 +108,28 @@ def live_server(model: Path, profile: Path, log: Path, policy: str = "slos") -> 
             proc.kill()
 
 
+@contextmanager
+def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[tuple[float, float]]]:
+    """The worker's calibration factors (fixed, work), read every second while the block runs."""
+    seen: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(every_s):
+            fit = server.admin("/admin/workers")[0]["step_fit"]  # type: ignore[index]
+            seen.append((float(fit["fixed"]), float(fit["work"])))
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
+        if not seen:
+            seen.append((1.0, 1.0))
+
+
 def within_context(arrivals: list[Arrival], max_len: int) -> list[Arrival]:
     """Prompts clipped to half the context window, outputs to what is left of it."""
     out = []
@@ -131,7 +163,6 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
         live_tpot = idle[0].tpots_s[-1] or 0.0
         overhead = max(0.0, live_tpot - idle_latency(measured, IDLE_PROMPT + IDLE_OUTPUT // 2)[1])
         prof = with_loop_overhead(measured, overhead)
-        save_profile(prof, path)
         say(f"idle time per token live {live_tpot * 1e3:.1f} ms; loop overhead per step {overhead * 1e3:.1f} ms")
         cluster = Cluster(prof, int(worker["kv_blocks"]), colocated=1, block_size=int(worker["block_size"]),
                           max_model_len=max_len)
@@ -139,16 +170,27 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
         def arrivals(rate: float) -> list[Arrival]:
             return within_context(scenario(scenario_name, prof, rate, duration_s, seed), max_len)
 
-        def simulated_at(rate: float) -> float:
-            result = simulate(make_policy("slos", settings, prof), cluster, arrivals(rate), DEFAULT_CLASSES, seed=seed)
-            say(f"simulated {rate:.3f} req/s: attainment {result.attainment:.1%}")
+        def simulated_at(cluster: Cluster, rate: float) -> float:
+            result = simulate(make_policy("slos", settings, measured), cluster, arrivals(rate), DEFAULT_CLASSES,
+                              seed=seed)
+            say(f"simulated on {cluster.profile.hardware} {rate:.3f} req/s: attainment {result.attainment:.1%}")
             return result.attainment
 
+        fits: dict[float, tuple[float, float]] = {}
+
         def live_at(rate: float) -> float:
-            outcomes = run_live(server.url + "/v1", server.api_key, server.model, arrivals(rate), vocab, DEFAULT_CLASSES)
-            say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}")
+            with calibration_seen(server) as seen:
+                outcomes = run_live(server.url + "/v1", server.api_key, server.model, arrivals(rate), vocab,
+                                    DEFAULT_CLASSES)
+            fits[rate] = (float(np.median([f for f, _ in seen])), float(np.median([w for _, w in seen])))
+            say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}; steps ran "
+                f"{fits[rate][0]:.2f}x the profile's fixed cost, {fits[rate][1]:.2f}x its roofline")
             return attainment(outcomes)
 
-        simulated = capacity(simulated_at, start=1.0, splits=splits)
+        simulated = capacity(lambda r: simulated_at(cluster, r), start=1.0, splits=splits)
         live = capacity(live_at, start=simulated.capacity or 1.0, splits=splits)
-    return Validation(prof, overhead, simulated, live)
+    fixed, work = fits.get(live.capacity, (1.0, 1.0))
+    loaded = dataclasses.replace(cluster, profile=msgspec.structs.replace(
+        measured.rescaled(fixed, work), hardware=f"{prof.hardware} as loaded"))
+    simulated_loaded = capacity(lambda r: simulated_at(loaded, r), start=live.capacity or 1.0, splits=splits)
+    return Validation(prof, overhead, simulated, live, (fixed, work), simulated_loaded)

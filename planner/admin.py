@@ -4,7 +4,8 @@ FastAPI on a port of its own, every route behind a bearer token that is not the 
 key. It runs in a thread of the planner process and touches the planner only while holding
 the lock the planner's loop holds for each round of messages and scheduling.
 
-    GET  /admin/workers                      workers, roles, KV blocks, requests held
+    GET  /admin/workers                      workers, roles, KV blocks, requests held, and how their
+                                             steps run against the profile (calibration factors)
     POST /admin/workers/{id}/drain|undrain   stop (or resume) giving a worker new requests
     PUT  /admin/workers/{id}/role            {"role": "prefill"}: its home role from now on
     GET  /admin/queues                       waiting, parked and running requests
@@ -69,6 +70,7 @@ def create_admin_app(planner: Planner, lock: threading.Lock, token: str,
                      "alive": w.alive, "draining": w.draining, "speculator": w.speculator,
                      "block_size": w.block_size, "max_model_len": w.max_model_len, "kv_blocks": w.num_blocks,
                      "kv_blocks_reserved": w.reserved_blocks, "kv_blocks_free": w.reported_free_blocks,
+                     "step_fit": {"fixed": w.fit.fixed, "work": w.fit.work, "error": w.fit.error},
                      "requests": list(w.requests)}
                     for w in planner.state.workers.values()]
 
