@@ -420,6 +420,7 @@ def bench_capacity(
     duration: Annotated[float, typer.Option(help="seconds of arrivals per simulated run")] = 30.0,
     bursty: Annotated[bool, typer.Option(help="the bursty variant of each scenario")] = False,
     start: Annotated[float, typer.Option(help="rate (req/s) the search starts from")] = 4.0,
+    splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
     profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
     plot: Annotated[Path | None, typer.Option(help="PNG of SLO attainment against rate")] = None,
 ) -> None:
@@ -443,7 +444,7 @@ def bench_capacity(
         caps = {}
         for policy in wanted:
             setup = by_policy[policy]
-            found = search(setup, name, prof, duration, bursty, start * setup.gpus)
+            found = search(setup, name, prof, duration, bursty, start * setup.gpus, splits=splits)
             caps[policy] = found.capacity / setup.gpus
             curves.setdefault(name, {})[policy] = [(r / setup.gpus, a) for r, a in found.probes]
         best = max((caps[b] for b in BASELINES if b in caps), default=math.nan)
