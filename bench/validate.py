@@ -6,8 +6,8 @@ the worker's thread count, with the live loop's own cost per step (planner turna
 messages, streaming) added to the profile's fixed cost. That cost is measured on the idle
 server: one stream's time per token less the profile's decode step. The planner, live and
 simulated, is given the measured profile and calibrates it online against the steps it sees,
-as always; the scenario's objectives scale with the idle latencies, loop included. Prompts and outputs are
-clipped to the model's context window, the same way for both runs.
+as always; the scenario's objectives scale with the idle latencies, loop included. Prompts and
+outputs are clipped to the model's context window, the same way for both runs.
 
 A loaded machine runs slower than an idle one, and on a small machine the gateway and the load
 generator share the worker's cores. So the simulator runs a second time with the profile
@@ -65,7 +65,6 @@ class LiveServer:
 
 @dataclass
 class Validation:
-    profile: Profile  # measured here, with the loop's cost per step in its fixed cost
     loop_overhead_s: float
     simulated: Search
     live: Search
@@ -193,4 +192,4 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
     loaded = dataclasses.replace(cluster, profile=msgspec.structs.replace(
         measured.rescaled(fixed, work), hardware=f"{prof.hardware} as loaded"))
     simulated_loaded = capacity(lambda r: simulated_at(loaded, r), start=live.capacity or 1.0, splits=splits)
-    return Validation(prof, overhead, simulated, live, (fixed, work), simulated_loaded)
+    return Validation(overhead, simulated, live, (fixed, work), simulated_loaded)

@@ -232,17 +232,11 @@ def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max
     return int((times <= tpot_s).sum())
 
 
-def _period(profile: Profile, replica: Replica, tpot_s: float | None, joining: int, joining_context: int) -> Period:
-    """The batch period and prefill budget at TPOT `tpot_s`, with the running requests and
-    `joining` more (reading `joining_context` KV tokens a step) decoding; None: nothing paces
-    the batches."""
-    steps, budgets, ks = _periods(profile, replica, tpot_s, np.array([joining]), np.array([joining_context]))
-    return Period(float(steps[0]), int(budgets[0]), int(ks[0]))
-
-
 def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: np.ndarray,
              joining_context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_period` for arrays of joining requests: step lengths, budgets and speculative lengths."""
+    """The batch period, prefill budget and speculative length at TPOT `tpot_s` (None: nothing
+    paces the batches), with the running requests and each number in `joining` more (reading
+    `joining_context` KV tokens a step) decoding."""
     if replica.prefill_only:
         joining, joining_context = 0 * joining, 0 * joining_context
     seqs = replica.decoding + joining

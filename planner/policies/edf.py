@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 from planner.policies.base import Decisions
 from planner.policies.placement import (
-    Capacity,
     chunked_batch,
     fits,
     hand_over,
     load_of,
     prefill_pool,
     prefilling,
+    refuse_oversized,
     relieve_memory,
     take,
 )
@@ -52,8 +52,7 @@ class EDFPolicy:
                     queued[w.worker_id].append((r.deadline, r.prefill_left))
         rates = {w.worker_id: self._prefill_rate(state, w, gone) for w in pool}
         added: dict[str, list[str]] = {w: [] for w in state.workers}
-        refused = dict(Capacity.of(state).refusals(state.waiting.rows()))
-        decisions.refuse += refused.items()
+        refused = refuse_oversized(state, state.waiting.rows(), decisions)
         waiting = (state.requests[r] for r in state.waiting if r not in refused)
         for req in sorted(waiting, key=lambda r: (r.deadline, r.arrival)):
             if req.deadline < now:

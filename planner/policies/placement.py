@@ -88,14 +88,20 @@ class Capacity:
         return out
 
 
+def refuse_oversized(state: PlannerState, rows: Rows, decisions: Decisions) -> set[str]:
+    """Refuse the waiting requests no worker could ever hold; returns their ids."""
+    refused = Capacity.of(state).refusals(rows)
+    decisions.refuse += refused
+    return {rid for rid, _ in refused}
+
+
 def admit_in_order(state: PlannerState, decisions: Decisions, load: Load, max_num_seqs: int,
                    order: Callable[[RequestState], float] | None = None) -> dict[str, list[str]]:
     """Place waiting requests in order (arrival by default) until the first that fits nowhere:
     what a server without admission control does. Returns what each worker was given."""
     added: dict[str, list[str]] = {w: [] for w in state.workers}
     pool = prefill_pool(state)
-    refused = dict(Capacity.of(state).refusals(state.waiting.rows()))
-    decisions.refuse += refused.items()
+    refused = refuse_oversized(state, state.waiting.rows(), decisions)
     waiting = [state.requests[rid] for rid in state.waiting if rid not in refused]
     if order is not None:
         waiting.sort(key=order)

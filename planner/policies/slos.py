@@ -36,13 +36,13 @@ from planner.costs import batch_seconds
 from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
 from planner.policies.base import Decisions, WorkerBatch
 from planner.policies.placement import (
-    Capacity,
     Load,
     decode_pool,
     decoding,
     hand_over,
     load_of,
     prefill_pool,
+    refuse_oversized,
     relieve_memory,
     take,
 )
@@ -77,9 +77,7 @@ class SLOPolicy:
         load = load_of(state, gone)
         added: dict[str, list[str]] = {w: [] for w in state.workers}
         rows = state.waiting.rows()
-        refused = Capacity.of(state).refusals(rows)
-        decisions.refuse += refused
-        candidates = ~rows.mask([rid for rid, _ in refused])
+        candidates = ~rows.mask(list(refuse_oversized(state, rows, decisions)))
         plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
         parked = int(rows.parked.sum())
         left = candidates & ~rows.parked & ~rows.mask(list(decisions.assign))

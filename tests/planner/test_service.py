@@ -9,6 +9,7 @@ from shared.clock import ManualClock
 from shared.messages import (
     Abort,
     Admitted,
+    BatchOrder,
     ExportedRequest,
     Heartbeat,
     KVEndpoint,
@@ -216,14 +217,21 @@ def test_attainment_counts_what_met_its_slos_by_the_planners_clock() -> None:
     assert planner.status(0).attainment == {"default": SLOCount(met=1, total=2)}
 
 
-def test_a_step_that_ran_before_a_preemption_does_not_touch_the_resubmitted_request() -> None:
-    planner, _ = make()
+def preempted_mid_step(planner: Planner) -> BatchOrder:
+    """r decodes; while its decode step is in flight it is preempted and resubmitted after its
+    one streamed token. Returns the order of that step."""
     submit(planner, "r")
     order = planner.schedule()[0]["w0"]
     planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
-    order = planner.schedule()[0]["w0"]  # a decode step is in flight...
-    planner._apply(Decisions(preempt=[("r", "room")]))  # ...when r is preempted and comes back
+    order = planner.schedule()[0]["w0"]
+    planner._apply(Decisions(preempt=[("r", "room")]))
     planner.on_submit(Submit("r", [1] * 20, GREEDY, SLOSpec(), 0.0, resume_token_ids=[7]))
+    return order
+
+
+def test_a_step_that_ran_before_a_preemption_does_not_touch_the_resubmitted_request() -> None:
+    planner, _ = make()
+    order = preempted_mid_step(planner)
     planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 21, 2, "length")], [], 60))
     again = planner.state.requests["r"]
     assert again.phase == "waiting" and again.num_output == 1 and "r" in planner.state.waiting
@@ -231,13 +239,8 @@ def test_a_step_that_ran_before_a_preemption_does_not_touch_the_resubmitted_requ
 
 def test_a_step_that_ran_before_a_preemption_does_not_touch_the_request_readmitted_to_the_same_worker() -> None:
     planner, _ = make()
-    submit(planner, "r")
-    order = planner.schedule()[0]["w0"]
-    planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
-    order = planner.schedule()[0]["w0"]  # a decode step is in flight...
-    planner._apply(Decisions(preempt=[("r", "room")]))  # ...when r is preempted, comes back and is admitted again
-    planner.on_submit(Submit("r", [1] * 20, GREEDY, SLOSpec(), 0.0, resume_token_ids=[7]))
-    planner._apply(Decisions(assign={"r": "w0"}))
+    order = preempted_mid_step(planner)
+    planner._apply(Decisions(assign={"r": "w0"}))  # admitted again before the step reports
     planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 21, 2)], [], 60))
     again = planner.state.requests["r"]
     assert again.phase == "prefill" and again.num_computed == 0 and again.num_output == 1
