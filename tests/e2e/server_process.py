@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import openai
+from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types.chat import ChatCompletionChunk
 
 from engine.runner import Engine
 from shared.bus import free_tcp_port
@@ -19,6 +21,11 @@ from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 API_KEY = "test-key"
 ADMIN_TOKEN = "test-admin-token"
 IGNORE_EOS = {"ignore_eos": True}
+
+# The openai client's response models finish building on first use, and two threads doing that
+# at once can fail inside pydantic; tests stream from many threads, so build them here, once.
+for _model in (Completion, CompletionChoice, CompletionUsage, ChatCompletionChunk):
+    _model.model_rebuild()
 
 
 @dataclass
