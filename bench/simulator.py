@@ -62,6 +62,7 @@ class Cluster:
     speculator: str = "none"  # what decoding workers propose with: none, ngram or draft
     draft: Profile | None = None  # the draft model's cost, for speculator "draft"
     kv_bandwidth: float = 25e9  # bytes/s of a KV handover between workers
+    planner_in_loop: bool = False  # orders start the planner's real compute time late (not deterministic)
 
     @property
     def mode(self) -> str:
@@ -322,13 +323,15 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                 handle(planner.on_report(report), now)
         started = time.perf_counter()
         orders, verdicts = planner.schedule()
-        planner_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        planner_s += elapsed
         calls += 1
         handle(verdicts, now)
+        start = now + elapsed if cluster.planner_in_loop else now
         for wid, order in orders.items():
             seconds, report, tokens = workers[wid].step(order, truth)
             in_flight[wid] = (report, tokens)
-            heapq.heappush(events, (now + seconds, next(counter), "done", wid))
+            heapq.heappush(events, (start + seconds, next(counter), "done", wid))
         if not in_flight and planner.state.waiting and not tick_pending:
             heapq.heappush(events, (now + TICK_S, next(counter), "tick", None))
             tick_pending = True

@@ -2,15 +2,19 @@
 with the built-in model served by `slos-serve up`, and in the simulator.
 
 The simulator gets what it would get for any hardware: a profile of the engine measured here at
-the worker's thread count, with the live loop's own cost per step (planner turnaround,
-messages, streaming) added to the profile's fixed cost. That cost is measured on the idle
-server: one stream's time per token less the profile's decode step. The planner, live and
+the worker's thread count, with the live loop's own cost per step (messages, streaming) added
+to the profile's fixed cost, and the planner in the loop: each order starts as late as the
+planner's real compute took, which on CPU is a tenth of a step and grows with the queue. The
+loop's other cost is measured on the idle server: one stream's time per token less the
+simulated one's. The planner, live and
 simulated, is given the measured profile and calibrates it online against the steps it sees,
 as always; the scenario's objectives scale with the idle latencies, loop included. Prompts and
 outputs are clipped to the model's context window, the same way for both runs.
 
-A loaded machine runs slower than an idle one, and on a small machine the gateway and the load
-generator share the worker's cores. So the simulator runs a second time with the profile
+The worker runs alone on the last core (`--worker-cpus`), where its profile is measured too;
+the gateway, the planner and the load generator share the others, as they would share a host's
+spare cores beside a GPU. A loaded machine still runs slower than an idle one (the worker waits
+for the planner, which now shares its core with the gateway and the load). So the simulator runs a second time with the profile
 rescaled as the live planner's online calibration found the worker's steps at the live
 capacity (`planner.calibration`: a factor for the fixed costs, one for the roofline): what
 the simulator would be given for hardware known to behave so under load.
@@ -73,15 +77,16 @@ class Validation:
 
 
 @contextmanager
-def live_server(model: Path, profile: Path, log: Path, policy: str = "slos") -> Iterator[LiveServer]:
-    """`slos-serve up` with one colocated worker, no speculation, until the block ends."""
+def live_server(model: Path, profile: Path, log: Path, worker_cpus: set[int], policy: str = "slos"
+                ) -> Iterator[LiveServer]:
+    """`slos-serve up` with one colocated worker on `worker_cpus`, no speculation, until the block ends."""
     port, admin_port, token, key = free_tcp_port(), free_tcp_port(), secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     env = {**os.environ, "SLOS_ADMIN_TOKEN": token, "SLOS_API_KEY": key}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
              "--admin-port", str(admin_port), "--workers", "1", "--policy", policy, "--profile", str(profile),
-             "--speculator", "none"], env=env, stdout=out, stderr=subprocess.STDOUT)
+             "--speculator", "none", "--worker-cpus", ",".join(map(str, sorted(worker_cpus)))], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         server = LiveServer(url, f"http://127.0.0.1:{admin_port}", token, key, "")
@@ -148,23 +153,31 @@ def with_loop_overhead(profile: Profile, overhead_s: float) -> Profile:
 def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, splits: int = 4, seed: int = 0,
              say: Callable[[str], None] = print) -> Validation:
     settings = Settings()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))  # what `up` gives its one worker
+    cores = sorted(os.sched_getaffinity(0))
+    worker_core, others = {cores[-1]}, set(cores[:-1]) or set(cores)
+    torch.set_num_threads(1)  # what `up` gives a worker on one core
+    os.sched_setaffinity(0, worker_core)
     measured, _, _ = measure(model, repeats=3)
+    os.sched_setaffinity(0, set(cores))
     say(f"profile measured: held-out R² {measured.quality.r2:.3f}" if measured.quality else "profile measured")
     path = workdir / "validation-profile.json"
     save_profile(measured, path)
-    with live_server(model, path, workdir / "server.log") as server:
+    with live_server(model, path, workdir / "server.log", worker_core) as server:
+        os.sched_setaffinity(0, others)  # from here on this process is the load generator
         worker = server.admin("/admin/workers")[0]  # type: ignore[index]
         vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
         max_len = int(worker["max_model_len"])
-        idle = run_live(server.url + "/v1", server.api_key, server.model,
-                        [Arrival("idle", 0.0, IDLE_PROMPT, IDLE_OUTPUT, "chatbot")], vocab, DEFAULT_CLASSES)
+        idle_arrival = [Arrival("idle", 0.0, IDLE_PROMPT, IDLE_OUTPUT, "chatbot")]
+        idle = run_live(server.url + "/v1", server.api_key, server.model, idle_arrival, vocab, DEFAULT_CLASSES)
         live_tpot = idle[0].tpots_s[-1] or 0.0
-        overhead = max(0.0, live_tpot - idle_latency(measured, IDLE_PROMPT + IDLE_OUTPUT // 2)[1])
+        cluster = Cluster(measured, int(worker["kv_blocks"]), colocated=1, block_size=int(worker["block_size"]),
+                          max_model_len=max_len, planner_in_loop=True)
+        simulated_idle = simulate(make_policy("slos", settings, measured), cluster, idle_arrival, DEFAULT_CLASSES)
+        overhead = max(0.0, live_tpot - (simulated_idle.outcomes[0].tpots_s[-1] or 0.0))
         prof = with_loop_overhead(measured, overhead)
-        say(f"idle time per token live {live_tpot * 1e3:.1f} ms; loop overhead per step {overhead * 1e3:.1f} ms")
-        cluster = Cluster(prof, int(worker["kv_blocks"]), colocated=1, block_size=int(worker["block_size"]),
-                          max_model_len=max_len)
+        say(f"idle time per token live {live_tpot * 1e3:.1f} ms; loop overhead per step beside the planner's "
+            f"{overhead * 1e3:.1f} ms")
+        cluster = dataclasses.replace(cluster, profile=prof)
 
         def arrivals(rate: float) -> list[Arrival]:
             return within_context(scenario(scenario_name, prof, rate, duration_s, seed), max_len)

@@ -30,16 +30,24 @@ class PrefillSpan:
 
 
 @dataclass
+class ShortGroup:
+    """Short sequences (decode steps, verifications) of similar length, attended in one call:
+    each is padded to the group's longest block table."""
+
+    idx: torch.Tensor  # [B, Q] flat index of each sequence's tokens, padded
+    valid: torch.Tensor  # [B, Q] False on padding
+    tables: torch.Tensor  # [B, max_blocks] block tables, padded
+    mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] which keys each query sees
+    gather: torch.Tensor  # [2, B * max_blocks, block_size, kv_heads, head_dim] workspace shared by the groups
+
+
+@dataclass
 class AttentionLayout:
     """Where each token's K/V goes and which cached tokens each query reads."""
 
     slot_blocks: torch.Tensor  # [T] block of each new token
     slot_offsets: torch.Tensor  # [T] offset inside that block
-    short_idx: torch.Tensor  # [B, Q] flat index of each short sequence's tokens, padded
-    short_valid: torch.Tensor  # [B, Q] False on padding
-    short_tables: torch.Tensor  # [B, max_blocks] block tables, padded
-    short_mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] which keys each query sees
-    gather: torch.Tensor  # [2, B * max_blocks, block_size, kv_heads, head_dim] reused workspace
+    shorts: list[ShortGroup]
     prefills: list[PrefillSpan]
 
 
@@ -103,28 +111,27 @@ class Attention(nn.Module):
         v_cache[layout.slot_blocks, layout.slot_offsets] = v
 
         out = torch.empty_like(q)
-        if layout.short_idx.numel():
-            valid = layout.short_valid
-            out[layout.short_idx[valid]] = self._short(q, k_cache, v_cache, layout)[valid]
+        for group in layout.shorts:
+            out[group.idx[group.valid]] = self._short(q, k_cache, v_cache, group)[group.valid]
         for span in layout.prefills:
             out[span.start : span.end] = self._prefill(q, k, v, k_cache, v_cache, span)
         return self.o_proj(out.view(t, -1))
 
     def _short(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: AttentionLayout
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: ShortGroup
     ) -> torch.Tensor:
-        """Attention of all short sequences in one call; returns [B, Q, heads, head_dim]."""
-        b = layout.short_idx.shape[0]
-        flat = layout.short_tables.view(-1)
-        keys = torch.index_select(k_cache, 0, flat, out=layout.gather[0])
-        values = torch.index_select(v_cache, 0, flat, out=layout.gather[1])
+        """Attention of one group of short sequences; returns [B, Q, heads, head_dim]."""
+        b = group.idx.shape[0]
+        flat = group.tables.view(-1)
+        keys = torch.index_select(k_cache, 0, flat, out=group.gather[0])
+        values = torch.index_select(v_cache, 0, flat, out=group.gather[1])
         keys = keys.view(b, -1, self.num_kv_heads, self.head_dim)
         values = values.view(b, -1, self.num_kv_heads, self.head_dim)
         o = F.scaled_dot_product_attention(
-            q[layout.short_idx].transpose(1, 2),
+            q[group.idx].transpose(1, 2),
             keys.transpose(1, 2),
             values.transpose(1, 2),
-            attn_mask=layout.short_mask,
+            attn_mask=group.mask,
             enable_gqa=True,
         )
         return o.transpose(1, 2)

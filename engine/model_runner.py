@@ -7,6 +7,7 @@ tokens it wants logits; block bookkeeping (who owns which block) stays with the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,13 @@ import torch
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.loader import load_model
-from engine.model import AttentionLayout, PrefillSpan
+from engine.model import AttentionLayout, PrefillSpan, ShortGroup
 
-SHORT_QUERY_MAX = 16  # sequences with at most this many new tokens share one attention call
+SHORT_QUERY_MAX = 16  # sequences with at most this many new tokens are attended in groups
+PADDING_MAX = 0.1  # a group's padded key blocks may exceed its real ones by this fraction
+CPU_GROUP_BLOCKS = 256  # on CPU a group gathers at most this many blocks: a gather that stays in cache is faster
+
+Short = tuple[int, int, int, list[int]]  # a short sequence: (flat start, context, new tokens, block table)
 
 
 @dataclass
@@ -46,7 +51,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
-        short: list[tuple[int, int, int, list[int]]] = []  # (flat start, context, new, blocks)
+        short: list[Short] = []
         prefills: list[PrefillSpan] = []
         logits_idx: list[int] = []
         for w in work:
@@ -61,21 +66,23 @@ class ModelRunner:
                 prefills.append(PrefillSpan(start, start + n, c + n, torch.tensor(blocks, device=dev)))
             logits_idx += range(start + n - w.num_logits, start + n)
         pos = torch.tensor(positions, device=dev)
+        groups = similar_lengths(short, CPU_GROUP_BLOCKS if self.device == "cpu" else math.inf)
+        gather = self._workspace(max((len(g) * len(g[0][3]) for g in groups), default=0))
         layout = AttentionLayout(
             slot_blocks=torch.tensor(slot_blocks, device=dev),
             slot_offsets=pos % bs,
+            shorts=[self._short_group(g, gather) for g in groups],
             prefills=prefills,
-            **self._short_layout(short),
         )
         return self.model(torch.tensor(ids, device=dev), pos, layout, self.kv.layers,
                           torch.tensor(logits_idx, device=dev, dtype=torch.long))
 
-    def _short_layout(self, short: list[tuple[int, int, int, list[int]]]) -> dict[str, torch.Tensor]:
-        """Padded index, table and causal-mask tensors for the short sequences, built once
-        per step and shared by every layer."""
+    def _short_group(self, short: list[Short], gather: torch.Tensor) -> ShortGroup:
+        """Padded index, table and causal-mask tensors of one group, built once per step and
+        shared by every layer."""
         dev = self.device
-        width = max((len(blocks) for *_, blocks in short), default=0)
-        q_max = max((n for _, _, n, _ in short), default=0)
+        width = len(short[0][3])
+        q_max = max(n for _, _, n, _ in short)
         offsets = torch.arange(q_max, device=dev)
         starts = torch.tensor([s for s, *_ in short], device=dev, dtype=torch.long)
         contexts = torch.tensor([c for _, c, _, _ in short], device=dev, dtype=torch.long)
@@ -83,14 +90,14 @@ class ModelRunner:
         clamped = torch.minimum(offsets[None, :], (counts - 1)[:, None])
         last_key = contexts[:, None] + clamped  # each query sees keys up to its own position
         keys = torch.arange(width * self.kv.block_size, device=dev)
-        return {
-            "gather": self._workspace(len(short) * width),
-            "short_idx": starts[:, None] + clamped,
-            "short_valid": offsets[None, :] < counts[:, None],
-            "short_tables": torch.tensor([b + [0] * (width - len(b)) for _, _, _, b in short],
-                                         device=dev, dtype=torch.long).view(len(short), width),
-            "short_mask": (keys[None, None, :] <= last_key[:, :, None])[:, None],
-        }
+        return ShortGroup(
+            idx=starts[:, None] + clamped,
+            valid=offsets[None, :] < counts[:, None],
+            tables=torch.tensor([b + [0] * (width - len(b)) for _, _, _, b in short],
+                                device=dev, dtype=torch.long).view(len(short), width),
+            mask=(keys[None, None, :] <= last_key[:, :, None])[:, None],
+            gather=gather[:, : len(short) * width],
+        )
 
     def _workspace(self, num_blocks: int) -> torch.Tensor:
         """Room to gather K and V of `num_blocks` blocks. It is kept and grown, never freed:
@@ -100,3 +107,22 @@ class ModelRunner:
             self._gather = torch.empty(2, size, *self.kv.data.shape[3:], device=self.device,
                                        dtype=self.dtype)
         return self._gather[:, :num_blocks]
+
+
+def similar_lengths(short: list[Short], most: float = math.inf) -> list[list[Short]]:
+    """Short sequences split into groups, longest first, each padded at most PADDING_MAX past
+    its real blocks and gathering at most `most` blocks: one call for all would read every
+    sequence up to the longest one's length, which for a batch of mixed contexts doubles the
+    attention's work."""
+    groups: list[list[Short]] = []
+    real = 0
+    for item in sorted(short, key=lambda s: len(s[3]), reverse=True):
+        blocks = len(item[3])
+        padded = (len(groups[-1]) + 1) * len(groups[-1][0][3]) if groups else 0
+        if groups and padded <= min(most, (1 + PADDING_MAX) * (real + blocks)):
+            groups[-1].append(item)
+            real += blocks
+        else:
+            groups.append([item])
+            real = blocks
+    return groups

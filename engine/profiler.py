@@ -51,6 +51,7 @@ def grid(max_len: int, quick: bool) -> list[list[Seq]]:
     shapes += [[(0, q)] * 4 for q in (64, 256)]
     shapes += [[(c, q)] for q in (64, 256) for c in (256, 1024)]
     shapes += [[(c, 1)] * b for b in batches for c in contexts]
+    shapes += [[(c, 1) for c in contexts] * b for b in (1, 4)]  # decodes of mixed lengths
     shapes += [[(256, 1)] * b + [(0, q)] for b in (4, 16) for q in (64, 256)]
     shapes += [[(256, k)] * b for b in (1, 4, 16) for k in ((3, 8) if quick else (2, 4, 8))]
     return [s for s in shapes if all(c + q < max_len for c, q in s)]

@@ -80,7 +80,9 @@ class Settings(BaseSettings):
     draft_model_dir: Path | None = Field(None, description="draft model; default: the built-in draft")
     spec_len: int = Field(0, ge=0, le=MAX_SPEC_LEN, description="speculative tokens per decode step under the "
                           "baseline policies; slos chooses its own per SLO tier")
-    threads_per_worker: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1, description="default: the worker's share of its cores")
+    worker_cpus: list[int] | None = Field(None, description="cores the workers run on, shared out among them in "
+                                          "order; the gateway and the planner run on the others; default: unpinned")
     heartbeat_s: float = Field(0.25, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
     slo_classes: dict[str, SLOClassSetting] = {
@@ -98,6 +100,9 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.policy == "distserve" and self.mode != "disaggregated":
             raise ValueError("policy distserve runs prefill and decode pools: it needs mode disaggregated")
+        if self.worker_cpus is not None and (not self.worker_cpus or min(self.worker_cpus) < 0
+                                             or len(set(self.worker_cpus)) < len(self.worker_cpus)):
+            raise ValueError("worker_cpus: distinct core numbers, at least one")
         return self
 
     @classmethod

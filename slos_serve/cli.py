@@ -109,6 +109,8 @@ def up(
     speculator: Annotated[str | None, typer.Option(help="none, ngram or draft")] = None,
     spec_len: Annotated[int | None, typer.Option(help="speculative tokens per decode step")] = None,
     draft_model: Annotated[Path | None, typer.Option(help="draft model (default: the built-in draft)")] = None,
+    worker_cpus: Annotated[str | None, typer.Option(
+        help="cores for the workers, e.g. 1,2,3 (the gateway and planner get the rest)")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Start gateway, planner and workers on this machine; Ctrl-C stops them all."""
@@ -118,7 +120,8 @@ def up(
                          decode_workers=decode, kv_transport=kv_transport, policy=policy, profile=profile,
                          api_key=api_key, admin_port=admin_port,
                          kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype,
-                         speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model)
+                         speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model,
+                         worker_cpus=_cores(worker_cpus))
     _logging(settings, "up")
     model_dir, name = _model_dir(model or settings.model_dir)
     draft_dir = settings.draft_model_dir
@@ -129,7 +132,20 @@ def up(
         draft_dir = model_dir.parent / "draft"
     settings = settings.model_copy(update={"model_dir": model_dir, "draft_model_dir": draft_dir,
                                            "served_model_name": settings.served_model_name or name})
+    missing = set(settings.worker_cpus or ()) - os.sched_getaffinity(0)
+    if missing:
+        raise typer.BadParameter(f"cores {sorted(missing)} are not among this machine's "
+                                 f"{sorted(os.sched_getaffinity(0))}", param_hint="--worker-cpus")
     raise typer.Exit(run_up(settings))
+
+
+def _cores(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter("core numbers separated by commas, e.g. 1,2,3", param_hint="--worker-cpus") from None
 
 
 @app.command()

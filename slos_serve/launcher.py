@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
@@ -35,16 +36,40 @@ STOP_GRACE_S = 5.0
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def spawn(args: list[str], env: dict[str, str], cpus: set[int] | None = None) -> subprocess.Popen:
+    """A `slos-serve` subcommand that dies with this process, on `cpus` when given."""
+
+    def before_exec() -> None:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.Popen([sys.executable, "-m", "slos_serve.cli", *args], env=env,
+                            preexec_fn=before_exec if sys.platform.startswith("linux") else None)
 
 
-def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "slos_serve.cli", *args],
-        env=env,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-    )
+@dataclass
+class Placement:
+    """Which cores each process runs on; None: wherever the OS likes."""
+
+    core: set[int] | None  # the planner and the gateway
+    workers: dict[str, set[int] | None]
+
+
+def place(settings: Settings, available: set[int]) -> Placement:
+    """Share `worker_cpus` out among the workers in order (round robin when there are more
+    workers than cores) and leave the other cores to the planner and the gateway, so a worker's
+    steps are not slowed by the processes that feed it."""
+    ids = [wid for wid, _ in worker_roles(settings)]
+    if settings.worker_cpus is None:
+        return Placement(None, dict.fromkeys(ids))
+    cpus = settings.worker_cpus
+    if len(cpus) >= len(ids):
+        share = len(cpus) // len(ids)
+        workers = {wid: set(cpus[i * share:(i + 1) * share]) for i, wid in enumerate(ids)}
+    else:
+        workers = {wid: {cpus[i % len(cpus)]} for i, wid in enumerate(ids)}
+    return Placement(available - set(cpus) or available, workers)
 
 
 def wire(settings: Settings, run_dir: Path) -> Settings:
@@ -56,7 +81,9 @@ def wire(settings: Settings, run_dir: Path) -> Settings:
         "gateway_address": ipc_address(run_dir, "gateway"),
     }
     update: dict[str, object] = {k: v for k, v in defaults.items() if not getattr(settings, k)}
-    if settings.threads_per_worker is None:  # one core left to the gateway and the planner
+    if settings.threads_per_worker is None and settings.worker_cpus is not None:
+        update["threads_per_worker"] = max(1, len(settings.worker_cpus) // len(worker_roles(settings)))
+    elif settings.threads_per_worker is None:  # one core left to the gateway and the planner
         update["threads_per_worker"] = max(1, ((os.cpu_count() or 1) - 1) // len(worker_roles(settings)))
     if settings.admin_token is None:
         update["admin_token"] = secrets.token_urlsafe(24)
@@ -101,6 +128,7 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
 
 def up(settings: Settings) -> int:
     """Run the cluster until interrupted; returns the exit code."""
+    placement = place(settings, os.sched_getaffinity(0))
     run_dir = Path(tempfile.mkdtemp(prefix="slos-serve-"))
     settings = wire(settings, run_dir)
     env = {**os.environ, **as_env(settings), "PYTHONUNBUFFERED": "1"}
@@ -112,9 +140,12 @@ def up(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    core = [spawn(["planner"], env), spawn(["gateway"], env)]
-    workers = {wid: (spawn(["worker", "--worker-id", wid, "--role", role], env), time.monotonic())
-               for wid, role in worker_roles(settings)}
+    core = [spawn(["planner"], env, placement.core), spawn(["gateway"], env, placement.core)]
+
+    def start(wid: str, role: str) -> tuple[subprocess.Popen, float]:
+        return spawn(["worker", "--worker-id", wid, "--role", role], env, placement.workers[wid]), time.monotonic()
+
+    workers = {wid: start(wid, role) for wid, role in worker_roles(settings)}
     roles = dict(worker_roles(settings))
     started, announced, code = time.monotonic(), False, 0
     try:
@@ -133,7 +164,7 @@ def up(settings: Settings) -> int:
                 break
             for wid in crashed:
                 log.error("worker %s exited (code %s); starting it again", wid, workers[wid][0].returncode)
-                workers[wid] = (spawn(["worker", "--worker-id", wid, "--role", roles[wid]], env), time.monotonic())
+                workers[wid] = start(wid, roles[wid])
             if not announced and _ready(settings):
                 log.info("slos-serve ready: http://%s:%d/v1 (model %s, %s mode, %d workers, policy %s); "
                          "admin API http://%s:%d/admin%s", settings.host, settings.port, settings.served_model_name,

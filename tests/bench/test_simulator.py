@@ -87,3 +87,11 @@ def test_a_run_given_up_below_a_target_is_judged_below_it_and_one_that_reaches_i
     light = workload(1, 30)
     assert (simulate(FCFSPolicy(max_num_seqs=256), cluster, light, CLASSES, stop_below=0.5).outcomes
             == simulate(FCFSPolicy(max_num_seqs=256), cluster, light, CLASSES).outcomes)
+
+
+def test_the_planner_in_the_loop_delays_every_step_by_its_compute() -> None:
+    one = [Arrival("c0", 0.0, 300, 40, "coding")]
+    plain, looped = (simulate(SLOPolicy(A100, max_num_seqs=256), Cluster(A100, num_blocks=6800, planner_in_loop=p),
+                              one, CLASSES) for p in (False, True))
+    assert plain.outcomes[0].finished and looped.outcomes[0].finished
+    assert 0 < looped.end - plain.end <= looped.planner_s  # every call but the one after the finish sent a step
