@@ -30,6 +30,7 @@ class StepFit:
     work: float = 1.0
     error: float = 0.0  # mean relative error of the rescaled profile's predictions, smoothed
     headroom: float = 1.0  # the share of a TPOT to plan batches to
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 7)  # of the window's steps, for the fit
 
     def add(self, fixed_s: float, work_s: float, seconds: float) -> None:
         """One step: the profile's two parts of it and the time it took; refits."""
@@ -38,17 +39,23 @@ class StepFit:
         miss = abs(self.fixed * fixed_s + self.work * work_s - seconds) / seconds
         self.error = (1 - ERROR_WEIGHT) * self.error + ERROR_WEIGHT * miss
         self.headroom = 1.0 - min(self.error, MAX_HEADROOM)
+        if len(self.steps) == self.steps.maxlen:
+            self._count(*self.steps[0], -1.0)
         self.steps.append((fixed_s, work_s, seconds))
+        self._count(fixed_s, work_s, seconds, 1.0)
         # weighted least squares on relative error: minimise sum ((a f + b w - t) / t)^2
-        sff = sfw = sww = sft = swt = 0.0
-        for f, w, t in self.steps:
-            f, w = f / t, w / t
-            sff, sfw, sww, sft, swt = sff + f * f, sfw + f * w, sww + w * w, sft + f, swt + w
+        sff, sfw, sww, sft, swt, st, s_parts = self._sums
         det = sff * sww - sfw * sfw
         if det > 1e-6 * sff * sww:
             a, b = (sft * sww - swt * sfw) / det, (swt * sff - sft * sfw) / det
             if a > 0 and b > 0:
                 self.fixed, self.work = (min(max(x, LIMITS[0]), LIMITS[1]) for x in (a, b))
                 return
-        one = sum(t for *_, t in self.steps) / sum(f + w for f, w, _ in self.steps)
+        one = st / s_parts
         self.fixed = self.work = min(max(one, LIMITS[0]), LIMITS[1])
+
+    def _count(self, fixed_s: float, work_s: float, seconds: float, sign: float) -> None:
+        """Add a step to the window's running sums (sign 1), or take one out (sign -1)."""
+        f, w = fixed_s / seconds, work_s / seconds
+        for i, x in enumerate((f * f, f * w, w * w, f, w, seconds, fixed_s + work_s)):
+            self._sums[i] += sign * x

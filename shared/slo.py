@@ -112,6 +112,12 @@ class Tracker:
         token, the rest came with it."""
         if n <= 0:
             return
+        if n == 1 and self.last_at is not None and 0 < self.tokens < self._ends[0]:  # the common case
+            self.gap_count[0] += 1
+            self.gap_sum[0] += at - self.last_at
+            self.last_at = at
+            self.tokens += 1
+            return
         j = self.tokens
         if j == 0:
             self.first_at = at

@@ -25,6 +25,7 @@ between the pools when one of them is the bottleneck.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import zlib
@@ -131,24 +132,27 @@ class SLOPolicy:
                     take(req, worker, load)
             self._make_room(state, worker, load, decisions, gone)
             promising &= ~rows.mask(p.admitted)
-        hopeful = rows.ids[candidates & best_effort].tolist()
-        if not hopeful:
+        hopeful = np.flatnonzero(candidates & best_effort)
+        if not len(hopeful):
             return plans
         nobody = np.zeros(len(rows), dtype=bool)
         for w in pool:
             if w.worker_id not in plans:
                 plans[w.worker_id] = self._plan(state, w, load, rows, nobody, now, gone)
         with_slack = [w for w in pool if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget]
-        for rid in hopeful:
-            with_slack = [w for w in with_slack if load[w.worker_id][1] < self.max_num_seqs]
+        for rid, whole, prefill in zip(rows.ids[hopeful].tolist(), rows.whole[hopeful].tolist(),
+                                       rows.prefill[hopeful].tolist()):
+            with_slack = [w for w in with_slack if load[w.worker_id][1] < self.max_num_seqs
+                          and load[w.worker_id][0] - 1 >= BE_RESERVE * w.num_blocks]  # room for a block at least
             if not with_slack:
                 break
-            req = state.requests[rid]
-            slack = [w for w in with_slack
-                     if load[w.worker_id][0] - w.blocks_for(req.tokens_on(w.role)) >= BE_RESERVE * w.num_blocks]
+            slack = [w for w in with_slack  # room for what the request holds there, as the plan prices it
+                     if load[w.worker_id][0] - w.blocks_for(prefill if w.role == "prefill" else whole)
+                     >= BE_RESERVE * w.num_blocks]
             worker = max(slack, key=lambda w: load[w.worker_id][0], default=None)
             if worker is None:
                 continue
+            req = state.requests[rid]
             decisions.assign[rid] = worker.worker_id
             decisions.best_effort.add(rid)
             added[worker.worker_id].append(rid)
@@ -180,14 +184,23 @@ class SLOPolicy:
         """The worker's admission plan: its running requests as load, its promised ones, and the
         waiting rows in `candidates`."""
         mine = [state.requests[r] for r in worker.requests if r not in gone]
-        running = [r for r in mine if r.phase == "decode"]
-        paced = [(t, r) for r in running if (t := self._tpot(r, worker)) is not None]
-        tightest = min(paced, key=lambda p: p[0], default=(None, running[0] if running else None))[1]
-        best_effort = sum(r.reserved_blocks for r in mine if r.best_effort and r.phase in ("prefill", "decode"))
+        running, context, best_effort = 0, 0, 0
+        tightest: RequestState | None = None
+        tightest_tpot = math.inf
+        for r in mine:  # one pass: this runs for every worker on every call
+            if r.best_effort and r.phase in ("prefill", "decode"):
+                best_effort += r.reserved_blocks
+            if r.phase != "decode":
+                continue
+            running += 1
+            context += r.prompt_len + r.num_output
+            tpot = r.tpot_s
+            if tightest is None or (tpot is not None and tpot < tightest_tpot):
+                tightest, tightest_tpot = r, math.inf if tpot is None else tpot
         replica = Replica(
-            decoding=len(running),
-            context_tokens=sum(r.prompt_len + r.num_output for r in running),
-            tightest_tpot_s=min((t for t, _ in paced), default=None),
+            decoding=running,
+            context_tokens=context,
+            tightest_tpot_s=None if math.isinf(tightest_tpot) else tightest_tpot * worker.fit.headroom,
             free_blocks=load[worker.worker_id][0] + best_effort,
             max_num_seqs=self.max_num_seqs,
             prefill_only=worker.role == "prefill",
@@ -260,14 +273,19 @@ class SLOPolicy:
         period (the tightest tier's k when none does); none for requests without a TPOT."""
         if worker.speculator == "none" or not self.max_spec_len:
             return {}
-        out = {}
+        out: dict[str, int] = {}
+        gains: dict[str | None, list[float]] = {}  # per class: tokens a step yields at k = 0, 1, ...
         for rid in decode:
             req = state.requests[rid]
             tpot = self._tpot(req, worker)
             if tpot is None:
                 continue
-            alpha = self._alpha(state, req.slo_class)
-            k = next((k for k in range(self.max_spec_len + 1) if tpot * expected_tokens(alpha, k) >= step_s), k_tight)
+            gain = gains.get(req.slo_class)
+            if gain is None:
+                alpha = self._alpha(state, req.slo_class)
+                gain = gains[req.slo_class] = [expected_tokens(alpha, k) for k in range(self.max_spec_len + 1)]
+            k = bisect.bisect_left(gain, step_s / tpot)
+            k = k_tight if k == len(gain) else k
             if k:
                 out[rid] = k
         return out
