@@ -2,22 +2,22 @@
 with the built-in model served by `slos-serve up`, and in the simulator.
 
 The simulator gets what it would get for any hardware: a profile of the engine measured here at
-the worker's thread count, with the live loop's own cost per step (messages, streaming) added
-to the profile's fixed cost, and the planner in the loop: each order starts as late as the
-planner's real compute took, which on CPU is a tenth of a step and grows with the queue. The
-loop's other cost is measured on the idle server: one stream's time per token less the
-simulated one's. The planner, live and
-simulated, is given the measured profile and calibrates it online against the steps it sees,
-as always; the scenario's objectives scale with the idle latencies, loop included. Prompts and
-outputs are clipped to the model's context window, the same way for both runs.
+the worker's thread count, the planner in the loop (each order starts as late as the planner's
+real compute took, which on CPU is a tenth of a step and grows with the queue), and the live
+loop's other cost per step (messages, streaming) added to the profile's fixed cost. That cost
+is measured on the idle server: one stream's time per token less the simulated one's. The
+planner, live and simulated, is given the measured profile and calibrates it online against
+the steps it sees, as always; the scenario's objectives scale with the idle latencies, loop
+included. Prompts and outputs are clipped to the model's context window, the same way for
+both runs.
 
 The worker runs alone on the last core (`--worker-cpus`), where its profile is measured too;
 the gateway, the planner and the load generator share the others, as they would share a host's
-spare cores beside a GPU. A loaded machine still runs slower than an idle one (the worker waits
-for the planner, which now shares its core with the gateway and the load). So the simulator runs a second time with the profile
-rescaled as the live planner's online calibration found the worker's steps at the live
-capacity (`planner.calibration`: a factor for the fixed costs, one for the roofline): what
-the simulator would be given for hardware known to behave so under load.
+spare cores beside a GPU. A loaded machine still runs slower than an idle one. So the
+simulator runs a second time with the profile rescaled as the live planner's online
+calibration found the worker's steps at the live capacity (`planner.calibration`: a factor
+for the fixed costs, one for the roofline): what the simulator would be given for hardware
+known to behave so under load.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from bench.capacity import Search, capacity
 from bench.live import run_live
 from bench.simulator import Cluster, simulate
-from bench.workloads import Arrival, attainment, idle_latency, scenario
+from bench.workloads import Arrival, attainment, scenario
 from engine.profiler import profile as measure
 from planner.policies import make_policy
 from shared.bus import free_tcp_port
@@ -86,7 +86,8 @@ def live_server(model: Path, profile: Path, log: Path, worker_cpus: set[int], po
         proc = subprocess.Popen(
             [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
              "--admin-port", str(admin_port), "--workers", "1", "--policy", policy, "--profile", str(profile),
-             "--speculator", "none", "--worker-cpus", ",".join(map(str, sorted(worker_cpus)))], env=env, stdout=out, stderr=subprocess.STDOUT)
+             "--speculator", "none", "--worker-cpus", ",".join(map(str, sorted(worker_cpus)))],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         server = LiveServer(url, f"http://127.0.0.1:{admin_port}", token, key, "")

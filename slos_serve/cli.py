@@ -250,6 +250,8 @@ def sim(
     profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
 ) -> None:
     """Simulate one scenario with the planner's real code and print SLO attainment per class."""
+    import time
+
     from bench.experiments import setups
     from bench.simulator import simulate
     from bench.workloads import scenario
@@ -258,7 +260,9 @@ def sim(
     prof = load_profile(profile)
     setup = setups(prof, gpus)[policy]
     arrivals = scenario(scenario_name, prof, rate, duration, seed, bursty)
+    started = time.perf_counter()
     result = simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed)
+    wall = time.perf_counter() - started
     done = [o for o in result.outcomes if o.finished]
     ttft = [o.ttft_s for o in done if o.ttft_s is not None]
     print(f"{len(result.outcomes)} requests, {sum(o.refused for o in result.outcomes)} refused; "
@@ -268,6 +272,7 @@ def sim(
         print(f"TTFT p50 {np.percentile(ttft, 50) * 1e3:.0f} ms, p99 {np.percentile(ttft, 99) * 1e3:.0f} ms; "
               f"simulated {result.end:.0f} s in {result.planner_calls} planner calls "
               f"({result.planner_s / max(1, result.planner_calls) * 1e3:.2f} ms each)")
+    print(f"simulation took {wall:.1f} s, of which the planner {result.planner_s:.1f} s")
 
 
 @model_app.command("make")
@@ -425,38 +430,6 @@ def bench_planner(
         t = call_times(profile, n, calls)
         print(f"| {n:,} | {np.percentile(t.plan_s, 50) * 1e3:.3f} | {np.percentile(t.plan_s, 99) * 1e3:.3f} | "
               f"{np.percentile(t.call_s, 50) * 1e3:.3f} | {np.percentile(t.call_s, 99) * 1e3:.3f} | {t.admitted:.0%} |")
-
-
-@bench_app.command("simulate")
-def bench_simulate(
-    scenario_name: Annotated[str, typer.Option("--scenario", help="chatbot, coding, summarization, mixed, "
-                                               "tool_calling or reasoning")] = "chatbot",
-    requests: Annotated[int, typer.Option(help="requests (tool calling: tasks) to simulate")] = 10_000,
-    rate: Annotated[float, typer.Option(help="req/s for the whole cluster")] = 40.0,
-    policy: Annotated[str, typer.Option(help="as in bench capacity")] = "slos",
-    gpus: Annotated[int, typer.Option(help="GPUs (DistServe splits them)")] = 2,
-    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
-) -> None:
-    """One simulated run: how long the simulator takes for a workload, and where the time goes."""
-    import time
-
-    from bench.experiments import setups
-    from bench.simulator import simulate
-    from bench.workloads import SCENARIOS, scenario
-    from shared.slo import DEFAULT_CLASSES
-
-    if scenario_name not in SCENARIOS:
-        raise typer.BadParameter(f"one of {', '.join(SCENARIOS)}", param_hint="--scenario")
-    prof = load_profile(profile)
-    setup = setups(prof, gpus)[policy]
-    arrivals = scenario(scenario_name, prof, rate, requests / rate, 0)
-    started = time.perf_counter()
-    result = simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES)
-    wall = time.perf_counter() - started
-    print(f"{scenario_name}, {len(arrivals):,} arrivals at {rate:g} req/s on {gpus} x {prof.hardware}, {policy}: "
-          f"{wall:.1f} s wall, of which the planner {result.planner_s:.1f} s over {result.planner_calls:,} calls "
-          f"({result.planner_s / max(1, result.planner_calls) * 1e3:.2f} ms a call); {result.end:.0f} simulated s, "
-          f"attainment {result.attainment:.1%}")
 
 
 @bench_app.command("capacity")
