@@ -3,8 +3,8 @@ with the built-in model served by `slos-serve up`, and in the simulator.
 
 The simulator gets what it would get for any hardware: a profile of the engine measured here at
 the worker's thread count, the planner in the loop (each order starts as late as the planner's
-real compute took, which on CPU is a tenth of a step and grows with the queue), and the live
-loop's other cost per step (messages, streaming) added to the profile's fixed cost. That cost
+real compute took, which grows with the queue), and the live loop's other cost per step
+(messages, streaming) added to the profile's fixed cost. That cost
 is measured on the idle server: one stream's time per token less the simulated one's. The
 planner, live and simulated, is given the measured profile and calibrates it online against
 the steps it sees, as always; the scenario's objectives scale with the idle latencies, loop

@@ -132,10 +132,11 @@ def up(
         draft_dir = model_dir.parent / "draft"
     settings = settings.model_copy(update={"model_dir": model_dir, "draft_model_dir": draft_dir,
                                            "served_model_name": settings.served_model_name or name})
-    missing = set(settings.worker_cpus or ()) - os.sched_getaffinity(0)
+    available = os.sched_getaffinity(0)
+    missing = set(settings.worker_cpus or ()) - available
     if missing:
-        raise typer.BadParameter(f"cores {sorted(missing)} are not among this machine's "
-                                 f"{sorted(os.sched_getaffinity(0))}", param_hint="--worker-cpus")
+        raise typer.BadParameter(f"cores {sorted(missing)} are not among this machine's {sorted(available)}",
+                                 param_hint="--worker-cpus")
     raise typer.Exit(run_up(settings))
 
 

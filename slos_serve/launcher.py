@@ -81,10 +81,9 @@ def wire(settings: Settings, run_dir: Path) -> Settings:
         "gateway_address": ipc_address(run_dir, "gateway"),
     }
     update: dict[str, object] = {k: v for k, v in defaults.items() if not getattr(settings, k)}
-    if settings.threads_per_worker is None and settings.worker_cpus is not None:
-        update["threads_per_worker"] = max(1, len(settings.worker_cpus) // len(worker_roles(settings)))
-    elif settings.threads_per_worker is None:  # one core left to the gateway and the planner
-        update["threads_per_worker"] = max(1, ((os.cpu_count() or 1) - 1) // len(worker_roles(settings)))
+    if settings.threads_per_worker is None:  # the workers' cores shared out; unpinned, all but one core
+        cores = len(settings.worker_cpus) if settings.worker_cpus else (os.cpu_count() or 1) - 1
+        update["threads_per_worker"] = max(1, cores // len(worker_roles(settings)))
     if settings.admin_token is None:
         update["admin_token"] = secrets.token_urlsafe(24)
         path = settings.admin_token_file or platformdirs.user_cache_path("slos-serve") / f"admin-token-{settings.admin_port}"
