@@ -182,23 +182,30 @@ class _Worker:
             if completes:
                 seq.output += 1
                 tokens[chunk.request_id] = 1
-            progress[chunk.request_id] = self._progress(chunk.request_id, seq, 0, 0)
+            progress[chunk.request_id] = RequestProgress(chunk.request_id, seq.computed, seq.output, None, 0, 0)
             if completes and self.role == "prefill" and not self._finished(seq):
                 exports.append(ExportedRequest(chunk.request_id, [0] * seq.output, 0, seq.computed,
                                                SamplingParams(max_tokens=seq.max_tokens), [], self.endpoint))
         decode_seqs = verify = 0
         spec_seqs, draft_steps, draft_kv = 0, 0, 0
-        for rid in order.decode:
+        spec_lens = order.spec_lens if c.speculator != "none" else {}
+        block_size, num_blocks, random = c.block_size, c.num_blocks, self.rng.random
+        for rid in order.decode:  # the hot loop of a simulation: block accounting inlined
             seq = self.seqs.get(rid)
             if seq is None:
                 continue
-            room = min(seq.max_tokens, seq.target) - seq.output - 1
-            k = max(0, min(order.spec_lens.get(rid, 0), room)) if c.speculator != "none" else 0
-            if not self._grow(seq, seq.computed + 1 + k):
-                out_of_blocks.append(rid)
-                continue
+            k = spec_lens.get(rid, 0)
+            if k:
+                k = max(0, min(k, min(seq.max_tokens, seq.target) - seq.output - 1))
+            need = -(-(seq.computed + 1 + k) // block_size) - seq.blocks
+            if need > 0:
+                if self.used + need > num_blocks:
+                    out_of_blocks.append(rid)
+                    continue
+                seq.blocks += need
+                self.used += need
             accepted = 0
-            while accepted < k and self.rng.random() < seq.alpha:
+            while accepted < k and random() < seq.alpha:
                 accepted += 1
             decode_seqs += 1
             verify += k + 1
@@ -211,13 +218,14 @@ class _Worker:
             new = accepted + 1
             seq.output += new
             seq.computed += new
-            self._shrink(seq)
+            if k:
+                self._shrink(seq)
             tokens[rid] = new
-            progress[rid] = self._progress(rid, seq, k, accepted)
+            progress[rid] = RequestProgress(rid, seq.computed, seq.output, None, k, accepted)
         for rid, p in progress.items():
             seq = self.seqs[rid]
-            finish = "stop" if seq.output >= seq.target else "length" if seq.output >= seq.max_tokens else None
-            if finish is not None:
+            if self._finished(seq):
+                finish = "stop" if seq.output >= seq.target else "length"
                 progress[rid] = msgspec.structs.replace(p, finish_reason=finish)
                 self._free(rid)
         seconds = transfer_s
@@ -236,10 +244,6 @@ class _Worker:
     @staticmethod
     def _finished(seq: _Seq) -> bool:
         return seq.output >= seq.target or seq.output >= seq.max_tokens
-
-    @staticmethod
-    def _progress(rid: str, seq: _Seq, proposed: int, accepted: int) -> RequestProgress:
-        return RequestProgress(rid, seq.computed, seq.output, None, proposed, accepted)
 
 
 def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes: dict[str, SLOClass],

@@ -21,16 +21,22 @@ def batch_seconds(profile: Profile, state: PlannerState, batch: WorkerBatch,
 
 def batch_shape(state: PlannerState, batch: WorkerBatch, prefill_totals: np.ndarray | None = None) -> Batches:
     """The batch as the performance model sees it (see `batch_seconds`)."""
-    reqs = [state.requests[rid] for rid in batch.decode]
-    verify = [1 + batch.spec_lens.get(r.request_id, 0) for r in reqs]
-    contexts = [r.prompt_len + r.num_output for r in reqs]
+    verify = context = pairs = 0
+    for rid in batch.decode:  # one pass: the service prices every order it sends
+        req = state.requests[rid]
+        v, c = 1 + batch.spec_lens.get(rid, 0), req.prompt_len + req.num_output
+        verify, context, pairs = verify + v, context + c, pairs + v * c
+    seqs = len(batch.decode)
+    if not batch.prefill and prefill_totals is None:  # decode alone: most orders
+        return Batches.of(prefill_tokens=np.zeros(1), decode_seqs=seqs, verify_len=verify / max(1, seqs),
+                          kv_read=float(context), num_seqs=np.full(1, seqs), attention_pairs=float(pairs))
     start = np.array([state.requests[rid].num_computed for rid, _ in batch.prefill], dtype=np.float64)
     size = np.array([n for _, n in batch.prefill], dtype=np.float64)
     ends = np.cumsum(size)
     totals = np.array([ends[-1] if len(ends) else 0.0]) if prefill_totals is None else prefill_totals
     taken = np.clip(totals[:, None] - (ends - size)[None, :], 0, size[None, :])
     return Batches.of(
-        prefill_tokens=totals, decode_seqs=len(reqs), verify_len=sum(verify) / max(1, len(reqs)),
-        kv_read=sum(contexts) + (start[None, :] + taken).sum(axis=1),
-        num_seqs=len(reqs) + (taken > 0).sum(axis=1),
-        attention_pairs=sum(v * c for v, c in zip(verify, contexts)) + (taken * (start[None, :] + taken / 2)).sum(axis=1))
+        prefill_tokens=totals, decode_seqs=seqs, verify_len=verify / max(1, seqs),
+        kv_read=context + (start[None, :] + taken).sum(axis=1),
+        num_seqs=seqs + (taken > 0).sum(axis=1),
+        attention_pairs=pairs + (taken * (start[None, :] + taken / 2)).sum(axis=1))

@@ -35,6 +35,7 @@ from shared.roofline import Batches, Profile, prefill_budgets
 IDLE_STEP_S = 0.05  # batch period with no TPOT to pace it
 CONSIDERED = 256  # waiting requests, earliest deadlines first, that one call plans at most
 DEFAULT_CONTEXT = 512  # context assumed for a decoding request when nothing else says
+NO_DEADLINE_BATCHES = np.iinfo(np.int64).max // 4  # batches before a request without a deadline is due
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class Jobs:
 
 
 def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float) -> Plan:
+    if not len(jobs):
+        return _period_plan(profile, replica)
     if isinstance(jobs, list):
         jobs = Jobs.of(jobs)
     queue = jobs.take(np.lexsort((~jobs.promised, jobs.deadline)))  # deadline order, promised first among equals
@@ -147,10 +150,10 @@ def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
     promised_context = int(queue.context[queue.promised].sum())
     tiers: list[float | None] = [None]
     if not replica.prefill_only:
-        with np.errstate(invalid="ignore"):
-            floor = min(replica.tightest_tpot_s or math.inf,
-                        float(np.nanmin(queue.tpot[queue.promised], initial=math.inf)))
-        found = set(np.unique(queue.tpot[~np.isnan(queue.tpot)]).tolist())
+        has_tpot = ~np.isnan(queue.tpot)
+        floor = min(replica.tightest_tpot_s or math.inf,
+                    float(queue.tpot[has_tpot & queue.promised].min(initial=math.inf)))
+        found = set(queue.tpot[has_tpot].tolist())
         tiers = sorted(t for t in found | {floor} if t <= floor and math.isfinite(t)) or [None]
     best: Plan | None = None
     best_tier: float | None = None
@@ -171,12 +174,20 @@ def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
     return best
 
 
+def _period_plan(profile: Profile, replica: Replica) -> Plan:
+    """What `_plan` comes to with nothing to prefill: the batch period alone. Below capacity
+    most calls are this one, so it skips the queue's arithmetic."""
+    floor = math.inf if replica.prefill_only else replica.tightest_tpot_s or math.inf
+    tier = floor if math.isfinite(floor) else None
+    steps, budgets, ks = _periods(profile, replica, tier, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+    return Plan([], [], [], float(steps[0]), int(budgets[0]), int(ks[0]), next_budget=int(budgets[0]))
+
+
 def _eligible(queue: Jobs, tier: float | None) -> np.ndarray:
     """Requests a batch period of `tier` can serve: those with no TPOT, a looser one, or promised."""
     if tier is None:
         return np.ones(len(queue.ids), dtype=bool)
-    with np.errstate(invalid="ignore"):
-        return queue.promised | np.isnan(queue.tpot) | (queue.tpot >= tier)
+    return queue.promised | np.isnan(queue.tpot) | (queue.tpot >= tier)
 
 
 def _with_their_decode_work(profile: Profile, replica: Replica, queue: Jobs, first: Plan,
@@ -292,7 +303,7 @@ def _batches(deadlines: np.ndarray, now: float, step_s: float, busy: bool) -> np
     """Batches that end by each deadline (a large number for none); one fewer while a step
     is still running."""
     finite = np.isfinite(deadlines)
-    out = np.full(len(deadlines), np.iinfo(np.int64).max // 4, dtype=np.int64)
+    out = np.full(len(deadlines), NO_DEADLINE_BATCHES, dtype=np.int64)
     out[finite] = np.maximum(0, np.floor((deadlines[finite] - now) / step_s).astype(np.int64) - int(busy))
     return out
 

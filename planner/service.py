@@ -147,12 +147,13 @@ class Planner:
         if worker.order_parts is not None:
             worker.fit.add(*worker.order_parts, now - worker.order_sent_at)
         worker.last_report_at = now
-        for p in msg.progress:
-            req = self.state.requests.get(p.request_id)
-            if (req is None or msg.worker_id not in (req.worker_id, req.decode_worker)
-                    or req.first_step is None or msg.step_id < req.first_step):
+        requests, worker_id, step_id = self.state.requests, msg.worker_id, msg.step_id
+        for p in msg.progress:  # the planner's hot loop: every request of every step
+            req = requests.get(p.request_id)
+            if (req is None or worker_id not in (req.worker_id, req.decode_worker)
+                    or req.first_step is None or step_id < req.first_step):
                 continue  # gone, or preempted and resubmitted since the step began: not this step's to update
-            if req.decode_worker == msg.worker_id:
+            if req.decode_worker == worker_id:
                 self._complete_handover(req)
             new_tokens = p.num_output_tokens - req.num_output
             self.generated_tokens += new_tokens
@@ -164,14 +165,14 @@ class Planner:
                 counts.proposed += p.num_proposed
                 counts.accepted += p.num_accepted
                 counts.steps += 1
-            if req.num_computed >= req.prefill_len and worker.role != "prefill":
+            if req.phase != "decode" and req.num_computed >= req.prefill_len and worker.role != "prefill":
                 req.phase = "decode"
             if p.finish_reason is not None:
                 if p.finish_reason in ("stop", "length"):
                     self.state.lengths.observe(req.slo_class, req.num_output)
                     self._judge(req, req.tracker.met())
                 self._forget(req)
-            elif req.worker_id == msg.worker_id and req.phase == "decode":
+            elif req.worker_id == worker_id and req.phase == "decode":
                 self._regrow(req, worker)
         for rid in msg.out_of_blocks:
             log.warning("request %s: worker %s is out of KV blocks; it waits a step", rid, msg.worker_id)

@@ -10,12 +10,15 @@ that meet τ at all. Pure functions of the performance model, for the planner an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from shared.messages import MAX_SPEC_LEN
 from shared.roofline import Batches, Profile, prefill_budgets
+
+_ZERO = np.zeros(())  # no prefill in a decode step
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -48,23 +51,41 @@ class SpecChoice:
     prefill_tokens_per_s: float  # prefill that still fits, per second
 
 
-def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
-          draft: Profile | None, max_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every (batch, context) pair by every k: the step length, its decode work, whether that
-    keeps the TPOT, and the prefill budget left."""
-    batch = np.asarray(batch, dtype=np.float64)[:, None]
-    context = np.asarray(context, dtype=np.float64)[:, None]
+@functools.lru_cache(maxsize=1024)
+def _gains(alpha: float, max_k: int) -> np.ndarray:
+    """E(k) for k = 0 .. max_k, as a row (cached: the planner asks for the same few α all the time)."""
     ks = np.arange(max_k + 1)[None, :]
     gain = ks + 1.0 if alpha >= 1 else (1 - alpha ** (ks + 1)) / (1 - alpha)
-    steps = np.broadcast_to(tpot_s * gain, (batch.shape[0], ks.shape[1]))
-    kv_read = batch * (context + ks + 1)
-    verify = target.predict(Batches.of(decode_seqs=batch, verify_len=ks + 1, kv_read=kv_read,
-                                       attention_pairs=batch * (ks + 1) * context))
-    draft_s = ks * draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
-                                            attention_pairs=batch * context)) if draft else 0.0 * ks
-    decode_s = np.broadcast_to(verify + draft_s, steps.shape)
+    gain.flags.writeable = False
+    return gain
+
+
+@functools.lru_cache(maxsize=64)
+def _ks(max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k = 0 .. max_k and the tokens each verifies, k + 1, as float rows."""
+    ks = np.arange(max_k + 1, dtype=np.float64)[None, :]
+    verify_len = ks + 1
+    ks.flags.writeable = verify_len.flags.writeable = False
+    return ks, verify_len
+
+
+def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
+          draft: Profile | None, max_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every (batch, context) pair by every k: the step length (a row: it depends on k alone),
+    its decode work, whether that keeps the TPOT, and the prefill budget left."""
+    batch = np.asarray(batch, dtype=np.float64)[:, None]
+    context = np.asarray(context, dtype=np.float64)[:, None]
+    ks, verify_len = _ks(max_k)
+    steps = tpot_s * _gains(alpha, max_k)
+    kv_read = batch * (context + verify_len)
+    decode_s = target.predict(Batches(_ZERO, batch, verify_len, kv_read, batch, batch * verify_len * context))
+    step_left = steps
+    if draft:
+        draft_s = ks * draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
+                                                attention_pairs=batch * context))
+        decode_s, step_left = decode_s + draft_s, steps - draft_s
     ok = (decode_s <= steps) & ((ks == 0) | (batch > 0))
-    budget = prefill_budgets(target.model, target.params, steps - draft_s, batch, ks + 1, kv_read)
+    budget = prefill_budgets(target.model, target.params, step_left, batch, verify_len, kv_read)
     return steps, decode_s, ok, budget
 
 
@@ -77,7 +98,7 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     rate = np.where(ok, budget / steps, -1.0)
     best = np.argmax(rate, axis=1)  # the first, so the smallest k, among equals
     rows = np.arange(len(best))
-    return best, steps[rows, best], np.where(ok[rows, best], budget[rows, best], -1)
+    return best, steps[0, best], np.where(ok[rows, best], budget[rows, best], -1)
 
 
 def options(target: Profile, tpot_s: float, batch: int, context: int, alpha: float,

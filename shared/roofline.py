@@ -15,6 +15,7 @@ numpy arrays, so the planner can price many candidate batches in one call.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,8 +29,9 @@ Combine = Literal["max", "sum"]
 ArrayLike = np.ndarray | float | int
 
 
-class ModelShape(msgspec.Struct, frozen=True):
-    """What the cost of a step depends on; names follow the Llama layout."""
+class ModelShape(msgspec.Struct, frozen=True, dict=True):
+    """What the cost of a step depends on; names follow the Llama layout. The derived sizes
+    are cached: the planner prices batches with them thousands of times a second."""
 
     name: str
     layers: int
@@ -42,31 +44,31 @@ class ModelShape(msgspec.Struct, frozen=True):
     gated_mlp: bool = True
     dtype_bytes: int = 2
 
-    @property
+    @functools.cached_property
     def params_per_layer(self) -> int:
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
         mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
         return attn + mlp
 
-    @property
+    @functools.cached_property
     def params(self) -> int:
         """Parameters every token multiplies through: the layers and the output head."""
         return self.layers * self.params_per_layer + self.vocab * self.hidden
 
-    @property
+    @functools.cached_property
     def weight_bytes(self) -> int:
         return self.params * self.dtype_bytes
 
-    @property
+    @functools.cached_property
     def flops_per_token(self) -> int:
         return 2 * self.params
 
-    @property
+    @functools.cached_property
     def flops_per_pair(self) -> int:
         """Attention FLOPs for one (query token, cached token) pair: QK^T and PV."""
         return 4 * self.layers * self.heads * self.head_dim
 
-    @property
+    @functools.cached_property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
 
@@ -143,13 +145,17 @@ def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_s
 def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, decode_seqs: ArrayLike,
                     verify_len: ArrayLike, kv_read: ArrayLike) -> np.ndarray:
     """`prefill_budget` for arrays of steps (broadcast against each other)."""
-    step_s, decode_seqs, verify_len, kv_read = (np.asarray(a, dtype=np.float64)
-                                                 for a in (step_s, decode_seqs, verify_len, kv_read))
+    decode_seqs, kv_read = np.asarray(decode_seqs, dtype=np.float64), np.asarray(kv_read, dtype=np.float64)
     fixed = p.overhead_s + p.per_sequence_s * (decode_seqs + 1)
-    decode_flops = decode_seqs * verify_len * shape.flops_per_token + kv_read * shape.flops_per_pair
+    decode_flops = decode_seqs * np.asarray(verify_len, dtype=np.float64) * shape.flops_per_token \
+        + kv_read * shape.flops_per_pair
     memory = (shape.weight_bytes + kv_read * shape.kv_bytes_per_token) * p.inv_bandwidth
-    room = step_s - fixed - (0.0 if p.combine == "max" else memory)
-    blocked = (room <= 0) | ((memory > room) if p.combine == "max" else False)
+    if p.combine == "max":
+        room = np.asarray(step_s, dtype=np.float64) - fixed
+        blocked = (room <= 0) | (memory > room)
+    else:
+        room = np.asarray(step_s, dtype=np.float64) - fixed - memory
+        blocked = room <= 0
     if p.inv_flops <= 0:
         return np.where(blocked, 0, 1 << 30)
     tokens = np.floor((room / p.inv_flops - decode_flops) / shape.flops_per_token)

@@ -120,6 +120,8 @@ def hand_over(state: PlannerState, load: Load, max_num_seqs: int, decisions: Dec
     """Prefilled requests, oldest first, to the decode worker with the most room that
     `accepts` them."""
     pool = decode_pool(state)
+    if not pool:
+        return
     ready = sorted((state.requests[rid] for w in state.workers.values() for rid in w.requests
                     if state.requests[rid].phase == "handover"), key=lambda r: r.arrival)
     for req in ready:

@@ -78,16 +78,18 @@ class SLOPolicy:
         load = load_of(state, gone)
         added: dict[str, list[str]] = {w: [] for w in state.workers}
         rows = state.waiting.rows()
-        candidates = ~rows.mask(list(refuse_oversized(state, rows, decisions)))
-        plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
-        parked = int(rows.parked.sum())
-        left = candidates & ~rows.parked & ~rows.mask(list(decisions.assign))
-        for rid in rows.ids[left].tolist():
-            if parked >= self.best_effort_limit:
-                decisions.refuse.append((rid, "overloaded: the best-effort queue is full"))
-            else:
-                decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
-                parked += 1
+        plans: dict[str, Plan] = {}
+        if len(rows):  # below capacity nothing waits most of the time
+            candidates = ~rows.mask(list(refuse_oversized(state, rows, decisions)))
+            plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
+            parked = int(rows.parked.sum())
+            left = candidates & ~rows.parked & ~rows.mask(list(decisions.assign))
+            for rid in rows.ids[left].tolist():
+                if parked >= self.best_effort_limit:
+                    decisions.refuse.append((rid, "overloaded: the best-effort queue is full"))
+                else:
+                    decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
+                    parked += 1
         hand_over(state, load, self.max_num_seqs, decisions, added,
                   accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], self._tpot(r, w)) > 0)
 
@@ -135,15 +137,19 @@ class SLOPolicy:
         hopeful = np.flatnonzero(candidates & best_effort)
         if not len(hopeful):
             return plans
+        def has_room(w: WorkerState) -> bool:  # for a block at least
+            return load[w.worker_id][1] < self.max_num_seqs and load[w.worker_id][0] - 1 >= BE_RESERVE * w.num_blocks
+
         nobody = np.zeros(len(rows), dtype=bool)
-        for w in pool:
+        with_slack = []
+        for w in filter(has_room, pool):  # a plan only where one could be placed: a plan is the costly part
             if w.worker_id not in plans:
                 plans[w.worker_id] = self._plan(state, w, load, rows, nobody, now, gone)
-        with_slack = [w for w in pool if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget]
+            if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget:
+                with_slack.append(w)
         for rid, whole, prefill in zip(rows.ids[hopeful].tolist(), rows.whole[hopeful].tolist(),
                                        rows.prefill[hopeful].tolist()):
-            with_slack = [w for w in with_slack if load[w.worker_id][1] < self.max_num_seqs
-                          and load[w.worker_id][0] - 1 >= BE_RESERVE * w.num_blocks]  # room for a block at least
+            with_slack = list(filter(has_room, with_slack))
             if not with_slack:
                 break
             slack = [w for w in with_slack  # room for what the request holds there, as the plan prices it
@@ -188,13 +194,17 @@ class SLOPolicy:
         tightest: RequestState | None = None
         tightest_tpot = math.inf
         for r in mine:  # one pass: this runs for every worker on every call
-            if r.best_effort and r.phase in ("prefill", "decode"):
-                best_effort += r.reserved_blocks
             if r.phase != "decode":
+                if r.best_effort and r.phase == "prefill":
+                    best_effort += r.reserved_blocks
                 continue
             running += 1
             context += r.prompt_len + r.num_output
-            tpot = r.tpot_s
+            if r.best_effort:
+                best_effort += r.reserved_blocks
+                tpot = None
+            else:
+                tpot = r.tpot_s
             if tightest is None or (tpot is not None and tpot < tightest_tpot):
                 tightest, tightest_tpot = r, math.inf if tpot is None else tpot
         replica = Replica(
@@ -210,14 +220,16 @@ class SLOPolicy:
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
         )
-        promised = Jobs.of([Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
-                                r.life_context()) for r in mine if r.phase == "prefill" and r.prefill_left > 0])
+        promised = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
+                        r.life_context()) for r in mine if r.phase == "prefill" and r.prefill_left > 0]
+        if not candidates.any():
+            return plan(self._profile(worker), replica, promised, now)
         deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
         held = rows.prefill[candidates] if worker.role == "prefill" else rows.whole[candidates]
         waiting = Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
                        np.where(past, np.inf, deadline), np.where(past, np.nan, rows.tpot[candidates] * worker.fit.headroom),
                        np.zeros(len(deadline), dtype=bool), rows.context[candidates])
-        return plan(self._profile(worker), replica, promised + waiting, now)
+        return plan(self._profile(worker), replica, Jobs.of(promised) + waiting, now)
 
     def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,
               needed: int) -> list[tuple[str, int]]:
@@ -278,7 +290,7 @@ class SLOPolicy:
         for rid in decode:
             req = state.requests[rid]
             tpot = self._tpot(req, worker)
-            if tpot is None:
+            if tpot is None or step_s / tpot <= 1.0:  # the request keeps its TPOT without speculating
                 continue
             gain = gains.get(req.slo_class)
             if gain is None:
@@ -332,4 +344,4 @@ def _deadline(req: RequestState, now: float) -> float:
 
 def _backlog(state: PlannerState, worker: WorkerState) -> int:
     """Prompt tokens the worker still has to prefill."""
-    return sum(state.requests[r].prefill_left for r in worker.requests if state.requests[r].phase == "prefill")
+    return sum(r.prefill_left for r in map(state.requests.__getitem__, worker.requests) if r.phase == "prefill")
