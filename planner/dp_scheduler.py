@@ -256,9 +256,9 @@ def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: 
         step_s = IDLE_STEP_S if tpot_s is None else tpot_s
         budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
         return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
-    ks, steps, budgets = periods(profile, tpot_s, seqs, np.round(kv_read / np.maximum(1, seqs)), replica.alpha,
+    ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,
                                  replica.draft, replica.max_spec_len)
-    return steps, np.maximum(budgets, 0), np.where(budgets < 0, 0, ks)
+    return steps, np.maximum(budgets, 0), ks * (budgets >= 0)
 
 
 def _plan_at(queue: Jobs, eligible: np.ndarray, period: Period, replica: Replica, now: float,

@@ -95,10 +95,13 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     budget -1 where no k keeps the TPOT. With nothing decoding there is nothing to
     speculate: k = 0."""
     steps, _, ok, budget = _grid(target, tpot_s, batch, context, alpha, draft, max_k)
-    rate = np.where(ok, budget / steps, -1.0)
-    best = np.argmax(rate, axis=1)  # the first, so the smallest k, among equals
+    rate = budget / steps
+    rate[~ok] = -1.0
+    best = rate.argmax(axis=1)  # the first, so the smallest k, among equals
     rows = np.arange(len(best))
-    return best, steps[0, best], np.where(ok[rows, best], budget[rows, best], -1)
+    chosen = budget[rows, best]
+    chosen[~ok[rows, best]] = -1
+    return best, steps[0, best], chosen
 
 
 def options(target: Profile, tpot_s: float, batch: int, context: int, alpha: float,

@@ -159,7 +159,7 @@ def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, dec
     if p.inv_flops <= 0:
         return np.where(blocked, 0, 1 << 30)
     tokens = np.floor((room / p.inv_flops - decode_flops) / shape.flops_per_token)
-    return np.where(blocked, 0, np.maximum(tokens, 0)).astype(np.int64)
+    return (np.maximum(tokens, 0) * ~blocked).astype(np.int64)
 
 
 def _solve(design: np.ndarray, times: np.ndarray) -> np.ndarray:

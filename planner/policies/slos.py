@@ -282,8 +282,10 @@ class SLOPolicy:
     def _spec_lens(self, state: PlannerState, worker: WorkerState, decode: list[str], step_s: float,
                    k_tight: int) -> dict[str, int]:
         """For each decoding request, the fewest speculative tokens that keep its TPOT at this
-        period (the tightest tier's k when none does); none for requests without a TPOT."""
-        if worker.speculator == "none" or not self.max_spec_len:
+        period (the tightest tier's k when none does); none for requests without a TPOT. When
+        the tightest tier does not speculate, the period is its TPOT, which every other
+        request's TPOT allows as well: none speculates."""
+        if worker.speculator == "none" or not self.max_spec_len or not k_tight:
             return {}
         out: dict[str, int] = {}
         gains: dict[str | None, list[float]] = {}  # per class: tokens a step yields at k = 0, 1, ...
