@@ -353,7 +353,8 @@ class Planner:
 
     def _order(self, worker_id: str, batch: WorkerBatch) -> BatchOrder:
         held = set(self.state.workers[worker_id].requests)
-        stray = [rid for rid in [r for r, _ in batch.prefill] + batch.decode if rid not in held]
+        stray = [] if held.issuperset(batch.decode) and held.issuperset(r for r, _ in batch.prefill) else \
+            [rid for rid in [r for r, _ in batch.prefill] + batch.decode if rid not in held]
         if stray:  # a policy bug must not take the planner down
             log.error("policy %s ordered requests worker %s does not hold: %s", self.policy.name, worker_id, stray)
             batch = WorkerBatch([(r, n) for r, n in batch.prefill if r in held], [r for r in batch.decode if r in held],
@@ -366,8 +367,7 @@ class Planner:
                 new.append(NewRequest(rid, list(req.prompt_token_ids), req.params, list(req.resume_token_ids)))
                 req.first_step = self.next_step_id
         imports = []
-        for rid in batch.decode:
-            req = self.state.requests[rid]
+        for req in map(self.state.requests.__getitem__, batch.decode):
             if req.decode_worker == worker_id and not req.import_sent and req.export is not None:
                 imports.append(req.export)
                 req.import_sent = True

@@ -20,6 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     from planner.state import RequestState
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
 _COLUMNS = {"prefill": np.int64, "whole": np.int64, "deadline": np.float64, "tpot": np.float64,
             "context": np.int64, "parked": np.bool_, "live": np.bool_}
 
@@ -94,7 +95,7 @@ class WaitingQueue:
         self._cols["parked"][self._row[request_id]] = True
 
     def rows(self) -> Rows:
-        live = np.flatnonzero(self._cols["live"][:self._size])
+        live = np.flatnonzero(self._cols["live"][:self._size]) if self._row else _NO_ROWS  # most calls: empty
         c = self._cols
         return Rows(self._ids[live], c["prefill"][live], c["whole"][live],
                     c["deadline"][live], c["tpot"][live], c["context"][live], c["parked"][live], live, self._row)

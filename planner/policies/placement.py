@@ -134,10 +134,10 @@ def hand_over(state: PlannerState, load: Load, max_num_seqs: int, decisions: Dec
 
 def decoding(state: PlannerState, worker: WorkerState, request_ids: list[str], decisions: Decisions) -> list[str]:
     """The requests that decode on the worker in its next step, those it takes over included."""
+    me, handover = worker.worker_id, decisions.handover
     return [
-        r.request_id for r in (state.requests[rid] for rid in request_ids)
-        if (r.phase == "decode" and r.worker_id == worker.worker_id) or r.decode_worker == worker.worker_id
-        or decisions.handover.get(r.request_id) == worker.worker_id
+        r.request_id for r in map(state.requests.__getitem__, request_ids)
+        if (r.phase == "decode" and r.worker_id == me) or r.decode_worker == me or handover.get(r.request_id) == me
     ]
 
 
