@@ -137,6 +137,7 @@ class SLOPolicy:
         hopeful = np.flatnonzero(candidates & best_effort)
         if not len(hopeful):
             return plans
+
         def has_room(w: WorkerState) -> bool:  # for a block at least
             return load[w.worker_id][1] < self.max_num_seqs and load[w.worker_id][0] - 1 >= BE_RESERVE * w.num_blocks
 

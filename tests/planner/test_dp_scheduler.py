@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.dp_scheduler import Job, Plan, Replica, plan
+from planner.dp_scheduler import Job, Jobs, Plan, Replica, _plan, plan
 from shared.roofline import ModelShape, Profile, RooflineParams
 
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
@@ -114,3 +114,19 @@ def test_ten_thousand_requests_are_each_admitted_or_rejected() -> None:
     replica = Replica(decoding=64, context_tokens=64 * 800, tightest_tpot_s=0.1, free_blocks=50_000)
     p = plan(GPU, replica, jobs, 0.0)
     assert len(p.admitted) + len(p.rejected) == 10_000 and 0 < len(p.admitted) < 10_000
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 200), st.sampled_from([None, 0.02, 0.1, 0.5]), st.floats(0.0, 1.0), st.integers(0, 4),
+       st.booleans(), st.booleans())
+def test_nothing_to_prefill_plans_the_period_as_the_whole_plan_would(
+        decoding: int, tpot: float | None, alpha: float, max_spec_len: int, prefill_only: bool, busy: bool) -> None:
+    """`plan` takes a short cut when no request has prompt left; it must come to what the
+    whole dynamic program does on an empty queue."""
+    replica = Replica(decoding, decoding * 700, tpot, 5_000, prefill_only=prefill_only, alpha=alpha,
+                      max_spec_len=max_spec_len, busy=busy)
+    short = plan(GPU, replica, [], 3.0)
+    whole = _plan(GPU, replica, Jobs.of([]), 3.0)
+    for got in (short, whole):
+        got.rows = got.rows.tolist()
+    assert short == whole
