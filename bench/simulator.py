@@ -218,7 +218,7 @@ class _Worker:
             new = accepted + 1
             seq.output += new
             seq.computed += new
-            if k:
+            if k:  # without proposals the step grew it to just what it now holds
                 self._shrink(seq)
             tokens[rid] = new
             progress[rid] = RequestProgress(rid, seq.computed, seq.output, None, k, accepted)
