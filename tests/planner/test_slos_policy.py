@@ -4,6 +4,11 @@ keep the tightest TPOT, and a disaggregated cluster whose decode pool caps admis
 
 from __future__ import annotations
 
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.policies.placement import load_of
 from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams, SpecCounts
@@ -148,3 +153,18 @@ def test_handover_goes_to_a_decode_worker_whose_batch_keeps_the_tpot() -> None:
     d = SLOPolicy(GPU).schedule(s, now=0.0)
     assert d.handover == {"ready": "d1"}
     assert d.batches["d1"].decode == ["ready"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(5.0, 300.0), min_size=1, max_size=12), st.integers(100, 3000), st.floats(0.05, 0.95))
+def test_when_the_tightest_tier_does_not_speculate_no_request_needs_to(tpots: list[float], prompt: int,
+                                                                       rate: float) -> None:
+    """The policy skips working out speculative lengths when the plan's tightest tier takes
+    k = 0; that holds only if the period then keeps every decoding request's TPOT."""
+    reqs = [request(f"d{i}", prompt, SLOTarget(ttft_ms=1000.0, tpot_ms=t), slo_class="c") for i, t in enumerate(tpots)]
+    s = state([worker("w0", speculator="ngram")], [], {"w0": reqs})
+    s.speculation = {"c": SpecCounts(1000, round(1000 * rate), 250)}
+    policy, w = SLOPolicy(GPU), s.workers["w0"]
+    p = policy._plan(s, w, load_of(s), s.waiting.rows(), np.zeros(0, dtype=bool), 0.0, set())
+    if p.spec_len == 0:
+        assert policy._spec_lens(s, w, [r.request_id for r in reqs], p.step_s, 1) == {}
