@@ -189,21 +189,17 @@ class _Worker:
         decode_seqs = verify = 0
         spec_seqs, draft_steps, draft_kv = 0, 0, 0
         spec_lens = order.spec_lens if c.speculator != "none" else {}
-        block_size, num_blocks, random = c.block_size, c.num_blocks, self.rng.random
-        for rid in order.decode:  # the hot loop of a simulation: block accounting inlined
+        random = self.rng.random
+        for rid in order.decode:  # the hot loop of a simulation
             seq = self.seqs.get(rid)
             if seq is None:
                 continue
             k = spec_lens.get(rid, 0)
             if k:
                 k = max(0, min(k, min(seq.max_tokens, seq.target) - seq.output - 1))
-            need = -(-(seq.computed + 1 + k) // block_size) - seq.blocks
-            if need > 0:
-                if self.used + need > num_blocks:
-                    out_of_blocks.append(rid)
-                    continue
-                seq.blocks += need
-                self.used += need
+            if not self._grow(seq, seq.computed + 1 + k):
+                out_of_blocks.append(rid)
+                continue
             accepted = 0
             while accepted < k and random() < seq.alpha:
                 accepted += 1

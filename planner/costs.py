@@ -27,16 +27,15 @@ def batch_shape(state: PlannerState, batch: WorkerBatch, prefill_totals: np.ndar
         v, c = 1 + batch.spec_lens.get(rid, 0), req.prompt_len + req.num_output
         verify, context, pairs = verify + v, context + c, pairs + v * c
     seqs = len(batch.decode)
-    if not batch.prefill and prefill_totals is None:  # decode alone: most orders
-        return Batches.of(prefill_tokens=np.zeros(1), decode_seqs=seqs, verify_len=verify / max(1, seqs),
-                          kv_read=float(context), num_seqs=np.full(1, seqs), attention_pairs=float(pairs))
-    start = np.array([state.requests[rid].num_computed for rid, _ in batch.prefill], dtype=np.float64)
-    size = np.array([n for _, n in batch.prefill], dtype=np.float64)
-    ends = np.cumsum(size)
-    totals = np.array([ends[-1] if len(ends) else 0.0]) if prefill_totals is None else prefill_totals
-    taken = np.clip(totals[:, None] - (ends - size)[None, :], 0, size[None, :])
-    return Batches.of(
-        prefill_tokens=totals, decode_seqs=seqs, verify_len=verify / max(1, seqs),
-        kv_read=context + (start[None, :] + taken).sum(axis=1),
-        num_seqs=seqs + (taken > 0).sum(axis=1),
-        attention_pairs=pairs + (taken * (start[None, :] + taken / 2)).sum(axis=1))
+    if batch.prefill or prefill_totals is not None:
+        start = np.array([state.requests[rid].num_computed for rid, _ in batch.prefill], dtype=np.float64)
+        size = np.array([n for _, n in batch.prefill], dtype=np.float64)
+        ends = np.cumsum(size)
+        totals = np.array([ends[-1] if len(ends) else 0.0]) if prefill_totals is None else prefill_totals
+        taken = np.clip(totals[:, None] - (ends - size)[None, :], 0, size[None, :])
+        prefill_kv, prefill_seqs = (start[None, :] + taken).sum(axis=1), (taken > 0).sum(axis=1)
+        prefill_pairs = (taken * (start[None, :] + taken / 2)).sum(axis=1)
+    else:  # decode alone, most orders: no arrays to build
+        totals, prefill_kv, prefill_seqs, prefill_pairs = np.zeros(1), 0.0, np.zeros(1, dtype=np.int64), 0.0
+    return Batches.of(prefill_tokens=totals, decode_seqs=seqs, verify_len=verify / max(1, seqs),
+                      kv_read=context + prefill_kv, num_seqs=seqs + prefill_seqs, attention_pairs=pairs + prefill_pairs)

@@ -54,8 +54,7 @@ class SpecChoice:
 @functools.lru_cache(maxsize=1024)
 def _gains(alpha: float, max_k: int) -> np.ndarray:
     """E(k) for k = 0 .. max_k, as a row (cached: the planner asks for the same few α all the time)."""
-    ks = np.arange(max_k + 1)[None, :]
-    gain = ks + 1.0 if alpha >= 1 else (1 - alpha ** (ks + 1)) / (1 - alpha)
+    gain = np.array([[expected_tokens(alpha, k) for k in range(max_k + 1)]])
     gain.flags.writeable = False
     return gain
 

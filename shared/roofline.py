@@ -145,16 +145,16 @@ def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_s
 def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, decode_seqs: ArrayLike,
                     verify_len: ArrayLike, kv_read: ArrayLike) -> np.ndarray:
     """`prefill_budget` for arrays of steps (broadcast against each other)."""
-    decode_seqs, kv_read = np.asarray(decode_seqs, dtype=np.float64), np.asarray(kv_read, dtype=np.float64)
+    step_s, decode_seqs, verify_len, kv_read = (np.asarray(a, dtype=np.float64)
+                                                 for a in (step_s, decode_seqs, verify_len, kv_read))
     fixed = p.overhead_s + p.per_sequence_s * (decode_seqs + 1)
-    decode_flops = decode_seqs * np.asarray(verify_len, dtype=np.float64) * shape.flops_per_token \
-        + kv_read * shape.flops_per_pair
+    decode_flops = decode_seqs * verify_len * shape.flops_per_token + kv_read * shape.flops_per_pair
     memory = (shape.weight_bytes + kv_read * shape.kv_bytes_per_token) * p.inv_bandwidth
     if p.combine == "max":
-        room = np.asarray(step_s, dtype=np.float64) - fixed
+        room = step_s - fixed
         blocked = (room <= 0) | (memory > room)
     else:
-        room = np.asarray(step_s, dtype=np.float64) - fixed - memory
+        room = step_s - fixed - memory
         blocked = room <= 0
     if p.inv_flops <= 0:
         return np.where(blocked, 0, 1 << 30)
