@@ -4,7 +4,8 @@ time, judged by its client-side token times with the simulator's judge.
 Prompts are token ids (so each has exactly its length), outputs run to their length with
 EOS ignored, and every streamed chunk carries the usage so far (vLLM's
 `continuous_usage_stats`), so the client knows how many tokens each chunk brought. A 429 is
-a refusal; the next call of a tool loop goes out its think time after the previous one ends.
+a refusal; the next call of a tool loop goes out its think time after the previous one ends,
+and never if that one was refused or failed (it counts as missed).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import zlib
 import numpy as np
 import openai
 
-from bench.workloads import Arrival, Outcome
+from bench.workloads import Arrival, Outcome, never_sent
 from shared.messages import SLOSpec
 from shared.slo import SLOClass, Tracker, resolve
 
@@ -63,7 +64,7 @@ async def _run(client: openai.AsyncOpenAI, model: str, arrivals: list[Arrival], 
         await _request(client, model, a, vocab, classes, out)
 
     await asyncio.gather(*(at_its_time(a) for a in arrivals))
-    return out
+    return out + never_sent(out, arrivals)
 
 
 def run_live(base_url: str, api_key: str, model: str, arrivals: list[Arrival], vocab: int,

@@ -11,7 +11,8 @@ its acceptance rate. Nothing about scheduling is decided here.
 The simulated clients judge each request by its token times with `shared.slo.Tracker`, as the
 live benchmarks do; a refused request, or one still unfinished at the end, missed its SLOs.
 Tool-calling loops are chains: the next call of a loop arrives a think time after the
-previous one finishes (and never, if it was refused).
+previous one finishes; if one is refused, or unfinished at the end, the calls after it never
+go out and count as missed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from bench.workloads import Arrival, Outcome, attainment, attainment_by_class, every_request
+from bench.workloads import Arrival, Outcome, attainment, attainment_by_class, every_request, never_sent
 from planner.policies import Policy
 from planner.service import Planner, quiet_gc
 from shared.clock import ManualClock
@@ -289,7 +290,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                 continue
             if isinstance(msg, Refused):
                 client.refused = True
-                missed += 1
+                missed += len(every_request([client.arrival]))  # and the calls of its loop left
             elif isinstance(msg, Lost):  # the gateway resubmits after the tokens already streamed
                 submit = msgspec.structs.replace(client.submit, resume_token_ids=[0] * client.output)
                 handle(planner.on_submit(submit), now)
@@ -337,6 +338,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
             tick_pending = True
 
     outcomes = [_outcome(c) for c in clients.values()]
+    outcomes += never_sent(outcomes, arrivals)
     return SimResult(outcomes, clock.now(), calls, planner_s, missed > most_missed)
 
 

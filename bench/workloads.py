@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -78,6 +79,24 @@ def every_request(arrivals: list[Arrival]) -> list[Arrival]:
     for a in arrivals:
         while a is not None:
             out.append(a)
+            a = a.then
+    return out
+
+
+def never_sent(outcomes: list[Outcome], arrivals: list[Arrival]) -> list[Outcome]:
+    """The later calls of tool loops whose head went out but which never did (a call before
+    them was refused or did not finish): each a miss, so a broken loop weighs as many requests
+    as it has, for every policy alike."""
+    sent = {o.request_id for o in outcomes}
+    out = []
+    for head in arrivals:
+        if head.request_id not in sent:
+            continue
+        a = head.then
+        while a is not None:
+            if a.request_id not in sent:
+                out.append(Outcome(a.request_id, a.slo_class, math.nan, a.prompt_tokens, 0, False, False, False,
+                                   None, []))
             a = a.then
     return out
 

@@ -89,6 +89,7 @@ class Plan:
     needed: int = 0  # prefill tokens the next batch must run for every admitted request to stay on time
     late: list[str] = field(default_factory=list)  # promised, but now past what fits
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the admitted, in the planned jobs
+    crowded: bool = False  # KV blocks or batch slots, not time, turned a request away
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def _with_their_decode_work(profile: Profile, replica: Replica, queue: Jobs, fir
     plan.rejected = queue.ids[rejected].tolist()
     plan.late = [rid for rid in first.late if rid in set(plan.admitted)]
     plan.rows = first.rows[rows]
+    plan.crowded = first.crowded
     return plan
 
 
@@ -267,8 +269,8 @@ def _plan_at(queue: Jobs, eligible: np.ndarray, period: Period, replica: Replica
     rows = np.flatnonzero(eligible)
     tokens, promised = queue.tokens[rows], queue.promised[rows]
     batches = _batches(queue.deadline[rows], now, period.step_s, replica.busy)
-    keep, late = _by_deadline(tokens, promised, batches, period.budget)
-    keep, late_mem = _by_memory(keep, queue.blocks[rows], promised, replica.free_blocks)
+    on_time, late = _by_deadline(tokens, promised, batches, period.budget)
+    keep, late_mem = _by_memory(on_time, queue.blocks[rows], promised, replica.free_blocks)
     cap = replica.max_num_seqs - replica.decoding - int(promised.sum())
     for bound in (replica.max_new, limit):
         if bound is not None:
@@ -277,6 +279,7 @@ def _plan_at(queue: Jobs, eligible: np.ndarray, period: Period, replica: Replica
     keep[extra] = False
     plan = _plan_of(queue, rows[keep], period, replica, now, ~eligible)
     plan.late = queue.ids[rows[late | late_mem]].tolist()
+    plan.crowded = bool((on_time & ~keep).any())
     return plan
 
 

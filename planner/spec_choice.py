@@ -52,7 +52,7 @@ class SpecChoice:
 
 
 @functools.lru_cache(maxsize=1024)
-def _gains(alpha: float, max_k: int) -> np.ndarray:
+def gains_row(alpha: float, max_k: int) -> np.ndarray:
     """E(k) for k = 0 .. max_k, as a row (cached: the planner asks for the same few α all the time)."""
     gain = np.array([[expected_tokens(alpha, k) for k in range(max_k + 1)]])
     gain.flags.writeable = False
@@ -75,7 +75,7 @@ def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray
     batch = np.asarray(batch, dtype=np.float64)[:, None]
     context = np.asarray(context, dtype=np.float64)[:, None]
     ks, verify_len = _ks(max_k)
-    steps = tpot_s * _gains(alpha, max_k)
+    steps = tpot_s * gains_row(alpha, max_k)
     kv_read = batch * (context + verify_len)
     decode_s = target.predict(Batches(_ZERO, batch, verify_len, kv_read, batch, batch * verify_len * context))
     step_left = steps
@@ -117,3 +117,28 @@ def choose_spec_len(target: Profile, tpot_s: float, batch: int, context: int, al
     keeps it."""
     return max(options(target, tpot_s, batch, context, alpha, draft, max_k),
                key=lambda c: (c.prefill_tokens_per_s, -c.k), default=None)
+
+
+def fastest_floor(target: Profile, prefill: Batches, context: np.ndarray, spec_lens: np.ndarray, gains: np.ndarray,
+                  step_s: float, draft: Profile | None = None) -> np.ndarray:
+    """The decoding requests' speculative lengths raised alike to the floor that decodes the
+    most tokens per second, among floors that keep the step within `step_s` (or no longer
+    than it is now). In a step bound by reading the weights and the KV cache a few more
+    verified tokens cost little, and requests that finish sooner free their KV blocks and
+    batch slots for the next ones: where memory, not the TPOT, limits the load, that is
+    capacity.
+
+    `prefill`: the step's prefill chunks alone (one shape); `context`, `spec_lens`: each
+    decoding request's KV tokens and speculative length; `gains[i, k]`: tokens request i gains
+    per step at length k."""
+    max_k = gains.shape[1] - 1
+    lens = np.maximum(spec_lens[:, None], np.arange(max_k + 1)[None, :])  # request by floor
+    seqs, kv = float(len(context)), float(context.sum())
+    verify = lens.sum(axis=0) + seqs
+    seconds = target.predict(Batches(prefill.prefill_tokens, np.float64(seqs), verify / seqs, prefill.kv_read + kv,
+                                     prefill.num_seqs + seqs, prefill.attention_pairs + context @ lens + kv))
+    if draft is not None:
+        seconds = seconds + lens.max(axis=0) * draft.predict(Batches.of(decode_seqs=seqs, kv_read=kv, attention_pairs=kv))
+    tokens = np.take_along_axis(gains, lens, axis=1).sum(axis=0)
+    rate = np.where(seconds <= max(step_s, float(seconds[0])), tokens / seconds, -1.0)
+    return lens[:, int(rate.argmax())]

@@ -16,8 +16,11 @@ needs its KV blocks. Requests with no objectives at all are best effort too. Bey
 
 Speculation: each batch's period and speculative length come from the plan (the k that
 leaves the most prefill budget at the tightest TPOT); every other decoding request speculates
-the fewest tokens that keep its own TPOT at that period. Acceptance rates per SLO class come
-from the workers' reports.
+the fewest tokens that keep its own TPOT at that period. A step with no prefill to run (and
+any step on a decode worker, or beside a request that memory turns away) raises those lengths
+to the floor that decodes the most tokens per second within the period: requests that finish
+sooner free their KV blocks and batch slots. Acceptance rates per SLO class come from the
+workers' reports.
 
 Roles: `planner.roles` falls back to colocated workers when a pool is lost and moves workers
 between the pools when one of them is the bottleneck.
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costs import batch_seconds
+from planner.costs import batch_seconds, batch_shape
 from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
 from planner.policies.base import Decisions, WorkerBatch
 from planner.policies.placement import (
@@ -48,12 +51,13 @@ from planner.policies.placement import (
     take,
 )
 from planner.roles import choose_roles
-from planner.spec_choice import acceptance_from_rate, expected_tokens
+from planner.spec_choice import acceptance_from_rate, expected_tokens, fastest_floor, gains_row
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN
-from shared.roofline import Profile
+from shared.roofline import Batches, Profile
 
+NO_PREFILL = Batches.of(verify_len=0)  # the prefill part of a step without any
 MIN_PROPOSED = 50  # speculative tokens a class must have verified before its own rate counts
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
 SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
@@ -99,6 +103,7 @@ class SLOPolicy:
             if worker.role == "decode":
                 step_s, k = self._decode_period(state, worker, batch.decode)
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, step_s, k)
+                speed_up = True  # its capacity is how fast it decodes
             else:
                 nobody = np.zeros(len(rows), dtype=bool)
                 p = plans.get(worker.worker_id) or self._plan(state, worker, load, rows, nobody, now, gone)
@@ -107,6 +112,11 @@ class SLOPolicy:
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
                 if batch.prefill:
                     batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed)
+                # the period's slack goes to prefill, unless there is none to run or memory,
+                # not time, turns requests away: then decoding faster is what frees room
+                step_s, speed_up = p.step_s, p.crowded or not batch.prefill
+            if speed_up and batch.decode and worker.speculator != "none" and self.max_spec_len:
+                batch.spec_lens = self._for_speed(state, worker, batch, step_s)
             if batch:
                 decisions.batches[worker.worker_id] = batch
         return decisions
@@ -304,6 +314,21 @@ class SLOPolicy:
             if k:
                 out[rid] = k
         return out
+
+    def _for_speed(self, state: PlannerState, worker: WorkerState, batch: WorkerBatch,
+                   step_s: float) -> dict[str, int]:
+        """The batch's speculative lengths raised where that decodes faster within its period
+        (`planner.spec_choice.fastest_floor`)."""
+        reqs = [state.requests[rid] for rid in batch.decode]
+        context = np.fromiter((r.prompt_len + r.num_output for r in reqs), np.float64, len(reqs))
+        lens = np.fromiter((batch.spec_lens.get(rid, 0) for rid in batch.decode), np.int64, len(reqs))
+        classes: dict[str | None, int] = {}
+        row = [classes.setdefault(r.slo_class, len(classes)) for r in reqs]
+        table = np.vstack([gains_row(self._alpha(state, c), self.max_spec_len) for c in classes])
+        prefill = batch_shape(state, WorkerBatch(prefill=batch.prefill)) if batch.prefill else NO_PREFILL
+        k = fastest_floor(self._profile(worker), prefill, context, lens, table[row], step_s,
+                          self.draft if worker.speculator == "draft" else None)
+        return {rid: n for rid, n in zip(batch.decode, k.tolist()) if n}
 
     def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
         """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""

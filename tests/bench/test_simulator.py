@@ -46,6 +46,20 @@ def test_every_request_is_accounted_for_in_order_of_time() -> None:
     assert result.end >= max(a.at for a in arrivals)
 
 
+def test_a_refused_call_of_a_tool_loop_misses_the_calls_after_it_too() -> None:
+    """The loop's later calls never go out, and count as missed: a policy that refuses a
+    loop's first call must not look better for it than one that serves it late."""
+    loop = Arrival("t0", 0.0, 600, 20, "coding", then=Arrival("t1", 0.2, 300, 30, "coding",
+                                                               then=Arrival("t2", 0.2, 350, 30, "coding")))
+    fine = Arrival("c0", 0.0, 100, 20, "coding")
+    result = simulate(SLOPolicy(A100, max_num_seqs=256), Cluster(A100, num_blocks=30),
+                      [loop, fine], CLASSES)  # t0 needs more KV blocks than there are: refused
+    by_id = {o.request_id: o for o in result.outcomes}
+    assert sorted(by_id) == ["c0", "t0", "t1", "t2"]
+    assert by_id["t0"].refused and not by_id["t1"].met and not by_id["t2"].met and by_id["c0"].met
+    assert result.attainment == 0.25
+
+
 def test_the_same_seed_gives_the_same_result() -> None:
     cluster = Cluster(A100, num_blocks=6800, speculator="ngram")
     runs = [simulate(SLOPolicy(A100, max_num_seqs=256), cluster, workload(8, 80), CLASSES, seed=3) for _ in range(2)]

@@ -8,6 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from planner.dp_scheduler import IDLE_STEP_S
+from planner.policies.base import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
@@ -125,7 +127,7 @@ def test_best_effort_needs_slack_and_is_preempted_for_promised_work() -> None:
 def test_speculates_the_fewest_tokens_that_keep_each_requests_tpot() -> None:
     tight = [request(f"t{i}", 500, SLOTarget(ttft_ms=1000.0, tpot_ms=12.0), slo_class="coding") for i in range(4)]
     loose = [request(f"l{i}", 500, LOOSE, slo_class="chatbot") for i in range(4)]
-    s = state([worker("w0", speculator="ngram")], [], {"w0": tight + loose})
+    s = state([worker("w0", speculator="ngram")], [request("short", 100)], {"w0": tight + loose})  # a step with prefill
     s.speculation = {"coding": SpecCounts(1000, 800, 250), "chatbot": SpecCounts(1000, 800, 250)}
     batch = SLOPolicy(GPU).schedule(s, now=0.0).batches["w0"]
     ks = {rid: batch.spec_lens.get(rid, 0) for rid in batch.decode}
@@ -133,6 +135,27 @@ def test_speculates_the_fewest_tokens_that_keep_each_requests_tpot() -> None:
     assert all(ks[r.request_id] == 0 for r in loose)
     plain = SLOPolicy(GPU, max_spec_len=0).schedule(s, now=0.0).batches["w0"]
     assert plain.spec_lens == {}
+
+
+def test_speculates_for_speed_when_nothing_prefills_or_memory_turns_requests_away() -> None:
+    """Requests without a TPOT need no speculation to keep it, and a step with prefill gives
+    its period's slack to the prefill; a step without prefill, or one beside a request that
+    does not fit in memory, decodes faster instead (that is what frees room), within the period."""
+    def scheduled(waiting: list[RequestState]) -> tuple[PlannerState, WorkerBatch]:
+        running = [request(f"l{i}", 500, SLOTarget(), slo_class="chatbot") for i in range(8)]
+        s = state([worker("w0", blocks=8 * 40 + 100, speculator="ngram")], waiting, {"w0": running})
+        s.speculation = {"chatbot": SpecCounts(1000, 800, 250)}  # the running hold 40 blocks each
+        return s, SLOPolicy(GPU).schedule(s, now=0.0).batches["w0"]
+
+    _, roomy = scheduled([request("short", 200, LOOSE)])
+    assert roomy.prefill == [("short", 200)] and roomy.spec_lens == {}
+    for waiting in ([], [request("short", 200, LOOSE), request("long", 3000, LOOSE)]):
+        s, batch = scheduled(waiting)
+        assert [rid for rid, _ in batch.prefill] == [r.request_id for r in waiting[:1]] and len(batch.decode) == 8
+        assert set(batch.spec_lens) == set(batch.decode) and min(batch.spec_lens.values()) > 0
+        assert step_time(s, batch.prefill, batch.decode, batch.spec_lens) <= IDLE_STEP_S
+        plain = SLOPolicy(GPU, max_spec_len=0).schedule(s, now=0.0).batches["w0"]
+        assert plain.spec_lens == {}
 
 
 def test_a_prefill_worker_admits_no_more_than_the_decode_pool_can_take() -> None:

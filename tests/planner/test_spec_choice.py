@@ -1,11 +1,13 @@
 """The speculative-length choice on a memory-bound model, where verifying more tokens per
-step costs little and speculation pays exactly when proposals are accepted."""
+step costs little and speculation pays exactly when proposals are accepted; and the floor
+raised for speed, which pays only where proposals are accepted and never outlasts the period."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from planner.spec_choice import acceptance_from_rate, choose_spec_len, expected_tokens, options
+from planner.spec_choice import acceptance_from_rate, choose_spec_len, expected_tokens, fastest_floor, gains_row, options
 from shared.roofline import Batches, ModelShape, Profile, RooflineParams
 
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
@@ -43,3 +45,47 @@ def test_a_tpot_only_speculation_can_meet() -> None:
     assert choose_spec_len(GPU, tight, 16, 1024, alpha=0.0) is None
     choice = choose_spec_len(GPU, tight, 16, 1024, alpha=0.8)
     assert choice is not None and choice.k > 0 and choice.decode_s <= choice.step_s
+
+
+def prefill_only(tokens: int) -> Batches:
+    return Batches.of(prefill_tokens=tokens, verify_len=0, kv_read=tokens, num_seqs=int(tokens > 0),
+                      attention_pairs=tokens * tokens / 2)
+
+
+def decode_step(context: np.ndarray, lens: np.ndarray, prefill: int = 0) -> Batches:
+    return Batches.of(prefill_tokens=prefill, decode_seqs=len(context), verify_len=float((lens + 1).mean()),
+                      kv_read=context.sum() + prefill, num_seqs=len(context) + (prefill > 0),
+                      attention_pairs=((lens + 1) * context).sum() + prefill * prefill / 2)
+
+
+def tokens_per_s(context: np.ndarray, lens: np.ndarray, gains: np.ndarray, prefill: int = 0) -> float:
+    return float(np.take_along_axis(gains, lens[:, None], axis=1).sum() / GPU.predict(decode_step(context, lens, prefill)))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.6, 0.9])
+@pytest.mark.parametrize("batch", [4, 64, 256])
+def test_the_floor_for_speed_decodes_fastest_and_pays_only_with_acceptance(alpha: float, batch: int) -> None:
+    rng = np.random.default_rng(batch)
+    context = rng.integers(100, 2000, batch).astype(np.float64)
+    base = rng.integers(0, 3, batch) * (rng.random(batch) < 0.3)  # some already speculate for their TPOT
+    gains = np.repeat(gains_row(alpha, 8), batch, axis=0)
+    lens = fastest_floor(GPU, prefill_only(0), context, base, gains, np.inf)
+    assert (lens >= base).all()
+    assert len(set((lens[lens > base]).tolist())) <= 1  # one floor for all
+    best = tokens_per_s(context, lens, gains)
+    for floor in range(9):
+        assert best >= tokens_per_s(context, np.maximum(base, floor), gains) - 1e-9
+    if alpha == 0.0:
+        assert (lens == base).all()
+
+
+def test_the_floor_for_speed_keeps_the_step_within_its_period() -> None:
+    context = np.full(32, 1000.0)
+    base = np.zeros(32, dtype=np.int64)
+    gains = np.repeat(gains_row(0.9, 8), 32, axis=0)
+    free = fastest_floor(GPU, prefill_only(0), context, base, gains, np.inf)
+    assert free.max() > 0
+    period = float(GPU.predict(decode_step(context, base, prefill=2000))) * 1.01  # a prefill nearly fills it
+    lens = fastest_floor(GPU, prefill_only(2000), context, base, gains, period)
+    assert float(GPU.predict(decode_step(context, lens, prefill=2000))) <= period
+    assert (lens < free).all()
