@@ -11,7 +11,8 @@ prefill tokens per second beside the decode work; those tokens are the per-batch
 
 A set of requests is feasible when, taken in deadline order, the prefill tokens of each
 request and of all those before it fit in the budgets of the batches that end before its
-deadline, and their KV blocks fit in memory. Among feasible sets the planner keeps the
+deadline, and their KV blocks fit in memory. A prompt's tokens count as the budget prices
+them, with their attention to the prompt before them (`shared.roofline.prefill_cost`). Among feasible sets the planner keeps the
 largest: in deadline order it adds each request and, when the set stops being feasible, drops
 the one whose removal frees the most of what ran out (prefill tokens, or blocks). With tokens
 alone this is Moore and Hodgson's rule, which admits the most requests possible. Requests
@@ -49,6 +50,7 @@ class Job:
     tpot_s: float | None  # its decode objective; None when it has none
     promised: bool = False  # admitted earlier: never dropped
     context: int = 0  # KV tokens each of its decode steps reads, on average over its life
+    cost: float | None = None  # budget tokens its prefill takes (`prefill_cost`); None: its tokens
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Jobs:
     tpot: np.ndarray  # nan for none
     promised: np.ndarray
     context: np.ndarray
+    cost: np.ndarray  # float
 
     @classmethod
     def of(cls, jobs: list[Job]) -> Jobs:
@@ -113,7 +116,8 @@ class Jobs:
                    np.fromiter((j.deadline for j in jobs), np.float64, n),
                    np.fromiter((math.nan if j.tpot_s is None else j.tpot_s for j in jobs), np.float64, n),
                    np.fromiter((j.promised for j in jobs), bool, n),
-                   np.fromiter((j.context for j in jobs), np.int64, n))
+                   np.fromiter((j.context for j in jobs), np.int64, n),
+                   np.fromiter((j.prefill_tokens if j.cost is None else j.cost for j in jobs), np.float64, n))
 
     def __add__(self, other: Jobs) -> Jobs:
         return Jobs(*(np.concatenate([a, b]) for a, b in zip(self._columns(), other._columns())))
@@ -125,7 +129,7 @@ class Jobs:
         return Jobs(*(c[rows] for c in self._columns()))
 
     def _columns(self) -> tuple[np.ndarray, ...]:
-        return self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context
+        return self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context, self.cost
 
 
 def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float) -> Plan:
@@ -211,7 +215,7 @@ def _with_their_decode_work(profile: Profile, replica: Replica, queue: Jobs, fir
     def over(n: int) -> np.ndarray:
         rows = taken(n)
         batches = _batches(sub.deadline, now, float(steps[n]), replica.busy).astype(np.float64)
-        return rows & (np.cumsum(np.where(rows, sub.tokens, 0)) > batches * budgets[n])
+        return rows & (np.cumsum(np.where(rows, sub.cost, 0)) > batches * budgets[n])
 
     on_time = fresh | ~over(0)  # promised ones already late stay late whatever joins
     lo, hi = 0, len(counts) - 1
@@ -267,9 +271,9 @@ def _plan_at(queue: Jobs, eligible: np.ndarray, period: Period, replica: Replica
              limit: int | None = None) -> Plan:
     """The largest feasible set at this period and budget, with at most `limit` new requests."""
     rows = np.flatnonzero(eligible)
-    tokens, promised = queue.tokens[rows], queue.promised[rows]
+    promised = queue.promised[rows]
     batches = _batches(queue.deadline[rows], now, period.step_s, replica.busy)
-    on_time, late = _by_deadline(tokens, promised, batches, period.budget)
+    on_time, late = _by_deadline(queue.cost[rows], promised, batches, period.budget)
     keep, late_mem = _by_memory(on_time, queue.blocks[rows], promised, replica.free_blocks)
     cap = replica.max_num_seqs - replica.decoding - int(promised.sum())
     for bound in (replica.max_new, limit):
@@ -289,7 +293,7 @@ def _plan_of(queue: Jobs, kept: np.ndarray, period: Period, replica: Replica, no
     rejected = np.ones(len(queue), dtype=bool)
     rejected[kept] = False
     batches = _batches(queue.deadline[kept], now, period.step_s, replica.busy)
-    behind = np.cumsum(queue.tokens[kept]) - np.maximum(batches - 1, 0).astype(np.float64) * period.budget
+    behind = np.cumsum(queue.cost[kept]) - np.maximum(batches - 1, 0).astype(np.float64) * period.budget
     return Plan(
         admitted=queue.ids[kept].tolist(),
         admitted_tokens=queue.tokens[kept].tolist(),
@@ -313,9 +317,9 @@ def _batches(deadlines: np.ndarray, now: float, step_s: float, busy: bool) -> np
 
 def _by_deadline(tokens: np.ndarray, promised: np.ndarray, batches: np.ndarray,
                  budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Moore and Hodgson's rule: in deadline order add each request, and while the tokens no
-    longer fit its capacity drop the largest droppable prompt kept so far. Returns the kept
-    mask and the promised requests that do not fit even so."""
+    """Moore and Hodgson's rule: in deadline order add each request, and while the tokens (as
+    the budget counts them) no longer fit its capacity drop the largest droppable prompt kept
+    so far. Returns the kept mask and the promised requests that do not fit even so."""
     n = len(tokens)
     keep = np.ones(n, dtype=bool)
     capacity = batches.astype(np.float64) * budget
@@ -325,7 +329,7 @@ def _by_deadline(tokens: np.ndarray, promised: np.ndarray, batches: np.ndarray,
     first = int(np.argmin(fits))  # everything before the first overflow is kept as it is
     heap = [(-t, i) for i, t in enumerate(tokens[:first].tolist()) if not promised[i]]
     heapq.heapify(heap)
-    used = int(tokens[:first].sum())
+    used = float(tokens[:first].sum())
     token_list, promised_list, capacity_list = tokens.tolist(), promised.tolist(), capacity.tolist()
     push, pop = heapq.heappush, heapq.heappop
     for i in range(first, n):

@@ -142,6 +142,16 @@ def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_s
     return int(prefill_budgets(shape, p, step_s, decode_seqs, verify_len, kv_read))
 
 
+def prefill_cost(shape: ModelShape, tokens: ArrayLike, done: ArrayLike = 0) -> np.ndarray:
+    """Prefill of `tokens` after `done` already in the cache, in the tokens a prefill budget
+    counts: each token's own FLOPs plus its attention to those before it. However it is
+    chunked, the prompt's attention is the same triangle, so a long prompt planned against the
+    budgets alone would fall behind its plan by that share."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    return tokens + tokens * (np.asarray(done, dtype=np.float64) + tokens / 2) * (shape.flops_per_pair
+                                                                                 / shape.flops_per_token)
+
+
 def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, decode_seqs: ArrayLike,
                     verify_len: ArrayLike, kv_read: ArrayLike) -> np.ndarray:
     """`prefill_budget` for arrays of steps (broadcast against each other)."""

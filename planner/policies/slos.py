@@ -55,7 +55,7 @@ from planner.spec_choice import acceptance_from_rate, expected_tokens, fastest_f
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN
-from shared.roofline import Batches, Profile
+from shared.roofline import Batches, Profile, prefill_cost
 
 NO_PREFILL = Batches.of(verify_len=0)  # the prefill part of a step without any
 MIN_PROPOSED = 50  # speculative tokens a class must have verified before its own rate counts
@@ -231,15 +231,18 @@ class SLOPolicy:
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
         )
+        shape = self._profile(worker).model
         promised = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
-                        r.life_context()) for r in mine if r.phase == "prefill" and r.prefill_left > 0]
+                        r.life_context(), float(prefill_cost(shape, r.prefill_left, r.num_computed)))
+                    for r in mine if r.phase == "prefill" and r.prefill_left > 0]
         if not candidates.any():
             return plan(self._profile(worker), replica, promised, now)
         deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
         held = rows.prefill[candidates] if worker.role == "prefill" else rows.whole[candidates]
         waiting = Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
                        np.where(past, np.inf, deadline), np.where(past, np.nan, rows.tpot[candidates] * worker.fit.headroom),
-                       np.zeros(len(deadline), dtype=bool), rows.context[candidates])
+                       np.zeros(len(deadline), dtype=bool), rows.context[candidates],
+                       prefill_cost(shape, rows.prefill[candidates]))
         return plan(self._profile(worker), replica, Jobs.of(promised) + waiting, now)
 
     def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,

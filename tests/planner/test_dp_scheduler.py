@@ -49,6 +49,19 @@ def test_tight_deadlines_keep_the_most_requests() -> None:
     assert p.chunks == {"small1": b // 2, "small2": b // 2}
 
 
+def test_a_prompt_counts_against_the_budgets_as_its_cost_not_its_tokens() -> None:
+    """A long prompt's attention to itself takes budget too: a prompt whose tokens fit the
+    batches before its deadline but whose cost does not is not promised."""
+    probe = plan(GPU, PREFILL, [Job("x", 1, 1, 1.0, 0.05)], 0.0)
+    b, step = probe.budget, probe.step_s
+    due = 2 * step + 1e-6  # two batches
+    assert plan(GPU, PREFILL, [Job("long", 2 * b, 1, due, 0.05)], 0.0).admitted == ["long"]
+    p = plan(GPU, PREFILL, [Job("long", 2 * b, 1, due, 0.05, cost=2.1 * b)], 0.0)
+    assert p.admitted == [] and p.rejected == ["long"]
+    p = plan(GPU, PREFILL, [Job("long", 2 * b, 1, due, 0.05, promised=True, cost=2.1 * b)], 0.0)
+    assert p.late == ["long"] and p.needed > b  # by its tokens alone the next batch would need b
+
+
 def test_promised_requests_stay_even_when_late() -> None:
     probe = plan(GPU, IDLE, [Job("x", 1, 1, 1.0, 0.05)], 0.0)
     jobs = [Job("old", 10 * probe.budget, 1, probe.step_s, 0.05, promised=True),

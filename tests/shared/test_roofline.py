@@ -5,6 +5,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.roofline import (
     SHIPPED_PROFILES,
@@ -17,6 +19,7 @@ from shared.roofline import (
     load_profile,
     predict,
     prefill_budget,
+    prefill_cost,
     save_profile,
 )
 
@@ -94,3 +97,18 @@ def test_shipped_gpu_profiles_load_and_rank_sensibly() -> None:
     assert t["h100-sxm_llama-2-7b"] < t["a100-80gb_llama-2-7b"]
     assert t["a100-80gb_llama-2-7b"] < t["a100-80gb_llama-2-13b"] < t["a100-80gb_llama-30b"]
     assert 0.003 < t["a100-80gb_llama-2-7b"] < 0.05  # a 7B decode step on an A100: ~10-20 ms
+
+
+@given(st.lists(st.integers(1, 4096), min_size=1, max_size=12))
+def test_a_prompt_costs_the_same_however_it_is_chunked(chunks: list[int]) -> None:
+    done = np.concatenate([[0], np.cumsum(chunks)[:-1]])
+    assert float(prefill_cost(SHAPE, chunks, done).sum()) == pytest.approx(float(prefill_cost(SHAPE, sum(chunks))))
+
+
+def test_the_prefill_cost_is_what_a_compute_bound_step_takes() -> None:
+    compute_only = RooflineParams(0.0, 0.0, 1 / 100e12, 0.0, "sum")
+    tokens, done = np.array([1, 512, 4096]), np.array([0, 3000, 100])
+    seconds = predict(SHAPE, compute_only, Batches.of(prefill_tokens=tokens, num_seqs=1, kv_read=done + tokens,
+                                                      attention_pairs=tokens * (done + tokens / 2)))
+    assert prefill_cost(SHAPE, tokens, done) * SHAPE.flops_per_token / 100e12 == pytest.approx(seconds)
+    assert prefill_cost(SHAPE, 1) == pytest.approx(1.0, rel=1e-3) and prefill_cost(SHAPE, 4096) > 4096
