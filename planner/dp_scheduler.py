@@ -12,14 +12,15 @@ prefill tokens per second beside the decode work; those tokens are the per-batch
 A set of requests is feasible when, taken in deadline order, the prefill tokens of each
 request and of all those before it fit in the budgets of the batches that end before its
 deadline, and their KV blocks fit in memory. A prompt's tokens count as the budget prices
-them, with their attention to the prompt before them (`shared.roofline.prefill_cost`). Among feasible sets the planner keeps the
-largest: in deadline order it adds each request and, when the set stops being feasible, drops
-the one whose removal frees the most of what ran out (prefill tokens, or blocks). With tokens
-alone this is Moore and Hodgson's rule, which admits the most requests possible. Requests
-already promised are never dropped. Each TPOT tier is tried as the batch period (a tighter
-one admits tight requests but shrinks every budget) and the tier admitting the most wins;
-then the budget is priced again with the decode work of what it admits, which may only
-shrink it, and the plan redone at that budget, so the promise holds once they decode too.
+them, with their attention to the prompt before them (`shared.roofline.prefill_cost`). Among
+feasible sets the planner keeps the largest: in deadline order it adds each request and, when
+the set stops being feasible, drops the one whose removal frees the most of what ran out
+(prefill tokens, or blocks). With tokens alone this is Moore and Hodgson's rule, which admits
+the most requests possible. Requests already promised are never dropped. Each TPOT tier is
+tried as the batch period (a tighter one admits tight requests but shrinks every budget) and
+the tier admitting the most wins; then the budget is priced again with the decode work of
+what it admits, which may only shrink it, and the plan redone at that budget, so the promise
+holds once they decode too.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Jobs:
     tpot: np.ndarray  # nan for none
     promised: np.ndarray
     context: np.ndarray
-    cost: np.ndarray  # float
+    cost: np.ndarray  # budget tokens each prefill takes (float)
 
     @classmethod
     def of(cls, jobs: list[Job]) -> Jobs:

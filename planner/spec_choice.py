@@ -138,7 +138,8 @@ def fastest_floor(target: Profile, prefill: Batches, context: np.ndarray, spec_l
     seconds = target.predict(Batches(prefill.prefill_tokens, np.float64(seqs), verify / seqs, prefill.kv_read + kv,
                                      prefill.num_seqs + seqs, prefill.attention_pairs + context @ lens + kv))
     if draft is not None:
-        seconds = seconds + lens.max(axis=0) * draft.predict(Batches.of(decode_seqs=seqs, kv_read=kv, attention_pairs=kv))
+        draft_step = draft.predict(Batches.of(decode_seqs=seqs, kv_read=kv, attention_pairs=kv))
+        seconds = seconds + lens.max(axis=0) * draft_step
     tokens = np.take_along_axis(gains, lens, axis=1).sum(axis=0)
     rate = np.where(seconds <= max(step_s, float(seconds[0])), tokens / seconds, -1.0)
     return lens[:, int(rate.argmax())]

@@ -540,11 +540,13 @@ def bench_validate(
     print("| run | capacity req/s | ÷ live | probes (rate: attainment) |")
     print("|---|---|---|---|")
     runs = (("simulated, idle profile", v.simulated), ("simulated, profile as loaded", v.simulated_loaded),
-            ("live", v.live))
+            ("simulated, profile as loaded at each rate", v.simulated_per_rate), ("live", v.live))
     for name, found in runs:
         probes = ", ".join(f"{r:.2f}: {a:.0%}" for r, a in found.probes)
         ratio = f"{found.capacity / v.live.capacity:.2f}" if v.live.capacity else "n/a"
         print(f"| {name} | {found.capacity:.3f} | {ratio} | {probes} |")
+    print("live calibration per rate (fixed, roofline): "
+          + ", ".join(f"{r:.2f}: {f:.2f}, {w:.2f}" for r, (f, w) in sorted(v.loaded_fits.items())))
 
 
 @bench_app.command("engine")

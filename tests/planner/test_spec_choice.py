@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.spec_choice import acceptance_from_rate, choose_spec_len, expected_tokens, fastest_floor, gains_row, options
+from planner.spec_choice import (
+    acceptance_from_rate,
+    choose_spec_len,
+    expected_tokens,
+    fastest_floor,
+    gains_row,
+    options,
+)
 from shared.roofline import Batches, ModelShape, Profile, RooflineParams
 
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
@@ -59,7 +66,8 @@ def decode_step(context: np.ndarray, lens: np.ndarray, prefill: int = 0) -> Batc
 
 
 def tokens_per_s(context: np.ndarray, lens: np.ndarray, gains: np.ndarray, prefill: int = 0) -> float:
-    return float(np.take_along_axis(gains, lens[:, None], axis=1).sum() / GPU.predict(decode_step(context, lens, prefill)))
+    tokens = np.take_along_axis(gains, lens[:, None], axis=1).sum()
+    return float(tokens / GPU.predict(decode_step(context, lens, prefill)))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.6, 0.9])
