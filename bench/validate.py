@@ -17,9 +17,7 @@ spare cores beside a GPU. A loaded machine still runs slower than an idle one. S
 simulator runs a second time with the profile rescaled as the live planner's online
 calibration found the worker's steps at the live capacity (`planner.calibration`: a factor
 for the fixed costs, one for the roofline): what the simulator would be given for hardware
-known to behave so under load. The slowdown grows with the load, so a third run rescales the
-profile for each rate it simulates as the live probes found it at that rate (interpolated
-between the rates probed live, held beyond them).
+known to behave so under load.
 """
 
 from __future__ import annotations
@@ -76,7 +74,6 @@ class Validation:
     live: Search
     loaded_fits: dict[float, tuple[float, float]]  # per live probe's rate, the calibration's (fixed, work) factors
     simulated_loaded: Search  # with the profile rescaled as at the live capacity
-    simulated_per_rate: Search  # with the profile rescaled, for each rate, as at that rate live
 
     @property
     def loaded_fit(self) -> tuple[float, float]:
@@ -159,14 +156,6 @@ def with_loop_overhead(profile: Profile, overhead_s: float) -> Profile:
         profile.params, overhead_s=profile.params.overhead_s + overhead_s))
 
 
-def as_loaded(measured: Profile, fits: dict[float, tuple[float, float]], rate: float) -> Profile:
-    """The profile rescaled as the live calibration found the steps at `rate`: interpolated
-    between the rates probed live, held beyond them."""
-    rates = sorted(fits)
-    fixed, work = (float(np.interp(rate, rates, [fits[r][i] for r in rates])) for i in (0, 1))
-    return msgspec.structs.replace(measured.rescaled(fixed, work), hardware=f"{measured.hardware} as loaded")
-
-
 def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, splits: int = 4, seed: int = 0,
              say: Callable[[str], None] = print) -> Validation:
     settings = Settings()
@@ -218,8 +207,8 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
 
         simulated = capacity(lambda r: simulated_at(cluster, r), start=1.0, splits=splits)
         live = capacity(live_at, start=simulated.capacity or 1.0, splits=splits)
-    at_capacity = dataclasses.replace(cluster, profile=as_loaded(measured, fits, live.capacity))
-    simulated_loaded = capacity(lambda r: simulated_at(at_capacity, r), start=live.capacity or 1.0, splits=splits)
-    per_rate = capacity(lambda r: simulated_at(dataclasses.replace(cluster, profile=as_loaded(measured, fits, r)), r),
-                        start=live.capacity or 1.0, splits=splits)
-    return Validation(overhead, simulated, live, fits, simulated_loaded, per_rate)
+    fixed, work = fits.get(live.capacity, (1.0, 1.0))
+    loaded = dataclasses.replace(cluster, profile=msgspec.structs.replace(
+        measured.rescaled(fixed, work), hardware=f"{prof.hardware} as loaded"))
+    simulated_loaded = capacity(lambda r: simulated_at(loaded, r), start=live.capacity or 1.0, splits=splits)
+    return Validation(overhead, simulated, live, fits, simulated_loaded)

@@ -540,7 +540,7 @@ def bench_validate(
     print("| run | capacity req/s | ÷ live | probes (rate: attainment) |")
     print("|---|---|---|---|")
     runs = (("simulated, idle profile", v.simulated), ("simulated, profile as loaded", v.simulated_loaded),
-            ("simulated, profile as loaded at each rate", v.simulated_per_rate), ("live", v.live))
+            ("live", v.live))
     for name, found in runs:
         probes = ", ".join(f"{r:.2f}: {a:.0%}" for r, a in found.probes)
         ratio = f"{found.capacity / v.live.capacity:.2f}" if v.live.capacity else "n/a"
