@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.dp_scheduler import IDLE_STEP_S
+from planner.dp_scheduler import IDLE_STEP_S, Job, Replica, plan
 from planner.policies.base import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.slos import SLOPolicy
@@ -156,6 +156,19 @@ def test_speculates_for_speed_when_nothing_prefills_or_memory_turns_requests_awa
         assert step_time(s, batch.prefill, batch.decode, batch.spec_lens) <= IDLE_STEP_S
         plain = SLOPolicy(GPU, max_spec_len=0).schedule(s, now=0.0).batches["w0"]
         assert plain.spec_lens == {}
+
+
+def test_a_long_prompt_is_promised_only_if_its_attention_to_itself_fits_too() -> None:
+    """Four idle batches' budgets hold a prompt of that many tokens, but not its attention to
+    itself: promising it would make it late."""
+    budget = plan(GPU, Replica(0, 0, None, 10_000), [Job("x", 1, 1, 1.0, None)], 0.0).budget
+    due = SLOTarget(ttft_ms=(4 * IDLE_STEP_S + 1e-3) * 1e3)  # four batches
+
+    def assigned(prompt: int) -> dict[str, str]:
+        return SLOPolicy(GPU).schedule(state([worker("w0")], [request("long", prompt, due)]), now=0.0).assign
+
+    assert assigned(4 * budget) == {}
+    assert assigned(int(3.6 * budget)) == {"long": "w0"}
 
 
 def test_a_prefill_worker_admits_no_more_than_the_decode_pool_can_take() -> None:
