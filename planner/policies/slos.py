@@ -51,7 +51,7 @@ from planner.policies.placement import (
     take,
 )
 from planner.roles import choose_roles
-from planner.spec_choice import acceptance_from_rate, expected_tokens, fastest_floor, gains_row
+from planner.spec_choice import acceptance_from_rate, fastest_floor, gains_row
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN
@@ -311,7 +311,7 @@ class SLOPolicy:
             gain = gains.get(req.slo_class)
             if gain is None:
                 alpha = self._alpha(state, req.slo_class)
-                gain = gains[req.slo_class] = [expected_tokens(alpha, k) for k in range(self.max_spec_len + 1)]
+                gain = gains[req.slo_class] = gains_row(alpha, self.max_spec_len)[0].tolist()
             k = bisect.bisect_left(gain, step_s / tpot)
             k = k_tight if k == len(gain) else k
             if k:
