@@ -5,8 +5,10 @@ live: submissions, worker hellos and step reports; its batch orders are executed
 workers. A simulated worker runs an order like the engine does (aborts, KV imports, new
 requests, prefill chunks, decode steps that may verify speculative tokens) and takes the time
 the performance-model profile predicts for the batch's shape, plus the KV transfer of its
-imports at the cluster's bandwidth. Accepted speculative tokens are drawn per request from
-its acceptance rate. Nothing about scheduling is decided here.
+imports at the cluster's bandwidth; where the cluster is given a real worker's jitter, times a
+random factor (which the planner sees as prediction error and plans below each TPOT for, as it
+does live). Accepted speculative tokens are drawn per request from its acceptance rate.
+Nothing about scheduling is decided here.
 
 The simulated clients judge each request by its token times with `shared.slo.Tracker`, as the
 live benchmarks do; a refused request, or one still unfinished at the end, missed its SLOs.
@@ -64,6 +66,7 @@ class Cluster:
     draft: Profile | None = None  # the draft model's cost, for speculator "draft"
     kv_bandwidth: float = 25e9  # bytes/s of a KV handover between workers
     planner_in_loop: bool = False  # orders start the planner's real compute time late (not deterministic)
+    step_spread: float = 0.0  # σ of the log of a step's time over the profile's (a real worker's jitter); 0: exact
 
     @property
     def mode(self) -> str:
@@ -234,6 +237,8 @@ class _Worker:
         if draft_steps and c.speculator == "draft" and c.draft is not None:
             seconds += draft_steps * float(c.draft.predict(Batches.of(decode_seqs=spec_seqs, kv_read=draft_kv,
                                                                      attention_pairs=draft_kv)))
+        if c.step_spread:  # lognormal with mean one: the profile stays right on average
+            seconds *= math.exp(self.rng.normal(-c.step_spread ** 2 / 2, c.step_spread))
         report = StepReport(self.worker_id, order.step_id, seconds, list(progress.values()), out_of_blocks,
                             c.num_blocks - self.used, exports, failed)
         return seconds, report, tokens

@@ -4,26 +4,34 @@ with the built-in model served by `slos-serve up`, and in the simulator.
 The simulator gets what it would get for any hardware: a profile of the engine measured here at
 the worker's thread count, the planner in the loop (each order starts as late as the planner's
 real compute took, which grows with the queue), and the live loop's other cost per step
-(messages, streaming) added to the profile's fixed cost. That cost
-is measured on the idle server: one stream's time per token less the simulated one's. The
-planner, live and simulated, is given the measured profile and calibrates it online against
-the steps it sees, as always; the scenario's objectives scale with the idle latencies, loop
+(messages, streaming) added to the profile's fixed cost. That cost is measured on the idle
+server: one stream's time per token less the simulated one's. The live planner is given the
+measured profile and calibrates it online against the steps it sees, as always; by a probe's
+start it has calibrated through the probes before. So the simulated planner starts
+calibrated: it is given the profile the simulated worker runs (a cold one admits too much
+before it learns how slow the steps are, and its requests then miss their TPOTs where the live
+ones wait and miss their TTFTs). The scenario's objectives scale with the idle latencies, loop
 included. Prompts and outputs are clipped to the model's context window, the same way for
 both runs.
 
 The worker runs alone on the last core (`--worker-cpus`), where its profile is measured too;
 the gateway, the planner and the load generator share the others, as they would share a host's
-spare cores beside a GPU. A loaded machine still runs slower than an idle one. So the
-simulator runs a second time with the profile rescaled as the live planner's online
-calibration found the worker's steps at the live capacity (`planner.calibration`: a factor
-for the fixed costs, one for the roofline): what the simulator would be given for hardware
-known to behave so under load.
+spare cores beside a GPU. A loaded machine still runs slower than an idle one, and less
+evenly. So the simulator runs a second time with the profile rescaled as the live planner's
+online calibration found the worker's steps (`planner.calibration`: a factor for the fixed
+costs, one for the roofline; medians of readings every second through all the live probes,
+which bracket the capacity: one probe's minute is too short, as the two factors trade off
+against each other), and a third time with the steps also as scattered about it as the
+calibration's remaining error says: what the simulator would be given for hardware known to
+behave so under load. The scatter matters beyond the misses it causes: the planner plans
+below each TPOT by its prediction error, live and simulated alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import secrets
 import signal
@@ -67,18 +75,29 @@ class LiveServer:
         return httpx.get(self.admin_url + path, headers={"Authorization": f"Bearer {self.token}"}).json()
 
 
+@dataclass(frozen=True)
+class StepsSeen:
+    """The live calibration: medians of its readings every second, through a probe or several."""
+
+    fixed: float = 1.0  # factor on the profile's fixed cost
+    work: float = 1.0  # factor on its roofline
+    error: float = 0.0  # mean relative error of the rescaled profile's predictions
+
+    @property
+    def spread(self) -> float:
+        """σ of lognormal step times whose mean relative error this is (E|X - 1| ≈ σ √(2/π))."""
+        return self.error * math.sqrt(math.pi / 2)
+
+
 @dataclass
 class Validation:
     loop_overhead_s: float
     simulated: Search
     live: Search
-    loaded_fits: dict[float, tuple[float, float]]  # per live probe's rate, the calibration's (fixed, work) factors
-    simulated_loaded: Search  # with the profile rescaled as at the live capacity
-
-    @property
-    def loaded_fit(self) -> tuple[float, float]:
-        """The factors at the live capacity."""
-        return self.loaded_fits.get(self.live.capacity, (1.0, 1.0))
+    seen: dict[float, StepsSeen]  # per live probe's rate
+    loaded: StepsSeen  # over all the live probes
+    simulated_loaded: Search  # with the profile rescaled as live
+    simulated_scattered: Search  # and with the steps scattered as live
 
 
 @contextmanager
@@ -119,15 +138,15 @@ def live_server(model: Path, profile: Path, log: Path, worker_cpus: set[int], po
 
 
 @contextmanager
-def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[tuple[float, float]]]:
-    """The worker's calibration factors (fixed, work), read every second while the block runs."""
-    seen: list[tuple[float, float]] = []
+def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[tuple[float, float, float]]]:
+    """The worker's calibration (fixed, work, error), read every second while the block runs."""
+    seen: list[tuple[float, float, float]] = []
     done = threading.Event()
 
     def poll() -> None:
         while not done.wait(every_s):
             fit = server.admin("/admin/workers")[0]["step_fit"]  # type: ignore[index]
-            seen.append((float(fit["fixed"]), float(fit["work"])))
+            seen.append((float(fit["fixed"]), float(fit["work"]), float(fit["error"])))
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
@@ -137,7 +156,11 @@ def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[
         done.set()
         thread.join()
         if not seen:
-            seen.append((1.0, 1.0))
+            seen.append((1.0, 1.0, 0.0))
+
+
+def medians(readings: list[tuple[float, float, float]]) -> StepsSeen:
+    return StepsSeen(*(float(np.median(column)) for column in zip(*readings)))
 
 
 def within_context(arrivals: list[Arrival], max_len: int) -> list[Arrival]:
@@ -189,26 +212,31 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
             return within_context(scenario(scenario_name, prof, rate, duration_s, seed), max_len)
 
         def simulated_at(cluster: Cluster, rate: float) -> float:
-            result = simulate(make_policy("slos", settings, measured), cluster, arrivals(rate), DEFAULT_CLASSES,
+            result = simulate(make_policy("slos", settings, cluster.profile), cluster, arrivals(rate), DEFAULT_CLASSES,
                               seed=seed)
-            say(f"simulated on {cluster.profile.hardware} {rate:.3f} req/s: attainment {result.attainment:.1%}")
+            say(f"simulated on {cluster.profile.hardware}{' scattered' if cluster.step_spread else ''} {rate:.3f} "
+                f"req/s: attainment {result.attainment:.1%}")
             return result.attainment
 
-        fits: dict[float, tuple[float, float]] = {}
+        seen: dict[float, StepsSeen] = {}
+        every_reading: list[tuple[float, float, float]] = []
 
         def live_at(rate: float) -> float:
-            with calibration_seen(server) as seen:
+            with calibration_seen(server) as readings:
                 outcomes = run_live(server.url + "/v1", server.api_key, server.model, arrivals(rate), vocab,
                                     DEFAULT_CLASSES)
-            fits[rate] = (float(np.median([f for f, _ in seen])), float(np.median([w for _, w in seen])))
-            say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}; steps ran "
-                f"{fits[rate][0]:.2f}x the profile's fixed cost, {fits[rate][1]:.2f}x its roofline")
+            every_reading.extend(readings)
+            steps = seen[rate] = medians(readings)
+            say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}; steps ran {steps.fixed:.2f}x the "
+                f"profile's fixed cost, {steps.work:.2f}x its roofline, {steps.error:.1%} off the rescaled profile")
             return attainment(outcomes)
 
         simulated = capacity(lambda r: simulated_at(cluster, r), start=1.0, splits=splits)
         live = capacity(live_at, start=simulated.capacity or 1.0, splits=splits)
-    fixed, work = fits.get(live.capacity, (1.0, 1.0))
+    steps = medians(every_reading)
     loaded = dataclasses.replace(cluster, profile=msgspec.structs.replace(
-        measured.rescaled(fixed, work), hardware=f"{prof.hardware} as loaded"))
-    simulated_loaded = capacity(lambda r: simulated_at(loaded, r), start=live.capacity or 1.0, splits=splits)
-    return Validation(overhead, simulated, live, fits, simulated_loaded)
+        measured.rescaled(steps.fixed, steps.work), hardware=f"{prof.hardware} as loaded"))
+    scattered = dataclasses.replace(loaded, step_spread=steps.spread)
+    simulated_loaded, simulated_scattered = (
+        capacity(lambda r: simulated_at(c, r), start=live.capacity or 1.0, splits=splits) for c in (loaded, scattered))
+    return Validation(overhead, simulated, live, seen, steps, simulated_loaded, simulated_scattered)

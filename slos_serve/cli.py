@@ -534,19 +534,20 @@ def bench_validate(
     model_dir, _ = _model_dir(model)
     with tempfile.TemporaryDirectory() as tmp:
         v = validate(model_dir, scenario_name, duration, Path(tmp), splits)
-    fixed, work = v.loaded_fit
+    steps = v.loaded
     print(f"{scenario_name}, {duration:.0f} s of arrivals per run, loop overhead {v.loop_overhead_s * 1e3:.1f} ms a step; "
-          f"under load at the live capacity steps ran {fixed:.2f}x the profile's fixed cost and {work:.2f}x its roofline")
+          f"under load steps ran {steps.fixed:.2f}x the profile's fixed cost and {steps.work:.2f}x "
+          f"its roofline, {steps.error:.1%} off that (spread {steps.spread:.3f})")
     print("| run | capacity req/s | ÷ live | probes (rate: attainment) |")
     print("|---|---|---|---|")
     runs = (("simulated, idle profile", v.simulated), ("simulated, profile as loaded", v.simulated_loaded),
-            ("live", v.live))
+            ("simulated, profile and scatter as loaded", v.simulated_scattered), ("live", v.live))
     for name, found in runs:
         probes = ", ".join(f"{r:.2f}: {a:.0%}" for r, a in found.probes)
         ratio = f"{found.capacity / v.live.capacity:.2f}" if v.live.capacity else "n/a"
         print(f"| {name} | {found.capacity:.3f} | {ratio} | {probes} |")
-    print("live calibration per rate (fixed, roofline): "
-          + ", ".join(f"{r:.2f}: {f:.2f}, {w:.2f}" for r, (f, w) in sorted(v.loaded_fits.items())))
+    print("live calibration per rate (fixed, roofline, error): "
+          + ", ".join(f"{r:.2f}: {s.fixed:.2f}, {s.work:.2f}, {s.error:.1%}" for r, s in sorted(v.seen.items())))
 
 
 @bench_app.command("engine")

@@ -1,6 +1,6 @@
 """The simulator: every request accounted for, time only moving forward, the same result for
-the same seed, the planner seeing only what it sees live, and the policies ranked as they
-should be on an overload."""
+the same seed, the planner seeing only what it sees live, the policies ranked as they should
+be on an overload, and a worker's jitter seen by the planner as it is live."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 import bench.simulator as sim
 from bench.simulator import Arrival, Cluster, simulate
+from bench.validate import StepsSeen
 from planner.policies.fcfs import FCFSPolicy
 from planner.policies.slos import SLOPolicy
 from shared.roofline import SHIPPED_PROFILES, load_profile
@@ -109,3 +110,25 @@ def test_the_planner_in_the_loop_delays_every_step_by_its_compute() -> None:
                               one, CLASSES) for p in (False, True))
     assert plain.outcomes[0].finished and looped.outcomes[0].finished
     assert 0 < looped.end - plain.end <= looped.planner_s  # every call but the one after the finish sent a step
+
+
+def test_a_worker_given_jitter_scatters_its_steps_about_the_profile_and_the_planner_sees_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jitter keeps the profile right on average, and the spread `bench validate` derives from
+    a live calibration's prediction error gives the simulated planner about that error back."""
+    planners: list[sim.Planner] = []
+
+    class Kept(sim.Planner):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            planners.append(self)
+
+    monkeypatch.setattr(sim, "Planner", Kept)
+    one = [Arrival("c0", 0.0, 300, 600, "coding")]
+    spread = StepsSeen(error=0.15).spread
+    exact, jittery = (simulate(SLOPolicy(A100, max_num_seqs=256), Cluster(A100, num_blocks=6800, step_spread=s),
+                               one, CLASSES) for s in (0.0, spread))
+    assert exact.outcomes[0].finished and jittery.outcomes[0].finished
+    assert jittery.end == pytest.approx(exact.end, rel=0.03)
+    errors = [p.state.workers["w0"].fit.error for p in planners]
+    assert errors[0] < 1e-6 and errors[1] == pytest.approx(0.15, abs=0.02)
