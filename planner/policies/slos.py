@@ -13,6 +13,8 @@ request whose TTFT has passed has no deadline left: it is admitted as soon as th
 as best effort, without a TPOT promise, and it is the first to be preempted when admitted work
 needs its KV blocks. Requests with no objectives at all are best effort too. Beyond
 `best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After).
+A worker that holds requests never idles: where its steps run slower than any plan for them
+allows (a profile far too fast for the machine), it prefills them earliest deadline first.
 
 Speculation: each batch's period and speculative length come from the plan (the k that
 leaves the most prefill budget at the tightest TPOT); every other decoding request speculates
@@ -41,6 +43,7 @@ from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_
 from planner.policies.base import Decisions, WorkerBatch
 from planner.policies.placement import (
     Load,
+    chunked_batch,
     decode_pool,
     decoding,
     hand_over,
@@ -62,6 +65,7 @@ MIN_PROPOSED = 50  # speculative tokens a class must have verified before its ow
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
 SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
 BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
+STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
 
 
 @dataclass
@@ -115,6 +119,9 @@ class SLOPolicy:
                 # the period's slack goes to prefill, unless there is none to run or memory,
                 # not time, turns requests away: then decoding faster is what frees room
                 step_s, speed_up = p.step_s, p.crowded or not batch.prefill
+                if not batch:  # steps slower than any promise allows: serve late rather than never
+                    batch = chunked_batch(state, worker, request_ids, decisions, 0, STALLED_CHUNK,
+                                          order=lambda r: r.deadline)
             if speed_up and batch.decode and worker.speculator != "none" and self.max_spec_len:
                 batch.spec_lens = self._for_speed(state, worker, batch, step_s)
             if batch:

@@ -109,6 +109,24 @@ def test_a_parked_request_past_its_ttft_is_served_as_best_effort_in_slack() -> N
     assert d.batches["w0"].prefill == [("late", 100)]
 
 
+def test_a_worker_whose_steps_are_slower_than_any_promise_still_runs_what_it_holds() -> None:
+    """With a profile far too fast for the machine (a shipped profile on a slower host), once
+    calibration sees the real steps no plan fits what the worker holds; it must still serve
+    it, late, earliest deadline first, not sit idle while the streams hang."""
+    w = worker("w0")
+    w.fit.fixed = w.fit.work = 20.0
+    held = [request(f"r{i}", 600, TIGHT, arrival=0.1 * (2 - i)) for i in range(3)]
+    s = state([w])
+    for r in held:
+        r.worker_id, r.phase = "w0", "prefill"
+        r.reserved_blocks = w.blocks_for(r.tokens_on(w.role))
+        w.reserved_blocks += r.reserved_blocks
+        w.requests.append(r.request_id)
+        s.requests[r.request_id] = r
+    d = SLOPolicy(GPU).schedule(s, now=0.0)
+    assert d.batches["w0"].prefill == [("r2", 512)]
+
+
 def test_best_effort_needs_slack_and_is_preempted_for_promised_work() -> None:
     be = [request(f"be{i}", 1000, SLOTarget()) for i in range(3)]
     s = state([worker("w0", blocks=300)], [request("new", 2000, LOOSE)], {"w0": be})
