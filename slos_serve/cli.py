@@ -433,6 +433,11 @@ def bench_planner(
               f"{np.percentile(t.call_s, 50) * 1e3:.3f} | {np.percentile(t.call_s, 99) * 1e3:.3f} | {t.admitted:.0%} |")
 
 
+def _times(ratio: float) -> str:
+    """A ratio for the tables; n/a where a policy it needs was not run."""
+    return "n/a" if math.isnan(ratio) else f"{ratio:.2f}x"
+
+
 @bench_app.command("capacity")
 def bench_capacity(
     scenarios: Annotated[str, typer.Option(help="comma-separated, or all")] = "all",
@@ -471,13 +476,13 @@ def bench_capacity(
             curves.setdefault(name, {})[policy] = [(r / setup.gpus, a) for r, a in found.probes]
         best = max((caps[b] for b in BASELINES if b in caps), default=math.nan)
         ratio = caps.get("slos", math.nan) / best if best else math.inf
-        vs_edf = caps.get("slos", math.nan) / caps["edf"] if caps.get("edf") else math.inf
+        vs_edf = caps.get("slos", math.nan) / caps["edf"] if caps.get("edf") else math.inf if "edf" in caps else math.nan
         bound = roofline_bound(prof, scenario(name, prof, 1.0, duration, 0, bursty), 1)
         rows.append((ratio, vs_edf))
         print(f"| {name} | " + " | ".join(f"{caps[p]:.2f}" for p in wanted)
-              + f" | {ratio:.2f}x | {vs_edf:.2f}x | {bound:.1f} |", flush=True)
+              + f" | {_times(ratio)} | {_times(vs_edf)} | {bound:.1f} |", flush=True)
     print("| geometric mean | " + " | ".join("" for _ in wanted)
-          + f" | {geomean([r for r, _ in rows]):.2f}x | {geomean([e for _, e in rows]):.2f}x | |")
+          + f" | {_times(geomean([r for r, _ in rows]))} | {_times(geomean([e for _, e in rows]))} | |")
     if plot is not None:
         from bench.plots import attainment_curves
 
