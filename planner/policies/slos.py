@@ -238,7 +238,7 @@ class SLOPolicy:
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
         )
-        shape = self._profile(worker).model
+        shape = self.profile.model  # the same whatever the worker's calibration
         promised = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
                         r.life_context(), float(prefill_cost(shape, r.prefill_left, r.num_computed)))
                     for r in mine if r.phase == "prefill" and r.prefill_left > 0]
