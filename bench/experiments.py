@@ -79,15 +79,15 @@ def search(setup: Setup, name: str, profile: Profile, duration_s: float, bursty:
 
 
 def roofline_bound(profile: Profile, arrivals: list[Arrival], gpus: int) -> float:
-    """Requests per second all GPUs could finish if every FLOP ran at the profile's effective
-    peak and nothing else cost anything: an upper bound no policy can pass."""
+    """Arrivals per second (tool calling: whole loops) all GPUs could finish if every FLOP ran
+    at the profile's effective peak and nothing else cost anything: no policy can sustain more."""
     model = profile.model
-    flops = []
+    flops = 0.0
     for a in every_request(arrivals):
         p, o = a.prompt_tokens, a.output_tokens
         attention = (p * p / 2 + o * (p + o / 2)) * model.flops_per_pair
-        flops.append((p + o) * model.flops_per_token + attention)
-    return gpus / (float(np.mean(flops)) * profile.params.inv_flops)
+        flops += (p + o) * model.flops_per_token + attention
+    return gpus / (flops / len(arrivals) * profile.params.inv_flops)
 
 
 def geomean(values: list[float]) -> float:

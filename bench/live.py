@@ -5,7 +5,8 @@ Prompts are token ids (so each has exactly its length), outputs run to their len
 EOS ignored, and every streamed chunk carries the usage so far (vLLM's
 `continuous_usage_stats`), so the client knows how many tokens each chunk brought. A 429 is
 a refusal; the next call of a tool loop goes out its think time after the previous one ends,
-and never if that one was refused or failed (it counts as missed).
+and never if that one was refused or failed (it counts as missed); after a call that missed
+its objectives the loop goes on, but its later calls count as missed too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import zlib
 import numpy as np
 import openai
 
-from bench.workloads import Arrival, Outcome, never_sent
+from bench.workloads import Arrival, Outcome, judge_loops
 from shared.messages import SLOSpec
 from shared.slo import SLOClass, Tracker, resolve
 
@@ -64,7 +65,7 @@ async def _run(client: openai.AsyncOpenAI, model: str, arrivals: list[Arrival], 
         await _request(client, model, a, vocab, classes, out)
 
     await asyncio.gather(*(at_its_time(a) for a in arrivals))
-    return out + never_sent(out, arrivals)
+    return judge_loops(out, arrivals)
 
 
 def run_live(base_url: str, api_key: str, model: str, arrivals: list[Arrival], vocab: int,

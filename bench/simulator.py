@@ -14,7 +14,8 @@ The simulated clients judge each request by its token times with `shared.slo.Tra
 live benchmarks do; a refused request, or one still unfinished at the end, missed its SLOs.
 Tool-calling loops are chains: the next call of a loop arrives a think time after the
 previous one finishes; if one is refused, or unfinished at the end, the calls after it never
-go out and count as missed.
+go out and count as missed; if one misses its objectives, the calls after it still go out but
+count as missed too (`bench.workloads.judge_loops`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from bench.workloads import Arrival, Outcome, attainment, attainment_by_class, every_request, never_sent
+from bench.workloads import Arrival, Outcome, attainment, attainment_by_class, every_request, judge_loops
 from planner.policies import Policy
 from planner.service import Planner, quiet_gc
 from shared.clock import ManualClock
@@ -113,6 +114,7 @@ class _Client:
     refused: bool = False
     finished: bool = False
     output: int = 0
+    late: bool = False  # a call before it in its tool loop missed: it misses too, and is counted already
 
 
 class _Worker:
@@ -269,6 +271,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
     for a in arrivals:
         heapq.heappush(events, (a.at, next(counter), "arrive", a))
     clients: dict[str, _Client] = {}
+    late: dict[str, bool] = {}  # of follow-up calls on their way: whether a call before them missed
     truth: dict[str, tuple[int, float]] = {}
     in_flight: dict[str, tuple[StepReport, dict[str, int]]] = {}
     last_arrival = max((a.at for a in arrivals), default=0.0)
@@ -283,7 +286,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
         max_tokens = a.max_tokens or max(1, cluster.max_model_len - a.prompt_tokens - 1)
         submit = Submit(a.request_id, [0] * a.prompt_tokens, SamplingParams(max_tokens=max_tokens),
                         SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), now)
-        clients[a.request_id] = _Client(a, Tracker(slo, now), submit)
+        clients[a.request_id] = _Client(a, Tracker(slo, now), submit, late=late.pop(a.request_id, False))
         truth[a.request_id] = (a.output_tokens, a.alpha)
         handle(planner.on_submit(submit), now)
 
@@ -295,7 +298,8 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                 continue
             if isinstance(msg, Refused):
                 client.refused = True
-                missed += len(every_request([client.arrival]))  # and the calls of its loop left
+                if not client.late:
+                    missed += len(every_request([client.arrival]))  # and the calls of its loop left
             elif isinstance(msg, Lost):  # the gateway resubmits after the tokens already streamed
                 submit = msgspec.structs.replace(client.submit, resume_token_ids=[0] * client.output)
                 handle(planner.on_submit(submit), now)
@@ -321,11 +325,13 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                     if p.finish_reason is not None:
                         client = clients[p.request_id]
                         client.finished = True
-                        missed += not client.tracker.met()
                         follow = client.arrival.then
+                        if not client.late and not client.tracker.met():
+                            missed += len(every_request([client.arrival]))  # and the calls of its loop left
                         if follow is not None:
                             heapq.heappush(events, (now + follow.at, next(counter), "arrive",
                                                     dataclasses.replace(follow, at=now + follow.at)))
+                            late[follow.request_id] = client.late or not client.tracker.met()
                 handle(planner.on_report(report), now)
         started = time.perf_counter()
         orders, verdicts = planner.schedule()
@@ -343,8 +349,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
             tick_pending = True
 
     outcomes = [_outcome(c) for c in clients.values()]
-    outcomes += never_sent(outcomes, arrivals)
-    return SimResult(outcomes, clock.now(), calls, planner_s, missed > most_missed)
+    return SimResult(judge_loops(outcomes, arrivals), clock.now(), calls, planner_s, missed > most_missed)
 
 
 def _outcome(c: _Client) -> Outcome:

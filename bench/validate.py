@@ -18,10 +18,11 @@ The worker runs alone on the last core (`--worker-cpus`), where its profile is m
 the gateway, the planner and the load generator share the others, as they would share a host's
 spare cores beside a GPU. A loaded machine still runs slower than an idle one, and less
 evenly. So the simulator runs a second time with the profile rescaled as the live planner's
-online calibration found the worker's steps (`planner.calibration`: a factor for the fixed
-costs, one for the roofline; medians of readings every second through all the live probes,
-which bracket the capacity: one probe's minute is too short, as the two factors trade off
-against each other), and a third time with the steps also as scattered about it as the
+online calibration found the worker's steps near the capacity (`planner.calibration`: a factor
+for the fixed costs, one for the roofline; medians of readings every second through the live
+probes within 15 % of the live capacity: one probe's minute is too short, as the two factors
+trade off against each other, and probes far from the capacity load the machine, and so slow
+its steps, differently), and a third time with the steps also as scattered about it as the
 calibration's remaining error says: what the simulator would be given for hardware known to
 behave so under load. The scatter matters beyond the misses it causes: the planner plans
 below each TPOT by its prediction error, live and simulated alike.
@@ -61,6 +62,7 @@ from shared.settings import Settings
 from shared.slo import DEFAULT_CLASSES
 
 IDLE_PROMPT, IDLE_OUTPUT = 64, 64  # the stream that measures the loop's cost per step
+NEAR_CAPACITY = 1.15  # probes whose rate is within this factor of the live capacity give the loaded profile
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Validation:
     simulated: Search
     live: Search
     seen: dict[float, StepsSeen]  # per live probe's rate
-    loaded: StepsSeen  # over all the live probes
+    loaded: StepsSeen  # over the live probes near the capacity
     simulated_loaded: Search  # with the profile rescaled as live
     simulated_scattered: Search  # and with the steps scattered as live
 
@@ -163,6 +165,13 @@ def medians(readings: list[tuple[float, float, float]]) -> StepsSeen:
     return StepsSeen(*(float(np.median(column)) for column in zip(*readings)))
 
 
+def near_capacity(readings: dict[float, list[tuple[float, float, float]]], capacity: float) -> StepsSeen:
+    """The calibration over the probes within NEAR_CAPACITY of the capacity (over all of them if none is)."""
+    near = [r for rate, seen in readings.items() if capacity / NEAR_CAPACITY <= rate <= capacity * NEAR_CAPACITY
+            for r in seen]
+    return medians(near or [r for seen in readings.values() for r in seen])
+
+
 def within_context(arrivals: list[Arrival], max_len: int) -> list[Arrival]:
     """Prompts clipped to half the context window, outputs to what is left of it."""
     out = []
@@ -218,25 +227,25 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
                 f"req/s: attainment {result.attainment:.1%}")
             return result.attainment
 
-        seen: dict[float, StepsSeen] = {}
-        every_reading: list[tuple[float, float, float]] = []
+        readings_at: dict[float, list[tuple[float, float, float]]] = {}
 
         def live_at(rate: float) -> float:
             with calibration_seen(server) as readings:
                 outcomes = run_live(server.url + "/v1", server.api_key, server.model, arrivals(rate), vocab,
                                     DEFAULT_CLASSES)
-            every_reading.extend(readings)
-            steps = seen[rate] = medians(readings)
+            readings_at[rate] = readings
+            steps = medians(readings)
             say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}; steps ran {steps.fixed:.2f}x the "
                 f"profile's fixed cost, {steps.work:.2f}x its roofline, {steps.error:.1%} off the rescaled profile")
             return attainment(outcomes)
 
         simulated = capacity(lambda r: simulated_at(cluster, r), start=1.0, splits=splits)
         live = capacity(live_at, start=simulated.capacity or 1.0, splits=splits)
-    steps = medians(every_reading)
+    steps = near_capacity(readings_at, live.capacity)
     loaded = dataclasses.replace(cluster, profile=msgspec.structs.replace(
         measured.rescaled(steps.fixed, steps.work), hardware=f"{prof.hardware} as loaded"))
     scattered = dataclasses.replace(loaded, step_spread=steps.spread)
     simulated_loaded, simulated_scattered = (
         capacity(lambda r: simulated_at(c, r), start=live.capacity or 1.0, splits=splits) for c in (loaded, scattered))
+    seen = {rate: medians(readings) for rate, readings in readings_at.items()}
     return Validation(overhead, simulated, live, seen, steps, simulated_loaded, simulated_scattered)

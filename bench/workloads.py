@@ -83,22 +83,26 @@ def every_request(arrivals: list[Arrival]) -> list[Arrival]:
     return out
 
 
-def never_sent(outcomes: list[Outcome], arrivals: list[Arrival]) -> list[Outcome]:
-    """The later calls of tool loops whose head went out but which never did (a call before
-    them was refused or did not finish): each a miss, so a broken loop weighs as many requests
-    as it has, for every policy alike."""
-    sent = {o.request_id for o in outcomes}
-    out = []
+def judge_loops(outcomes: list[Outcome], arrivals: list[Arrival]) -> list[Outcome]:
+    """Tool loops judged as the tasks they are: once a call misses, the task is late, and every
+    call after it misses too, however well it then runs. Calls never sent (one before them was
+    refused or did not finish) are added as misses, so a broken loop weighs as many requests as
+    it has, for every policy alike; loops whose first call never went out are left out."""
+    judged = {o.request_id: o for o in outcomes}
     for head in arrivals:
-        if head.request_id not in sent:
+        if head.then is None or head.request_id not in judged:
             continue
-        a = head.then
+        late, a = False, head
         while a is not None:
-            if a.request_id not in sent:
-                out.append(Outcome(a.request_id, a.slo_class, math.nan, a.prompt_tokens, 0, False, False, False,
-                                   None, []))
+            o = judged.get(a.request_id)
+            if o is None:
+                judged[a.request_id] = Outcome(a.request_id, a.slo_class, math.nan, a.prompt_tokens, 0, False, False,
+                                               False, None, [])
+            elif late and o.met:
+                judged[a.request_id] = dataclasses.replace(o, met=False)
+            late = late or not judged[a.request_id].met
             a = a.then
-    return out
+    return list(judged.values())
 
 
 def attainment_by_class(outcomes: list[Outcome]) -> dict[str, float]:

@@ -61,6 +61,22 @@ def test_a_refused_call_of_a_tool_loop_misses_the_calls_after_it_too() -> None:
     assert result.attainment == 0.25
 
 
+def test_a_call_that_misses_makes_its_loop_late() -> None:
+    """The calls after a missed one run and are counted as missed, once each (the early stop
+    counts them as the final judge does)."""
+    loop = Arrival("t0", 0.0, 600, 20, "coding", ttft_ms=1.0,  # no prefill of 600 tokens is this fast
+                   then=Arrival("t1", 0.2, 300, 30, "coding", then=Arrival("t2", 0.2, 350, 30, "coding")))
+    fine = Arrival("c0", 0.0, 100, 20, "coding")
+    result = simulate(SLOPolicy(A100, max_num_seqs=256), Cluster(A100, num_blocks=6800), [loop, fine], CLASSES)
+    by_id = {o.request_id: o for o in result.outcomes}
+    assert all(o.finished for o in by_id.values()) and by_id["c0"].met
+    assert not by_id["t0"].met and not by_id["t1"].met and not by_id["t2"].met
+    assert by_id["t2"].ttft_s is not None and by_id["t2"].ttft_s < 2.0  # it ran in time, yet its task was late
+    stopped = simulate(SLOPolicy(A100, max_num_seqs=256), Cluster(A100, num_blocks=6800), [loop, fine], CLASSES,
+                       stop_below=0.5)
+    assert stopped.stopped and stopped.attainment < 0.5
+
+
 def test_the_same_seed_gives_the_same_result() -> None:
     cluster = Cluster(A100, num_blocks=6800, speculator="ngram")
     runs = [simulate(SLOPolicy(A100, max_num_seqs=256), cluster, workload(8, 80), CLASSES, seed=3) for _ in range(2)]

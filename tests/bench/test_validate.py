@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.validate import with_loop_overhead, within_context
+from bench.validate import StepsSeen, near_capacity, with_loop_overhead, within_context
 from bench.workloads import Arrival, scenario
 from shared.roofline import SHIPPED_PROFILES, Batches, load_profile
 
@@ -24,3 +24,10 @@ def test_the_loop_overhead_is_added_to_every_step_and_to_the_objectives() -> Non
     assert (slower.predict(batches) - profile.predict(batches)).round(9).tolist() == [0.01, 0.01]
     fast, slow = (scenario("reasoning", p, 2.0, 5.0) for p in (profile, slower))
     assert all(s.ttft_ms > f.ttft_ms and s.stages[0].tpot_ms > f.stages[0].tpot_ms for f, s in zip(fast, slow))
+
+
+def test_the_loaded_profile_comes_from_the_probes_near_the_capacity() -> None:
+    readings = {4.0: [(1.2, 1.1, 0.05)] * 9, 1.0: [(3.3, 1.7, 0.1)] * 9,  # cold and far above; far below
+                2.0: [(2.0, 1.4, 0.1), (2.2, 1.6, 0.12)], 2.2: [(2.4, 1.5, 0.11)]}
+    assert near_capacity(readings, 2.0) == StepsSeen(2.2, 1.5, 0.11)
+    assert near_capacity(readings, 8.0) == StepsSeen(2.2, 1.5, 0.1)  # none near: all of them

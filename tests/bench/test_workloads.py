@@ -6,7 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.workloads import SCENARIOS, TRACES, arrival_times, idle_latency, scenario
+from bench.workloads import (
+    SCENARIOS,
+    TRACES,
+    Arrival,
+    Outcome,
+    arrival_times,
+    idle_latency,
+    judge_loops,
+    scenario,
+)
 from shared.roofline import SHIPPED_PROFILES, load_profile
 
 A100 = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
@@ -48,3 +57,22 @@ def test_a_tool_loop_is_a_chain_of_calls_with_a_looser_final_answer() -> None:
     assert 3 <= len(calls) <= 7
     assert all(b.prompt_tokens > a.prompt_tokens + a.output_tokens for a, b in zip(calls, calls[1:]))
     assert calls[-1].tpot_ms > calls[0].tpot_ms and calls[-1].output_tokens >= 100
+
+
+def test_a_loop_is_late_from_its_first_missed_call_on() -> None:
+    def call(rid: str, then: Arrival | None = None) -> Arrival:
+        return Arrival(rid, 0.0, 100, 10, "tool_calling", then=then)
+
+    def done(rid: str, met: bool) -> Outcome:
+        return Outcome(rid, "tool_calling", 0.0, 100, 10, False, True, met, 0.1, [0.01])
+
+    late = call("a0", call("a1", call("a2", call("a3"))))  # a1 misses; a2 runs well; a3 never went out
+    on_time = call("b0", call("b1"))
+    unsent = call("c0", call("c1"))  # its first call never went out (a run stopped early)
+    single = Arrival("d", 0.0, 100, 10, "chatbot")
+    judged = judge_loops([done("a0", True), done("a1", False), done("a2", True), done("b0", True), done("b1", True),
+                          done("d", False)], [late, on_time, unsent, single])
+    assert {o.request_id: o.met for o in judged} == {"a0": True, "a1": False, "a2": False, "a3": False,
+                                                       "b0": True, "b1": True, "d": False}
+    a3 = next(o for o in judged if o.request_id == "a3")
+    assert not a3.finished and a3.ttft_s is None
