@@ -10,6 +10,7 @@ with `Tracker`, so "met its SLOs" means the same everywhere.
 
 from __future__ import annotations
 
+import bisect
 import math
 from array import array
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class Tracker:
     gap_count: array = field(default_factory=lambda: array("q"))
 
     def __post_init__(self) -> None:
-        self._ends = tuple(end for end, _ in self.slo.segments())
+        self._ends, self._tpots_ms = zip(*self.slo.segments())
         self.gap_sum = array("d", [0.0] * len(self._ends))
         self.gap_count = array("q", [0] * len(self._ends))
 
@@ -153,6 +154,13 @@ class Tracker:
             if tpot is not None and got is not None and got > tpot / 1e3 + 1e-9:
                 return False
         return True
+
+    def lag_s(self) -> float:
+        """Seconds by which the current stage's gaps so far run over its TPOT (negative: ahead of
+        it; 0 without one): what the stage's next tokens have to make up."""
+        stage = min(bisect.bisect_right(self._ends, self.tokens), len(self._ends) - 1)
+        tpot = self._tpots_ms[stage]
+        return 0.0 if tpot is None else self.gap_sum[stage] - self.gap_count[stage] * tpot / 1e3
 
     def deadline(self) -> float:
         """When the first token is due; inf without a TTFT objective."""

@@ -18,10 +18,11 @@ allows (a profile far too fast for the machine), it prefills them earliest deadl
 
 Speculation: each batch's period and speculative length come from the plan (the k that
 leaves the most prefill budget at the tightest TPOT); every other decoding request speculates
-the fewest tokens that keep its own TPOT at that period. A step with no prefill to run (and
-any step on a decode worker, or beside a request that memory turns away) raises those lengths
-to the floor that decodes the most tokens per second within the period: requests that finish
-sooner free their KV blocks and batch slots. Acceptance rates per SLO class come from the
+the fewest tokens that keep its own TPOT at that period, and more while its tokens so far run
+behind that TPOT. A step with no prefill to run (and any step on a decode worker, or beside a
+request that memory turns away) raises those lengths to the floor that decodes the most tokens
+per second within the period: requests that finish sooner free their KV blocks and batch
+slots. Acceptance rates per SLO class come from the
 workers' reports.
 
 Roles: `planner.roles` falls back to colocated workers when a pool is lost and moves workers
@@ -64,6 +65,7 @@ NO_PREFILL = Batches.of(verify_len=0)  # the prefill part of a step without any
 MIN_PROPOSED = 50  # speculative tokens a class must have verified before its own rate counts
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
 SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
+CATCH_UP_STEPS = 4  # steps over which a request behind its TPOT speculates to make the lag up
 BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
 
@@ -303,8 +305,10 @@ class SLOPolicy:
     def _spec_lens(self, state: PlannerState, worker: WorkerState, decode: list[str], step_s: float,
                    k_tight: int) -> dict[str, int]:
         """For each decoding request, the fewest speculative tokens that keep its TPOT at this
-        period (the tightest tier's k when none does); none for requests without a TPOT. When
-        the tightest tier does not speculate, the period is its TPOT, which every other
+        period (the tightest tier's k when none does); none for requests without a TPOT. A
+        request whose tokens so far run behind its TPOT (acceptance is a draw, and a short
+        output has few steps to even out) asks for enough to make that up over CATCH_UP_STEPS.
+        When the tightest tier does not speculate, the period is its TPOT, which every other
         request's TPOT allows as well: none speculates."""
         if worker.speculator == "none" or not self.max_spec_len or not k_tight:
             return {}
@@ -313,13 +317,16 @@ class SLOPolicy:
         for rid in decode:
             req = state.requests[rid]
             tpot = self._tpot(req, worker)
-            if tpot is None or step_s / tpot <= 1.0:  # the request keeps its TPOT without speculating
+            if tpot is None:
+                continue
+            need = (step_s + max(0.0, req.tracker.lag_s()) / CATCH_UP_STEPS) / tpot  # tokens a step
+            if need <= 1.0:  # the request keeps its TPOT without speculating
                 continue
             gain = gains.get(req.slo_class)
             if gain is None:
                 alpha = self._alpha(state, req.slo_class)
                 gain = gains[req.slo_class] = gains_row(alpha, self.max_spec_len)[0].tolist()
-            k = bisect.bisect_left(gain, step_s / tpot)
+            k = bisect.bisect_left(gain, need)
             k = k_tight if k == len(gain) else k
             if k:
                 out[rid] = k

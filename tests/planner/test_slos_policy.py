@@ -155,6 +155,20 @@ def test_speculates_the_fewest_tokens_that_keep_each_requests_tpot() -> None:
     assert plain.spec_lens == {}
 
 
+def test_a_request_behind_its_tpot_speculates_more_to_catch_up() -> None:
+    """Acceptance is a draw: a request whose steps accepted little so far is behind its TPOT
+    and asks for more tokens a step than one on schedule."""
+    tight = [request(f"t{i}", 500, SLOTarget(ttft_ms=1000.0, tpot_ms=12.0), slo_class="coding") for i in range(4)]
+    s = state([worker("w0", speculator="ngram")], [request("short", 100)], {"w0": tight})
+    s.speculation = {"coding": SpecCounts(1000, 600, 250)}
+    for r in tight:  # the first token came at 0.1 s
+        r.tracker.add(1, 0.1)
+    tight[0].tracker.add(4, 0.1 + 4 * 0.012)  # on schedule
+    tight[1].tracker.add(4, 0.1 + 4 * 0.020)  # 32 ms behind
+    batch = SLOPolicy(GPU).schedule(s, now=0.2).batches["w0"]
+    assert batch.spec_lens["t1"] > batch.spec_lens["t0"] > 0
+
+
 def test_speculates_for_speed_when_nothing_prefills_or_memory_turns_requests_away() -> None:
     """Requests without a TPOT need no speculation to keep it, and a step with prefill gives
     its period's slack to the prefill; a step without prefill, or one beside a request that

@@ -35,6 +35,21 @@ def test_stages_are_judged_each_by_its_own_tpot() -> None:
     assert slo.tpot_at(0) == slo.tpot_at(2) == 10.0 and slo.tpot_at(3) == 100.0 and slo.tightest_tpot_ms == 10.0
 
 
+def test_the_lag_is_how_far_the_current_stage_runs_over_its_tpot() -> None:
+    t = Tracker(SLOTarget(ttft_ms=1000.0, tpot_ms=100.0, stages=(Stage(3, 10.0),)), arrival=0.0)
+    assert t.lag_s() == 0.0
+    for at in (0.5, 0.515, 0.53):  # gaps of 15 ms against 10
+        t.add(1, at)
+    assert t.tokens == 3 and t.lag_s() == pytest.approx(-0.0)  # the thinking stage is over; the answer has none yet
+    t.add(1, 0.58)
+    assert t.lag_s() == pytest.approx(0.05 - 0.1)  # ahead of the answer's 100 ms
+    early = Tracker(SLOTarget(ttft_ms=1000.0, tpot_ms=100.0, stages=(Stage(3, 10.0),)), arrival=0.0)
+    for at in (0.5, 0.515):
+        early.add(1, at)
+    assert early.lag_s() == pytest.approx(0.005)
+    assert Tracker(SLOTarget(ttft_ms=1000.0), arrival=0.0).lag_s() == 0.0
+
+
 def test_a_resumed_request_has_no_ttft_to_judge_and_counts_from_where_it_was() -> None:
     t = Tracker(SLOTarget(ttft_ms=1.0, tpot_ms=50.0, stages=(Stage(4, 10.0),)), arrival=0.0, resumed=True, tokens=4)
     t.add(2, 5.0)
