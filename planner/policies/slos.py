@@ -326,7 +326,7 @@ class SLOPolicy:
             if gain is None:
                 alpha = self._alpha(state, req.slo_class)
                 gain = gains[req.slo_class] = gains_row(alpha, self.max_spec_len)[0].tolist()
-            k = bisect.bisect_left(gain, need)
+            k = bisect.bisect_left(gain, need * (1 - 1e-9))  # a period set to k's yield must give k
             k = k_tight if k == len(gain) else k
             if k:
                 out[rid] = k

@@ -167,6 +167,7 @@ def test_a_request_behind_its_tpot_speculates_more_to_catch_up() -> None:
     tight[1].tracker.add(4, 0.1 + 4 * 0.020)  # 32 ms behind
     batch = SLOPolicy(GPU).schedule(s, now=0.2).batches["w0"]
     assert batch.spec_lens["t1"] > batch.spec_lens["t0"] > 0
+    assert batch.spec_lens["t0"] == batch.spec_lens["t2"]  # on schedule (to rounding) is as if just started
 
 
 def test_speculates_for_speed_when_nothing_prefills_or_memory_turns_requests_away() -> None:
