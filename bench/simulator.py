@@ -271,7 +271,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
     for a in arrivals:
         heapq.heappush(events, (a.at, next(counter), "arrive", a))
     clients: dict[str, _Client] = {}
-    late: dict[str, bool] = {}  # of follow-up calls on their way: whether a call before them missed
+    late_calls: dict[str, bool] = {}  # follow-up calls on their way: whether a call before them missed
     truth: dict[str, tuple[int, float]] = {}
     in_flight: dict[str, tuple[StepReport, dict[str, int]]] = {}
     last_arrival = max((a.at for a in arrivals), default=0.0)
@@ -286,7 +286,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
         max_tokens = a.max_tokens or max(1, cluster.max_model_len - a.prompt_tokens - 1)
         submit = Submit(a.request_id, [0] * a.prompt_tokens, SamplingParams(max_tokens=max_tokens),
                         SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), now)
-        clients[a.request_id] = _Client(a, Tracker(slo, now), submit, late=late.pop(a.request_id, False))
+        clients[a.request_id] = _Client(a, Tracker(slo, now), submit, late=late_calls.pop(a.request_id, False))
         truth[a.request_id] = (a.output_tokens, a.alpha)
         handle(planner.on_submit(submit), now)
 
@@ -326,12 +326,13 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                         client = clients[p.request_id]
                         client.finished = True
                         follow = client.arrival.then
-                        if not client.late and not client.tracker.met():
+                        late = client.late or not client.tracker.met()
+                        if late and not client.late:
                             missed += len(every_request([client.arrival]))  # and the calls of its loop left
                         if follow is not None:
                             heapq.heappush(events, (now + follow.at, next(counter), "arrive",
                                                     dataclasses.replace(follow, at=now + follow.at)))
-                            late[follow.request_id] = client.late or not client.tracker.met()
+                            late_calls[follow.request_id] = late
                 handle(planner.on_report(report), now)
         started = time.perf_counter()
         orders, verdicts = planner.schedule()

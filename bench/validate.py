@@ -228,13 +228,14 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
             return result.attainment
 
         readings_at: dict[float, list[tuple[float, float, float]]] = {}
+        seen: dict[float, StepsSeen] = {}
 
         def live_at(rate: float) -> float:
             with calibration_seen(server) as readings:
                 outcomes = run_live(server.url + "/v1", server.api_key, server.model, arrivals(rate), vocab,
                                     DEFAULT_CLASSES)
             readings_at[rate] = readings
-            steps = medians(readings)
+            steps = seen[rate] = medians(readings)
             say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}; steps ran {steps.fixed:.2f}x the "
                 f"profile's fixed cost, {steps.work:.2f}x its roofline, {steps.error:.1%} off the rescaled profile")
             return attainment(outcomes)
@@ -247,5 +248,4 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
     scattered = dataclasses.replace(loaded, step_spread=steps.spread)
     simulated_loaded, simulated_scattered = (
         capacity(lambda r: simulated_at(c, r), start=live.capacity or 1.0, splits=splits) for c in (loaded, scattered))
-    seen = {rate: medians(readings) for rate, readings in readings_at.items()}
     return Validation(overhead, simulated, live, seen, steps, simulated_loaded, simulated_scattered)

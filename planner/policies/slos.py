@@ -22,8 +22,7 @@ the fewest tokens that keep its own TPOT at that period, and more while its toke
 behind that TPOT. A step with no prefill to run (and any step on a decode worker, or beside a
 request that memory turns away) raises those lengths to the floor that decodes the most tokens
 per second within the period: requests that finish sooner free their KV blocks and batch
-slots. Acceptance rates per SLO class come from the
-workers' reports.
+slots. Acceptance rates per SLO class come from the workers' reports.
 
 Roles: `planner.roles` falls back to colocated workers when a pool is lost and moves workers
 between the pools when one of them is the bottleneck.
