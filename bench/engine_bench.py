@@ -54,8 +54,9 @@ def prompt(i: int, length: int) -> list[int]:
 
 
 def measure_ours(model_dir: Path, batch: int, prompt_len: int, decode_steps: int,
-                 dtype: torch.dtype, repeats: int = 3) -> Throughput:
-    engine = Engine(model_dir, dtype=dtype, kv_cache_mb=1024)
+                 dtype: torch.dtype, repeats: int = 3, device: str = "cpu") -> Throughput:
+    engine = Engine(model_dir, device=device, dtype=dtype,
+                    num_kv_blocks=batch * -(-(prompt_len + decode_steps + 1) // 16))
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
     prefill_s, decode_s = [], []
     for rep in range(repeats + 1):

@@ -17,10 +17,14 @@ def _pyplot():
 
 
 def _plain_log_ticks(ax) -> None:
-    from matplotlib.ticker import NullFormatter
+    """Ticks at 1, 2 and 5 of each decade, in plain numbers, so that a range narrower than a
+    decade still gets labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def predicted_vs_measured(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:

@@ -23,6 +23,9 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> CausalLM:
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    for i in range(cfg.num_layers):
+        fuse(state, f"model.layers.{i}.self_attn.", ["q_proj", "k_proj", "v_proj"], "qkv_proj")
+        fuse(state, f"model.layers.{i}.mlp.", ["gate_proj", "up_proj"], "gate_up_proj")
     with torch.device("meta"):
         model = CausalLM(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
@@ -31,3 +34,11 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> CausalLM:
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def fuse(state: dict[str, torch.Tensor], prefix: str, parts: list[str], fused: str) -> None:
+    """Concatenate the output rows of linear layers that read the same input into one."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{p}.{kind}" for p in parts]
+        if names[0] in state:
+            state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])

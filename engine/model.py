@@ -4,7 +4,9 @@ The batch is flat: every scheduled token of every request, prefill chunks and de
 alike, in one [T] tensor. Attention reads keys and values from the paged KV cache. Sequences
 with few new tokens (decode steps, speculative verification, small chunks) are attended in one
 padded call; long prefill chunks get one call each.
-Parameter names match Hugging Face checkpoints so weights load with `load_state_dict`.
+Parameter names match Hugging Face checkpoints, except that the loader concatenates q/k/v and
+gate/up so that each runs as one matrix product: fewer kernel launches per layer, which is
+what a decode step on a GPU is bound by.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class ShortGroup:
     each is padded to the group's longest block table."""
 
     idx: torch.Tensor  # [B, Q] flat index of each sequence's tokens, padded
-    valid: torch.Tensor  # [B, Q] False on padding
+    rows: torch.Tensor  # [N] flat index of each real (not padding) token of the group
+    picks: torch.Tensor  # [N] where each of those sits among the group's B * Q outputs
     tables: torch.Tensor  # [B, max_blocks] block tables, padded
     mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] which keys each query sees
     gather: torch.Tensor  # [2, B * max_blocks, block_size, kv_heads, head_dim] workspace shared by the groups
@@ -87,9 +90,8 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.sizes = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
@@ -102,17 +104,17 @@ class Attention(nn.Module):
         layout: AttentionLayout,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qk, v = self.qkv_proj(x).split([self.sizes[0] + self.sizes[1], self.sizes[2]], dim=-1)
+        qk = qk.reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = qk * cos + rotate_half(qk) * sin  # queries and keys rotated together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         k_cache[layout.slot_blocks, layout.slot_offsets] = k
         v_cache[layout.slot_blocks, layout.slot_offsets] = v
 
         out = torch.empty_like(q)
         for group in layout.shorts:
-            out[group.idx[group.valid]] = self._short(q, k_cache, v_cache, group)[group.valid]
+            out[group.rows] = self._short(q, k_cache, v_cache, group).flatten(0, 1)[group.picks]
         for span in layout.prefills:
             out[span.start : span.end] = self._prefill(q, k, v, k_cache, v_cache, span)
         return self.o_proj(out.view(t, -1))
@@ -170,12 +172,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

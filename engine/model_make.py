@@ -105,13 +105,16 @@ def _flatten(conversations: list[Conversation]) -> list[str]:
     return [t["content"] for conv in conversations for t in conv]
 
 
-def make_random(out_dir: Path, shape: Shape = TEST_SHAPE, seed: int = 0) -> Path:
+def make_random(out_dir: Path, shape: Shape = TEST_SHAPE, seed: int = 0, *, init_std: float = 0.25,
+                device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
     """A random-weight model with a real tokenizer, in seconds: what tests run on. The wide
-    initialisation makes its greedy output varied, so token-for-token checks mean something."""
+    initialisation makes its greedy output varied, so token-for-token checks mean something.
+    A large shape (to time a GPU with) is built on `device`, where it initialises in seconds."""
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(list(stdlib_docstrings(400_000)), shape.vocab)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(shape.config(tokenizer, init_std=0.25))
+    with torch.device(device):
+        model = LlamaForCausalLM(shape.config(tokenizer, init_std=init_std)).to(dtype)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -90,9 +90,12 @@ class ModelRunner:
         clamped = torch.minimum(offsets[None, :], (counts - 1)[:, None])
         last_key = contexts[:, None] + clamped  # each query sees keys up to its own position
         keys = torch.arange(width * self.kv.block_size, device=dev)
+        rows = [s + j for s, _, n, _ in short for j in range(n)]  # on the host: a mask would sync
+        picks = [i * q_max + j for i, (_, _, n, _) in enumerate(short) for j in range(n)]
         return ShortGroup(
             idx=starts[:, None] + clamped,
-            valid=offsets[None, :] < counts[:, None],
+            rows=torch.tensor(rows, device=dev),
+            picks=torch.tensor(picks, device=dev),
             tables=torch.tensor([b + [0] * (width - len(b)) for _, _, _, b in short],
                                 device=dev, dtype=torch.long).view(len(short), width),
             mask=(keys[None, None, :] <= last_key[:, :, None])[:, None],

@@ -10,6 +10,7 @@ seed, is held out to judge the fit.
 
 from __future__ import annotations
 
+import csv
 import platform
 import random
 import time
@@ -68,6 +69,20 @@ def features(samples: list[Sample]) -> tuple[Batches, np.ndarray]:
     return batches, np.array([s.seconds for s in samples])
 
 
+def write_samples(path: Path, splits: dict[str, list[Sample]]) -> None:
+    """Every measured shape with the features the roofline prices it by, so that any profile
+    can be judged against these measurements later."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["split", "seqs", "prefill_tokens", "kv_read", "num_seqs", "attention_pairs", "seconds"])
+        for split, samples in splits.items():
+            batches, seconds = features(samples)
+            for i, s in enumerate(samples):
+                out.writerow([split, " ".join(f"{c}+{q}" for c, q in s.seqs), int(batches.prefill_tokens[i]),
+                              int(batches.kv_read[i]), int(batches.num_seqs[i]),
+                              f"{batches.attention_pairs[i]:.1f}", f"{seconds[i]:.7f}"])
+
+
 def time_shape(engine: Engine, seqs: list[Seq], tag: str) -> float:
     """Seconds of one step of the given shape."""
     ids = [f"{tag}-{i}" for i in range(len(seqs))]
@@ -97,11 +112,11 @@ def hardware_name(device: str) -> str:
 
 def profile(model_dir: Path, *, name: str | None = None, device: str = "cpu",
             dtype: torch.dtype | None = None,
-            quick: bool = False, repeats: int = 3, seed: int = 0,
+            quick: bool = False, repeats: int = 3, seed: int = 0, kv_cache_mb: int = 1024,
             progress: Callable[[int, int], None] = lambda rounds_done, rounds: None,
             ) -> tuple[Profile, list[Sample], list[Sample]]:
     """Measure, fit on three quarters of the shapes, judge on the rest."""
-    engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_mb=1024)
+    engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_mb=kv_cache_mb)
     shapes = grid(engine.max_model_len, quick)
     for i, seqs in enumerate(shapes):  # warm-up
         time_shape(engine, seqs, f"w{i}")

@@ -207,12 +207,15 @@ def profile(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
     quick: Annotated[bool, typer.Option(help="a small grid (seconds)")] = False,
     repeats: Annotated[int, typer.Option(help="timed runs per shape (the fastest counts)")] = 5,
+    kv_cache_mb: Annotated[int, typer.Option(help="KV cache to allocate; the grid's largest batch "
+                                             "holds 64 x 1,536 tokens")] = 1024,
     plot: Annotated[Path | None, typer.Option(help="PNG of predicted vs measured")] = None,
+    samples: Annotated[Path | None, typer.Option(help="CSV of every shape's measured seconds")] = None,
 ) -> None:
     """Time the engine over a grid of batch shapes and fit the roofline performance model."""
     import torch
 
-    from engine.profiler import features
+    from engine.profiler import features, write_samples
     from engine.profiler import profile as run_profile
 
     model_dir, name = _model_dir(model)
@@ -221,8 +224,11 @@ def profile(
         task = bar.add_task("", total=None)
         prof, train, test = run_profile(
             model_dir, name=name, device=device, dtype=getattr(torch, dtype) if dtype else None, quick=quick,
-            repeats=repeats, progress=lambda done, total: bar.update(task, completed=done, total=total))
+            repeats=repeats, kv_cache_mb=kv_cache_mb,
+            progress=lambda done, total: bar.update(task, completed=done, total=total))
     save_profile(prof, out)
+    if samples is not None:
+        write_samples(samples, {"fitted": train, "held out": test})
     q, p = prof.quality, prof.params
     console.print(f"{out}: held-out R² {q.r2:.4f}, MAPE {q.mape:.1%} ({q.train_samples} shapes fitted, "
                   f"{q.test_samples} held out); {p.combine}(compute, memory), "
@@ -232,8 +238,8 @@ def profile(
         from bench.plots import predicted_vs_measured
 
         series = {}
-        for label, samples in (("fitted", train), ("held out", test)):
-            batches, measured = features(samples)
+        for label, measured_split in (("fitted", train), ("held out", test)):
+            batches, measured = features(measured_split)
             series[label] = (measured, predict(prof.model, prof.params, batches))
         predicted_vs_measured(plot, series, f"{prof.model.name} on {prof.hardware}")
 
@@ -283,11 +289,28 @@ def model_make() -> None:
 
 
 @model_app.command("random")
-def model_random(out: Annotated[Path, typer.Option(help="directory to write")]) -> None:
-    """Write a tiny random-weight model with a real tokenizer (what tests use)."""
-    from engine.model_make import make_random
+def model_random(
+    out: Annotated[Path, typer.Option(help="directory to write")],
+    like: Annotated[Path | None, typer.Option(help="a profile JSON: build its model's shape "
+                                              "(default: the tiny test shape)")] = None,
+    device: Annotated[str, typer.Option(help="where to initialise the weights (cuda for a large shape)")] = "cpu",
+) -> None:
+    """Write a random-weight model with a real tokenizer: the tiny one tests use, or one shaped
+    like a profile's model (Llama layout), to profile the engine on a GPU without a download."""
+    import torch
 
-    console.print(str(make_random(out)))
+    from engine.model_make import Shape, make_random
+
+    if like is None:
+        console.print(str(make_random(out, device=device)))
+        return
+    m = load_profile(like).model
+    if not m.gated_mlp or m.hidden != m.heads * m.head_dim:
+        raise typer.BadParameter(f"{m.name} is not in the Llama layout", param_hint="--like")
+    shape = Shape(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
+                  intermediate=m.intermediate, vocab=m.vocab, max_positions=4096)
+    dtype = {2: torch.bfloat16, 4: torch.float32}[m.dtype_bytes]
+    console.print(str(make_random(out, shape, init_std=0.02, device=device, dtype=dtype)))
 
 
 @bench_app.command("setup-vllm")
@@ -566,6 +589,7 @@ def bench_engine(
                                                      "(default: the one setup-vllm made)")] = None,
     no_vllm: Annotated[bool, typer.Option(help="measure slos-serve alone")] = False,
     dtypes: Annotated[str, typer.Option(help="our engine's dtypes, comma-separated")] = "float32,bfloat16",
+    device: Annotated[str, typer.Option(help="our engine's device: cpu or cuda")] = "cpu",
 ) -> None:
     """Prefill and decode tokens/s at each batch size, slos-serve beside real vLLM."""
     import torch
@@ -574,7 +598,7 @@ def bench_engine(
 
     model_dir, _ = _model_dir(model)
     sizes = [int(b) for b in batch_sizes.split(",")]
-    rows = [measure_ours(model_dir, b, prompt_len, decode_steps, getattr(torch, d))
+    rows = [measure_ours(model_dir, b, prompt_len, decode_steps, getattr(torch, d), device=device)
             for d in dtypes.split(",") for b in sizes]
     python = vllm_python or default_vllm_venv() / "bin" / "python"
     if not no_vllm:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+import torch
+
 from engine.runner import Engine
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+# The engine's CUDA path runs where a GPU is (float32, against the same CPU references).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def drive(engine: Engine, requests: list[list[int]], chunk: int, stagger: int,

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from engine.runner import Engine
-from engine_driver import GREEDY, drive
+from engine_driver import DEVICES, GREEDY, drive
 from shared.messages import SamplingParams
 
 PROMPT_LENGTHS = [1, 5, 17, 33, 64]
@@ -42,18 +42,20 @@ def reference(tiny_model: Path) -> dict[int, list[int]]:
     (16, 3, 16),
     (5, 1, 8),
 ])
+@pytest.mark.parametrize("device", DEVICES)
 def test_greedy_matches_transformers(tiny_model: Path, reference: dict[int, list[int]],
-                                     chunk: int, stagger: int, block_size: int) -> None:
-    engine = Engine(tiny_model, block_size=block_size, kv_cache_mb=4)
+                                     chunk: int, stagger: int, block_size: int, device: str) -> None:
+    engine = Engine(tiny_model, block_size=block_size, kv_cache_mb=4, device=device, dtype=torch.float32)
     got = drive(engine, prompts(engine.cfg.vocab_size), chunk, stagger)
     for i, ref in reference.items():
         assert got[f"r{i}"] == ref, f"request {i} (prompt of {PROMPT_LENGTHS[i]} tokens)"
     assert engine.num_free_blocks == engine.kv.allocator.num_blocks
 
 
-def test_seeded_sampling_does_not_depend_on_batch(tiny_model: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_does_not_depend_on_batch(tiny_model: Path, device: str) -> None:
     params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
-    engine = Engine(tiny_model, kv_cache_mb=4)
+    engine = Engine(tiny_model, kv_cache_mb=4, device=device, dtype=torch.float32)
     reqs = prompts(engine.cfg.vocab_size)
     alone = drive(engine, reqs[2:3], chunk=64, stagger=0, params=params)["r0"]
     batched = drive(engine, reqs, chunk=3, stagger=1, params=params)["r2"]

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.model_make import TARGET_SHAPE, make_random
-from engine.profiler import grid, profile
+from engine.profiler import Sample, grid, profile, write_samples
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +37,14 @@ def test_grid_covers_every_kind_of_step() -> None:
     assert any({q for _, q in s} >= {1, 64} for s in shapes)  # mixed prefill + decode
     assert any(all(1 < q <= 9 and c > 0 for c, q in s) for s in shapes)  # verification
     assert all(c + q < 512 for s in grid(max_len=512, quick=False) for c, q in s)
+
+
+def test_samples_csv_keeps_every_shape_and_what_it_is_priced_by(tmp_path: Path) -> None:
+    path = tmp_path / "samples.csv"
+    write_samples(path, {"fitted": [Sample([(0, 64)], 0.0125)], "held out": [Sample([(256, 1)] * 4, 0.02)]})
+    rows = list(csv.DictReader(path.open()))
+    assert [r["split"] for r in rows] == ["fitted", "held out"]
+    assert rows[0]["seqs"] == "0+64" and float(rows[0]["attention_pairs"]) == 64 * 32.5
+    assert rows[1]["seqs"] == "256+1 256+1 256+1 256+1"
+    assert (rows[1]["prefill_tokens"], rows[1]["kv_read"], rows[1]["num_seqs"]) == ("4", "1028", "4")
+    assert [float(r["seconds"]) for r in rows] == [0.0125, 0.02]

@@ -13,7 +13,7 @@ from engine.model_make import Shape, make_random
 from engine.runner import Engine
 from engine.sampling import probabilities, verify
 from engine.speculative import DraftProposer, lookup
-from engine_driver import drive
+from engine_driver import DEVICES, drive
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 DRAFT_SHAPE = Shape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=512, max_positions=512)
@@ -72,14 +72,16 @@ def test_lookup_continues_the_latest_longest_match() -> None:
     assert lookup([8, 1, 8], k=4, max_n=3) == [1, 8]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("speculator", ["ngram", "draft", "self-draft"])
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
 def test_greedy_speculation_equals_plain_greedy(tiny_model: Path, draft_model: Path, plain: dict[str, list[int]],
-                                                speculator: str, k: int) -> None:
+                                                speculator: str, k: int, device: str) -> None:
     """Batched with other requests' prefill chunks; each request speculates k or fewer tokens
     (some steps none), and with the target as its own draft nearly everything is accepted."""
     draft = {"ngram": None, "draft": draft_model, "self-draft": tiny_model}[speculator]
-    engine = Engine(tiny_model, kv_cache_mb=4, speculator="ngram" if draft is None else "draft", draft_dir=draft)
+    engine = Engine(tiny_model, kv_cache_mb=4, speculator="ngram" if draft is None else "draft", draft_dir=draft,
+                    device=device, dtype=torch.float32)
     stats = {"proposed": 0, "accepted": 0}
     step_outputs = engine.step
 
