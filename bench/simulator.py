@@ -68,6 +68,7 @@ class Cluster:
     kv_bandwidth: float = 25e9  # bytes/s of a KV handover between workers
     planner_in_loop: bool = False  # orders start the planner's real compute time late (not deterministic)
     step_spread: float = 0.0  # σ of the log of a step's time over the profile's (a real worker's jitter); 0: exact
+    front_s: float = 0.0  # a request reaches the planner this long after its client sends it (HTTP, gateway)
 
     @property
     def mode(self) -> str:
@@ -288,7 +289,10 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                         SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), now)
         clients[a.request_id] = _Client(a, Tracker(slo, now), submit, late=late_calls.pop(a.request_id, False))
         truth[a.request_id] = (a.output_tokens, a.alpha)
-        handle(planner.on_submit(submit), now)
+        if cluster.front_s:
+            heapq.heappush(events, (now + cluster.front_s, next(counter), "submit", submit))
+        else:
+            handle(planner.on_submit(submit), now)
 
     def handle(messages: list, now: float) -> None:
         nonlocal missed
@@ -313,6 +317,8 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
             _, _, kind, payload = heapq.heappop(events)
             if kind == "arrive":
                 arrive(payload, now)  # type: ignore[arg-type]
+            elif kind == "submit":
+                handle(planner.on_submit(payload), now)  # type: ignore[arg-type]
             elif kind == "tick":
                 tick_pending = False
             else:

@@ -5,7 +5,9 @@ The simulator gets what it would get for any hardware: a profile of the engine m
 the worker's thread count, the planner in the loop (each order starts as late as the planner's
 real compute took, which grows with the queue), and the live loop's other cost per step
 (messages, streaming) added to the profile's fixed cost. That cost is measured on the idle
-server: one stream's time per token less the simulated one's. The live planner is given the
+server: one stream's time per token less the simulated one's. Likewise the front end's (HTTP,
+the gateway, and the first token's way back): the idle stream's time to first token less the
+simulated one's, by which each simulated request reaches the planner after its client sent it. The live planner is given the
 measured profile and calibrates it online against the steps it sees, as always; by a probe's
 start it has calibrated through the probes before. So the simulated planner starts
 calibrated: it is given the profile the simulated worker runs (a cold one admits too much
@@ -53,7 +55,7 @@ import torch
 from bench.capacity import Search, capacity
 from bench.live import run_live
 from bench.simulator import Cluster, simulate
-from bench.workloads import Arrival, attainment, scenario
+from bench.workloads import Arrival, Outcome, attainment, scenario
 from engine.profiler import profile as measure
 from planner.policies import make_policy
 from shared.bus import free_tcp_port
@@ -61,7 +63,8 @@ from shared.roofline import Profile, save_profile
 from shared.settings import Settings
 from shared.slo import DEFAULT_CLASSES
 
-IDLE_PROMPT, IDLE_OUTPUT = 64, 64  # the stream that measures the loop's cost per step
+IDLE_PROMPT, IDLE_OUTPUT = 64, 64  # the streams that measure the loop's cost per step and the front end's
+IDLE_STREAMS = 3  # one after another, 2 s apart: the last, on a warmed-up server, is the one measured
 NEAR_CAPACITY = 1.15  # probes whose rate is within this factor of the live capacity give the loaded profile
 
 
@@ -94,6 +97,7 @@ class StepsSeen:
 @dataclass
 class Validation:
     loop_overhead_s: float
+    front_s: float  # the idle server's time to first token less the simulated one's
     simulated: Search
     live: Search
     seen: dict[float, StepsSeen]  # per live probe's rate
@@ -205,17 +209,26 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
         worker = server.admin("/admin/workers")[0]  # type: ignore[index]
         vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
         max_len = int(worker["max_model_len"])
-        idle_arrival = [Arrival("idle", 0.0, IDLE_PROMPT, IDLE_OUTPUT, "chatbot")]
-        idle = run_live(server.url + "/v1", server.api_key, server.model, idle_arrival, vocab, DEFAULT_CLASSES)
-        live_tpot = idle[0].tpots_s[-1] or 0.0
+        idle_arrivals = [Arrival(f"idle{i}", 2.0 * i, IDLE_PROMPT, IDLE_OUTPUT, "chatbot") for i in range(IDLE_STREAMS)]
+
+        def last(outcomes: list[Outcome]) -> Outcome:
+            return next(o for o in outcomes if o.request_id == idle_arrivals[-1].request_id)
+
+        idle = last(run_live(server.url + "/v1", server.api_key, server.model, idle_arrivals, vocab, DEFAULT_CLASSES))
+        live_tpot = idle.tpots_s[-1] or 0.0
         cluster = Cluster(measured, int(worker["kv_blocks"]), colocated=1, block_size=int(worker["block_size"]),
                           max_model_len=max_len, planner_in_loop=True)
-        simulated_idle = simulate(make_policy("slos", settings, measured), cluster, idle_arrival, DEFAULT_CLASSES)
-        overhead = max(0.0, live_tpot - (simulated_idle.outcomes[0].tpots_s[-1] or 0.0))
+        simulated_idle = last(simulate(make_policy("slos", settings, measured), cluster, idle_arrivals,
+                                       DEFAULT_CLASSES).outcomes)
+        overhead = max(0.0, live_tpot - (simulated_idle.tpots_s[-1] or 0.0))
         prof = with_loop_overhead(measured, overhead)
-        say(f"idle time per token live {live_tpot * 1e3:.1f} ms; loop overhead per step beside the planner's "
-            f"{overhead * 1e3:.1f} ms")
         cluster = dataclasses.replace(cluster, profile=prof)
+        simulated_idle = last(simulate(make_policy("slos", settings, prof), cluster, idle_arrivals,
+                                       DEFAULT_CLASSES).outcomes)
+        front = max(0.0, (idle.ttft_s or 0.0) - (simulated_idle.ttft_s or 0.0))
+        cluster = dataclasses.replace(cluster, front_s=front)
+        say(f"idle time per token live {live_tpot * 1e3:.1f} ms; loop overhead per step beside the planner's "
+            f"{overhead * 1e3:.1f} ms; front end (client to planner and back) {front * 1e3:.1f} ms")
 
         def arrivals(rate: float) -> list[Arrival]:
             return within_context(scenario(scenario_name, prof, rate, duration_s, seed), max_len)
@@ -248,4 +261,4 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
     scattered = dataclasses.replace(loaded, step_spread=steps.spread)
     simulated_loaded, simulated_scattered = (
         capacity(lambda r: simulated_at(c, r), start=live.capacity or 1.0, splits=splits) for c in (loaded, scattered))
-    return Validation(overhead, simulated, live, seen, steps, simulated_loaded, simulated_scattered)
+    return Validation(overhead, front, simulated, live, seen, steps, simulated_loaded, simulated_scattered)

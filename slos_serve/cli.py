@@ -565,7 +565,8 @@ def bench_validate(
     with tempfile.TemporaryDirectory() as tmp:
         v = validate(model_dir, scenario_name, duration, Path(tmp), splits)
     steps = v.loaded
-    print(f"{scenario_name}, {duration:.0f} s of arrivals per run, loop overhead {v.loop_overhead_s * 1e3:.1f} ms a step; "
+    print(f"{scenario_name}, {duration:.0f} s of arrivals per run, loop overhead {v.loop_overhead_s * 1e3:.1f} ms a step, "
+          f"front end {v.front_s * 1e3:.1f} ms a request; "
           f"under load steps ran {steps.fixed:.2f}x the profile's fixed cost and {steps.work:.2f}x "
           f"its roofline, {steps.error:.1%} off that (spread {steps.spread:.3f})")
     print("| run | capacity req/s | ÷ live | probes (rate: attainment) |")

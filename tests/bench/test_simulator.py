@@ -128,6 +128,16 @@ def test_the_planner_in_the_loop_delays_every_step_by_its_compute() -> None:
     assert 0 < looped.end - plain.end <= looped.planner_s  # every call but the one after the finish sent a step
 
 
+def test_a_front_end_delays_each_first_token_by_its_time_and_not_the_gaps_after_it() -> None:
+    two = [Arrival("c0", 0.0, 300, 40, "coding"), Arrival("c1", 1.0, 500, 30, "coding")]
+    plain, fronted = (simulate(SLOPolicy(A100, max_num_seqs=256), Cluster(A100, num_blocks=6800, front_s=f),
+                               two, CLASSES) for f in (0.0, 0.05))
+    for p, f in zip(plain.outcomes, fronted.outcomes):
+        assert f.finished and f.arrival == p.arrival
+        assert f.ttft_s == pytest.approx(p.ttft_s + 0.05)
+        assert f.tpots_s == pytest.approx(p.tpots_s)
+
+
 def test_a_worker_given_jitter_scatters_its_steps_about_the_profile_and_the_planner_sees_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Jitter keeps the profile right on average, and the spread `bench validate` derives from
