@@ -7,13 +7,13 @@ real compute took, which grows with the queue), and the live loop's other cost p
 (messages, streaming) added to the profile's fixed cost. That cost is measured on the idle
 server: one stream's time per token less the simulated one's. Likewise the front end's (HTTP,
 the gateway, and the first token's way back): the idle stream's time to first token less the
-simulated one's, by which each simulated request reaches the planner after its client sent it. The live planner is given the
-measured profile and calibrates it online against the steps it sees, as always; by a probe's
-start it has calibrated through the probes before. So the simulated planner starts
-calibrated: it is given the profile the simulated worker runs (a cold one admits too much
-before it learns how slow the steps are, and its requests then miss their TPOTs where the live
-ones wait and miss their TTFTs). The scenario's objectives scale with the idle latencies, loop
-included. Prompts and outputs are clipped to the model's context window, the same way for
+simulated one's, by which each simulated request reaches the planner after its client sent
+it. The live planner is given the measured profile and calibrates it online against the
+steps it sees, as always; by a probe's start it has calibrated through the probes before. So
+the simulated planner starts calibrated: it is given the profile the simulated worker runs (a
+cold one admits too much before it learns how slow the steps are, and its requests then miss
+their TPOTs where the live ones wait and miss their TTFTs). The scenario's objectives scale
+with the idle latencies, loop included. Prompts and outputs are clipped to the model's context window, the same way for
 both runs.
 
 The worker runs alone on the last core (`--worker-cpus`), where its profile is measured too;
