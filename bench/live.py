@@ -34,6 +34,8 @@ async def _request(client: openai.AsyncOpenAI, model: str, a: Arrival, vocab: in
         extra["tpot_ms"] = a.tpot_ms
     if a.stages:
         extra["slo_stages"] = [{"tokens": s.tokens, "tpot_ms": s.tpot_ms} for s in a.stages]
+    if a.task is not None:
+        extra["slo_task"] = a.task
     tracker = Tracker(resolve(SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), classes), time.monotonic())
     refused = finished = False
     try:

@@ -283,10 +283,10 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
         most_missed = (1.0 - stop_below) * len(every_request(arrivals))
 
     def arrive(a: Arrival, now: float) -> None:
-        slo = resolve(SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), classes)
+        spec = SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages), a.task)
+        slo = resolve(spec, classes)
         max_tokens = a.max_tokens or max(1, cluster.max_model_len - a.prompt_tokens - 1)
-        submit = Submit(a.request_id, [0] * a.prompt_tokens, SamplingParams(max_tokens=max_tokens),
-                        SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), now)
+        submit = Submit(a.request_id, [0] * a.prompt_tokens, SamplingParams(max_tokens=max_tokens), spec, now)
         clients[a.request_id] = _Client(a, Tracker(slo, now), submit, late=late_calls.pop(a.request_id, False))
         truth[a.request_id] = (a.output_tokens, a.alpha)
         if cluster.front_s:

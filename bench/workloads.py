@@ -52,6 +52,7 @@ class Arrival:
     max_tokens: int | None = None  # the client's cap; None: the output length is known to nobody
     alpha: float = 0.0  # per-token acceptance of speculative proposals for this request
     then: Arrival | None = None  # the next call of a tool loop
+    task: str | None = None  # the tool loop it is a call of, as its client names it to the server
 
 
 @dataclass
@@ -289,7 +290,7 @@ def _tool_loop(profile: Profile, rid: str, at: float, rng: np.random.Generator) 
     arrival = None
     for c, (prompt, output, final) in reversed(list(enumerate(steps))):
         think = 0.0 if c == 0 else float(rng.uniform(0.2, 1.0))
-        a = Arrival(f"{rid}.{c}", at if c == 0 else think, prompt, output, "tool_calling", then=arrival)
+        a = Arrival(f"{rid}.{c}", at if c == 0 else think, prompt, output, "tool_calling", then=arrival, task=rid)
         arrival = with_slos(profile, a, "tool_answer" if final else "tool_calling")
     assert arrival is not None
     return arrival

@@ -157,7 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
             known = ", ".join(sorted(settings.slo_classes))
             raise ApiError(400, f"unknown slo_class `{body.slo_class}`; known: {known}", param="slo_class")
         stages = [s.stage() for s in body.slo_stages or []]
-        return SLOSpec(body.slo_class, values["ttft_ms"], values["tpot_ms"], stages)
+        return SLOSpec(body.slo_class, values["ttft_ms"], values["tpot_ms"], stages, body.slo_task)
 
     def output_budget(prompt_len: int, requested: int | None) -> int:
         room = max_len - prompt_len

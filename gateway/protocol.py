@@ -2,7 +2,9 @@
 
 Fields OpenAI defines that we cannot honour (n > 1, logprobs, tools) are refused with a clear
 error rather than silently ignored. SLO fields are extensions: `slo_class`, `ttft_ms`,
-`tpot_ms` and `slo_stages` (a list of {tokens, tpot_ms}: e.g. think fast, then answer).
+`tpot_ms`, `slo_stages` (a list of {tokens, tpot_ms}: e.g. think fast, then answer) and
+`slo_task` (the agent task a call belongs to: once one of its calls misses, the rest are served
+best effort, so that tasks still on time keep the capacity).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class _Common(BaseModel):
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
     slo_stages: list[SLOStage] | None = Field(None, min_length=1, max_length=16)
+    slo_task: str | None = Field(None, min_length=1, max_length=128)
 
     @field_validator("slo_stages")
     @classmethod

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import uvicorn
 import zmq
 
@@ -87,6 +88,8 @@ class Planner:
             slo = resolve(msg.slo, self.slo_classes)
         except UnknownSLOClass as exc:
             return [Refused(msg.request_id, str(exc), retry_after_s=0.0)]
+        if msg.slo.task in self.state.late_tasks:  # the task is late already: so is this request
+            slo = msgspec.structs.replace(slo, ttft_ms=0.0)
         req = self.state.requests[msg.request_id] = RequestState(
             request_id=msg.request_id,
             prompt_token_ids=tuple(msg.prompt_token_ids),
@@ -97,6 +100,7 @@ class Planner:
             resume_token_ids=tuple(msg.resume_token_ids),
             num_output=len(msg.resume_token_ids),
             expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(msg.slo.slo_class)),
+            task=msg.slo.task,
         )
         self.state.waiting.add(req)
         return []
@@ -267,6 +271,8 @@ class Planner:
         counts = self.state.attainment.setdefault(req.slo_class or "default", Attainment())
         counts.total += 1
         counts.met += met
+        if not met and req.task is not None:
+            self.state.task_missed(req.task)
 
     def _apply(self, decisions: Decisions) -> list[Message]:
         out: list[Message] = []

@@ -4,6 +4,7 @@ policies read and the service updates from messages."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +20,7 @@ from shared.slo import SLOTarget, Tracker
 Phase = Literal["waiting", "prefill", "handover", "transfer", "decode"]
 
 RESERVE_AHEAD = 16  # tokens of room a decoding request keeps beyond what it has written
+LATE_TASKS_KEPT = 10_000  # tasks remembered as late, the most recent
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RequestState:
     decode_reserved: int = 0
     import_sent: bool = False
     parked: bool = False  # waiting in the best-effort queue
+    task: str | None = None  # the task it belongs to (an agent's loop of calls)
     best_effort: bool = False  # served without a promise: preempted first when room is short
     tracker: Tracker | None = None
     prompt_len: int = field(init=False)
@@ -165,10 +168,17 @@ class PlannerState:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     lengths: LengthModel = field(default_factory=LengthModel)
     attainment: dict[str, Attainment] = field(default_factory=dict)  # by SLO class
+    late_tasks: OrderedDict[str, None] = field(default_factory=OrderedDict)  # the latest LATE_TASKS_KEPT
     # disaggregated: every worker plays its home role, falling back to colocated when a pool
     # is lost; colocated: every worker runs both (see planner.roles)
     mode: Literal["colocated", "disaggregated"] = "disaggregated"
     last_role_change: float = -math.inf
+
+    def task_missed(self, task: str) -> None:
+        self.late_tasks[task] = None
+        self.late_tasks.move_to_end(task)
+        while len(self.late_tasks) > LATE_TASKS_KEPT:
+            self.late_tasks.popitem(last=False)
 
     def idle_workers(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.alive and w.step_in_flight is None]

@@ -42,12 +42,15 @@ class Stage(msgspec.Struct, frozen=True, gc=False):
 
 class SLOSpec(msgspec.Struct, frozen=True):
     """A request's latency objectives in milliseconds; None means no objective. `stages`, when
-    given, replace the single `tpot_ms` stage by stage."""
+    given, replace the single `tpot_ms` stage by stage. `task` names the task (an agent's loop
+    of calls) the request belongs to: once one of its requests misses, the task is late, and its
+    later requests come with their first token due at once."""
 
     slo_class: str | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     stages: list[Stage] = []
+    task: str | None = None
 
 
 class Submit(msgspec.Struct, tag=True):

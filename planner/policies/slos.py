@@ -11,7 +11,9 @@ Soft admission: what no replica admits waits in the best-effort queue (the gatew
 Parked) and is tried again at every call, so a burst is admitted as slack appears. A parked
 request whose TTFT has passed has no deadline left: it is admitted as soon as there is room,
 as best effort, without a TPOT promise, and it is the first to be preempted when admitted work
-needs its KV blocks. Requests with no objectives at all are best effort too. Beyond
+needs its KV blocks. Requests with no objectives at all are best effort too, and so, after a
+call's wait, are those of a task already late (`SLOSpec.task`): the planner makes their first
+token due at once. Beyond
 `best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After).
 A worker that holds requests never idles: where its steps run slower than any plan for them
 allows (a profile far too fast for the machine), it prefills them earliest deadline first.

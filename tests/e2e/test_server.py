@@ -121,6 +121,9 @@ BAD_REQUESTS = [
     ("temperature out of range", "/v1/completions", {"prompt": "hi", "temperature": 7}, 400),
     ("unknown slo class", "/v1/completions", {"prompt": "hi", "slo_class": "gold"}, 400),
     ("negative ttft", "/v1/completions", {"prompt": "hi", "ttft_ms": -5}, 400),
+    ("empty slo_task", "/v1/completions", {"prompt": "hi", "slo_task": ""}, 400),
+    ("slo_task too long", "/v1/completions", {"prompt": "hi", "slo_task": "t" * 129}, 400),
+    ("slo_task not a string", "/v1/completions", {"prompt": "hi", "slo_task": 7}, 400),
     ("body is a list", "/v1/completions", [1, 2], 400),
 ]
 
@@ -217,3 +220,14 @@ def test_admin_api_has_its_own_token_and_explains_verdicts(server: Server) -> No
     verdict = server.admin("GET", f"/requests/{done.id}").json()["verdict"]
     assert verdict.startswith("admitted to worker worker-")
     assert server.admin("GET", "/policy").json()["policy"] == "slos"
+
+
+def test_calls_of_a_task_are_served_and_explained(server: Server) -> None:
+    """`slo_task` names an agent's task; its calls are admitted like any other while it is on time."""
+    for i in range(2):
+        done = server.client().completions.create(model=server.model, prompt=f"call {i}", max_tokens=3, temperature=0,
+                                                  extra_body={**IGNORE_EOS, "slo_class": "tool_calling",
+                                                              "slo_task": "agent-7"})
+        assert done.usage.completion_tokens == 3
+        assert server.admin("GET", f"/requests/{done.id}").json()["verdict"].startswith("admitted to worker")
+

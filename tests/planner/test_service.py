@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+import planner.state
 from planner.policies.base import Decisions
 from planner.policies.fcfs import FCFSPolicy
 from planner.service import Planner
@@ -247,3 +250,31 @@ def test_a_step_that_ran_before_a_preemption_does_not_touch_the_request_readmitt
     order = planner.schedule()[0]["w0"]
     assert order.aborts == ["r"] and [(n.request_id, n.resume_token_ids) for n in order.new_requests] == [("r", [7])]
     assert order.decode == [] and [c.request_id for c in order.prefill] == ["r"]
+
+
+def test_once_a_request_of_a_task_misses_the_next_ones_of_that_task_are_due_at_once() -> None:
+    """A miss makes its task late; a later call of it competes as a request already past its
+    TTFT (served best effort), while other tasks and requests without one keep their objectives."""
+    planner, clock = make()
+    spec = SLOSpec(ttft_ms=100.0, task="agent-1")
+    submit(planner, "a.0", slo=spec)
+    submit(planner, "b.0", slo=SLOSpec(ttft_ms=100.0, task="agent-2"))
+    order = planner.schedule()[0]["w0"]
+    clock.advance(0.5)  # both first tokens come 400 ms late
+    planner.on_report(StepReport("w0", order.step_id, 0.5, [RequestProgress("a.0", 20, 1, "stop")], [], 64))
+    assert list(planner.state.late_tasks) == ["agent-1"]
+    submit(planner, "a.1", slo=spec)
+    submit(planner, "c", slo=SLOSpec(ttft_ms=100.0))
+    a1, c = planner.state.requests["a.1"], planner.state.requests["c"]
+    assert a1.task == "agent-1" and a1.deadline == a1.arrival
+    assert c.deadline == c.arrival + 0.1
+    assert planner.state.attainment["default"].met == 0  # a.0 was judged, late
+
+
+def test_late_tasks_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(planner.state, "LATE_TASKS_KEPT", 3)
+    state = planner.state.PlannerState()
+    for i in range(5):
+        state.task_missed(f"t{i}")
+    state.task_missed("t2")
+    assert list(state.late_tasks) == ["t3", "t4", "t2"]
