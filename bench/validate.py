@@ -13,8 +13,8 @@ steps it sees, as always; by a probe's start it has calibrated through the probe
 the simulated planner starts calibrated: it is given the profile the simulated worker runs (a
 cold one admits too much before it learns how slow the steps are, and its requests then miss
 their TPOTs where the live ones wait and miss their TTFTs). The scenario's objectives scale
-with the idle latencies, loop included. Prompts and outputs are clipped to the model's context window, the same way for
-both runs.
+with the idle latencies, loop included. Prompts and outputs are clipped to the model's
+context window, the same way for both runs.
 
 The worker runs alone on the last core (`--worker-cpus`), where its profile is measured too;
 the gateway, the planner and the load generator share the others, as they would share a host's

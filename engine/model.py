@@ -90,8 +90,9 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
-        self.sizes = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=bias)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qk_v = [q_size + kv_size, kv_size]  # the fused output split into queries and keys, values
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         layout: AttentionLayout,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.sizes[0] + self.sizes[1], self.sizes[2]], dim=-1)
+        qk, v = self.qkv_proj(x).split(self.qk_v, dim=-1)
         qk = qk.reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
         qk = qk * cos + rotate_half(qk) * sin  # queries and keys rotated together
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)

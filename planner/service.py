@@ -24,7 +24,7 @@ import zmq
 from planner.costs import batch_shape
 from planner.policies import Decisions, Policy, WorkerBatch
 from planner.roles import conflicts
-from planner.state import RESERVE_AHEAD, Attainment, PlannerState, RequestState, WorkerState
+from planner.state import RESERVE_AHEAD, Attainment, PlannerState, RequestState, WorkerState, remember
 from shared.bus import DropCounter, make_socket
 from shared.clock import Clock
 from shared.messages import (
@@ -262,10 +262,7 @@ class Planner:
         return self.verdicts.get(request_id)
 
     def _note(self, request_id: str, verdict: str) -> None:
-        self.verdicts[request_id] = verdict
-        self.verdicts.move_to_end(request_id)
-        while len(self.verdicts) > VERDICTS_KEPT:
-            self.verdicts.popitem(last=False)
+        remember(self.verdicts, request_id, verdict, VERDICTS_KEPT)
 
     def _judge(self, req: RequestState, met: bool) -> None:
         counts = self.state.attainment.setdefault(req.slo_class or "default", Attainment())

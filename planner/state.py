@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from planner.calibration import StepFit
 from planner.lengths import LengthModel, expected_output
@@ -18,6 +18,7 @@ from shared.slo import SLOTarget, Tracker
 # goes prefill -> handover (prefilled, held, waiting for a decode worker) -> transfer (a decode
 # worker is reading its KV) -> decode on the decode worker.
 Phase = Literal["waiting", "prefill", "handover", "transfer", "decode"]
+V = TypeVar("V")
 
 RESERVE_AHEAD = 16  # tokens of room a decoding request keeps beyond what it has written
 LATE_TASKS_KEPT = 10_000  # tasks remembered as late, the most recent
@@ -175,13 +176,18 @@ class PlannerState:
     last_role_change: float = -math.inf
 
     def task_missed(self, task: str) -> None:
-        self.late_tasks[task] = None
-        self.late_tasks.move_to_end(task)
-        while len(self.late_tasks) > LATE_TASKS_KEPT:
-            self.late_tasks.popitem(last=False)
+        remember(self.late_tasks, task, None, LATE_TASKS_KEPT)
 
     def idle_workers(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.alive and w.step_in_flight is None]
 
     def acceptance(self, slo_class: str | None) -> SpecCounts:
         return self.speculation.get(slo_class or "default", SpecCounts())
+
+
+def remember(recent: OrderedDict[str, V], key: str, value: V, most: int) -> None:
+    """Keep `key` as the newest entry of `recent`, and only the `most` newest entries."""
+    recent[key] = value
+    recent.move_to_end(key)
+    while len(recent) > most:
+        recent.popitem(last=False)
