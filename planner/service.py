@@ -50,12 +50,13 @@ from shared.messages import (
 )
 from shared.roofline import Profile, split
 from shared.settings import Settings
-from shared.slo import SLOClass, UnknownSLOClass, resolve
+from shared.slo import SLOClass, Tracker, UnknownSLOClass, resolve
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.2
 VERDICTS_KEPT = 10_000  # recent requests whose admission verdict the admin API can explain
+LOST_KEPT = 10_000  # token times of the latest requests lost, for when they come back
 TURNAROUND_S = 0.02  # a new order sooner than this after a report follows on from that step
 
 
@@ -76,6 +77,7 @@ class Planner:
     preemptions: int = 0
     verdicts: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request -> why, newest last
     unsent_roles: dict[str, Role] = field(default_factory=dict)  # role changes the worker has not been told
+    lost: OrderedDict[str, Tracker] = field(default_factory=OrderedDict)  # request -> its token times so far
 
     def __post_init__(self) -> None:
         self.state.lengths.typical.update({k: c.output_tokens for k, c in self.slo_classes.items()})
@@ -90,6 +92,9 @@ class Planner:
             return [Refused(msg.request_id, str(exc), retry_after_s=0.0)]
         if msg.slo.task in self.state.late_tasks:  # the task is late already: so is this request
             slo = msgspec.structs.replace(slo, ttft_ms=0.0)
+        # a request lost and sent again goes on with its token times: the pause counts against its
+        # TPOT, as its client sees it
+        tracker = self.lost.pop(msg.request_id, None) if msg.resume_token_ids else None
         req = self.state.requests[msg.request_id] = RequestState(
             request_id=msg.request_id,
             prompt_token_ids=tuple(msg.prompt_token_ids),
@@ -101,6 +106,7 @@ class Planner:
             num_output=len(msg.resume_token_ids),
             expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(msg.slo.slo_class)),
             task=msg.slo.task,
+            tracker=tracker,
         )
         self.state.waiting.add(req)
         return []
@@ -403,6 +409,7 @@ class Planner:
             if worker is not None and worker.alive:
                 self.pending_aborts.setdefault(worker.worker_id, []).append(req.request_id)
         self._forget(req)
+        remember(self.lost, req.request_id, req.tracker, LOST_KEPT)
         return [Lost(req.request_id, reason, preempted)]
 
     def _forget(self, req: RequestState) -> None:

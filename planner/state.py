@@ -93,7 +93,7 @@ class RequestState:
         (half the output it is expected to write), and never less than what it has written
         plus room for the next steps. Requests grow and finish at different times, so
         reservations that add up to the cache fit it on average; when they outgrow it the
-        newest are preempted (`relieve_memory`)."""
+        policy preempts some (`planner.policies.placement.relieve_memory`)."""
         written = self.num_output
         expected = expected_output(self.expected_output, written, self.params.max_tokens)
         return min(self.params.max_tokens, max(written + RESERVE_AHEAD, expected // 2))

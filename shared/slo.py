@@ -163,5 +163,7 @@ class Tracker:
         return 0.0 if tpot is None else self.gap_sum[stage] - self.gap_count[stage] * tpot / 1e3
 
     def deadline(self) -> float:
-        """When the first token is due; inf without a TTFT objective."""
-        return math.inf if self.slo.ttft_ms is None or self.resumed else self.arrival + self.slo.ttft_ms / 1e3
+        """When the first token is due; inf without a TTFT objective or once it has come."""
+        if self.slo.ttft_ms is None or self.resumed or self.first_at is not None:
+            return math.inf
+        return self.arrival + self.slo.ttft_ms / 1e3

@@ -187,17 +187,22 @@ def prefilling(state: PlannerState, request_ids: list[str]) -> list[RequestState
     return [r for r in reqs if r.phase in ("waiting", "prefill") and r.prefill_left > 0]
 
 
-def relieve_memory(state: PlannerState, decisions: Decisions) -> set[str]:
-    """Where requests have outgrown a worker's KV cache, preempt until the rest fit: best-effort
-    requests first, then the most recently arrived (as vLLM does). The gateway resubmits them
-    after the tokens already streamed. Returns the preempted."""
+def newest_first(req: RequestState) -> tuple[bool, float]:
+    """vLLM's order of preemption (best-effort requests before any)."""
+    return not req.best_effort, -req.arrival
+
+
+def relieve_memory(state: PlannerState, decisions: Decisions,
+                   order: Callable[[RequestState], tuple] = newest_first) -> set[str]:
+    """Where requests have outgrown a worker's KV cache, preempt in `order` until the rest fit.
+    The gateway resubmits them after the tokens already streamed. Returns the preempted."""
     for worker in state.workers.values():
         excess = worker.reserved_blocks - worker.num_blocks
         if excess <= 0 or not worker.alive:
             continue
         movable = [state.requests[r] for r in worker.requests
                    if state.requests[r].phase in ("prefill", "decode") and state.requests[r].worker_id == worker.worker_id]
-        for req in sorted(movable, key=lambda r: (not r.best_effort, -r.arrival)):
+        for req in sorted(movable, key=order):
             if excess <= 0 or len(movable) == 1:
                 break
             decisions.preempt.append((req.request_id, f"worker {worker.worker_id} ran short of KV blocks"))

@@ -26,6 +26,11 @@ request that memory turns away) raises those lengths to the floor that decodes t
 per second within the period: requests that finish sooner free their KV blocks and batch
 slots. Acceptance rates per SLO class come from the workers' reports.
 
+Preemption: when requests outgrow a worker's KV cache (each reserves half the output it is
+expected to write), best-effort requests go first, then those furthest ahead of their TPOT:
+the pause until they are sent again costs them least. Their token times go on from where they
+were (`Planner.lost`), so the pause counts against their TPOT and they speculate to catch up.
+
 Roles: `planner.roles` falls back to colocated workers when a pool is lost and moves workers
 between the pools when one of them is the bottleneck.
 """
@@ -85,7 +90,7 @@ class SLOPolicy:
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
         decisions = Decisions(roles=choose_roles(state, now, self.profile, self.rebalance, self.max_num_seqs))
-        gone = relieve_memory(state, decisions)
+        gone = relieve_memory(state, decisions, order=_most_ahead_first)
         load = load_of(state, gone)
         added: dict[str, list[str]] = {w: [] for w in state.workers}
         rows = state.waiting.rows()
@@ -386,6 +391,13 @@ def _alpha(rate: float, mean_k: int) -> float:
 def _deadline(req: RequestState, now: float) -> float:
     """A parked request past its TTFT has no deadline left."""
     return math.inf if req.parked and req.deadline < now else req.deadline
+
+
+def _most_ahead_first(req: RequestState) -> tuple[bool, float, float]:
+    """The order of preemption: best-effort requests, then those furthest ahead of their TPOT,
+    whom the pause costs least (their token times go on when they are sent again), the newest
+    among equals."""
+    return not req.best_effort, req.tracker.lag_s(), -req.arrival
 
 
 def _backlog(state: PlannerState, worker: WorkerState) -> int:

@@ -202,6 +202,32 @@ def test_preemption_frees_the_worker_and_the_gateway_resumes_the_stream() -> Non
     assert planner.schedule()[0]["w0"].aborts == ["r"]
 
 
+def test_a_preempted_request_sent_again_goes_on_with_its_token_times() -> None:
+    """The pause counts against its TPOT, as its client sees it: the planner knows it is now
+    behind (it speculates to catch up, and is not the first to be preempted again), and its
+    first token is not due again."""
+    planner, clock = make()
+    slo = SLOSpec(ttft_ms=500.0, tpot_ms=50.0)
+    submit(planner, "r", slo=slo)
+    order = planner.schedule()[0]["w0"]
+    clock.advance(0.1)
+    planner.on_report(StepReport("w0", order.step_id, 0.1, [RequestProgress("r", 20, 1)], [], 60))
+    order = planner.schedule()[0]["w0"]
+    clock.advance(0.04)
+    planner.on_report(StepReport("w0", order.step_id, 0.04, [RequestProgress("r", 21, 2)], [], 60))
+    planner._apply(Decisions(preempt=[("r", "room")]))
+    clock.advance(1.0)
+    planner.on_submit(Submit("r", [1] * 20, GREEDY, slo, 0.0, resume_token_ids=[7, 8]))
+    again = planner.state.requests["r"]
+    assert again.tracker.ttft_s == pytest.approx(0.1) and again.deadline == float("inf")
+    assert again.tracker.lag_s() == pytest.approx(-0.01)  # one gap, 10 ms under its TPOT, so far
+    order = planner.schedule()[0]["w0"]
+    clock.advance(0.05)
+    planner.on_report(StepReport("w0", order.step_id, 0.05, [RequestProgress("r", 23, 3)], [], 60))
+    assert again.tracker.lag_s() == pytest.approx(0.04 + 1.05 - 2 * 0.05)  # the pause is in its gaps
+    assert not planner.lost
+
+
 def test_attainment_counts_what_met_its_slos_by_the_planners_clock() -> None:
     planner, clock = make()
     submit(planner, "fast", slo=SLOSpec(ttft_ms=100.0, tpot_ms=50.0))

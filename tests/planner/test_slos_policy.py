@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from planner.dp_scheduler import IDLE_STEP_S, Job, Replica, plan
 from planner.policies.base import WorkerBatch
 from planner.policies.placement import load_of
+from planner.policies.sarathi import SarathiPolicy
 from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams, SpecCounts
@@ -140,6 +141,19 @@ def test_best_effort_needs_slack_and_is_preempted_for_promised_work() -> None:
 
     full = state([worker("w0", blocks=200)], [request("extra", 100, SLOTarget())], {"w0": [request("d", 2900, TIGHT)]})
     assert SLOPolicy(GPU).schedule(full, now=0.0).assign == {}  # no slack in memory: it waits
+
+
+def test_a_worker_short_of_blocks_preempts_the_request_furthest_ahead_of_its_tpot() -> None:
+    """vLLM preempts the newest request; the SLO policy the one the pause costs least."""
+    ahead, behind, newest = (request(rid, 1000, TIGHT, arrival=t) for rid, t in (("ahead", 0.0), ("behind", 1.0),
+                                                                                    ("newest", 2.0)))
+    s = state([worker("w0", blocks=200)], [], {"w0": [ahead, behind, newest]})
+    s.workers["w0"].reserved_blocks = 250  # their output outgrew the cache by more than one needs
+    for r, gap in ((ahead, 0.010), (behind, 0.040), (newest, 0.030)):
+        r.tracker.add(1, 3.0)
+        r.tracker.add(1, 3.0 + gap)  # against a TPOT of 30 ms: 20 ms ahead, 10 ms behind, on time
+    assert [rid for rid, _ in SLOPolicy(GPU).schedule(s, now=3.1).preempt] == ["ahead"]
+    assert [rid for rid, _ in SarathiPolicy().schedule(s, now=3.1).preempt] == ["newest"]
 
 
 def test_speculates_the_fewest_tokens_that_keep_each_requests_tpot() -> None:
