@@ -92,9 +92,9 @@ class Planner:
             return [Refused(msg.request_id, str(exc), retry_after_s=0.0)]
         if msg.slo.task in self.state.late_tasks:  # the task is late already: so is this request
             slo = msgspec.structs.replace(slo, ttft_ms=0.0)
-        # a request lost and sent again goes on with its token times: the pause counts against its
-        # TPOT, as its client sees it
-        tracker = self.lost.pop(msg.request_id, None) if msg.resume_token_ids else None
+        # a request lost and sent again goes on with its token times: its first token is due when
+        # it was, and a pause counts against its TPOT, as its client sees them
+        tracker = self.lost.pop(msg.request_id, None)
         req = self.state.requests[msg.request_id] = RequestState(
             request_id=msg.request_id,
             prompt_token_ids=tuple(msg.prompt_token_ids),

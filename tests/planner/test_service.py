@@ -228,6 +228,17 @@ def test_a_preempted_request_sent_again_goes_on_with_its_token_times() -> None:
     assert not planner.lost
 
 
+def test_a_request_lost_before_its_first_token_is_still_due_when_it_was() -> None:
+    planner, clock = make()
+    slo = SLOSpec(ttft_ms=500.0)
+    submit(planner, "r", slo=slo)
+    planner.schedule()
+    planner._apply(Decisions(preempt=[("r", "room")]))
+    clock.advance(0.3)
+    planner.on_submit(Submit("r", [1] * 20, GREEDY, slo, 0.0))
+    assert planner.state.requests["r"].deadline == pytest.approx(0.5)
+
+
 def test_attainment_counts_what_met_its_slos_by_the_planners_clock() -> None:
     planner, clock = make()
     submit(planner, "fast", slo=SLOSpec(ttft_ms=100.0, tpot_ms=50.0))
