@@ -17,11 +17,11 @@ def _pyplot():
 
 
 def _plain_log_ticks(ax) -> None:
-    """Ticks at 1, 2 and 5 of each decade, in plain numbers, so that a range narrower than a
-    decade still gets labels."""
+    """Ticks at 1, 2 and 5 of each decade of the log axes, in plain numbers, so that a range
+    narrower than a decade still gets labels."""
     from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
-    for axis in (ax.xaxis, ax.yaxis):
+    for axis in (a for a in (ax.xaxis, ax.yaxis) if a.get_scale() == "log"):
         axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         axis.set_major_formatter(StrMethodFormatter("{x:g}"))
         axis.set_minor_formatter(NullFormatter())
