@@ -148,7 +148,7 @@ def test_a_worker_short_of_blocks_preempts_the_request_furthest_ahead_of_its_tpo
     ahead, behind, newest = (request(rid, 1000, TIGHT, arrival=t) for rid, t in (("ahead", 0.0), ("behind", 1.0),
                                                                                     ("newest", 2.0)))
     s = state([worker("w0", blocks=200)], [], {"w0": [ahead, behind, newest]})
-    s.workers["w0"].reserved_blocks = 250  # their output outgrew the cache by more than one needs
+    s.workers["w0"].reserved_blocks = 250  # they have outgrown the cache by 50 blocks: one of them must go
     for r, gap in ((ahead, 0.010), (behind, 0.040), (newest, 0.030)):
         r.tracker.add(1, 3.0)
         r.tracker.add(1, 3.0 + gap)  # against a TPOT of 30 ms: 20 ms ahead, 10 ms behind, on time
