@@ -19,7 +19,6 @@ import numpy as np
 import openai
 
 from bench.workloads import Arrival, Outcome, judge_loops
-from shared.messages import SLOSpec
 from shared.slo import SLOClass, Tracker, resolve
 
 
@@ -36,7 +35,7 @@ async def _request(client: openai.AsyncOpenAI, model: str, a: Arrival, vocab: in
         extra["slo_stages"] = [{"tokens": s.tokens, "tpot_ms": s.tpot_ms} for s in a.stages]
     if a.task is not None:
         extra["slo_task"] = a.task
-    tracker = Tracker(resolve(SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages)), classes), time.monotonic())
+    tracker = Tracker(resolve(a.slo_spec(), classes), time.monotonic())
     refused = finished = False
     try:
         stream = await client.completions.create(

@@ -43,7 +43,6 @@ from shared.messages import (
     RequestProgress,
     Role,
     SamplingParams,
-    SLOSpec,
     StepReport,
     Submit,
     WorkerHello,
@@ -283,11 +282,11 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
         most_missed = (1.0 - stop_below) * len(every_request(arrivals))
 
     def arrive(a: Arrival, now: float) -> None:
-        spec = SLOSpec(a.slo_class, a.ttft_ms, a.tpot_ms, list(a.stages), a.task)
-        slo = resolve(spec, classes)
+        spec = a.slo_spec()
         max_tokens = a.max_tokens or max(1, cluster.max_model_len - a.prompt_tokens - 1)
         submit = Submit(a.request_id, [0] * a.prompt_tokens, SamplingParams(max_tokens=max_tokens), spec, now)
-        clients[a.request_id] = _Client(a, Tracker(slo, now), submit, late=late_calls.pop(a.request_id, False))
+        clients[a.request_id] = _Client(a, Tracker(resolve(spec, classes), now), submit,
+                                        late=late_calls.pop(a.request_id, False))
         truth[a.request_id] = (a.output_tokens, a.alpha)
         if cluster.front_s:
             heapq.heappush(events, (now + cluster.front_s, next(counter), "submit", submit))

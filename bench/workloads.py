@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.corpus import sharegpt_conversations, sharegpt_path
-from shared.messages import Stage
+from shared.messages import SLOSpec, Stage
 from shared.roofline import Batches, Profile
 
 
@@ -53,6 +53,10 @@ class Arrival:
     alpha: float = 0.0  # per-token acceptance of speculative proposals for this request
     then: Arrival | None = None  # the next call of a tool loop
     task: str | None = None  # the tool loop it is a call of, as its client names it to the server
+
+    def slo_spec(self) -> SLOSpec:
+        """The objectives its client sends with it."""
+        return SLOSpec(self.slo_class, self.ttft_ms, self.tpot_ms, list(self.stages), self.task)
 
 
 @dataclass
