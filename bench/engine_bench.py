@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from platformdirs import user_cache_dir
 
-from engine.runner import Engine
+from engine.engine import Engine
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 VLLM_VERSION = "0.32.0"

@@ -13,24 +13,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from bench.capacity import TARGET, Search, capacity
 from bench.simulator import Cluster, simulate
 from bench.workloads import Arrival, every_request, scenario
-from planner.policies import Policy
-from planner.policies.edf import EDFPolicy
-from planner.policies.fcfs import DistServePolicy, FCFSPolicy
-from planner.policies.sarathi import SarathiPolicy
-from planner.policies.slos import SLOPolicy
+from planner.policies.base import Policy
+from planner.policies.registry import ALL_NAMES, PolicyConfig, make_policy
 from shared.roofline import Profile
 from shared.slo import DEFAULT_CLASSES
 
 BASELINES = ("fcfs", "sarathi", "distserve")
-MAX_NUM_SEQS = 256
-CHUNK_TOKENS = 512  # Sarathi's and EDF's fixed token budget per step
-PREFILL_CAP = 4096  # FCFS's and DistServe's batched prefill tokens
+# as each policy is usually deployed on a GPU: Sarathi's and EDF's fixed token budget per step,
+# FCFS's and DistServe's batched prefill tokens
+GPU_CONFIG = PolicyConfig(max_num_seqs=256, prefill_tokens=4096, chunk_tokens=512)
 GPU_MEMORY = 80e9
 MEMORY_UTILISATION = 0.9
 
@@ -56,16 +54,8 @@ def setups(profile: Profile, gpus: int) -> dict[str, Setup]:
     blocks = kv_blocks(profile)
     colocated = Cluster(profile, blocks, colocated=gpus, speculator="ngram")
     split = Cluster(profile, blocks, prefill=max(1, gpus // 2), decode=max(1, gpus - gpus // 2))  # two at least
-    return {
-        "slos": Setup(lambda: SLOPolicy(profile, max_num_seqs=MAX_NUM_SEQS), colocated),
-        "fcfs": Setup(lambda: FCFSPolicy(max_batch_tokens=PREFILL_CAP, max_num_seqs=MAX_NUM_SEQS), colocated),
-        "sarathi": Setup(lambda: SarathiPolicy(max_batch_tokens=CHUNK_TOKENS, max_num_seqs=MAX_NUM_SEQS), colocated),
-        "distserve": Setup(lambda: DistServePolicy(max_batch_tokens=PREFILL_CAP, max_num_seqs=MAX_NUM_SEQS), split),
-        "edf": Setup(lambda: EDFPolicy(profile, max_batch_tokens=CHUNK_TOKENS, max_num_seqs=MAX_NUM_SEQS), colocated),
-        "slos-no-spec": Setup(lambda: SLOPolicy(profile, max_num_seqs=MAX_NUM_SEQS, max_spec_len=0), colocated),
-        "slos-no-routing": Setup(lambda: SLOPolicy(profile, max_num_seqs=MAX_NUM_SEQS, routing=False), colocated),
-        "slos-no-burst": Setup(lambda: SLOPolicy(profile, max_num_seqs=MAX_NUM_SEQS, best_effort_limit=0), colocated),
-    }
+    return {name: Setup(partial(make_policy, name, GPU_CONFIG, profile), split if name == "distserve" else colocated)
+            for name in ALL_NAMES}
 
 
 def search(setup: Setup, name: str, profile: Profile, duration_s: float, bursty: bool, start: float,
@@ -93,3 +83,39 @@ def roofline_bound(profile: Profile, arrivals: list[Arrival], gpus: int) -> floa
 def geomean(values: list[float]) -> float:
     positive = [v for v in values if v > 0 and math.isfinite(v)]
     return float(np.exp(np.mean(np.log(positive)))) if positive else math.nan
+
+
+@dataclass
+class CapacityRow:
+    """One scenario's capacities per GPU, each policy's probes, and the ratios the paper reports."""
+
+    scenario: str
+    capacity: dict[str, float]  # policy -> requests (tool calling: tasks) per second per GPU
+    probes: dict[str, list[tuple[float, float]]]  # policy -> (rate per GPU, attainment)
+    bound: float  # the roofline bound per GPU
+
+    @property
+    def best_baseline(self) -> float:
+        return max((self.capacity[b] for b in BASELINES if b in self.capacity), default=math.nan)
+
+    def ratios(self) -> tuple[float, float, float]:
+        """slos ÷ the best baseline, slos ÷ EDF, bound ÷ the best baseline; nan where a policy
+        they need was not run."""
+        best, slos, edf = self.best_baseline, self.capacity.get("slos", math.nan), self.capacity.get("edf", math.nan)
+        return (slos / best if best else math.inf, slos / edf if edf else math.inf,
+                self.bound / best if best else math.inf)
+
+
+def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, duration_s: float, bursty: bool,
+                 start: float, splits: int) -> CapacityRow:
+    """Search each policy's capacity on one scenario; `start` is the first rate per GPU."""
+    by_policy = setups(profile, gpus)
+    capacity, probes = {}, {}
+    for policy in policies:
+        setup = by_policy[policy]
+        found = search(setup, name, profile, duration_s, bursty, start * setup.gpus, splits=splits)
+        capacity[policy] = found.capacity / setup.gpus
+        probes[policy] = [(r / setup.gpus, a) for r, a in found.probes]
+    bound = roofline_bound(profile, scenario(name, profile, 1.0, duration_s, 0, bursty), 1)
+    return CapacityRow(name, capacity, probes, bound)
+

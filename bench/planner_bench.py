@@ -3,7 +3,7 @@
 One replica on the A100 Llama-2-7B profile has 64 requests decoding (TPOTs of 50, 100 and
 200 ms) and N waiting: prompts of 16-2,047 tokens, TTFT deadlines over the next 30 s, the same
 three TPOT tiers; nine in ten are parked from earlier calls, as they would be in an overload.
-Each call is timed twice over: the admission plan alone (`planner.dp_scheduler.plan`, the
+Each call is timed twice over: the admission plan alone (`planner.admission.plan`, the
 dynamic program) and the whole SLO policy call (routing, plan, parking, batch formation,
 speculative lengths). A tenth of the queue is drawn afresh between calls.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.policies.slos import SLOPolicy
-from planner.service import quiet_gc
+from planner.core import quiet_gc
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams
 from shared.roofline import Profile
@@ -81,7 +81,7 @@ def call_times(profile: Profile, queued: int, calls: int, seed: int = 0) -> Timi
         start = time.perf_counter()
         decisions = policy.schedule(state, now)
         call_s.append(time.perf_counter() - start)
-        for rid, _ in decisions.park:  # as the planner service does
+        for rid, _ in decisions.park:  # as the planner's state machine does
             state.requests[rid].parked = True
             state.waiting.park(rid)
         admitted = len(decisions.assign)

@@ -1,6 +1,6 @@
 """Discrete-event simulator: the planner's own code driven by a simulated clock.
 
-The planner (`planner.service.Planner` with any policy) is fed exactly the messages it gets
+The planner (`planner.core.Planner` with any policy) is fed exactly the messages it gets
 live: submissions, worker hellos and step reports; its batch orders are executed by simulated
 workers. A simulated worker runs an order like the engine does (aborts, KV imports, new
 requests, prefill chunks, decode steps that may verify speculative tokens) and takes the time
@@ -31,8 +31,8 @@ import msgspec
 import numpy as np
 
 from bench.workloads import Arrival, Outcome, attainment, attainment_by_class, every_request, judge_loops
-from planner.policies import Policy
-from planner.service import Planner, quiet_gc
+from planner.core import Planner, quiet_gc
+from planner.policies.base import Policy
 from shared.clock import ManualClock
 from shared.messages import (
     BatchOrder,
@@ -47,6 +47,7 @@ from shared.messages import (
     Submit,
     WorkerHello,
 )
+from shared.resubmission import Resubmissions
 from shared.roofline import Batches, Profile
 from shared.slo import SLOClass, Tracker, resolve
 
@@ -264,7 +265,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
     planner.state.mode = cluster.mode  # type: ignore[assignment]
     workers = {wid: _Worker(wid, role, cluster, rng) for wid, role in cluster.roles()}
     for i, (wid, role) in enumerate(cluster.roles()):
-        planner.on_hello(WorkerHello(wid, role, cluster.num_blocks, cluster.block_size, cluster.max_model_len, i,
+        planner.handle(WorkerHello(wid, role, cluster.num_blocks, cluster.block_size, cluster.max_model_len, i,
                                      "none" if role == "prefill" else cluster.speculator, workers[wid].endpoint))
     events: list[tuple[float, int, str, object]] = []
     counter = itertools.count()
@@ -273,6 +274,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
     clients: dict[str, _Client] = {}
     late_calls: dict[str, bool] = {}  # follow-up calls on their way: whether a call before them missed
     truth: dict[str, tuple[int, float]] = {}
+    resubmissions = Resubmissions()
     in_flight: dict[str, tuple[StepReport, dict[str, int]]] = {}
     last_arrival = max((a.at for a in arrivals), default=0.0)
     calls, planner_s = 0, 0.0
@@ -291,7 +293,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
         if cluster.front_s:
             heapq.heappush(events, (now + cluster.front_s, next(counter), "submit", submit))
         else:
-            handle(planner.on_submit(submit), now)
+            handle(planner.handle(submit), now)
 
     def handle(messages: list, now: float) -> None:
         nonlocal missed
@@ -303,9 +305,10 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                 client.refused = True
                 if not client.late:
                     missed += len(every_request([client.arrival]))  # and the calls of its loop left
-            elif isinstance(msg, Lost):  # the gateway resubmits after the tokens already streamed
-                submit = msgspec.structs.replace(client.submit, resume_token_ids=[0] * client.output)
-                handle(planner.on_submit(submit), now)
+            elif isinstance(msg, Lost):  # sent again after the tokens already streamed, as the gateway does
+                again = resubmissions.again(client.submit, msg, [0] * client.output)
+                if again is not None:  # otherwise the client gets an error: it stays unfinished
+                    handle(planner.handle(again), now)
 
     while events:
         now = events[0][0]
@@ -317,7 +320,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
             if kind == "arrive":
                 arrive(payload, now)  # type: ignore[arg-type]
             elif kind == "submit":
-                handle(planner.on_submit(payload), now)  # type: ignore[arg-type]
+                handle(planner.handle(payload), now)  # type: ignore[arg-type]
             elif kind == "tick":
                 tick_pending = False
             else:
@@ -338,7 +341,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
                             heapq.heappush(events, (now + follow.at, next(counter), "arrive",
                                                     dataclasses.replace(follow, at=now + follow.at)))
                             late_calls[follow.request_id] = late
-                handle(planner.on_report(report), now)
+                handle(planner.handle(report), now)
         started = time.perf_counter()
         orders, verdicts = planner.schedule()
         elapsed = time.perf_counter() - started

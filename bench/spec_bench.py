@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.corpus import sharegpt_conversations, sharegpt_path
-from engine.runner import Engine
+from models.corpus import sharegpt_conversations, sharegpt_path
+from engine.engine import Engine
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 CHAT_SKIP = 4000  # conversations at the head of ShareGPT train the built-in model

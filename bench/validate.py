@@ -57,7 +57,8 @@ from bench.live import run_live
 from bench.simulator import Cluster, simulate
 from bench.workloads import Arrival, Outcome, attainment, scenario
 from engine.profiler import profile as measure
-from planner.policies import make_policy
+from planner.policies.base import Policy
+from planner.policies.registry import PolicyConfig, make_policy
 from shared.bus import free_tcp_port
 from shared.roofline import Profile, save_profile
 from shared.settings import Settings
@@ -211,6 +212,9 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
         max_len = int(worker["max_model_len"])
         idle_arrivals = [Arrival(f"idle{i}", 2.0 * i, IDLE_PROMPT, IDLE_OUTPUT, "chatbot") for i in range(IDLE_STREAMS)]
 
+        def slos(profile: Profile) -> Policy:
+            return make_policy("slos", PolicyConfig.from_settings(settings), profile)
+
         def last(outcomes: list[Outcome]) -> Outcome:
             return next(o for o in outcomes if o.request_id == idle_arrivals[-1].request_id)
 
@@ -218,13 +222,11 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
         live_tpot = idle.tpots_s[-1] or 0.0
         cluster = Cluster(measured, int(worker["kv_blocks"]), colocated=1, block_size=int(worker["block_size"]),
                           max_model_len=max_len, planner_in_loop=True)
-        simulated_idle = last(simulate(make_policy("slos", settings, measured), cluster, idle_arrivals,
-                                       DEFAULT_CLASSES).outcomes)
+        simulated_idle = last(simulate(slos(measured), cluster, idle_arrivals, DEFAULT_CLASSES).outcomes)
         overhead = max(0.0, live_tpot - (simulated_idle.tpots_s[-1] or 0.0))
         prof = with_loop_overhead(measured, overhead)
         cluster = dataclasses.replace(cluster, profile=prof)
-        simulated_idle = last(simulate(make_policy("slos", settings, prof), cluster, idle_arrivals,
-                                       DEFAULT_CLASSES).outcomes)
+        simulated_idle = last(simulate(slos(prof), cluster, idle_arrivals, DEFAULT_CLASSES).outcomes)
         front = max(0.0, (idle.ttft_s or 0.0) - (simulated_idle.ttft_s or 0.0))
         cluster = dataclasses.replace(cluster, front_s=front)
         say(f"idle time per token live {live_tpot * 1e3:.1f} ms; loop overhead per step beside the planner's "
@@ -234,8 +236,7 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
             return within_context(scenario(scenario_name, prof, rate, duration_s, seed), max_len)
 
         def simulated_at(cluster: Cluster, rate: float) -> float:
-            result = simulate(make_policy("slos", settings, cluster.profile), cluster, arrivals(rate), DEFAULT_CLASSES,
-                              seed=seed)
+            result = simulate(slos(cluster.profile), cluster, arrivals(rate), DEFAULT_CLASSES, seed=seed)
             say(f"simulated on {cluster.profile.hardware}{' scattered' if cluster.step_spread else ''} {rate:.3f} "
                 f"req/s: attainment {result.attainment:.1%}")
             return result.attainment

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.corpus import sharegpt_conversations, sharegpt_path
+from models.corpus import sharegpt_conversations, sharegpt_path
 from shared.messages import SLOSpec, Stage
 from shared.roofline import Batches, Profile
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.runner import Engine
+from engine.engine import Engine
 from shared.messages import BatchOrder, PrefillChunk, SamplingParams
 from shared.roofline import Batches, FitQuality, ModelShape, Profile, fit, mape, predict, r2
 

@@ -8,7 +8,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -25,10 +24,9 @@ from shared.messages import (
     TokenChunk,
     encode,
 )
+from shared.resubmission import Resubmissions
 
 log = logging.getLogger(__name__)
-
-MAX_RESUBMITS = 3
 
 Event = Admitted | Parked | Refused | TokenChunk
 
@@ -66,7 +64,7 @@ class PlannerLink:
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._order: dict[str, ChunkOrder] = {}
         self._submits: dict[str, Submit] = {}
-        self._attempts: dict[str, int] = {}
+        self._resubmissions = Resubmissions()
         self.resubmitted = 0
         self.preempted = 0
         self._task: asyncio.Task[None] | None = None
@@ -92,7 +90,7 @@ class PlannerLink:
         self._queues.pop(request_id, None)
         self._order.pop(request_id, None)
         self._submits.pop(request_id, None)
-        self._attempts.pop(request_id, None)
+        self._resubmissions.forget(request_id)
 
     @property
     def open_requests(self) -> int:
@@ -103,14 +101,13 @@ class PlannerLink:
         await self._to_planner.send(encode(msg))
 
     async def _resubmit(self, lost: Lost) -> None:
-        """Send a lost request again, continuing after the tokens the client has; a request
-        lost too often to failures ends with an error (preemptions do not count)."""
+        """Send a lost request again after the tokens the client has (`shared.resubmission`)."""
         original, order = self._submits.get(lost.request_id), self._order.get(lost.request_id)
         if original is None or order is None:
             return
-        attempts = self._attempts[lost.request_id] = self._attempts.get(lost.request_id, 0) + (not lost.preempted)
-        if attempts > MAX_RESUBMITS:
-            log.error("request %s: lost %d times (%s); giving up", lost.request_id, attempts, lost.reason)
+        again = self._resubmissions.again(original, lost, order.delivered)
+        if again is None:
+            log.error("request %s: lost too often (%s); giving up", lost.request_id, lost.reason)
             self._queues[lost.request_id].put_nowait(TokenChunk(lost.request_id, [], "", "error"))
             return
         log.warning("request %s: %s; resubmitting after %d streamed tokens", lost.request_id, lost.reason,
@@ -120,7 +117,7 @@ class PlannerLink:
             self.preempted += 1
         else:
             self.resubmitted += 1
-        await self._to_planner.send(encode(msgspec.structs.replace(original, resume_token_ids=order.delivered)))
+        await self._to_planner.send(encode(again))
 
     def abort(self, request_id: str, reason: str) -> None:
         """Synchronous, so it also runs in the cleanup of a cancelled stream."""

@@ -1,13 +1,13 @@
 """What a batch costs, by the performance model: the planner's view of a step's shape (the
 contexts its decoding requests read, the context each prefill chunk attends to) priced by a
-profile. The policies size batches with it and the service checks it against the time steps
+profile. The policies size batches with it and the state machine checks it against the time steps
 really take."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from planner.policies.base import WorkerBatch
+from planner.decisions import WorkerBatch
 from planner.state import PlannerState
 from shared.roofline import Batches, Profile
 
@@ -22,7 +22,7 @@ def batch_seconds(profile: Profile, state: PlannerState, batch: WorkerBatch,
 def batch_shape(state: PlannerState, batch: WorkerBatch, prefill_totals: np.ndarray | None = None) -> Batches:
     """The batch as the performance model sees it (see `batch_seconds`)."""
     verify = context = pairs = 0
-    for rid in batch.decode:  # one pass: the service prices every order it sends
+    for rid in batch.decode:  # one pass: the state machine prices every order it sends
         req = state.requests[rid]
         v, c = 1 + batch.spec_lens.get(rid, 0), req.prompt_len + req.num_output
         verify, context, pairs = verify + v, context + c, pairs + v * c

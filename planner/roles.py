@@ -6,7 +6,7 @@ worker plays its home role (the one it joined with, or one an operator gave it),
 - A pool is lost: when no live worker can decode (or none can prefill), the workers of the
   other pool turn colocated, so requests keep flowing. Colocated does everything a prefill or
   decode worker does, so this switch is immediate.
-- The pool is back: a worker that fell back returns to its home role. The service holds such
+- The pool is back: a worker that fell back returns to its home role. The state machine holds such
   a move until the worker no longer holds work its new role cannot finish.
 - Rebalancing: when the prefill pool is the bottleneck (its queued prompts would take more
   than BACKLOG_S to prefill) while the decode pool is less than half full, a decode worker
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from planner.dp_scheduler import DEFAULT_CONTEXT, IDLE_STEP_S, max_decode_batch
+from planner.admission import DEFAULT_CONTEXT, IDLE_STEP_S, max_decode_batch
 from planner.state import PlannerState, WorkerState
 from shared.messages import Role
 from shared.roofline import Profile, prefill_budget

@@ -1,5 +1,5 @@
 """What the planner knows: requests, workers and their KV reservations. Plain data that the
-policies read and the service updates from messages."""
+policies read and the state machine (`planner.core`) updates from messages."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ LATE_TASKS_KEPT = 10_000  # tasks remembered as late, the most recent
 
 
 @dataclass
+class Handover:
+    """A prefilled request between its prefill worker and a decode worker: what the prefill
+    worker holds, and, once one is chosen, the decode worker taking it over by reading its KV."""
+
+    export: ExportedRequest
+    decode_worker: str | None = None
+    reserved_blocks: int = 0  # on the decode worker
+    import_sent: bool = False  # the decode worker has been told to read the KV
+
+
+@dataclass
 class RequestState:
     request_id: str
     prompt_token_ids: tuple[int, ...]  # a tuple of ints, which the garbage collector stops scanning
@@ -40,10 +51,7 @@ class RequestState:
     num_output: int = 0
     reserved_blocks: int = 0
     first_step: int | None = None  # the step whose order sent the worker the prompt; None: not sent yet
-    export: ExportedRequest | None = None  # what the prefill worker holds for the handover
-    decode_worker: str | None = None  # taking the request over, during the transfer
-    decode_reserved: int = 0
-    import_sent: bool = False
+    handover: Handover | None = None  # from prefill worker to decode worker (disaggregated mode)
     parked: bool = False  # waiting in the best-effort queue
     task: str | None = None  # the task it belongs to (an agent's loop of calls)
     best_effort: bool = False  # served without a promise: preempted first when room is short
@@ -56,6 +64,11 @@ class RequestState:
             self.tracker = Tracker(self.slo, self.arrival, resumed=bool(self.resume_token_ids),
                                    tokens=len(self.resume_token_ids))
         self.expected_output = max(self.expected_output, self.num_output)
+
+    @property
+    def decode_worker(self) -> str | None:
+        """The worker taking the request over, during the transfer."""
+        return self.handover.decode_worker if self.handover is not None else None
 
     @property
     def delivered(self) -> bool:
@@ -140,10 +153,6 @@ class WorkerState:
     @property
     def can_prefill(self) -> bool:
         return self.alive and self.role != "decode"
-
-    @property
-    def can_decode(self) -> bool:
-        return self.alive and self.role != "prefill"
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -46,11 +46,6 @@ class SLOTarget(msgspec.Struct, frozen=True, gc=False):
                 return tpot
         return self.tpot_ms
 
-    @property
-    def tightest_tpot_ms(self) -> float | None:
-        tpots = [t for _, t in self.segments() if t is not None]
-        return min(tpots, default=None)
-
 
 class SLOClass(msgspec.Struct, frozen=True):
     """A named application class: its objectives and how many tokens it usually writes (what

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.model_make import make_random
+from models.build import make_random
 
 
 @pytest.fixture(scope="session")

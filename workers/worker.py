@@ -20,7 +20,7 @@ import torch
 import zmq
 
 from engine.kv_transfer import KVTransferError, KVTransport, make_transport
-from engine.runner import Engine, RequestOutput, StepResult
+from engine.engine import Engine, RequestOutput, StepResult
 from shared.bus import DropCounter, make_socket
 from shared.messages import (
     BatchOrder,

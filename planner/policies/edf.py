@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.policies.base import Decisions
+from planner.decisions import Decisions
 from planner.policies.placement import (
     chunked_batch,
     fits,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.policies.base import Decisions, WorkerBatch
+from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import decode_batch, prefilling, without_admission_control
 from planner.state import PlannerState, WorkerState
 

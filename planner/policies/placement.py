@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.policies.base import Decisions, WorkerBatch
+from planner.decisions import Decisions, WorkerBatch
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 

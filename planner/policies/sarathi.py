@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.policies.base import Decisions, WorkerBatch
+from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import chunked_batch, without_admission_control
 from planner.state import PlannerState, WorkerState
 

@@ -2,7 +2,7 @@
 
 Routing: replicas (workers that prefill) are tried least loaded first, so a request goes to
 the replica that can admit it with the most slack. On each, the admission plan
-(`planner.dp_scheduler`) takes the replica's decoding requests as the load every batch
+(`planner.admission`) takes the replica's decoding requests as the load every batch
 carries, the requests it has promised as fixed, and the waiting requests as candidates; those
 it admits go there, the rest try the next replica. On a prefill worker the decode pool's room
 caps what may be admitted, so prefill never outruns decoding.
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costs import batch_seconds, batch_shape
-from planner.dp_scheduler import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
-from planner.policies.base import Decisions, WorkerBatch
+from planner.admission import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
+from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import (
     Load,
     chunked_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.spec_bench import measure
-from engine.runner import Engine
+from engine.engine import Engine
 
 
 def test_measure_counts_tokens_steps_and_acceptance(tiny_model: Path) -> None:

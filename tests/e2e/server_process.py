@@ -14,7 +14,7 @@ import openai
 from openai.types import Completion, CompletionChoice, CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 
-from engine.runner import Engine
+from engine.engine import Engine
 from shared.bus import free_tcp_port
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from engine.runner import Engine
+from engine.engine import Engine
 from server_process import IGNORE_EOS, Server, generate, start, wait_idle
 from shared.messages import SamplingParams
 

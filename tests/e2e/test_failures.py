@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runner import Engine
+from engine.engine import Engine
 from server_process import IGNORE_EOS, Server, generate, start, wait_idle
 from shared.messages import SamplingParams
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench.live import run_live
 from bench.workloads import Arrival, attainment
-from engine.model_make import TARGET_SHAPE, make_random
+from models.build import TARGET_SHAPE, make_random
 from server_process import API_KEY, start
 from shared.slo import DEFAULT_CLASSES
 

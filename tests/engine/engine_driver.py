@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from engine.runner import Engine
+from engine.engine import Engine
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

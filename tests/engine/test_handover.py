@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.kv_transfer import make_transport
-from engine.runner import Engine
+from engine.engine import Engine
 from engine_driver import drive
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from engine.kv_cache import BlockAllocator, OutOfKVBlocks
-from engine.runner import Engine
+from engine.engine import Engine
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from engine.runner import Engine
+from engine.engine import Engine
 from engine_driver import DEVICES, GREEDY, drive
 from shared.messages import SamplingParams
 

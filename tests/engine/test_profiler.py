@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.model_make import TARGET_SHAPE, make_random
+from models.build import TARGET_SHAPE, make_random
 from engine.profiler import Sample, grid, profile, write_samples
 
 

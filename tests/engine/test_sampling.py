@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from engine.runner import Engine
+from engine.engine import Engine
 from engine.sampling import filter_logits, make_generator, sample
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.model_make import Shape, make_random
-from engine.runner import Engine
+from models.build import Shape, make_random
+from engine.engine import Engine
 from engine.sampling import probabilities, verify
 from engine.speculative import DraftProposer, lookup
 from engine_driver import DEVICES, drive

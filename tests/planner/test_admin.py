@@ -1,16 +1,21 @@
-"""The admin API over a live planner object: token required, state read under the lock, and
-the operator's levers (drain, role, policy, mode) acting on the next scheduling call."""
+"""The admin API over a live planner object: token required, commands carried out by the
+planner's own loop, and the operator's levers (drain, role, policy, mode) acting on the next
+scheduling call."""
 
 from __future__ import annotations
 
+import select
 import threading
+from collections.abc import Iterator
 
+import pytest
 from fastapi.testclient import TestClient
 
 from planner.admin import create_admin_app
+from planner.control import CommandQueue
+from planner.core import Planner
 from planner.policies.fcfs import FCFSPolicy
 from planner.policies.sarathi import SarathiPolicy
-from planner.service import Planner
 from shared.clock import ManualClock
 from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello
 from shared.slo import DEFAULT_CLASSES
@@ -19,21 +24,36 @@ TOKEN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def setup() -> tuple[Planner, TestClient]:
+@pytest.fixture
+def setup() -> Iterator[tuple[Planner, TestClient]]:
+    """A planner, its admin API, and a thread standing in for the planner's loop: it wakes on
+    the command queue's pipe and carries out what is queued, as `planner.loop` does."""
     planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=10.0)
     for wid in ("w0", "w1"):
         planner.on_hello(WorkerHello(wid, "colocated", 64, 16, 2048, 1))
     policies = {"fcfs": FCFSPolicy, "sarathi": SarathiPolicy}
-    app = create_admin_app(planner, threading.Lock(), TOKEN, lambda name: policies[name]())
-    return planner, TestClient(app)
+    commands = CommandQueue()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            if select.select([commands.wake_fd], [], [], 0.05)[0]:
+                commands.run_pending(planner, lambda name: policies[name]())
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield planner, TestClient(create_admin_app(commands, TOKEN))
+    stop.set()
+    thread.join()
+    commands.close()
 
 
 def submit(planner: Planner, rid: str) -> None:
     planner.on_submit(Submit(rid, [1] * 20, SamplingParams(max_tokens=4, temperature=0.0), SLOSpec("coding"), 0.0))
 
 
-def test_every_route_needs_the_admin_token() -> None:
-    _, client = setup()
+def test_every_route_needs_the_admin_token(setup: tuple[Planner, TestClient]) -> None:
+    _, client = setup
     for path in ("/admin/workers", "/admin/queues", "/admin/slo", "/admin/policy", "/admin/requests/x"):
         assert client.get(path).status_code == 401
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -41,8 +61,8 @@ def test_every_route_needs_the_admin_token() -> None:
     assert body["error"]["message"] == "invalid or missing admin token"
 
 
-def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_went() -> None:
-    planner, client = setup()
+def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_went(setup: tuple[Planner, TestClient]) -> None:
+    planner, client = setup
     assert client.post("/admin/workers/w0/drain", headers=AUTH).json() == {"worker_id": "w0", "draining": True}
     assert client.post("/admin/workers/nope/drain", headers=AUTH).status_code == 404
     for rid in ("a", "b"):
@@ -59,8 +79,8 @@ def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_w
     assert not planner.state.workers["w0"].draining
 
 
-def test_policy_and_mode_switch_live() -> None:
-    planner, client = setup()
+def test_policy_and_mode_switch_live(setup: tuple[Planner, TestClient]) -> None:
+    planner, client = setup
     assert client.get("/admin/policy", headers=AUTH).json()["policy"] == "fcfs"
     assert client.put("/admin/policy", json={"policy": "sarathi"}, headers=AUTH).json() == {"policy": "sarathi"}
     assert planner.policy.name == "sarathi"
@@ -74,8 +94,8 @@ def test_policy_and_mode_switch_live() -> None:
     assert planner.state.workers["w1"].role == "decode"
 
 
-def test_slo_attainment_per_class() -> None:
-    planner, client = setup()
+def test_slo_attainment_per_class(setup: tuple[Planner, TestClient]) -> None:
+    planner, client = setup
     submit(planner, "a")
     orders = planner.schedule()[0]
     wid, order = next(iter(orders.items()))

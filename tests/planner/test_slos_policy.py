@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.dp_scheduler import IDLE_STEP_S, Job, Replica, plan
-from planner.policies.base import WorkerBatch
+from planner.admission import IDLE_STEP_S, Job, Replica, plan
+from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.sarathi import SarathiPolicy
 from planner.policies.slos import SLOPolicy

@@ -32,7 +32,7 @@ def test_stages_are_judged_each_by_its_own_tpot() -> None:
         t.add(1, at)
     assert t.stage_tpots_s() == [pytest.approx(0.005), pytest.approx(0.29 / 3)]
     assert t.met()
-    assert slo.tpot_at(0) == slo.tpot_at(2) == 10.0 and slo.tpot_at(3) == 100.0 and slo.tightest_tpot_ms == 10.0
+    assert slo.tpot_at(0) == slo.tpot_at(2) == 10.0 and slo.tpot_at(3) == 100.0
 
 
 def test_the_lag_is_how_far_the_current_stage_runs_over_its_tpot() -> None:
@@ -60,7 +60,7 @@ def test_a_resumed_request_has_no_ttft_to_judge_and_counts_from_where_it_was() -
 def test_resolve_overrides_the_class_field_by_field() -> None:
     assert resolve(SLOSpec("coding", tpot_ms=20.0), DEFAULT_CLASSES) == SLOTarget(5000.0, 20.0)
     reasoning = resolve(SLOSpec("reasoning"), DEFAULT_CLASSES)
-    assert reasoning.stages and reasoning.tightest_tpot_ms == 50.0
+    assert reasoning.stages and reasoning.tpot_at(0) == 50.0
     assert resolve(SLOSpec("reasoning", tpot_ms=80.0), DEFAULT_CLASSES).stages == ()  # one TPOT replaces them
     assert resolve(SLOSpec(stages=[Stage(10, 5.0), Stage(None, 50.0)]), DEFAULT_CLASSES).tpot_at(20) == 50.0
     with pytest.raises(UnknownSLOClass):

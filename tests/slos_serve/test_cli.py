@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from engine.runner import Engine
+from engine.engine import Engine
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 from shared.roofline import SHIPPED_PROFILES
 from slos_serve.cli import app

@@ -1,5 +1,5 @@
 """Building models offline: a BPE tokenizer with a chat template, random-weight models for
-tests, and the trained built-in target + draft pair (`slos-serve model make`).
+tests, and the trained built-in target + draft pair (`slos-serve model make`, `models.builtin`).
 
 Everything is seeded and runs a fixed number of steps, so the same machine builds the same
 model. The draft is distilled from the target's predictions, which is what makes it agree
@@ -17,13 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from platformdirs import user_cache_dir
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from engine.corpus import Conversation, stdlib_docstrings, training_conversations
+from models.corpus import Conversation, stdlib_docstrings, training_conversations
 
-BUILTIN_VERSION = "v1"
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -118,10 +116,6 @@ def make_random(out_dir: Path, shape: Shape = TEST_SHAPE, seed: int = 0, *, init
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def builtin_dir() -> Path:
-    return Path(user_cache_dir("slos-serve")) / "models" / f"builtin-{BUILTIN_VERSION}"
 
 
 def _token_stream(tokenizer: PreTrainedTokenizerFast, conversations: list[Conversation]) -> torch.Tensor:

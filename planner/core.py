@@ -1,31 +1,26 @@
-"""The planner process: a busy loop fed by ZeroMQ messages.
+"""The planner's state machine: messages in, messages out.
 
-It keeps request and worker state up to date from messages, asks the policy what to run
-whenever a worker is idle, applies the decisions (reserving KV blocks), and sends batch orders.
-It never touches tensors and never sees tokens beyond counts.
+It keeps request and worker state up to date from messages (`handle`), asks the policy what to
+run whenever a worker is idle and applies its decisions, reserving KV blocks (`schedule`), and
+returns the batch orders and the gateway's messages to send. It owns no socket, thread or
+clock of its own, so the process loop (`planner.loop`), the simulator and the tests drive the
+same code. It never touches tensors and never sees tokens beyond counts.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import secrets
-import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
-import uvicorn
-import zmq
 
 from planner.costs import batch_shape
-from planner.policies import Decisions, Policy, WorkerBatch
+from planner.decisions import Decisions, WorkerBatch
+from planner.policies.base import Policy
 from planner.roles import conflicts
-from planner.state import RESERVE_AHEAD, Attainment, PlannerState, RequestState, WorkerState, remember
-from shared.bus import DropCounter, make_socket
+from planner.state import RESERVE_AHEAD, Attainment, Handover, PlannerState, RequestState, WorkerState, remember
 from shared.clock import Clock
 from shared.messages import (
     Abort,
@@ -46,15 +41,12 @@ from shared.messages import (
     Submit,
     WorkerHello,
     WorkerStatus,
-    encode,
 )
 from shared.roofline import Profile, split
-from shared.settings import Settings
 from shared.slo import SLOClass, Tracker, UnknownSLOClass, resolve
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL_S = 0.2
 VERDICTS_KEPT = 10_000  # recent requests whose admission verdict the admin API can explain
 LOST_KEPT = 10_000  # token times of the latest requests lost, for when they come back
 TURNAROUND_S = 0.02  # a new order sooner than this after a report follows on from that step
@@ -62,7 +54,8 @@ TURNAROUND_S = 0.02  # a new order sooner than this after a report follows on fr
 
 @dataclass
 class Planner:
-    """State transitions of the planner, separate from its sockets so tests can drive it."""
+    """State transitions of the planner, separate from its sockets so that the loop, the
+    simulator and the tests drive the same code."""
 
     policy: Policy
     clock: Clock
@@ -81,6 +74,23 @@ class Planner:
 
     def __post_init__(self) -> None:
         self.state.lengths.typical.update({k: c.output_tokens for k, c in self.slo_classes.items()})
+
+    def handle(self, msg: Message) -> list[Message]:
+        """Take one message from the gateway or a worker; what to tell the gateway at once."""
+        match msg:
+            case Submit():
+                return self.on_submit(msg)
+            case Abort():
+                self.on_abort(msg)
+            case WorkerHello():
+                return self.on_hello(msg)
+            case Heartbeat():
+                self.on_heartbeat(msg)
+            case StepReport():
+                return self.on_report(msg)
+            case _:
+                log.warning("ignored unexpected %s", type(msg).__name__)
+        return []
 
     def on_submit(self, msg: Submit) -> list[Message]:
         """Messages for the gateway in answer to a submission."""
@@ -118,8 +128,8 @@ class Planner:
         log.info("request %s: aborted (%s)", msg.request_id, msg.reason)
         if req.worker_id is not None and req.delivered:
             self.pending_aborts.setdefault(req.worker_id, []).append(msg.request_id)
-        if req.decode_worker is not None and req.import_sent:
-            self.pending_aborts.setdefault(req.decode_worker, []).append(msg.request_id)
+        if req.handover is not None and req.handover.decode_worker is not None and req.handover.import_sent:
+            self.pending_aborts.setdefault(req.handover.decode_worker, []).append(msg.request_id)
         self._forget(req)
 
     def on_hello(self, msg: WorkerHello) -> list[Message]:
@@ -191,7 +201,7 @@ class Planner:
             if req is None:  # aborted meanwhile: the worker still holds it
                 self.pending_aborts.setdefault(msg.worker_id, []).append(export.request_id)
             elif worker.role == "prefill":
-                req.export = export
+                req.handover = Handover(export)
                 req.phase = "handover"
             else:  # the worker changed roles during the step: it decodes the request itself
                 self._keep(req, worker)
@@ -301,9 +311,13 @@ class Planner:
         for rid, worker_id in decisions.handover.items():
             req = self.state.requests[rid]
             worker = self.state.workers[worker_id]
-            req.decode_worker = worker_id
-            req.decode_reserved = worker.blocks_for(req.tokens_on(worker.role))
-            worker.reserved_blocks += req.decode_reserved
+            handover = req.handover
+            if handover is None:  # a policy bug must not take the planner down
+                log.error("policy %s handed over request %s, which has no KV to hand", self.policy.name, rid)
+                continue
+            handover.decode_worker = worker_id
+            handover.reserved_blocks = worker.blocks_for(req.tokens_on(worker.role))
+            worker.reserved_blocks += handover.reserved_blocks
             worker.requests.append(rid)
             req.phase = "transfer"
             log.info("request %s: handed from %s to %s", rid, req.worker_id, worker_id)
@@ -348,7 +362,7 @@ class Planner:
 
     def _keep(self, req: RequestState, worker: WorkerState) -> None:
         """A prefilled request decodes where it was prefilled."""
-        req.phase, req.export = "decode", None
+        req.phase, req.handover = "decode", None
         self._regrow(req, worker)
 
     def _regrow(self, req: RequestState, worker: WorkerState) -> None:
@@ -377,9 +391,10 @@ class Planner:
                 req.first_step = self.next_step_id
         imports = []
         for req in map(self.state.requests.__getitem__, batch.decode):
-            if req.decode_worker == worker_id and not req.import_sent and req.export is not None:
-                imports.append(req.export)
-                req.import_sent = True
+            handover = req.handover
+            if handover is not None and handover.decode_worker == worker_id and not handover.import_sent:
+                imports.append(handover.export)
+                handover.import_sent = True
         return BatchOrder(
             step_id=self.next_step_id,
             new_requests=new,
@@ -396,8 +411,9 @@ class Planner:
             source.reserved_blocks -= req.reserved_blocks
             source.requests.remove(req.request_id)
             self.pending_aborts.setdefault(source.worker_id, []).append(req.request_id)
-        req.worker_id, req.reserved_blocks = req.decode_worker, req.decode_reserved
-        req.decode_worker, req.decode_reserved, req.export = None, 0, None
+        handover = req.handover
+        assert handover is not None
+        req.worker_id, req.reserved_blocks, req.handover = handover.decode_worker, handover.reserved_blocks, None
         req.phase = "decode"
         self.handovers += 1
 
@@ -417,7 +433,8 @@ class Planner:
         if req.worker_id is None:
             self.state.waiting.discard(req.request_id)
             return
-        for worker_id, reserved in ((req.worker_id, req.reserved_blocks), (req.decode_worker, req.decode_reserved)):
+        decode_reserved = req.handover.reserved_blocks if req.handover is not None else 0
+        for worker_id, reserved in ((req.worker_id, req.reserved_blocks), (req.decode_worker, decode_reserved)):
             worker = self.state.workers.get(worker_id or "")
             if worker is not None:
                 worker.reserved_blocks -= reserved
@@ -432,7 +449,7 @@ class Planner:
             if req.decode_worker == worker_id:  # it died taking the request over: hand it again
                 log.error("request %s: decode worker %s lost during the handover", rid, worker_id)
                 worker.requests.remove(rid)
-                req.decode_worker, req.decode_reserved, req.import_sent = None, 0, False
+                req.handover = Handover(req.handover.export)  # type: ignore[union-attr]
                 req.phase = "handover"
                 continue
             log.error("request %s: lost with worker %s; the gateway resubmits it", rid, worker_id)
@@ -446,98 +463,3 @@ def quiet_gc() -> None:
     """With thousands of requests queued a full garbage collection takes tens of milliseconds,
     a stall every batch would feel; the planner makes few reference cycles, so collect rarely."""
     gc.set_threshold(100_000, 50, 50)
-
-
-def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event, profile: Profile,
-          make_policy: Callable[[str], Policy] | None = None) -> None:
-    """Run the planner loop, and its admin API, until `stop` is set."""
-    ctx = zmq.Context()
-    intake = make_socket(ctx, zmq.PULL, bind=settings.planner_intake_address)
-    workers = make_socket(ctx, zmq.ROUTER, bind=settings.planner_address)
-    gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
-    poller = zmq.Poller()
-    poller.register(intake, zmq.POLLIN)
-    poller.register(workers, zmq.POLLIN)
-    classes = {k: v.resolved() for k, v in settings.slo_classes.items()}
-    planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s), profile=profile)
-    planner.state.mode = settings.mode
-    lock = threading.Lock()
-    admin = _start_admin(settings, planner, lock, make_policy or (lambda name: policy))
-    drops = DropCounter()
-    last_status = 0.0
-    quiet_gc()
-    gc.freeze()  # what was loaded at start is never garbage
-    log.info("planner up: intake %s, workers %s, policy %s", settings.planner_intake_address,
-             settings.planner_address, policy.name)
-    try:
-        while not stop.is_set():
-            to_gateway: list[Message] = []
-            events = poller.poll(timeout=int(settings.heartbeat_s * 1000))
-            with lock:
-                for sock, _ in events:
-                    for _ in range(1000):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        source = "worker" if sock is workers else "gateway"
-                        msg = drops.accept(frames[-1], source)
-                        if msg is not None:
-                            to_gateway += _dispatch(planner, msg)
-                to_gateway += planner.check_workers()
-                orders, verdicts = planner.schedule()
-                to_gateway += verdicts
-                now = time.monotonic()
-                if now - last_status > STATUS_INTERVAL_S:
-                    to_gateway.append(planner.status(drops.dropped))
-                    last_status = now
-            for worker_id, order in orders.items():
-                try:
-                    workers.send_multipart([worker_id.encode(), encode(order)])
-                except zmq.ZMQError as exc:
-                    log.error("worker %s: order not delivered (%s)", worker_id, exc)
-            for msg in to_gateway:
-                gateway.send(encode(msg))
-    finally:
-        admin.should_exit = True
-        ctx.destroy(linger=0)
-
-
-def _start_admin(settings: Settings, planner: Planner, lock: threading.Lock,
-                 make_policy: Callable[[str], Policy]) -> uvicorn.Server:
-    """The admin API in a thread; its token is the configured one or a fresh random one,
-    logged and written (owner-only) to `admin_token_file`."""
-    from planner.admin import create_admin_app
-
-    token = settings.admin_token or secrets.token_urlsafe(24)
-    if settings.admin_token is None and settings.admin_token_file is not None:
-        path = Path(settings.admin_token_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.chmod(0o600)
-        path.write_text(token + "\n")
-    server = uvicorn.Server(uvicorn.Config(create_admin_app(planner, lock, token, make_policy), host=settings.host,
-                                           port=settings.admin_port, log_level="warning"))
-    threading.Thread(target=server.run, name="admin-api", daemon=True).start()
-    where = f" (token in {settings.admin_token_file})" if settings.admin_token_file else ""
-    log.info("admin API on http://%s:%d/admin%s", settings.host, settings.admin_port, where)
-    if settings.admin_token is None and settings.admin_token_file is None:
-        log.warning("admin token (set SLOS_ADMIN_TOKEN or admin_token_file to choose where it goes): %s", token)
-    return server
-
-
-def _dispatch(planner: Planner, msg: Message) -> list[Message]:
-    match msg:
-        case Submit():
-            return planner.on_submit(msg)
-        case Abort():
-            planner.on_abort(msg)
-        case WorkerHello():
-            return planner.on_hello(msg)
-        case Heartbeat():
-            planner.on_heartbeat(msg)
-        case StepReport():
-            return planner.on_report(msg)
-        case _:
-            log.warning("ignored unexpected %s", type(msg).__name__)
-    return []

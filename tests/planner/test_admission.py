@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.dp_scheduler import Job, Jobs, Plan, Replica, _plan, plan
+from planner.admission import Job, Jobs, Plan, Replica, _plan, plan
 from shared.roofline import ModelShape, Profile, RooflineParams
 
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)

