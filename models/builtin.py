@@ -47,10 +47,3 @@ def ensure_builtin(console: Console) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     console.print("built-in model ready: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return final
-
-
-def model_dir(model: Path | None, console: Console) -> tuple[Path, str]:
-    """The model directory to serve and its served name: the one given, or the built-in target."""
-    if model is not None:
-        return model, model.name
-    return ensure_builtin(console) / "target", BUILTIN_NAME

@@ -16,6 +16,7 @@ numpy arrays, so the planner can price many candidate batches in one call.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,7 @@ import numpy as np
 
 PROFILE_VERSION = 1
 SHIPPED_PROFILES = Path(__file__).parent / "profiles"  # GPU profiles, see bench/gpu_profiles.py
+BUILTIN_CPU_PROFILE = SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json"
 Combine = Literal["max", "sum"]
 ArrayLike = np.ndarray | float | int
 
@@ -272,3 +274,20 @@ def load_profile(path: Path, expect: ModelShape | None = None) -> Profile:
     if expect is not None and msgspec.structs.replace(profile.model, name=expect.name) != expect:
         raise ProfileError(f"{path} profiles model shape {profile.model}, not {expect}")
     return profile
+
+
+def shipped_cpu_profile(model_dir: Path | None) -> Path:
+    """The shipped 2-core CPU profile of the model in `model_dir`, found by its shape, where one
+    was measured; the built-in model's otherwise (`slos-serve profile` makes one for any model)."""
+    config = Path(model_dir or "") / "config.json"
+    if model_dir is None or not config.is_file():
+        return BUILTIN_CPU_PROFILE
+    raw = json.loads(config.read_text())
+    shape = (raw.get("num_hidden_layers"), raw.get("hidden_size"), raw.get("num_attention_heads"),
+             raw.get("num_key_value_heads", raw.get("num_attention_heads")), raw.get("intermediate_size"),
+             raw.get("vocab_size"))
+    for path in sorted(SHIPPED_PROFILES.glob("cpu-2_*.json")):
+        m = load_profile(path).model
+        if (m.layers, m.hidden, m.heads, m.kv_heads, m.intermediate, m.vocab) == shape:
+            return path
+    return BUILTIN_CPU_PROFILE

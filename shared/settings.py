@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         "slos", description="slos (SLO-aware admission and planning) or a baseline: fcfs (vLLM-like), "
         "sarathi (chunked prefill), distserve (disaggregated FCFS), edf (deadline first, early rejection)")
     profile: Path | None = Field(None, description="performance-model profile the planner prices batches "
-                                 "with; default: the shipped CPU profile of the built-in model")
+                                 "with; default: the shipped CPU profile of the served model (else the built-in's)")
     draft_profile: Path | None = Field(None, description="profile of the draft model, to price draft steps")
     best_effort_limit: int = Field(256, ge=0, description="parked requests before new ones are refused")
     block_size: int = Field(16, ge=1)

@@ -14,8 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.cli import bench_app, sim
-from models.builtin import BUILTIN_NAME, ensure_builtin, model_dir
-from shared.roofline import SHIPPED_PROFILES, load_profile, predict, save_profile
+from models.builtin import BUILTIN_NAME, ensure_builtin
+from models.gguf import NotAGGUFModel
+from models.resolve import BUILTIN, resolve_model
+from shared.roofline import load_profile, predict, save_profile, shipped_cpu_profile
 from shared.settings import CONFIG_ENV, Settings, load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-SLO LLM serving.")
@@ -39,6 +41,13 @@ def _settings(config: Path | None, **flags: object) -> Settings:
     return load(**flags)
 
 
+def _resolve(model: Path | None) -> tuple[Path, str]:
+    try:
+        return resolve_model(model, console)
+    except (FileNotFoundError, NotAGGUFModel) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,7 +66,9 @@ def up(
     kv_transport: Annotated[str | None, typer.Option(help="auto, nixl or zmq")] = None,
     policy: Annotated[str | None, typer.Option(help="slos (default), fcfs, sarathi, distserve or edf")] = None,
     profile: Annotated[Path | None, typer.Option(help="performance-model profile the planner uses")] = None,
-    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="safetensors directory, GGUF file or directory holding one, or `builtin` "
+             "(default: SmolLM2-135M-Instruct from the package index)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key")] = None,
     admin_port: Annotated[int | None, typer.Option(help="port of the planner's admin API (default 8001)")] = None,
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
@@ -65,7 +76,8 @@ def up(
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     speculator: Annotated[str | None, typer.Option(help="none, ngram or draft")] = None,
     spec_len: Annotated[int | None, typer.Option(help="speculative tokens per decode step")] = None,
-    draft_model: Annotated[Path | None, typer.Option(help="draft model (default: the built-in draft)")] = None,
+    draft_model: Annotated[Path | None, typer.Option(help="draft model (default: the built-in draft, or the one "
+                                                     "`model make --draft-for` distilled for the model)")] = None,
     worker_cpus: Annotated[str | None, typer.Option(
         help="cores for the workers, e.g. 1,2,3 (the gateway and planner get the rest)")] = None,
     config: ConfigOpt = None,
@@ -80,13 +92,14 @@ def up(
                          speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model,
                          worker_cpus=_cores(worker_cpus))
     _logging(settings, "up")
-    served_dir, name = model_dir(model or settings.model_dir, console)
+    served_dir, name = _resolve(model or settings.model_dir)
     draft_dir = settings.draft_model_dir
     if settings.speculator == "draft" and draft_dir is None:
-        if name != BUILTIN_NAME:
-            raise typer.BadParameter("--speculator draft needs --draft-model for a model of your own",
-                                     param_hint="--draft-model")
-        draft_dir = served_dir.parent / "draft"
+        distilled = served_dir.with_name(served_dir.name + "-draft")  # `model make --draft-for` puts it there
+        draft_dir = served_dir.parent / "draft" if name == BUILTIN_NAME else distilled
+        if not (draft_dir / "config.json").is_file():
+            raise typer.BadParameter(f"--speculator draft needs --draft-model, or a draft at {distilled} "
+                                     f"(`slos-serve model make --draft-for {served_dir}`)", param_hint="--draft-model")
     settings = settings.model_copy(update={"model_dir": served_dir, "draft_model_dir": draft_dir,
                                            "served_model_name": settings.served_model_name or name})
     available = os.sched_getaffinity(0)
@@ -128,7 +141,7 @@ def planner(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     _logging(settings, "planner")
-    profile = load_profile(settings.profile or SHIPPED_PROFILES / "cpu-2_slos-serve-builtin.json")
+    profile = load_profile(settings.profile or shipped_cpu_profile(settings.model_dir))
     draft = load_profile(settings.draft_profile) if settings.draft_profile else None
     config = PolicyConfig.from_settings(settings)
     serve(settings, make_policy(settings.policy, config, profile, draft), WallClock(), _stop_on_signals(), profile,
@@ -160,7 +173,7 @@ def worker(
 @app.command()
 def profile(
     out: Annotated[Path, typer.Option(help="profile JSON to write")],
-    model: Annotated[Path | None, typer.Option(help="HF model directory (default: built-in)")] = None,
+    model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: built-in)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
     quick: Annotated[bool, typer.Option(help="a small grid (seconds)")] = False,
@@ -176,7 +189,7 @@ def profile(
     from engine.profiler import features, write_samples
     from engine.profiler import profile as run_profile
 
-    directory, name = model_dir(model, console)
+    directory, name = _resolve(model or BUILTIN)
     with Progress(TextColumn("profiling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("", total=None)
@@ -203,9 +216,28 @@ def profile(
 
 
 @model_app.command("make")
-def model_make() -> None:
-    """Build (or find) the built-in target + draft models in the user cache."""
-    console.print(str(ensure_builtin(console)))
+def model_make(
+    draft_for: Annotated[Path | None, typer.Option(help="distil a draft for this target model instead "
+                                                  "(a safetensors directory or GGUF)")] = None,
+    out: Annotated[Path | None, typer.Option(help="where the draft goes (default: beside the target, "
+                                             "named TARGET-draft)")] = None,
+    steps: Annotated[int, typer.Option(help="distillation steps (the draft)")] = 300,
+) -> None:
+    """Build (or find) the built-in target + draft models in the user cache; or, with
+    --draft-for, distil a draft model for another target, for `--speculator draft`."""
+    if draft_for is None:
+        console.print(str(ensure_builtin(console)))
+        return
+    from models.build import DraftPlan, make_draft
+
+    target, _ = _resolve(draft_for)
+    out = out or target.with_name(target.name + "-draft")
+    with Progress(TextColumn("distilling a draft"), BarColumn(), TextColumn("{task.completed}/{task.total} "
+                  "{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("", total=steps, info="")
+        metrics = make_draft(target, out, lambda name, step, total, info: bar.update(
+            task, completed=step, info=f"loss {info['loss']:.3f}"), DraftPlan(steps=steps))
+    console.print(f"{out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
 @model_app.command("random")

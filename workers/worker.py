@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from engine.kv_transfer import KVTransferError, KVTransport, make_transport
 from engine.engine import Engine, RequestOutput, StepResult
+from engine.kv_transfer import KVTransferError, KVTransport, make_transport
 from shared.bus import DropCounter, make_socket
 from shared.messages import (
     BatchOrder,

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costs import batch_seconds, batch_shape
 from planner.admission import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
+from planner.costs import batch_seconds, batch_shape
 from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import (
     Load,

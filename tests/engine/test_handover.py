@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.kv_transfer import make_transport
 from engine.engine import Engine
+from engine.kv_transfer import make_transport
 from engine_driver import drive
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.kv_cache import BlockAllocator, OutOfKVBlocks
 from engine.engine import Engine
+from engine.kv_cache import BlockAllocator, OutOfKVBlocks
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.build import TARGET_SHAPE, make_random
 from engine.profiler import Sample, grid, profile, write_samples
+from models.build import TARGET_SHAPE, make_random
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.build import Shape, make_random
 from engine.engine import Engine
 from engine.sampling import probabilities, verify
 from engine.speculative import DraftProposer, lookup
 from engine_driver import DEVICES, drive
+from models.build import Shape, make_random
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 DRAFT_SHAPE = Shape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=512, max_positions=512)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import planner.state
+from planner.core import Planner
 from planner.decisions import Decisions
 from planner.policies.fcfs import FCFSPolicy
-from planner.core import Planner
 from shared.clock import ManualClock
 from shared.messages import (
     Abort,

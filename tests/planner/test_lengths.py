@@ -3,9 +3,9 @@ grow when a request outlives its estimate."""
 
 from __future__ import annotations
 
+from planner.core import Planner
 from planner.lengths import LengthModel, expected_output
 from planner.policies.sarathi import SarathiPolicy
-from planner.core import Planner
 from planner.state import RESERVE_AHEAD
 from shared.clock import ManualClock
 from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+from planner.core import Planner
 from planner.decisions import Decisions
 from planner.policies.fcfs import FCFSPolicy
 from planner.roles import COOLDOWN_S, choose_roles
-from planner.core import Planner
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import WaitingQueue
 from shared.clock import ManualClock

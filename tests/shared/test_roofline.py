@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgspec
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.roofline import (
+    BUILTIN_CPU_PROFILE,
     SHIPPED_PROFILES,
     Batches,
     ModelShape,
@@ -21,6 +23,7 @@ from shared.roofline import (
     prefill_budget,
     prefill_cost,
     save_profile,
+    shipped_cpu_profile,
 )
 
 SHAPE = ModelShape("test-1b", layers=16, hidden=2048, heads=16, kv_heads=4, head_dim=128,
@@ -112,3 +115,12 @@ def test_the_prefill_cost_is_what_a_compute_bound_step_takes() -> None:
                                                       attention_pairs=tokens * (done + tokens / 2)))
     assert prefill_cost(SHAPE, tokens, done) * SHAPE.flops_per_token / 100e12 == pytest.approx(seconds)
     assert prefill_cost(SHAPE, 1) == pytest.approx(1.0, rel=1e-3) and prefill_cost(SHAPE, 4096) > 4096
+
+
+def test_a_served_model_gets_the_shipped_cpu_profile_of_its_shape(tmp_path: Path) -> None:
+    smollm2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+               "intermediate_size": 1536, "vocab_size": 49152}
+    (tmp_path / "config.json").write_text(json.dumps(smollm2))
+    assert shipped_cpu_profile(tmp_path).name == "cpu-2_smollm2-135m-instruct.json"
+    (tmp_path / "config.json").write_text(json.dumps({**smollm2, "num_hidden_layers": 29}))
+    assert shipped_cpu_profile(tmp_path) == shipped_cpu_profile(None) == BUILTIN_CPU_PROFILE
