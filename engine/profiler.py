@@ -24,9 +24,11 @@ import torch
 from engine.config import ModelConfig
 from engine.engine import Engine
 from shared.messages import BatchOrder, PrefillChunk, SamplingParams
+from shared.model_info import context_window
 from shared.roofline import Batches, FitQuality, ModelShape, Profile, fit, mape, predict, r2
 
 Seq = tuple[int, int]  # (context tokens, new tokens)
+BLOCK_SIZE = 16
 GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
 
 
@@ -110,14 +112,23 @@ def hardware_name(device: str) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def blocks_needed(shapes: list[list[Seq]], block_size: int) -> int:
+    """KV blocks the largest shape of the grid holds at once (each sequence's last token too)."""
+    return max(sum(-(-(c + q + 1) // block_size) for c, q in seqs) for seqs in shapes)
+
+
 def profile(model_dir: Path, *, name: str | None = None, device: str = "cpu",
             dtype: torch.dtype | None = None,
-            quick: bool = False, repeats: int = 3, seed: int = 0, kv_cache_mb: int = 1024,
+            quick: bool = False, repeats: int = 3, seed: int = 0, kv_cache_mb: int | None = None,
             progress: Callable[[int, int], None] = lambda rounds_done, rounds: None,
             ) -> tuple[Profile, list[Sample], list[Sample]]:
-    """Measure, fit on three quarters of the shapes, judge on the rest."""
-    engine = Engine(model_dir, device=device, dtype=dtype, kv_cache_mb=kv_cache_mb)
-    shapes = grid(engine.max_model_len, quick)
+    """Measure, fit on three quarters of the shapes, judge on the rest. The KV cache is what
+    the grid needs unless `kv_cache_mb` says otherwise (a large model's largest batch may then
+    not fit)."""
+    shapes = grid(context_window(model_dir, None), quick)
+    blocks = None if kv_cache_mb else blocks_needed(shapes, BLOCK_SIZE)
+    engine = Engine(model_dir, device=device, dtype=dtype, block_size=BLOCK_SIZE, kv_cache_mb=kv_cache_mb or 0,
+                    num_kv_blocks=blocks)
     for i, seqs in enumerate(shapes):  # warm-up
         time_shape(engine, seqs, f"w{i}")
     best = [float("inf")] * len(shapes)

@@ -178,8 +178,8 @@ def profile(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
     quick: Annotated[bool, typer.Option(help="a small grid (seconds)")] = False,
     repeats: Annotated[int, typer.Option(help="timed runs per shape (the fastest counts)")] = 5,
-    kv_cache_mb: Annotated[int, typer.Option(help="KV cache to allocate; the grid's largest batch "
-                                             "holds 64 x 1,536 tokens")] = 1024,
+    kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache to allocate (default: what the grid's "
+                                                    "largest batch, 64 x 1,536 tokens, holds)")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG of predicted vs measured")] = None,
     samples: Annotated[Path | None, typer.Option(help="CSV of every shape's measured seconds")] = None,
 ) -> None:

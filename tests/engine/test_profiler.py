@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.profiler import Sample, grid, profile, write_samples
+from engine.profiler import Sample, blocks_needed, grid, profile, write_samples
 from models.build import TARGET_SHAPE, make_random
 
 
@@ -37,6 +37,11 @@ def test_grid_covers_every_kind_of_step() -> None:
     assert any({q for _, q in s} >= {1, 64} for s in shapes)  # mixed prefill + decode
     assert any(all(1 < q <= 9 and c > 0 for c, q in s) for s in shapes)  # verification
     assert all(c + q < 512 for s in grid(max_len=512, quick=False) for c, q in s)
+
+
+def test_the_kv_cache_holds_the_largest_shape_of_the_grid() -> None:
+    assert blocks_needed([[(0, 15)], [(16, 1)] * 2], block_size=16) == 4  # 16 tokens: 1 block; 18: 2 each
+    assert blocks_needed(grid(max_len=2048, quick=False), 16) == 64 * 97  # 64 decodes at 1,536 of context
 
 
 def test_samples_csv_keeps_every_shape_and_what_it_is_priced_by(tmp_path: Path) -> None:
