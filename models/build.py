@@ -66,21 +66,6 @@ DRAFT_FOR_SHAPE = Shape(hidden=256, layers=2, heads=4, kv_heads=1, intermediate=
 
 
 @dataclass(frozen=True)
-class DraftPlan:
-    """Distilling a draft for a real target: the target's forward pass on every batch and the
-    divergence over its whole vocabulary are most of the cost (about 3.5 s a step for
-    SmolLM2-135M on 2 cores: 300 steps take about 18 minutes)."""
-
-    corpus_chars: int = 2_000_000
-    seq_len: int = 128
-    batch: int = 8
-    steps: int = 300
-    lr: float = 3e-3
-    seed: int = 0
-    held_out_tokens: int = 4096
-
-
-@dataclass(frozen=True)
 class TrainPlan:
     """Fixed step counts keep the build deterministic (about 10 minutes on 2 cores)."""
 
@@ -91,6 +76,13 @@ class TrainPlan:
     draft_steps: int = 900
     lr: float = 3e-3
     seed: int = 0
+
+
+# Distilling a draft for a real target (`make_draft`): the target's forward pass on every batch
+# and the divergence over its whole vocabulary are most of the cost (about 3.5 s a step for
+# SmolLM2-135M on 2 cores: 300 steps take about 18 minutes).
+DRAFT_FOR_PLAN = TrainPlan(corpus_chars=2_000_000, batch=8, draft_steps=300)
+DRAFT_HELD_OUT_TOKENS = 4096
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -235,7 +227,7 @@ def make_builtin(out_dir: Path, progress: Progress, plan: TrainPlan = TrainPlan(
     return metrics
 
 
-def make_draft(target_dir: Path, out_dir: Path, progress: Progress, plan: DraftPlan = DraftPlan(),
+def make_draft(target_dir: Path, out_dir: Path, progress: Progress, plan: TrainPlan = DRAFT_FOR_PLAN,
                shape: Shape = DRAFT_FOR_SHAPE) -> dict[str, float]:
     """Distil a small draft from the target in `target_dir` (its tokenizer and vocabulary, its
     distribution as the teacher's) into `out_dir`; returns the held-out metrics, above all how
@@ -251,13 +243,12 @@ def make_draft(target_dir: Path, out_dir: Path, progress: Progress, plan: DraftP
     conversations = training_conversations(plan.corpus_chars)
     split = max(1, len(conversations) // 50)
     stream = _token_stream(tokenizer, conversations[split:])
-    held_out = _token_stream(tokenizer, conversations[:split])[:plan.held_out_tokens]
+    held_out = _token_stream(tokenizer, conversations[:split])[:DRAFT_HELD_OUT_TOKENS]
     shape = replace(shape, vocab=target.config.vocab_size, max_positions=target.config.max_position_embeddings)
     draft = LlamaForCausalLM(shape.config(tokenizer))
-    train_plan = TrainPlan(seq_len=plan.seq_len, batch=plan.batch, lr=plan.lr, seed=plan.seed)
-    _train("draft", draft, stream, train_plan, plan.steps, progress, teacher=target)
+    _train("draft", draft, stream, plan, plan.draft_steps, progress, teacher=target)
     metrics = evaluate(target, draft, held_out, plan.seq_len)
-    metrics["train_tokens"] = float(plan.steps * plan.batch * plan.seq_len)
+    metrics["train_tokens"] = float(plan.draft_steps * plan.batch * plan.seq_len)
     metrics["build_seconds"] = time.monotonic() - started
     draft.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -228,7 +228,9 @@ def model_make(
     if draft_for is None:
         console.print(str(ensure_builtin(console)))
         return
-    from models.build import DraftPlan, make_draft
+    from dataclasses import replace
+
+    from models.build import DRAFT_FOR_PLAN, make_draft
 
     target, _ = _resolve(draft_for)
     out = out or target.with_name(target.name + "-draft")
@@ -236,7 +238,7 @@ def model_make(
                   "{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("", total=steps, info="")
         metrics = make_draft(target, out, lambda name, step, total, info: bar.update(
-            task, completed=step, info=f"loss {info['loss']:.3f}"), DraftPlan(steps=steps))
+            task, completed=step, info=f"loss {info['loss']:.3f}"), replace(DRAFT_FOR_PLAN, draft_steps=steps))
     console.print(f"{out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 

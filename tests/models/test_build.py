@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.engine import Engine
-from models.build import DraftPlan, Shape, make_draft
+from models.build import Shape, TrainPlan, make_draft
 from shared.messages import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
@@ -20,11 +20,11 @@ TINY_DRAFT = Shape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vo
 
 
 def test_a_distilled_draft_speculates_for_its_target(tiny_model: Path, tmp_path: Path) -> None:
-    plan = DraftPlan(corpus_chars=40_000, seq_len=32, batch=2, steps=4, held_out_tokens=256)
+    plan = TrainPlan(corpus_chars=40_000, seq_len=32, batch=2, draft_steps=4)
     losses: list[float] = []
     metrics = make_draft(tiny_model, tmp_path / "draft", lambda name, step, total, info: losses.append(info["loss"]),
                          plan, TINY_DRAFT)
-    assert len(losses) == plan.steps and 0.0 <= metrics["draft_agreement"] <= 1.0
+    assert len(losses) == plan.draft_steps and 0.0 <= metrics["draft_agreement"] <= 1.0
     assert len(AutoTokenizer.from_pretrained(tmp_path / "draft")) == len(AutoTokenizer.from_pretrained(tiny_model))
     prompts = [[11, 12, 13, 14, 15] * 3, [40, 41, 42]]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

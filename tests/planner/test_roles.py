@@ -59,7 +59,7 @@ def test_a_backlogged_prefill_pool_takes_an_idle_decode_worker_once_per_cooldown
     assert choose_roles(s, 10.0, GPU, rebalance=True) == {}
 
 
-def test_the_service_holds_a_move_until_the_worker_has_no_work_its_new_role_cannot_finish() -> None:
+def test_the_planner_holds_a_move_until_the_worker_has_no_work_its_new_role_cannot_finish() -> None:
     clock = ManualClock()
     planner = Planner(FCFSPolicy(), clock, DEFAULT_CLASSES, worker_timeout_s=10.0)
     planner.on_hello(WorkerHello("w0", "colocated", 64, 16, 2048, 1))
