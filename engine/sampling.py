@@ -12,7 +12,7 @@ from shared.messages import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
-    if params.temperature == 0:
+    if params.greedy:
         return None
     gen = torch.Generator(device=device)
     gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
@@ -28,6 +28,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[..., 0] = False  # the likeliest token stays, whatever top_p rounds to in float32
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
 
@@ -45,7 +46,7 @@ def sample(
     """One token per row of `logits` [B, vocab]."""
     tokens = logits.argmax(dim=-1).tolist()
     for i, (p, gen) in enumerate(zip(params, generators)):
-        if p.temperature != 0:
+        if not p.greedy:
             tokens[i] = int(torch.multinomial(probabilities(logits[i], p), 1, generator=gen).item())
     return tokens
 
@@ -68,7 +69,7 @@ def verify(
     else draw from the normalised max(0, p - q), which leaves the target's distribution p
     unchanged.
     """
-    if params.temperature == 0:
+    if params.greedy:
         target = logits.argmax(dim=-1).tolist()
         n = 0
         while n < len(draft) and draft[n] == target[n]:

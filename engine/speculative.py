@@ -118,7 +118,7 @@ class DraftProposer:
                                           for s, st in batch])
             for row, (seq, st) in zip(logits, batch):
                 rid = seq.request_id
-                if seq.params.temperature == 0:
+                if seq.params.greedy:
                     token = int(row.argmax())
                 else:
                     q = probabilities(row, seq.params)

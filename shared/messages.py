@@ -18,9 +18,12 @@ Role = Literal["colocated", "prefill", "decode"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
+
 class SamplingParams(msgspec.Struct, frozen=True, gc=False):
-    """How to pick tokens; temperature 0 means greedy. Tuples and gc=False keep thousands of
-    queued requests out of the garbage collector's way."""
+    """How to pick tokens; a temperature below `GREEDY_BELOW` means greedy. Tuples and gc=False
+    keep thousands of queued requests out of the garbage collector's way."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -30,6 +33,12 @@ class SamplingParams(msgspec.Struct, frozen=True, gc=False):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        """Dividing logits by a tinier temperature overflows to inf: such a request is greedy,
+        which is what it asks for (vLLM draws the same line)."""
+        return self.temperature < GREEDY_BELOW
 
 
 class Stage(msgspec.Struct, frozen=True, gc=False):

@@ -62,3 +62,18 @@ def test_stop_strings_eos_and_max_tokens(tiny_model: Path) -> None:
                                                                     stop_token_ids=[stop_id]))
     assert reason == "stop" and stopped_tokens == tokens[: tokens.index(stop_id) + 1]
     assert engine.num_free_blocks == engine.kv.allocator.num_blocks
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_likeliest_token() -> None:
+    """5e-324 is a valid top_p in float64 and 0 in float32: it must not mask every token."""
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert torch.isfinite(filter_logits(logits, top_k=0, top_p=5e-324)).tolist() == [False, True, False]
+    params = SamplingParams(temperature=1.0, top_p=5e-324, seed=1)
+    assert sample(logits[None], [params], [make_generator(params, "cpu")]) == [1]
+
+
+def test_a_vanishing_temperature_is_greedy() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    params = SamplingParams(temperature=1e-300, seed=1)
+    assert params.greedy and make_generator(params, "cpu") is None
+    assert sample(logits, [params], [None]) == [1]
