@@ -8,18 +8,21 @@ aborted, which frees its KV blocks on the worker (`gateway.generation`).
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from transformers import AutoTokenizer
 
 from gateway.errors import ApiError, install_error_handlers
 from gateway.generation import Generations
+from gateway.limits import BodyLimit
 from gateway.metrics import GatewayMetrics
 from gateway.planner_link import PlannerLink
 from gateway.protocol import (
@@ -100,6 +103,13 @@ def create_app(settings: Settings) -> FastAPI:
     checks = Checks(settings, model_name, max_len)
     created = now_s()
 
+    tokenizing = threading.Lock()  # the fast tokenizer resets its state each call: one call at a time
+
+    def encode(text: str) -> list[int]:
+        """Run in a thread: a long prompt takes the tokenizer a while, and streams must not wait."""
+        with tokenizing:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         link.start()
@@ -108,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="slos-serve", lifespan=lifespan)
     app.state.link = link
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
 
     async def respond(body: _Common, request: Request, prompt_ids: list[int], chat: bool):
@@ -142,14 +153,14 @@ def create_app(settings: Settings) -> FastAPI:
         checks.model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = await run_in_threadpool(encode, prompt)
         return await respond(body, request, ids, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(checks.authorize)])
     async def completions(body: CompletionRequest, request: Request):
         checks.model(body.model)
         if isinstance(body.prompt, str):
-            ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+            ids = await run_in_threadpool(encode, body.prompt)
         else:
             ids = list(body.prompt)
             if any(not 0 <= t < len(tokenizer) for t in ids):

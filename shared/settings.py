@@ -85,6 +85,7 @@ class Settings(BaseSettings):
                                           "order; the gateway and the planner run on the others; default: unpinned")
     heartbeat_s: float = Field(0.25, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="larger request bodies get a 413")
     slo_classes: dict[str, SLOClassSetting] = {
         name: SLOClassSetting(ttft_ms=c.target.ttft_ms, tpot_ms=c.target.tpot_ms, output_tokens=c.output_tokens,
                               stages=[StageSetting(tokens=s.tokens, tpot_ms=s.tpot_ms) for s in c.target.stages])
