@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.drive import drive
 from engine.engine import Engine
-from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
+from shared.messages import SamplingParams
 
 GREEDY_SCRIPT = Path(__file__).with_name("vllm_greedy.py")
 QUESTIONS = ("What is the capital of France?", "How do I sort a list in Python?", "Name three primary colours.",
@@ -42,28 +43,8 @@ def chat_prompts(model_dir: Path) -> list[list[int]]:
 def ours(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     engine = Engine(model_dir, dtype=torch.float32, kv_cache_mb=256)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    ids = [f"q{i}" for i in range(len(prompts))]
-    out: dict[str, list[int]] = {r: [] for r in ids}
-    left = {r: len(p) for r, p in zip(ids, prompts)}
-    order = BatchOrder(0, [NewRequest(r, p, params) for r, p in zip(ids, prompts)])
-    step, done = 0, set()
-    while len(done) < len(ids):
-        for r in ids:
-            if r in done:
-                continue
-            if left[r]:
-                n = min(CHUNK, left[r])
-                order.prefill.append(PrefillChunk(r, n))
-                left[r] -= n
-            else:
-                order.decode.append(r)
-        for o in engine.step(order).outputs:
-            out[o.request_id] += o.new_token_ids
-            if o.finish_reason:
-                done.add(o.request_id)
-        step += 1
-        order = BatchOrder(step)
-    return [out[r] for r in ids]
+    out = drive(engine, prompts, chunk=CHUNK, stagger=0, params=params)
+    return [out[f"r{i}"] for i in range(len(prompts))]
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.drive import drive
 from engine.engine import Engine
 from engine.kv_transfer import make_transport
-from engine_driver import drive
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 PARAMS = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),

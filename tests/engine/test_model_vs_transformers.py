@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from bench.drive import GREEDY, drive
 from engine.engine import Engine
-from engine_driver import DEVICES, GREEDY, drive
+from engine_driver import DEVICES
 from shared.messages import SamplingParams
 
 PROMPT_LENGTHS = [1, 5, 17, 33, 64]

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.drive import drive
 from engine.engine import Engine
 from engine.sampling import probabilities, verify
 from engine.speculative import DraftProposer, lookup
-from engine_driver import DEVICES, drive
+from engine_driver import DEVICES
 from models.build import Shape, make_random
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 

@@ -3,18 +3,15 @@ vocabulary and tokenizer, the engine speculates with it, and greedy output stays
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from bench.drive import drive
 from engine.engine import Engine
 from models.build import Shape, TrainPlan, make_draft
 from shared.messages import SamplingParams
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
-from engine_driver import drive  # noqa: E402
 
 TINY_DRAFT = Shape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=0)
 

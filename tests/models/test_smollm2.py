@@ -13,13 +13,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from bench.drive import drive
 from engine.engine import Engine
 from models import smollm2
 from shared.messages import SamplingParams
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
-from engine_driver import drive  # noqa: E402
 from server_process import Server, start  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
