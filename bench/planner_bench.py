@@ -1,7 +1,8 @@
 """`slos-serve bench planner`: how long one scheduling call takes with many requests queued.
 
-One replica on the A100 Llama-2-7B profile has 64 requests decoding (TPOTs of 50, 100 and
-200 ms) and N waiting: prompts of 16-2,047 tokens, TTFT deadlines over the next 30 s, the same
+One replica on the A100 Llama-2-7B profile, with the KV cache an 80 GB GPU holds beside the
+weights (`bench.experiments.kv_blocks`, about 7,000 blocks of 16 tokens), has 64 requests
+decoding (TPOTs of 50, 100 and 200 ms) and N waiting: prompts of 16-2,047 tokens, TTFT deadlines over the next 30 s, the same
 three TPOT tiers; nine in ten are parked from earlier calls, as they would be in an overload.
 Each call is timed twice over: the admission plan alone (`planner.admission.plan`, the
 dynamic program) and the whole SLO policy call (routing, plan, parking, batch formation,
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.experiments import kv_blocks
 from planner.core import quiet_gc
 from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
@@ -37,9 +39,9 @@ def _request(rng: np.random.Generator, rid: str, prompt: int) -> RequestState:
     return RequestState(rid, (1,) * prompt, SamplingParams(max_tokens=256), slo, 0.0, expected_output=256)
 
 
-def _state(rng: np.random.Generator, queued: int) -> PlannerState:
+def _state(rng: np.random.Generator, queued: int, blocks: int) -> PlannerState:
     state = PlannerState()
-    worker = state.workers["w0"] = WorkerState("w0", "colocated", 400_000, 16, 8192, 0.0)
+    worker = state.workers["w0"] = WorkerState("w0", "colocated", blocks, 16, 8192, 0.0)
     for i in range(64):
         req = _request(rng, f"d{i}", 800)
         req.worker_id, req.phase, req.num_computed, req.num_output = "w0", "decode", 800, 10
@@ -60,7 +62,7 @@ def _enqueue(state: PlannerState, req: RequestState, parked: bool) -> None:
 
 def call_times(profile: Profile, queued: int, calls: int, seed: int = 0) -> Timings:
     rng = np.random.default_rng(seed)
-    state = _state(rng, queued)
+    state = _state(rng, queued, kv_blocks(profile))
     quiet_gc()  # as the planner process does
     policy = SLOPolicy(profile, max_num_seqs=256, best_effort_limit=queued)
     worker = state.workers["w0"]

@@ -1,43 +1,51 @@
-"""Admission and prefill planning for one replica: which waiting requests can be promised
-their TTFT without breaking any running request's TPOT, and how many prefill tokens each
-upcoming batch gives each of them.
+"""Admission and prefill planning for one replica, as a dynamic program: which waiting requests
+can be promised their TTFT without breaking a promise already made or any running request's
+TPOT, and how many prefill tokens the next batch gives each of them.
 
-Batches repeat every `step_s`. On a replica that decodes, a batch must end before any
-decoding request is late for its next token, so the period is the tightest TPOT among them,
-stretched by the tokens speculation yields per step: with acceptance α and k proposed tokens
-a sequence gains E(k) tokens a step, so the step may last τ·E(k). For each TPOT tier τ the
-speculative length k is chosen by enumeration (`planner.spec_choice`) to leave the most
-prefill tokens per second beside the decode work; those tokens are the per-batch budget.
+The model. Requests are taken in deadline order; a request decodes from its deadline on (its
+first token is due then) and its KV blocks are held from admission. Between two consecutive
+deadlines batches repeat with one period, set by the tightest TPOT among the requests decoding
+in that interval, the running ones and the admitted ones due earlier: for each TPOT tier τ the
+speculative length k is the one that leaves the most prefill tokens per second beside the
+decode work (`planner.spec_choice.periods`), and the period is τ·E(k). What a batch's decode
+work leaves is its prefill budget; joining requests are priced at the mean context of the
+candidates and at the period's k. A set is feasible when, at each admitted request's deadline,
+the prefill cost (`shared.roofline.prefill_cost`) of it and of every admitted request due before
+it fits the budgets of the batches that end by then, its blocks fit, and every interval's
+decoders keep their TPOT. Batches of the first period run from now (after the step in flight)
+and are counted whole. A later period starts at the last batch boundary before the deadline
+that brings it, so from there it is counted as its share of the interval's seconds less one
+batch: a lower bound of what runs.
 
-A set of requests is feasible when, taken in deadline order, the prefill tokens of each
-request and of all those before it fit in the budgets of the batches that end before its
-deadline, and their KV blocks fit in memory. A prompt's tokens count as the budget prices
-them, with their attention to the prompt before them (`shared.roofline.prefill_cost`). Among
-feasible sets the planner keeps the largest: in deadline order it adds each request and, when
-the set stops being feasible, drops the one whose removal frees the most of what ran out
-(prefill tokens, or blocks). With tokens alone this is Moore and Hodgson's rule, which admits
-the most requests possible. Requests already promised are never dropped. Each TPOT tier is
-tried as the batch period (a tighter one admits tight requests but shrinks every budget) and
-the tier admitting the most wins; then the budget is priced again with the decode work of
-what it admits, which may only shrink it, and the plan redone at that budget, so the promise
-holds once they decode too.
+The program. The state after each request is (requests admitted, tightest tier decoding, KV
+memory held, in units of at most `MEMORY_UNITS`ths of the free blocks, rounded up); its value,
+the slack (capacity so far less prefill cost so far), is all that matters for what may still
+be admitted, so keeping the largest per state finds the plan that admits the most, exactly
+(`planner/_dp.c`). Requests already promised must be admitted; when no plan keeps all of them
+the plan keeps the most it can, reports the rest as `late`, and admits nothing new. A call
+plans at most the `CONSIDERED` earliest deadlines beside the promised requests, fewer when the
+memory dimension would make the program larger than `WORK_LIMIT` states; the rest wait for
+the next call, a batch later.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from planner import _dp
 from planner.spec_choice import periods
 from shared.roofline import Batches, Profile, prefill_budgets
 
-IDLE_STEP_S = 0.05  # batch period with no TPOT to pace it
+IDLE_STEP_S = 0.05  # shortest batch period with no TPOT to pace it
+IDLE_CHUNK = 512  # prefill tokens a batch with no TPOT to pace it has room for at least, as Sarathi-Serve's chunks
 CONSIDERED = 256  # waiting requests, earliest deadlines first, that one call plans at most
+WORK_LIMIT = 250_000  # requests × states the program may visit in one call
+MEMORY_UNITS = 64  # the free KV blocks, when they bind, in at most this many units
+TIER_WIDTH = 0.05  # TPOTs this close (relatively) share a tier
 DEFAULT_CONTEXT = 512  # context assumed for a decoding request when nothing else says
-NO_DEADLINE_BATCHES = np.iinfo(np.int64).max // 4  # batches before a request without a deadline is due
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class Job:
     blocks: int  # KV blocks it will hold at most
     deadline: float  # absolute TTFT deadline; inf when it has none
     tpot_s: float | None  # its decode objective; None when it has none
-    promised: bool = False  # admitted earlier: never dropped
+    promised: bool = False  # admitted earlier: must be kept
     context: int = 0  # KV tokens each of its decode steps reads, on average over its life
     cost: float | None = None  # budget tokens its prefill takes (`prefill_cost`); None: its tokens
 
@@ -72,26 +80,18 @@ class Replica:
     busy: bool = False  # a step is running: the first planned batch starts after it
 
 
-@dataclass(frozen=True)
-class Period:
-    step_s: float
-    budget: int  # prefill tokens per batch
-    spec_len: int  # tokens each tight request proposes per step
-
-
 @dataclass
 class Plan:
-    admitted: list[str]  # in deadline order
+    admitted: list[str]  # on-time ones in deadline order, then the late ones
     admitted_tokens: list[int]  # their prefill tokens left
     rejected: list[str]  # do not fit now: park them or refuse
-    step_s: float  # batch period
+    step_s: float  # the next batch's period
     budget: int  # prefill tokens per batch, once the admitted requests decode too
-    spec_len: int = 0  # speculative length of the tightest tier
+    spec_len: int = 0  # speculative length of the tightest tier in the next batch
     next_budget: int = 0  # prefill tokens the next batch has room for: only what runs now decodes in it
     chunks: dict[str, int] = field(default_factory=dict)  # prefill tokens in the next batch, at most
     needed: int = 0  # prefill tokens the next batch must run for every admitted request to stay on time
-    late: list[str] = field(default_factory=list)  # promised, but now past what fits
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the admitted, in the planned jobs
+    late: list[str] = field(default_factory=list)  # promised, but no plan keeps them on time
     crowded: bool = False  # KV blocks or batch slots, not time, turned a request away
 
 
@@ -133,111 +133,243 @@ class Jobs:
         return self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context, self.cost
 
 
+@dataclass(frozen=True)
+class Tables:
+    """The model's prices for c = 0 .. C requests joining the decoders, by tier (columns): the
+    batch period, its prefill budget (-1: the decoders would miss their TPOT) and its k."""
+
+    tiers: list[float | None]  # TPOTs, tightest first; the last is what runs now (None: nothing paces it)
+    step: np.ndarray
+    budget: np.ndarray
+    spec_len: np.ndarray
+
+    @property
+    def first_below(self) -> int:
+        """The count from which the first period changes: the states before it are still in it."""
+        col = len(self.tiers) - 1
+        changed = (self.step[1:, col] != self.step[0, col]) | (self.budget[1:, col] < 0)
+        return int(np.argmax(changed)) + 1 if changed.any() else len(self.step)
+
+
 def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float) -> Plan:
     if not len(jobs):
         return _period_plan(profile, replica)
     if isinstance(jobs, list):
         jobs = Jobs.of(jobs)
-    queue = jobs.take(np.lexsort((~jobs.promised, jobs.deadline)))  # deadline order, promised first among equals
-    beyond = np.flatnonzero(~queue.promised)[CONSIDERED:]
-    if len(beyond):  # a burst: only the earliest deadlines compete this time
-        keep = np.ones(len(queue), dtype=bool)
-        keep[beyond] = False
-        queue, passed_over = queue.take(np.flatnonzero(keep)), queue.ids[beyond].tolist()
-    else:
-        passed_over = []
-    best = _plan(profile, replica, queue, now)
-    best.rejected += passed_over
-    return best
+    late = jobs.promised & (jobs.deadline <= now)  # past their deadline already: whenever there is room
+    deadline = np.where(late, np.inf, jobs.deadline)
+    order = np.lexsort((~jobs.promised, deadline))  # deadline order, promised first among equals
+    queue = jobs.take(order)
+    queue = Jobs(queue.ids, queue.tokens, queue.blocks, deadline[order], *queue._columns()[4:])
+    fresh = np.flatnonzero(~queue.promised)
+    keep = np.ones(len(queue), dtype=bool)
+    keep[fresh[CONSIDERED:]] = False  # a burst: only the earliest deadlines compete this time
+    p = _plan(profile, replica, queue.take(np.flatnonzero(keep)), now)
+    p.rejected += queue.ids[~keep].tolist()
+    if late.any():
+        p.late = sorted(set(p.late) | set(jobs.ids[late].tolist()), key=p.admitted.index)
+        p.needed = p.next_budget  # late already: as much as fits
+    return p
+
+
+@dataclass(frozen=True)
+class Program:
+    """The dynamic program for one call, as the kernel takes it: requests in deadline order
+    (their interval since the one before, cost, tier, memory units, whether promised) and the
+    tables by (joining count, tier)."""
+
+    queue: Jobs
+    rows: np.ndarray  # where in the queue given to `program` each of its requests is
+    count: int  # the most requests it may admit, promised ones included
+    new_cap: int  # the most new ones
+    tables: Tables
+    memory: int  # memory units free; 0: memory does not bind
+    whole: np.ndarray  # batches of the first period in each request's interval
+    span: np.ndarray  # seconds of each request's interval
+    tier: np.ndarray  # int32
+    units: np.ndarray  # int32
+    tied: np.ndarray  # uint8: due with the request before it
+    rate: np.ndarray  # prefill budget per second, (count + 1) × tiers; -1: the decoders would miss their TPOT
+    budget: np.ndarray  # prefill budget per batch, never below 0
+
+    @property
+    def t0(self) -> int:
+        return len(self.tables.tiers) - 1
+
+    def solve(self, cost: np.ndarray, forced: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """The most requests admitted (-1: none keeps every forced one), which, and the slack
+        left at each admitted one's deadline."""
+        n = len(self.queue)
+        out, slack = np.zeros(n, dtype=np.uint8), np.empty(n)
+        got = _dp.solve(n, self.count, len(self.tables.tiers), self.memory, self.t0, self.tables.first_below,
+                        self.whole, self.span, np.ascontiguousarray(cost, dtype=np.float64), self.tier, self.units,
+                        forced.astype(np.uint8), self.tied, self.rate, self.budget, self.tables.step, out, slack)
+        return got, out.astype(bool), slack
+
+
+def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Program:
+    """The program for `queue` (in deadline order, promised first among equals), cut short
+    where it would be larger than `WORK_LIMIT`: the latest new requests are left out."""
+    promised = int(queue.promised.sum())
+    tiers, tier = _tiers(replica, queue)
+    cap = replica.max_num_seqs - replica.decoding - promised
+    if replica.max_new is not None:
+        cap = min(cap, replica.max_new)
+    units, memory = _units(queue.blocks, replica.free_blocks)
+    n = len(queue)
+    count = min(n, promised + max(0, cap))
+    while n * (count + 1) * len(tiers) * (memory + 1) > WORK_LIMIT and n > promised + 16:
+        n = max(promised + 16, n // 2)
+        count = min(n, promised + max(0, cap))
+    rows = np.arange(len(queue))
+    if n < len(queue):  # every promised request and the earliest new ones
+        rows = np.flatnonzero(queue.promised | (np.cumsum(~queue.promised) <= n - promised))
+        queue, tier, units = queue.take(rows), tier[rows], units[rows]
+    tables = _tables(profile, replica, tiers, count, float(queue.context.mean()) if n else DEFAULT_CONTEXT)
+    step0 = float(tables.step[0, -1])
+    whole, span = _intervals(queue.deadline, now, now + (step0 if replica.busy else 0.0), step0)
+    budget = np.maximum(tables.budget, 0).astype(np.float64)
+    rate = np.where(tables.budget >= 0, budget / tables.step, -1.0)
+    rate[0] = np.maximum(rate[0], 0.0)  # what runs now runs, whatever it leaves
+    tied = np.zeros(n, dtype=np.uint8)
+    tied[1:] = queue.deadline[1:] == queue.deadline[:-1]
+    return Program(queue, rows, count, cap, tables, memory, whole, span, tier.astype(np.int32), units.astype(np.int32),
+                   tied, rate, budget)
 
 
 def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
-    promised = int(queue.promised.sum())
-    promised_context = int(queue.context[queue.promised].sum())
-    tiers: list[float | None] = [None]
-    if not replica.prefill_only:
-        has_tpot = ~np.isnan(queue.tpot)
-        floor = min(replica.tightest_tpot_s or math.inf,
-                    float(queue.tpot[has_tpot & queue.promised].min(initial=math.inf)))
-        found = set(queue.tpot[has_tpot].tolist())
-        tiers = sorted(t for t in found | {floor} if t <= floor and math.isfinite(t)) or [None]
-    best: Plan | None = None
-    best_tier: float | None = None
-    now_budget = 0  # the next batch decodes only what runs now: its budget
-    for tier in reversed(tiers):  # on a tie the longer period wins: bigger budgets, more slack
-        eligible = _eligible(queue, tier)
-        if best is not None and int(eligible.sum()) <= len(best.admitted):
-            continue  # cannot admit more than the best so far
-        steps, budgets, ks = _periods(profile, replica, tier, np.array([promised, 0]), np.array([promised_context, 0]))
-        candidate = _plan_at(queue, eligible, Period(float(steps[0]), int(budgets[0]), int(ks[0])), replica, now)
-        if best is None or len(candidate.admitted) > len(best.admitted):
-            best, best_tier, now_budget = candidate, tier, int(budgets[1])
-    assert best is not None
-    if len(best.admitted) > promised and not replica.prefill_only:
-        best = _with_their_decode_work(profile, replica, queue, best, best_tier, now)
-    best.next_budget = max(now_budget, best.budget)
-    best.chunks = _next_batch(best.admitted, best.admitted_tokens, best.next_budget)
-    return best
+    prog = program(profile, replica, queue, now)
+    passed = np.ones(len(queue), dtype=bool)
+    passed[prog.rows] = False
+    passed_over = queue.ids[passed].tolist()
+    queue, n, t0 = prog.queue, len(prog.queue), prog.t0
+    got, taken, slack = prog.solve(queue.cost, queue.promised)
+    late = np.zeros(n, dtype=bool)
+    if got < 0:  # no plan keeps every promise: keep the most of them, admit nothing new
+        got, taken, slack = prog.solve(np.where(queue.promised, queue.cost, np.inf), np.zeros(n, dtype=bool))
+        late = queue.promised & ~taken
+    if prog.memory:
+        taken = _fit_memory(queue, taken, replica.free_blocks)
+    rows = np.concatenate([np.flatnonzero(taken), np.flatnonzero(late)])
+    final = min(int(prog.tier[taken].min(initial=t0)), t0)
+    budget0 = int(prog.budget[0, t0])
+    needed = max(0, budget0 - int(slack[taken & np.isfinite(queue.deadline)].min(initial=budget0)))
+    rejected = np.ones(n, dtype=bool)
+    rejected[rows] = False
+    p = Plan(
+        admitted=queue.ids[rows].tolist(),
+        admitted_tokens=queue.tokens[rows].tolist(),
+        rejected=queue.ids[rejected].tolist() + passed_over,
+        step_s=float(prog.tables.step[0, t0]),
+        budget=int(prog.budget[min(len(rows), prog.count), final]),
+        spec_len=int(prog.tables.spec_len[0, t0]),
+        next_budget=budget0,
+        needed=budget0 if late.any() else needed,  # late already: as much as fits
+        late=queue.ids[late].tolist(),
+        crowded=_crowded(replica, queue, taken, rejected, prog.new_cap),
+    )
+    p.chunks = _next_batch(p.admitted, p.admitted_tokens, p.next_budget)
+    return p
+
+
+def _crowded(replica: Replica, queue: Jobs, taken: np.ndarray, rejected: np.ndarray, new_cap: int) -> bool:
+    """Whether KV blocks or batch slots, not time, turned a request away: the count reached its
+    cap, or a request turned away does not fit in the blocks the admitted ones leave."""
+    if not rejected.any():
+        return False
+    if int((taken & ~queue.promised).sum()) >= new_cap:
+        return True
+    left = replica.free_blocks - int(queue.blocks[taken].sum())
+    return bool((queue.blocks[rejected] > left).any())
+
+
+def _tiers(replica: Replica, queue: Jobs) -> tuple[list[float | None], np.ndarray]:
+    """The TPOT tiers a period may be set by, tightest first, and each request's: the tier it
+    brings once it decodes (the last, what runs now, when it brings none tighter). TPOTs within
+    `TIER_WIDTH` of each other share a tier at the tightest of them: a new period may cost a
+    batch, which objectives a hair apart (the same class, scaled by a worker's headroom) should
+    not."""
+    if replica.prefill_only:
+        return [None], np.zeros(len(queue), dtype=np.int64)
+    floor = replica.tightest_tpot_s or math.inf
+    tighter = ~np.isnan(queue.tpot) & (queue.tpot < floor)
+    tops, lows = [floor], [floor]  # each tier's loosest and tightest TPOT, loosest tier first
+    for v in np.unique(queue.tpot[tighter])[::-1].tolist():
+        if v * (1 + TIER_WIDTH) >= tops[-1]:
+            lows[-1] = v
+        else:
+            tops.append(v)
+            lows.append(v)
+    tops.reverse()
+    lows.reverse()
+    tier = np.where(tighter, np.searchsorted(tops, np.where(tighter, queue.tpot, 0.0)), len(tops) - 1)
+    return [low if math.isfinite(low) else None for low in lows], tier
+
+
+def _units(blocks: np.ndarray, free: int) -> tuple[np.ndarray, int]:
+    """Each request's KV blocks in memory units (to the nearest: `_fit_memory` repairs what the
+    rounding lets through) and the units free; all zero when everything fits, so that memory
+    adds nothing to the program. With no more free blocks than `MEMORY_UNITS` a unit is a block."""
+    if int(blocks.sum()) <= free:
+        return np.zeros(len(blocks), dtype=np.int64), 0
+    unit = max(1, -(-free // MEMORY_UNITS))
+    return np.rint(blocks / unit).astype(np.int64), free // unit
+
+
+def _fit_memory(queue: Jobs, taken: np.ndarray, free: int) -> np.ndarray:
+    """The admitted set less the new requests holding the most blocks, as many as it takes for
+    the blocks (not their rounded units) to fit."""
+    over = int(queue.blocks[taken].sum()) - free
+    if over <= 0:
+        return taken
+    fresh = np.flatnonzero(taken & ~queue.promised)
+    fresh = fresh[np.argsort(-queue.blocks[fresh], kind="stable")]
+    drop = fresh[: int(np.searchsorted(np.cumsum(queue.blocks[fresh]), over)) + 1]
+    taken = taken.copy()
+    taken[drop] = False
+    return taken
+
+
+def _tables(profile: Profile, replica: Replica, tiers: list[float | None], count: int, context: float) -> Tables:
+    joining = np.arange(count + 1)
+    columns = [_periods(profile, replica, tier, joining, joining * context) for tier in tiers]
+    step, budget, k = (np.ascontiguousarray(np.stack([c[i] for c in columns], axis=1)) for i in range(3))
+    return Tables(tiers, step.astype(np.float64), budget, k)
+
+
+def _intervals(deadline: np.ndarray, now: float, start: float, step_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each request in deadline order, the interval since the one before: whole batches of
+    the first period (which starts at `start`) and seconds. The first deadline without a
+    bound gets an infinite interval, those after it none."""
+    finite = np.isfinite(deadline)
+    ends = np.where(finite, deadline, now)
+    batches = np.maximum(0.0, np.floor((ends - start) / step_s))
+    whole = np.diff(batches, prepend=0.0)
+    seconds = np.maximum(ends, start)
+    span = np.diff(seconds, prepend=start)
+    first_open = np.flatnonzero(~finite)[:1]
+    whole[~finite], span[~finite] = 0.0, 0.0
+    whole[first_open], span[first_open] = np.inf, np.inf
+    return np.ascontiguousarray(whole), np.ascontiguousarray(span)
 
 
 def _period_plan(profile: Profile, replica: Replica) -> Plan:
     """What `_plan` comes to with nothing to prefill: the batch period alone. Below capacity
-    most calls are this one, so it skips the queue's arithmetic."""
+    most calls are this one, so it skips the program."""
     floor = math.inf if replica.prefill_only else replica.tightest_tpot_s or math.inf
     tier = floor if math.isfinite(floor) else None
     steps, budgets, ks = _periods(profile, replica, tier, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
-    return Plan([], [], [], float(steps[0]), int(budgets[0]), int(ks[0]), next_budget=int(budgets[0]))
+    budget = max(0, int(budgets[0]))
+    return Plan([], [], [], float(steps[0]), budget, int(ks[0]), next_budget=budget)
 
 
-def _eligible(queue: Jobs, tier: float | None) -> np.ndarray:
-    """Requests a batch period of `tier` can serve: those with no TPOT, a looser one, or promised."""
-    if tier is None:
-        return np.ones(len(queue.ids), dtype=bool)
-    return queue.promised | np.isnan(queue.tpot) | (queue.tpot >= tier)
-
-
-def _with_their_decode_work(profile: Profile, replica: Replica, queue: Jobs, first: Plan,
-                            tier: float | None, now: float) -> Plan:
-    """The most new requests n such that the promised ones and the n new ones with the
-    earliest deadlines, among those the plan priced without their decode work admitted (it
-    admits the most it ever can), still meet their deadlines once the budget is priced with
-    the decode work of all of them. Every n is priced at once; more joining requests only
-    shrink the budget, so the largest n that fits is found by bisection."""
-    sub = queue.take(first.rows)
-    fresh = ~sub.promised
-    rank = np.cumsum(fresh)  # new ones up to and including each row
-    counts = np.arange(int(rank[-1]) + 1)
-    joining_context = int(sub.context[sub.promised].sum()) + np.concatenate([[0], np.cumsum(sub.context[fresh])])
-    steps, budgets, ks = _periods(profile, replica, tier, int(sub.promised.sum()) + counts, joining_context)
-
-    def taken(n: int) -> np.ndarray:
-        return sub.promised | (fresh & (rank <= n))
-
-    def over(n: int) -> np.ndarray:
-        rows = taken(n)
-        batches = _batches(sub.deadline, now, float(steps[n]), replica.busy).astype(np.float64)
-        return rows & (np.cumsum(np.where(rows, sub.cost, 0)) > batches * budgets[n])
-
-    on_time = fresh | ~over(0)  # promised ones already late stay late whatever joins
-    lo, hi = 0, len(counts) - 1
-    if not (over(hi) & on_time).any():
-        lo = hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if (over(mid) & on_time).any():
-            hi = mid
-        else:
-            lo = mid
-    rows = np.flatnonzero(taken(lo))
-    plan = _plan_of(sub, rows, Period(float(steps[lo]), int(budgets[lo]), int(ks[lo])), replica, now,
-                    np.zeros(len(sub), dtype=bool))
-    rejected = np.ones(len(queue), dtype=bool)
-    rejected[first.rows[rows]] = False
-    plan.rejected = queue.ids[rejected].tolist()
-    plan.late = [rid for rid in first.late if rid in set(plan.admitted)]
-    plan.rows = first.rows[rows]
-    plan.crowded = first.crowded
-    return plan
+def idle_step_s(profile: Profile, decoding: int, context_tokens: int) -> float:
+    """The batch period when no TPOT paces the batches: long enough for `IDLE_CHUNK` prefill
+    tokens beside what decodes now, so that a slow machine still batches efficiently, and no
+    shorter than `IDLE_STEP_S`."""
+    batch = Batches.of(prefill_tokens=IDLE_CHUNK, decode_seqs=decoding, kv_read=context_tokens,
+                       num_seqs=decoding + 1, attention_pairs=context_tokens + IDLE_CHUNK**2 / 2)
+    return max(IDLE_STEP_S, float(profile.predict(batch)))
 
 
 def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max_num_seqs: int) -> int:
@@ -252,124 +384,22 @@ def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max
 
 def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: np.ndarray,
              joining_context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The batch period, prefill budget and speculative length at TPOT `tpot_s` (None: nothing
-    paces the batches), with the running requests and each number in `joining` more (reading
-    `joining_context` KV tokens a step) decoding."""
+    """The batch period, prefill budget (-1 where the decoders would miss their TPOT) and
+    speculative length at TPOT `tpot_s` (None: nothing paces the batches), with the running
+    requests and each number in `joining` more (reading `joining_context` KV tokens a step)
+    decoding."""
     if replica.prefill_only:
         joining, joining_context = 0 * joining, 0 * joining_context
     seqs = replica.decoding + joining
     kv_read = replica.context_tokens + joining_context
     if replica.prefill_only or tpot_s is None:
-        step_s = IDLE_STEP_S if tpot_s is None else tpot_s
+        step_s = idle_step_s(profile, 0 if replica.prefill_only else replica.decoding,
+                             0 if replica.prefill_only else replica.context_tokens) if tpot_s is None else tpot_s
         budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
         return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
     ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,
-                                 replica.draft, replica.max_spec_len)
-    return steps, np.maximum(budgets, 0), ks * (budgets >= 0)
-
-
-def _plan_at(queue: Jobs, eligible: np.ndarray, period: Period, replica: Replica, now: float,
-             limit: int | None = None) -> Plan:
-    """The largest feasible set at this period and budget, with at most `limit` new requests."""
-    rows = np.flatnonzero(eligible)
-    promised = queue.promised[rows]
-    batches = _batches(queue.deadline[rows], now, period.step_s, replica.busy)
-    on_time, late = _by_deadline(queue.cost[rows], promised, batches, period.budget)
-    keep, late_mem = _by_memory(on_time, queue.blocks[rows], promised, replica.free_blocks)
-    cap = replica.max_num_seqs - replica.decoding - int(promised.sum())
-    for bound in (replica.max_new, limit):
-        if bound is not None:
-            cap = min(cap, bound)
-    extra = np.flatnonzero(keep & ~promised)[max(0, cap):]  # latest deadlines beyond the cap
-    keep[extra] = False
-    plan = _plan_of(queue, rows[keep], period, replica, now, ~eligible)
-    plan.late = queue.ids[rows[late | late_mem]].tolist()
-    plan.crowded = bool((on_time & ~keep).any())
-    return plan
-
-
-def _plan_of(queue: Jobs, kept: np.ndarray, period: Period, replica: Replica, now: float,
-             ineligible: np.ndarray) -> Plan:
-    """The plan that admits the rows `kept` (in deadline order) at this period."""
-    rejected = np.ones(len(queue), dtype=bool)
-    rejected[kept] = False
-    batches = _batches(queue.deadline[kept], now, period.step_s, replica.busy)
-    behind = np.cumsum(queue.cost[kept]) - np.maximum(batches - 1, 0).astype(np.float64) * period.budget
-    return Plan(
-        admitted=queue.ids[kept].tolist(),
-        admitted_tokens=queue.tokens[kept].tolist(),
-        rejected=queue.ids[rejected | ineligible].tolist(),
-        step_s=period.step_s,
-        budget=period.budget,
-        spec_len=period.spec_len,
-        needed=int(max(0.0, behind.max(initial=0.0))),
-        rows=kept,
-    )
-
-
-def _batches(deadlines: np.ndarray, now: float, step_s: float, busy: bool) -> np.ndarray:
-    """Batches that end by each deadline (a large number for none); one fewer while a step
-    is still running."""
-    finite = np.isfinite(deadlines)
-    out = np.full(len(deadlines), NO_DEADLINE_BATCHES, dtype=np.int64)
-    out[finite] = np.maximum(0, np.floor((deadlines[finite] - now) / step_s).astype(np.int64) - int(busy))
-    return out
-
-
-def _by_deadline(tokens: np.ndarray, promised: np.ndarray, batches: np.ndarray,
-                 budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Moore and Hodgson's rule: in deadline order add each request, and while the tokens (as
-    the budget counts them) no longer fit its capacity drop the largest droppable prompt kept
-    so far. Returns the kept mask and the promised requests that do not fit even so."""
-    n = len(tokens)
-    keep = np.ones(n, dtype=bool)
-    capacity = batches.astype(np.float64) * budget
-    fits = np.cumsum(tokens) <= capacity
-    if fits.all():
-        return keep, np.zeros(n, dtype=bool)  # the common case: everyone fits
-    first = int(np.argmin(fits))  # everything before the first overflow is kept as it is
-    heap = [(-t, i) for i, t in enumerate(tokens[:first].tolist()) if not promised[i]]
-    heapq.heapify(heap)
-    used = float(tokens[:first].sum())
-    token_list, promised_list, capacity_list = tokens.tolist(), promised.tolist(), capacity.tolist()
-    push, pop = heapq.heappush, heapq.heappop
-    for i in range(first, n):
-        t = token_list[i]
-        used += t
-        if used <= capacity_list[i]:
-            if not promised_list[i]:
-                push(heap, (-t, i))
-            continue
-        if not promised_list[i]:
-            if not heap or t >= -heap[0][0]:  # the largest so far: it is the one to drop
-                keep[i] = False
-                used -= t
-                continue
-            push(heap, (-t, i))
-        while used > capacity_list[i] and heap:
-            size, drop = pop(heap)
-            keep[drop] = False
-            used += size
-    late = keep & promised & (np.cumsum(tokens * keep) > capacity)
-    return keep, late
-
-
-def _by_memory(keep: np.ndarray, blocks: np.ndarray, promised: np.ndarray,
-               free_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Drop the kept droppable requests holding the most blocks until the rest fit."""
-    late = np.zeros(len(keep), dtype=bool)
-    excess = int(blocks[keep].sum()) - free_blocks
-    if excess <= 0:
-        return keep, late
-    candidates = np.flatnonzero(keep & ~promised)
-    candidates = candidates[np.argsort(-blocks[candidates], kind="stable")]
-    freed = np.cumsum(blocks[candidates])
-    count = int(np.searchsorted(freed, excess)) + 1
-    keep = keep.copy()
-    keep[candidates[:count]] = False
-    if count > len(candidates):
-        late = keep & promised
-    return keep, late
+                                 replica.draft, replica.max_spec_len, keep_first=True)
+    return steps, budgets, ks * (budgets >= 0)
 
 
 def _next_batch(admitted: list[str], tokens: list[int], budget: int) -> dict[str, int]:

@@ -62,6 +62,7 @@ class Planner:
     slo_classes: dict[str, SLOClass]
     worker_timeout_s: float
     profile: Profile | None = None  # to learn how each worker's steps run against it (planner.calibration)
+    default_class: str | None = None  # the class of requests that name no objectives; None: best effort
     state: PlannerState = field(default_factory=PlannerState)
     pending_aborts: dict[str, list[str]] = field(default_factory=dict)
     next_step_id: int = 0
@@ -96,8 +97,12 @@ class Planner:
         """Messages for the gateway in answer to a submission."""
         if msg.request_id in self.state.requests:
             return [Refused(msg.request_id, "duplicate request id", retry_after_s=0.0)]
+        spec = msg.slo
+        if self.default_class and spec.slo_class is None and spec.ttft_ms is None and spec.tpot_ms is None \
+                and not spec.stages:
+            spec = msgspec.structs.replace(spec, slo_class=self.default_class)
         try:
-            slo = resolve(msg.slo, self.slo_classes)
+            slo = resolve(spec, self.slo_classes)
         except UnknownSLOClass as exc:
             return [Refused(msg.request_id, str(exc), retry_after_s=0.0)]
         if msg.slo.task in self.state.late_tasks:  # the task is late already: so is this request
@@ -111,10 +116,10 @@ class Planner:
             params=msg.params,
             slo=slo,
             arrival=self.clock.now(),
-            slo_class=msg.slo.slo_class,
+            slo_class=spec.slo_class,
             resume_token_ids=tuple(msg.resume_token_ids),
             num_output=len(msg.resume_token_ids),
-            expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(msg.slo.slo_class)),
+            expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(spec.slo_class)),
             task=msg.slo.task,
             tracker=tracker,
         )

@@ -48,7 +48,8 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     poller.register(workers, zmq.POLLIN)
     poller.register(commands.wake_fd, zmq.POLLIN)
     classes = {k: v.resolved() for k, v in settings.slo_classes.items()}
-    planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s), profile=profile)
+    planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s), profile=profile,
+                      default_class=settings.default_slo_class)
     planner.state.mode = settings.mode
     admin = _start_admin(settings, commands)
     drops = DropCounter()

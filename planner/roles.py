@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from planner.admission import DEFAULT_CONTEXT, IDLE_STEP_S, max_decode_batch
+from planner.admission import DEFAULT_CONTEXT, idle_step_s, max_decode_batch
 from planner.state import PlannerState, WorkerState
 from shared.messages import Role
 from shared.roofline import Profile, prefill_budget
@@ -56,7 +56,8 @@ def _rebalance(state: PlannerState, alive: list[WorkerState], profile: Profile, 
         return {}
     queued = int(state.waiting.rows().prefill.sum()) + sum(
         state.requests[rid].prefill_left for w in prefill for rid in w.requests if state.requests[rid].phase == "prefill")
-    rate = prefill_budget(profile.model, profile.params, IDLE_STEP_S, 0, 1.0, 0) / IDLE_STEP_S * len(prefill)
+    step_s = idle_step_s(profile, 0, 0)
+    rate = prefill_budget(profile.model, profile.params, step_s, 0, 1.0, 0) / step_s * len(prefill)
     backlog_s = queued / rate if rate > 0 else math.inf
     held = [state.requests[r] for w in decode for r in w.requests]
     context = sum(r.prompt_len + r.num_output for r in held) / len(held) if held else DEFAULT_CONTEXT

@@ -89,14 +89,18 @@ def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray
 
 
 def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
-            draft: Profile | None = None, max_k: int = MAX_SPEC_LEN) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            draft: Profile | None = None, max_k: int = MAX_SPEC_LEN,
+            keep_first: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each (batch, context) pair, the best k, its step length and its prefill budget;
     budget -1 where no k keeps the TPOT. With nothing decoding there is nothing to
-    speculate: k = 0."""
+    speculate: k = 0. `keep_first`: every pair keeps the first pair's k while that k keeps
+    the TPOT, so that the period stays the same as the batch grows."""
     steps, _, ok, budget = _grid(target, tpot_s, batch, context, alpha, draft, max_k)
     rate = budget / steps
     rate[~ok] = -1.0
     best = rate.argmax(axis=1)  # the first, so the smallest k, among equals
+    if keep_first and len(best):
+        best = np.where(ok[:, best[0]], best[0], best)
     rows = np.arange(len(best))
     chosen = budget[rows, best]
     chosen[~ok[rows, best]] = -1

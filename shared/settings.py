@@ -91,6 +91,8 @@ class Settings(BaseSettings):
                               stages=[StageSetting(tokens=s.tokens, tpot_ms=s.tpot_ms) for s in c.target.stages])
         for name, c in DEFAULT_CLASSES.items()
     }
+    default_slo_class: str | None = Field(None, description="the SLO class of requests that name no objectives "
+                                         "(most OpenAI clients); default: none, they are served best effort")
     log_level: str = "INFO"
     admin_port: int = Field(8001, ge=0, le=65535, description="the planner's admin API (on `host`)")
     admin_token: str | None = Field(None, description="bearer token of the admin API; default: a random one, "
@@ -104,6 +106,9 @@ class Settings(BaseSettings):
         if self.worker_cpus is not None and (not self.worker_cpus or min(self.worker_cpus) < 0
                                              or len(set(self.worker_cpus)) < len(self.worker_cpus)):
             raise ValueError("worker_cpus: distinct core numbers, at least one")
+        if self.default_slo_class is not None and self.default_slo_class not in self.slo_classes:
+            raise ValueError(f"default_slo_class {self.default_slo_class!r} is not one of slo_classes: "
+                             f"{', '.join(sorted(self.slo_classes))}")
         return self
 
     @classmethod

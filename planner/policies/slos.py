@@ -311,7 +311,7 @@ class SLOPolicy:
     def _spec_lens(self, state: PlannerState, worker: WorkerState, decode: list[str], step_s: float,
                    k_tight: int) -> dict[str, int]:
         """For each decoding request, the fewest speculative tokens that keep its TPOT at this
-        period (the tightest tier's k when none does); none for requests without a TPOT. A
+        period (the most when none does); none for requests without a TPOT. A
         request whose tokens so far run behind its TPOT (acceptance is a draw, and a short
         output has few steps to even out) asks for enough to make that up over CATCH_UP_STEPS.
         When the tightest tier does not speculate, the period is its TPOT, which every other
@@ -333,7 +333,7 @@ class SLOPolicy:
                 alpha = self._alpha(state, req.slo_class)
                 gain = gains[req.slo_class] = gains_row(alpha, self.max_spec_len)[0].tolist()
             k = bisect.bisect_left(gain, need * (1 - 1e-9))  # a period set to k's yield must give k
-            k = k_tight if k == len(gain) else k
+            k = min(k, len(gain) - 1)  # no k keeps up: the most
             if k:
                 out[rid] = k
         return out

@@ -71,6 +71,16 @@ def test_unknown_slo_class_and_duplicates_are_refused() -> None:
     assert isinstance(dup, Refused)
 
 
+def test_requests_without_objectives_get_the_default_class_when_one_is_set() -> None:
+    planner, _ = make()
+    planner.default_class = "chatbot"
+    submit(planner, "plain")
+    submit(planner, "own", slo=SLOSpec(tpot_ms=500.0))  # objectives of its own: no class added
+    plain, own = planner.state.requests["plain"], planner.state.requests["own"]
+    assert plain.slo_class == "chatbot" and plain.slo == DEFAULT_CLASSES["chatbot"].target
+    assert own.slo_class is None and own.slo.tpot_ms == 500.0 and own.slo.ttft_ms is None
+
+
 def test_abort_of_a_delivered_request_reaches_the_worker() -> None:
     planner, _ = make()
     submit(planner, "r")
