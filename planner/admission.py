@@ -78,6 +78,8 @@ class Replica:
     max_spec_len: int = 0  # 0: it cannot speculate
     draft: Profile | None = None  # the draft model's cost, for a draft-model speculator
     busy: bool = False  # a step is running: the first planned batch starts after it
+    decode_tpots: tuple[float, ...] = ()  # the TPOTs of the decoding requests that have one: each
+    # speculates only as far as its own TPOT needs at a period, which prices the period's decode work
 
 
 @dataclass
@@ -398,7 +400,8 @@ def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: 
         budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
         return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
     ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,
-                                 replica.draft, replica.max_spec_len, keep_first=True)
+                                 replica.draft, replica.max_spec_len, keep_first=True,
+                                 looser=np.array(replica.decode_tpots))
     return steps, budgets, ks * (budgets >= 0)
 
 

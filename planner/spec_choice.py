@@ -69,33 +69,43 @@ def _ks(max_k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
-          draft: Profile | None, max_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+          draft: Profile | None, max_k: int,
+          looser: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every (batch, context) pair by every k: the step length (a row: it depends on k alone),
-    its decode work, whether that keeps the TPOT, and the prefill budget left."""
+    its decode work, whether that keeps the TPOT, and the prefill budget left. `looser`: the
+    TPOTs of decoders among the batch that need not keep `tpot_s`; each verifies only the
+    fewest tokens that keep its own at the step's length, as the planner orders them."""
     batch = np.asarray(batch, dtype=np.float64)[:, None]
     context = np.asarray(context, dtype=np.float64)[:, None]
     ks, verify_len = _ks(max_k)
-    steps = tpot_s * gains_row(alpha, max_k)
-    kv_read = batch * (context + verify_len)
-    decode_s = target.predict(Batches(_ZERO, batch, verify_len, kv_read, batch, batch * verify_len * context))
+    gains = gains_row(alpha, max_k)
+    steps = tpot_s * gains
+    verified = batch * verify_len
+    if looser is not None and len(looser):
+        need = steps / np.asarray(looser, dtype=np.float64)[:, None]  # tokens a step each must gain
+        own = np.minimum(np.searchsorted(gains[0], need * (1 - 1e-9)), ks)
+        verified = verified - (ks - own).sum(axis=0)
+        verify_len = verified / np.maximum(batch, 1.0)
+    kv_read = batch * context + verified
+    decode_s = target.predict(Batches(_ZERO, batch, verify_len, kv_read, batch, verified * context))
     step_left = steps
     if draft:
         draft_s = ks * draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
                                                 attention_pairs=batch * context))
         decode_s, step_left = decode_s + draft_s, steps - draft_s
     ok = (decode_s <= steps) & ((ks == 0) | (batch > 0))
-    budget = prefill_budgets(target.model, target.params, step_left, batch, verify_len, kv_read)
+    budget = prefill_budgets(target.model, target.params, step_left, batch, verify_len, kv_read, verified * context)
     return steps, decode_s, ok, budget
 
 
 def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
-            draft: Profile | None = None, max_k: int = MAX_SPEC_LEN,
-            keep_first: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            draft: Profile | None = None, max_k: int = MAX_SPEC_LEN, keep_first: bool = False,
+            looser: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each (batch, context) pair, the best k, its step length and its prefill budget;
     budget -1 where no k keeps the TPOT. With nothing decoding there is nothing to
     speculate: k = 0. `keep_first`: every pair keeps the first pair's k while that k keeps
-    the TPOT, so that the period stays the same as the batch grows."""
-    steps, _, ok, budget = _grid(target, tpot_s, batch, context, alpha, draft, max_k)
+    the TPOT, so that the period stays the same as the batch grows. `looser`: see `_grid`."""
+    steps, _, ok, budget = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser)
     rate = budget / steps
     rate[~ok] = -1.0
     best = rate.argmax(axis=1)  # the first, so the smallest k, among equals

@@ -155,12 +155,14 @@ def prefill_cost(shape: ModelShape, tokens: ArrayLike, done: ArrayLike = 0) -> n
 
 
 def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, decode_seqs: ArrayLike,
-                    verify_len: ArrayLike, kv_read: ArrayLike) -> np.ndarray:
-    """`prefill_budget` for arrays of steps (broadcast against each other)."""
+                    verify_len: ArrayLike, kv_read: ArrayLike, attention_pairs: ArrayLike | None = None) -> np.ndarray:
+    """`prefill_budget` for arrays of steps (broadcast against each other). `attention_pairs`:
+    the decode tokens' attention, by default `kv_read` (one token a sequence)."""
     step_s, decode_seqs, verify_len, kv_read = (np.asarray(a, dtype=np.float64)
                                                  for a in (step_s, decode_seqs, verify_len, kv_read))
+    pairs = kv_read if attention_pairs is None else np.asarray(attention_pairs, dtype=np.float64)
     fixed = p.overhead_s + p.per_sequence_s * (decode_seqs + 1)
-    decode_flops = decode_seqs * verify_len * shape.flops_per_token + kv_read * shape.flops_per_pair
+    decode_flops = decode_seqs * verify_len * shape.flops_per_token + pairs * shape.flops_per_pair
     memory = (shape.weight_bytes + kv_read * shape.kv_bytes_per_token) * p.inv_bandwidth
     if p.combine == "max":
         room = step_s - fixed

@@ -219,6 +219,7 @@ class SLOPolicy:
         running, context, best_effort = 0, 0, 0
         tightest: RequestState | None = None
         tightest_tpot = math.inf
+        tpots = []
         for r in mine:  # one pass: this runs for every worker on every call
             if r.phase != "decode":
                 if r.best_effort and r.phase == "prefill":
@@ -231,6 +232,8 @@ class SLOPolicy:
                 tpot = None
             else:
                 tpot = r.tpot_s
+                if tpot is not None:
+                    tpots.append(tpot * worker.fit.headroom)
             if tightest is None or (tpot is not None and tpot < tightest_tpot):
                 tightest, tightest_tpot = r, math.inf if tpot is None else tpot
         replica = Replica(
@@ -245,6 +248,7 @@ class SLOPolicy:
             max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
             draft=self.draft if worker.speculator == "draft" else None,
             busy=worker.step_in_flight is not None,
+            decode_tpots=tuple(tpots),
         )
         shape = self.profile.model  # the same whatever the worker's calibration
         promised = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
@@ -363,7 +367,8 @@ class SLOPolicy:
                           tightest_tpot_s=self._tpot(tightest, worker), free_blocks=0, max_num_seqs=self.max_num_seqs,
                           alpha=self._alpha(state, tightest.slo_class),
                           max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
-                          draft=self.draft if worker.speculator == "draft" else None)
+                          draft=self.draft if worker.speculator == "draft" else None,
+                          decode_tpots=tuple(t for t in (self._tpot(r, worker) for r in reqs) if t is not None))
         p = plan(self._profile(worker), replica, [], 0.0)
         return p.step_s, p.spec_len
 

@@ -14,6 +14,7 @@ from planner.spec_choice import (
     fastest_floor,
     gains_row,
     options,
+    periods,
 )
 from shared.roofline import Batches, ModelShape, Profile, RooflineParams
 
@@ -97,3 +98,24 @@ def test_the_floor_for_speed_keeps_the_step_within_its_period() -> None:
     lens = fastest_floor(GPU, prefill_only(2000), context, base, gains, period)
     assert float(GPU.predict(decode_step(context, lens, prefill=2000))) <= period
     assert (lens < free).all()
+
+
+def test_looser_decoders_verify_only_what_their_own_tpot_needs() -> None:
+    """32 decoding, 4 of them at 20 ms and 28 at 100 ms, acceptance 0.8: the period is set by
+    the 20 ms tier, and pricing the 28 at the k their own TPOT needs leaves more prefill budget
+    than pricing everyone at the tight tier's k. The budget is still a bound: a step with each
+    decoder at its own k and that many prefill tokens (their attention aside, which prefill_cost
+    prices) lasts no longer than the period."""
+    alpha, batch, context = 0.8, np.array([32]), np.array([800])
+    looser = np.array([0.02] * 4 + [0.1] * 28)
+    k_all, step_all, budget_all = periods(GPU, 0.02, batch, context, alpha)
+    k, step, budget = periods(GPU, 0.02, batch, context, alpha, looser=looser)
+    assert budget[0] > budget_all[0] > 0
+    gains = gains_row(alpha, 10)[0]
+    own = [int(np.searchsorted(gains, step[0] / t * (1 - 1e-9))) for t in looser]
+    assert own[:4] == [k[0]] * 4 and max(own[4:]) < k[0]
+    verified = sum(1 + n for n in own)
+    seconds = GPU.predict(Batches.of(prefill_tokens=budget[0], decode_seqs=32, verify_len=verified / 32,
+                                     kv_read=32 * 800 + verified, num_seqs=33,
+                                     attention_pairs=verified * 800))
+    assert seconds <= step[0] + 1e-12
