@@ -26,6 +26,7 @@ from gateway.limits import BodyLimit
 from gateway.metrics import GatewayMetrics
 from gateway.planner_link import PlannerLink
 from gateway.protocol import (
+    MAX_OBJECTIVE_MS,
     ChatCompletionRequest,
     CompletionRequest,
     _Common,
@@ -72,8 +73,8 @@ class Checks:
                     values[name] = float(raw)
                 except ValueError:
                     raise ApiError(400, f"header {header} must be a number of milliseconds") from None
-                if values[name] <= 0:
-                    raise ApiError(400, f"header {header} must be positive")
+                if not 0 < values[name] <= MAX_OBJECTIVE_MS:  # nan fails this too
+                    raise ApiError(400, f"header {header} must be in (0, {MAX_OBJECTIVE_MS:.0f}] milliseconds")
         classes = self.settings.slo_classes
         if body.slo_class is not None and body.slo_class not in classes:
             raise ApiError(400, f"unknown slo_class `{body.slo_class}`; known: {', '.join(sorted(classes))}",
@@ -107,6 +108,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     def encode(text: str) -> list[int]:
         """Run in a thread: a long prompt takes the tokenizer a while, and streams must not wait."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(400, f"the text is not valid Unicode ({exc.reason} at character {exc.start})",
+                           param="messages") from None
         with tokenizing:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from shared.messages import SamplingParams, Stage
 
+MAX_OBJECTIVE_MS = 3_600_000.0  # an hour: a TTFT or TPOT beyond it is a mistake, not an objective
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -44,7 +46,7 @@ class SLOStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tokens: int | None = Field(None, ge=1)
-    tpot_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
 
     def stage(self) -> Stage:
         return Stage(self.tokens, self.tpot_ms)
@@ -58,7 +60,7 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -66,8 +68,8 @@ class _Common(BaseModel):
     logprobs: bool | int | None = None
     ignore_eos: bool = False
     slo_class: str | None = None
-    ttft_ms: float | None = Field(None, gt=0)
-    tpot_ms: float | None = Field(None, gt=0)
+    ttft_ms: float | None = Field(None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
+    tpot_ms: float | None = Field(None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
     slo_stages: list[SLOStage] | None = Field(None, min_length=1, max_length=16)
     slo_task: str | None = Field(None, min_length=1, max_length=128)
 

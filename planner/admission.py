@@ -7,8 +7,9 @@ first token is due then) and its KV blocks are held from admission. Between two 
 deadlines batches repeat with one period, set by the tightest TPOT among the requests decoding
 in that interval, the running ones and the admitted ones due earlier: for each TPOT tier τ the
 speculative length k is the one that leaves the most prefill tokens per second beside the
-decode work (`planner.spec_choice.periods`), and the period is τ·E(k). What a batch's decode
-work leaves is its prefill budget; joining requests are priced at the mean context of the
+decode work (`planner.spec_choice.periods`), and the period is τ·E(k); running requests of
+looser tiers verify only what their own TPOT needs at that period. What a batch's decode work
+leaves is its prefill budget; joining requests are priced at the mean context of the
 candidates and at the period's k. A set is feasible when, at each admitted request's deadline,
 the prefill cost (`shared.roofline.prefill_cost`) of it and of every admitted request due before
 it fits the budgets of the batches that end by then, its blocks fit, and every interval's
@@ -18,10 +19,11 @@ that brings it, so from there it is counted as its share of the interval's secon
 batch: a lower bound of what runs.
 
 The program. The state after each request is (requests admitted, tightest tier decoding, KV
-memory held, in units of at most `MEMORY_UNITS`ths of the free blocks, rounded up); its value,
-the slack (capacity so far less prefill cost so far), is all that matters for what may still
-be admitted, so keeping the largest per state finds the plan that admits the most, exactly
-(`planner/_dp.c`). Requests already promised must be admitted; when no plan keeps all of them
+memory held, whether a period started at the current deadline); its value, the slack
+(capacity so far less prefill cost so far), is all that matters for what may still be
+admitted, so keeping the largest per state finds the plan that admits the most, exactly
+(`planner/_dp.c`). Memory counts blocks while at most `MEMORY_UNITS` are free; beyond, units
+of the free blocks rounded to the nearest, and a plan the rounding lets over is cut back. Requests already promised must be admitted; when no plan keeps all of them
 the plan keeps the most it can, reports the rest as `late`, and admits nothing new. A call
 plans at most the `CONSIDERED` earliest deadlines beside the promised requests, fewer when the
 memory dimension would make the program larger than `WORK_LIMIT` states; the rest wait for

@@ -133,6 +133,19 @@ def choose_spec_len(target: Profile, tpot_s: float, batch: int, context: int, al
                key=lambda c: (c.prefill_tokens_per_s, -c.k), default=None)
 
 
+def fastest_token_s(target: Profile, context: np.ndarray, alpha: float, draft: Profile | None = None,
+                    max_k: int = MAX_SPEC_LEN) -> np.ndarray:
+    """For each context, the least time a token can take: a sequence decoding alone, at the
+    speculative length that yields tokens fastest. A TPOT below it is one no batch can keep."""
+    context = np.asarray(context, dtype=np.float64)[:, None]
+    ks, verify_len = _ks(max_k)
+    seconds = target.predict(Batches.of(decode_seqs=1.0, verify_len=verify_len, kv_read=context + verify_len,
+                                        num_seqs=1.0, attention_pairs=verify_len * context))
+    if draft is not None:
+        seconds = seconds + ks * draft.predict(Batches.of(decode_seqs=1.0, kv_read=context, attention_pairs=context))
+    return (seconds / gains_row(alpha, max_k)).min(axis=1)
+
+
 def fastest_floor(target: Profile, prefill: Batches, context: np.ndarray, spec_lens: np.ndarray, gains: np.ndarray,
                   step_s: float, draft: Profile | None = None) -> np.ndarray:
     """The decoding requests' speculative lengths raised alike to the floor that decodes the

@@ -14,7 +14,8 @@ as best effort, without a TPOT promise, and it is the first to be preempted when
 needs its KV blocks. Requests with no objectives at all are best effort too, and so, after a
 call's wait, are those of a task already late (`SLOSpec.task`): the planner makes their first
 token due at once. Beyond
-`best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After).
+`best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After), and so
+is a request whose TPOT no worker could keep even decoding it alone: waiting would not help it.
 A worker that holds requests never idles: where its steps run slower than any plan for them
 allows (a profile far too fast for the machine), it prefills them earliest deadline first.
 
@@ -61,7 +62,7 @@ from planner.policies.placement import (
     take,
 )
 from planner.roles import choose_roles
-from planner.spec_choice import acceptance_from_rate, fastest_floor, gains_row
+from planner.spec_choice import acceptance_from_rate, fastest_floor, fastest_token_s, gains_row
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN
@@ -96,7 +97,8 @@ class SLOPolicy:
         rows = state.waiting.rows()
         plans: dict[str, Plan] = {}
         if len(rows):  # below capacity nothing waits most of the time
-            candidates = ~rows.mask(list(refuse_oversized(state, rows, decisions)))
+            refused = refuse_oversized(state, rows, decisions) | self._refuse_unmeetable(state, rows, decisions)
+            candidates = ~rows.mask(list(refused))
             plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
             parked = int(rows.parked.sum())
             left = candidates & ~rows.parked & ~rows.mask(list(decisions.assign))
@@ -194,6 +196,27 @@ class SLOPolicy:
             if room > 0:
                 p.chunks[rid] = min(room, req.prefill_left)
         return plans
+
+    def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions) -> set[str]:
+        """Refuse the newly waiting requests whose TPOT no worker could keep even decoding them
+        alone (`spec_choice.fastest_token_s`): waiting would not help them. Returns their ids."""
+        fresh = np.flatnonzero(~rows.parked & ~np.isnan(rows.tpot))
+        pool = prefill_pool(state)
+        if not len(fresh) or not pool:
+            return set()
+        spec = any(w.speculator != "none" for w in pool) and self.max_spec_len > 0
+        alpha = max([self.prior_alpha, *(self._alpha(state, c) for c in state.speculation)]) if spec else 0.0
+        draft = self.draft if any(w.speculator == "draft" for w in pool) else None
+        best = np.min([fastest_token_s(self._profile(w), rows.context[fresh], alpha, draft,
+                                       self.max_spec_len if spec else 0) for w in pool], axis=0)
+        out = set()
+        for rid, tpot, fastest in zip(rows.ids[fresh].tolist(), rows.tpot[fresh].tolist(), best.tolist()):
+            if tpot < fastest:
+                why = f"its TPOT of {tpot * 1e3:.3g} ms is below the fastest a worker here decodes, " \
+                      f"{fastest * 1e3:.3g} ms a token"
+                decisions.refuse.append((rid, why))
+                out.add(rid)
+        return out
 
     def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
                    gone: set[str]) -> None:

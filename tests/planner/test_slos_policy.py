@@ -83,6 +83,15 @@ def test_the_best_effort_queue_is_bounded() -> None:
     assert all("best-effort queue is full" in why for _, why in d.refuse)
 
 
+def test_a_tpot_no_worker_could_keep_is_refused_at_once() -> None:
+    """A decode step of this model alone takes about 11 ms: a 5 ms TPOT waits for nothing
+    (before, it was parked until its request timed out); 30 ms is admitted."""
+    s = state([worker("w0")], [request("fast", 100, SLOTarget(tpot_ms=5.0)), request("ok", 100, TIGHT)], {})
+    d = SLOPolicy(GPU).schedule(s, now=0.0)
+    [(rid, why)] = d.refuse
+    assert rid == "fast" and "below the fastest" in why and d.assign == {"ok": "w0"}
+
+
 def test_routes_to_the_replica_with_the_most_slack() -> None:
     busy = [request(f"b{i}", 4000, LOOSE) for i in range(3)]
     s = state([worker("w0"), worker("w1")], [request("new", 100)], {})
