@@ -31,6 +31,8 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+ADMIN_START_S = 10.0  # the admin API listens within this, or the planner stops
+
 STATUS_INTERVAL_S = 0.2
 BURST = 1000  # messages taken from one socket before the loop schedules again
 
@@ -106,7 +108,13 @@ def _start_admin(settings: Settings, commands: CommandQueue) -> uvicorn.Server:
         path.write_text(token + "\n")
     server = uvicorn.Server(uvicorn.Config(create_admin_app(commands, token), host=settings.host,
                                            port=settings.admin_port, log_level="warning"))
-    threading.Thread(target=server.run, name="admin-api", daemon=True).start()
+    thread = threading.Thread(target=server.run, name="admin-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + ADMIN_START_S
+    while not server.started:  # a port already taken must stop the planner, not go unnoticed
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise SystemExit(f"the admin API cannot listen on {settings.host}:{settings.admin_port}")
+        time.sleep(0.01)
     where = f" (token in {settings.admin_token_file})" if settings.admin_token_file else ""
     log.info("admin API on http://%s:%d/admin%s", settings.host, settings.admin_port, where)
     if settings.admin_token is None and settings.admin_token_file is None:

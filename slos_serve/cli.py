@@ -69,7 +69,8 @@ def up(
     model: Annotated[Path | None, typer.Option(
         help="safetensors directory, GGUF file or directory holding one, or `builtin` "
              "(default: SmolLM2-135M-Instruct from the package index)")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="SLOS_API_KEY", help="require this key; prefer setting "
+                                                "SLOS_API_KEY, since every local user can read a command line")] = None,
     admin_port: Annotated[int | None, typer.Option(help="port of the planner's admin API (default 8001)")] = None,
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache per worker")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context window limit")] = None,

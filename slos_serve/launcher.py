@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,20 @@ def wire(settings: Settings, run_dir: Path) -> Settings:
     return settings.model_copy(update=update)
 
 
+def taken_ports(settings: Settings) -> list[int]:
+    """The HTTP and admin ports something already listens on at the bind address: a second
+    server there would fail to bind, after writing over the first one's admin-token file."""
+    taken = []
+    for port in (settings.port, settings.admin_port):
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: past TIME_WAIT
+            try:
+                probe.bind((settings.host, port))
+            except OSError:
+                taken.append(port)
+    return taken
+
+
 def worker_roles(settings: Settings) -> list[tuple[str, str]]:
     """(worker id, role) of every worker `up` starts."""
     if settings.mode == "colocated":
@@ -128,6 +143,11 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
 def up(settings: Settings) -> int:
     """Run the cluster until interrupted; returns the exit code."""
     placement = place(settings, os.sched_getaffinity(0))
+    busy = taken_ports(settings)
+    if busy:
+        log.error("port %s on %s is in use (another server?); choose others with --port and --admin-port",
+                  ", ".join(map(str, busy)), settings.host)
+        return 1
     run_dir = Path(tempfile.mkdtemp(prefix="slos-serve-"))
     settings = wire(settings, run_dir)
     env = {**os.environ, **as_env(settings), "PYTHONUNBUFFERED": "1"}

@@ -5,6 +5,7 @@ scheduling call."""
 from __future__ import annotations
 
 import select
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -14,10 +15,12 @@ from fastapi.testclient import TestClient
 from planner.admin import create_admin_app
 from planner.control import CommandQueue
 from planner.core import Planner
+from planner.loop import _start_admin
 from planner.policies.fcfs import FCFSPolicy
 from planner.policies.sarathi import SarathiPolicy
 from shared.clock import ManualClock
 from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello
+from shared.settings import Settings
 from shared.slo import DEFAULT_CLASSES
 
 TOKEN = "admin-secret"
@@ -104,3 +107,13 @@ def test_slo_attainment_per_class(setup: tuple[Planner, TestClient]) -> None:
     planner.on_report(StepReport(wid, order.step_id, 0.01, [RequestProgress("a", 23, 4, "length")], [], 64))
     slo = client.get("/admin/slo", headers=AUTH).json()
     assert slo["attainment"] == {"coding": {"met": 1, "total": 1, "share": 1.0}}
+
+
+def test_an_admin_port_already_taken_stops_the_planner() -> None:
+    """Before, the admin API's thread failed to bind and the planner went on without it."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        settings = Settings(admin_port=other.getsockname()[1], admin_token="t")
+        with pytest.raises(SystemExit, match="cannot listen"):
+            _start_admin(settings, CommandQueue())

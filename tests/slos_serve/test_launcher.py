@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 import pytest
 
 from shared.settings import Settings, load
-from slos_serve.launcher import place, spawn
+from slos_serve.launcher import place, spawn, taken_ports, up
 
 
 def test_unpinned_by_default() -> None:
@@ -42,3 +44,18 @@ def test_a_spawned_process_runs_on_its_cores() -> None:
         assert allowed.split()[-1] == str(core)
     finally:
         proc.wait(timeout=60)
+
+
+def test_a_second_server_on_a_taken_admin_port_stops_before_touching_the_first_ones_token(tmp_path: Path) -> None:
+    """Before, it wrote over the first server's admin-token file, failed to bind, and still
+    announced itself ready."""
+    with socket.socket() as first:
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        taken = first.getsockname()[1]
+        token = tmp_path / "admin-token"
+        token.write_text("the first server's\n")
+        settings = Settings(port=0, admin_port=taken, admin_token_file=token)
+        assert taken_ports(settings) == [taken]
+        assert up(settings) == 1
+        assert token.read_text() == "the first server's\n"
