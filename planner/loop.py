@@ -32,7 +32,6 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 ADMIN_START_S = 10.0  # the admin API listens within this, or the planner stops
-
 STATUS_INTERVAL_S = 0.2
 BURST = 1000  # messages taken from one socket before the loop schedules again
 
