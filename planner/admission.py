@@ -47,6 +47,7 @@ CONSIDERED = 256  # waiting requests, earliest deadlines first, that one call pl
 WORK_LIMIT = 250_000  # requests × states the program may visit in one call
 MEMORY_UNITS = 64  # the free KV blocks, when they bind, in at most this many units
 TIER_WIDTH = 0.05  # TPOTs this close (relatively) share a tier
+MAX_TIERS = 16  # tiers one program keeps apart at most
 DEFAULT_CONTEXT = 512  # context assumed for a decoding request when nothing else says
 
 
@@ -297,13 +298,19 @@ def _tiers(replica: Replica, queue: Jobs) -> tuple[list[float | None], np.ndarra
         return [None], np.zeros(len(queue), dtype=np.int64)
     floor = replica.tightest_tpot_s or math.inf
     tighter = ~np.isnan(queue.tpot) & (queue.tpot < floor)
-    tops, lows = [floor], [floor]  # each tier's loosest and tightest TPOT, loosest tier first
-    for v in np.unique(queue.tpot[tighter])[::-1].tolist():
-        if v * (1 + TIER_WIDTH) >= tops[-1]:
-            lows[-1] = v
-        else:
-            tops.append(v)
-            lows.append(v)
+    values = np.unique(queue.tpot[tighter])[::-1].tolist()
+    width = TIER_WIDTH
+    while True:  # as many tiers as the kernel takes: wider ones when the requests ask for more
+        tops, lows = [floor], [floor]  # each tier's loosest and tightest TPOT, loosest tier first
+        for v in values:
+            if v * (1 + width) >= tops[-1]:
+                lows[-1] = v
+            else:
+                tops.append(v)
+                lows.append(v)
+        if len(tops) <= MAX_TIERS:
+            break
+        width *= 2
     tops.reverse()
     lows.reverse()
     tier = np.where(tighter, np.searchsorted(tops, np.where(tighter, queue.tpot, 0.0)), len(tops) - 1)

@@ -153,6 +153,17 @@ def test_a_long_queue_is_cut_to_its_earliest_new_requests_never_its_promises() -
     assert sum(40 for rid in p.admitted if rid.startswith("n")) <= 3000
 
 
+def test_many_distinct_tpots_share_few_tiers() -> None:
+    """Clients may ask for any TPOT: 300 distinct ones still make a program the kernel takes,
+    and each request's tier is at least as tight as its own TPOT."""
+    jobs = [Job(f"r{i}", 50, 1, 10.0 + i, 0.01 * 1.03**i) for i in range(300)]
+    prog = program(GPU, IDLE, queue_of(jobs), 0.0)
+    assert len(prog.tables.tiers) <= 16
+    tiers = np.array([t if t is not None else np.inf for t in prog.tables.tiers])
+    assert (tiers[prog.tier] <= prog.queue.tpot + 1e-12).all()
+    assert len(plan(GPU, IDLE, jobs, 0.0).admitted) > 0
+
+
 def test_memory_limits_admission() -> None:
     replica = Replica(decoding=0, context_tokens=0, tightest_tpot_s=None, free_blocks=10)
     jobs = [Job("a", 10, 6, math.inf, None), Job("b", 10, 5, math.inf, None), Job("c", 10, 4, math.inf, None)]
