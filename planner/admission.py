@@ -33,7 +33,7 @@ the next call, a batch later.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -162,10 +162,8 @@ def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float)
     if isinstance(jobs, list):
         jobs = Jobs.of(jobs)
     late = jobs.promised & (jobs.deadline <= now)  # past their deadline already: whenever there is room
-    deadline = np.where(late, np.inf, jobs.deadline)
-    order = np.lexsort((~jobs.promised, deadline))  # deadline order, promised first among equals
-    queue = jobs.take(order)
-    queue = Jobs(queue.ids, queue.tokens, queue.blocks, deadline[order], *queue._columns()[4:])
+    jobs = replace(jobs, deadline=np.where(late, np.inf, jobs.deadline))
+    queue = jobs.take(np.lexsort((~jobs.promised, jobs.deadline)))  # deadline order, promised first among equals
     fresh = np.flatnonzero(~queue.promised)
     keep = np.ones(len(queue), dtype=bool)
     keep[fresh[CONSIDERED:]] = False  # a burst: only the earliest deadlines compete this time
@@ -173,6 +171,7 @@ def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float)
     p.rejected += queue.ids[~keep].tolist()
     if late.any():
         p.late = sorted(set(p.late) | set(jobs.ids[late].tolist()), key=p.admitted.index)
+    if p.late:
         p.needed = p.next_budget  # late already: as much as fits
     return p
 
@@ -269,7 +268,7 @@ def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
         budget=int(prog.budget[min(len(rows), prog.count), final]),
         spec_len=int(prog.tables.spec_len[0, t0]),
         next_budget=budget0,
-        needed=budget0 if late.any() else needed,  # late already: as much as fits
+        needed=needed,
         late=queue.ids[late].tolist(),
         crowded=_crowded(replica, queue, taken, rejected, prog.new_cap),
     )
