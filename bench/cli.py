@@ -311,8 +311,7 @@ def bench_validate(
     steps = v.loaded
     print(f"{scenario_name}, {duration:.0f} s of arrivals per run, loop overhead {v.loop_overhead_s * 1e3:.1f} ms a step, "
           f"front end {v.front_s * 1e3:.1f} ms a request; "
-          f"under load steps ran {steps.fixed:.2f}x the profile's fixed cost and {steps.work:.2f}x "
-          f"its roofline, {steps.error:.1%} off that (spread {steps.spread:.3f})")
+          f"under load steps ran {steps} (spread {steps.spread:.3f})")
     print("| run | capacity req/s | ÷ live | probes (rate: attainment) |")
     print("|---|---|---|---|")
     runs = (("simulated, idle profile", v.simulated), ("simulated, profile as loaded", v.simulated_loaded),
@@ -321,8 +320,7 @@ def bench_validate(
         probes = ", ".join(f"{r:.2f}: {a:.0%}" for r, a in found.probes)
         ratio = f"{found.capacity / v.live.capacity:.2f}" if v.live.capacity else "n/a"
         print(f"| {name} | {found.capacity:.3f} | {ratio} | {probes} |")
-    print("live calibration per rate (fixed, roofline, error): "
-          + ", ".join(f"{r:.2f}: {s.fixed:.2f}, {s.work:.2f}, {s.error:.1%}" for r, s in sorted(v.seen.items())))
+    print("live calibration per rate: " + "; ".join(f"{r:.2f}: {s}" for r, s in sorted(v.seen.items())))
 
 
 @bench_app.command("engine")
@@ -391,3 +389,47 @@ def bench_greedy(
     for r in rows:
         print(f"| {r.question} | {same(r.transformers, r.ours)} | {same(r.vllm, r.ours)} |")
 
+
+
+@bench_app.command("promises")
+def bench_promises(
+    rates: Annotated[str, typer.Option(help="requests per second, comma-separated")] = "0.6",
+    policies: Annotated[str, typer.Option(help="comma-separated")] = "slos,sarathi,fcfs",
+    model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: SmolLM2)")] = None,
+    count: Annotated[int, typer.Option(help="requests per run")] = 40,
+    tight_tpot_ms: Annotated[float, typer.Option()] = 110.0,
+    loose_tpot_ms: Annotated[float, typer.Option()] = 400.0,
+    ttft_ms: Annotated[float, typer.Option()] = 3000.0,
+    worker_cpus: Annotated[str | None, typer.Option(help="pin the worker to these cores (default: share all)")] = None,
+    profile: Annotated[Path | None, typer.Option(help="the profile to plan with (default: what `up` picks)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Tight and loose TPOTs open loop against `slos-serve up` (issue 28): what each policy
+    promised, refused and kept, by the clients' own token times."""
+    import json
+    import tempfile
+
+    from bench.promises import Load, run
+
+    directory, _ = resolve_model(model, console)
+    vocab = int(json.loads((directory / "config.json").read_text())["vocab_size"])
+    cpus = {int(c) for c in worker_cpus.split(",")} if worker_cpus else None
+    print("| policy | req/s | promised | promised met | refused | best effort | attainment | tight met | "
+          "tight TPOT p50 / p90 ms | loose met | loose TPOT p50 / p90 ms | calibration at the end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for rate in (float(r) for r in rates.split(",")):
+            for policy in policies.split(","):
+                load = Load(rate, count, tight_tpot_ms, loose_tpot_ms, ttft_ms, seed=seed)
+                r = run(directory, policy, load, Path(tmp), vocab, cpus, profile)
+                row, fit = r.row(), r.step_fit
+
+                def ms(x: object) -> str:
+                    return "–" if x is None else f"{x:.0f}"
+
+                print(f"| {policy} | {rate:g} | {row['promised']} | {row['promised_met']} | {row['refused']} | "
+                      f"{row['best_effort']} | {row['attainment']:.0%} | {row['tight_met']} | "
+                      f"{ms(row['tight_tpot_p50_ms'])} / {ms(row['tight_tpot_p90_ms'])} | {row['loose_met']} | "
+                      f"{ms(row['loose_tpot_p50_ms'])} / {ms(row['loose_tpot_p90_ms'])} | "
+                      f"+{fit['turnaround_s'] * 1e3:.0f} ms, x{fit['fixed']:.2f} / {fit['compute']:.2f} / "
+                      f"{fit['memory']:.2f}, {fit['error']:.0%} off, margin {fit['margin']:.2f} |", flush=True)

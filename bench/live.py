@@ -3,7 +3,9 @@ time, judged by its client-side token times with the simulator's judge.
 
 Prompts are token ids (so each has exactly its length), outputs run to their length with
 EOS ignored, and every streamed chunk carries the usage so far (vLLM's
-`continuous_usage_stats`), so the client knows how many tokens each chunk brought. A 429 is
+`continuous_usage_stats`), so the client knows how many tokens each chunk brought. Our
+gateway says in a header whether it promised the request's SLOs (`X-SLO-Promised`); other
+servers leave `promised` unknown. A 429 is
 a refusal; the next call of a tool loop goes out its think time after the previous one ends,
 and never if that one was refused or failed (it counts as missed); after a call that missed
 its objectives the loop goes on, but its later calls count as missed too.
@@ -37,11 +39,14 @@ async def _request(client: openai.AsyncOpenAI, model: str, a: Arrival, vocab: in
         extra["slo_task"] = a.task
     tracker = Tracker(resolve(a.slo_spec(), classes), time.monotonic())
     refused = finished = False
+    promised: bool | None = None
     try:
-        stream = await client.completions.create(
+        response = await client.completions.with_raw_response.create(
             model=model, prompt=prompt, max_tokens=a.output_tokens, temperature=0.0, stream=True,
             stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=extra)
-        async for chunk in stream:
+        if "x-slo-promised" in response.headers:
+            promised = response.headers["x-slo-promised"] == "true"
+        async for chunk in response.parse():
             if chunk.usage is not None and chunk.usage.completion_tokens > tracker.tokens:
                 tracker.add(chunk.usage.completion_tokens - tracker.tokens, time.monotonic())
             finished = finished or any(c.finish_reason for c in chunk.choices)
@@ -50,7 +55,7 @@ async def _request(client: openai.AsyncOpenAI, model: str, a: Arrival, vocab: in
     except openai.APIError:
         pass
     out.append(Outcome(a.request_id, a.slo_class, tracker.arrival, a.prompt_tokens, tracker.tokens, refused,
-                       finished, finished and tracker.met(), tracker.ttft_s, tracker.stage_tpots_s()))
+                       finished, finished and tracker.met(), tracker.ttft_s, tracker.stage_tpots_s(), promised))
     if a.then is not None and finished:
         await asyncio.sleep(a.then.at)
         await _request(client, model, a.then, vocab, classes, out)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.experiments import kv_blocks
+from planner.calibration import StepFit
 from planner.core import quiet_gc
 from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
@@ -41,7 +42,7 @@ def _request(rng: np.random.Generator, rid: str, prompt: int) -> RequestState:
 
 def _state(rng: np.random.Generator, queued: int, blocks: int) -> PlannerState:
     state = PlannerState()
-    worker = state.workers["w0"] = WorkerState("w0", "colocated", blocks, 16, 8192, 0.0)
+    worker = state.workers["w0"] = WorkerState("w0", "colocated", blocks, 16, 8192, 0.0, fit=StepFit(margin=1.0))
     for i in range(64):
         req = _request(rng, f"d{i}", 800)
         req.worker_id, req.phase, req.num_computed, req.num_output = "w0", "decode", 800, 10

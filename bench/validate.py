@@ -86,8 +86,14 @@ class StepsSeen:
     """The live calibration: medians of its readings every second, through a probe or several."""
 
     fixed: float = 1.0  # factor on the profile's fixed cost
-    work: float = 1.0  # factor on its roofline
+    compute: float = 1.0  # on its compute time
+    memory: float = 1.0  # on its memory time
+    turnaround: float = 0.0  # seconds every step took beyond the profile
     error: float = 0.0  # mean relative error of the rescaled profile's predictions
+
+    def __str__(self) -> str:
+        return (f"{self.fixed:.2f}x the profile's fixed cost, {self.compute:.2f}x its compute, {self.memory:.2f}x "
+                f"its memory time, +{self.turnaround * 1e3:.1f} ms, {self.error:.1%} off that")
 
     @property
     def spread(self) -> float:
@@ -108,17 +114,18 @@ class Validation:
 
 
 @contextmanager
-def live_server(model: Path, profile: Path, log: Path, worker_cpus: set[int], policy: str = "slos"
+def live_server(model: Path, profile: Path | None, log: Path, worker_cpus: set[int] | None, policy: str = "slos"
                 ) -> Iterator[LiveServer]:
-    """`slos-serve up` with one colocated worker on `worker_cpus`, no speculation, until the block ends."""
+    """`slos-serve up` with one colocated worker (on `worker_cpus`, or sharing every core),
+    no speculation, with `profile` (or the one `up` picks), until the block ends."""
     port, admin_port, token, key = free_tcp_port(), free_tcp_port(), secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     env = {**os.environ, "SLOS_ADMIN_TOKEN": token, "SLOS_API_KEY": key}
+    args = [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
+            "--admin-port", str(admin_port), "--workers", "1", "--policy", policy, "--speculator", "none"]
+    args += ["--profile", str(profile)] if profile else []
+    args += ["--worker-cpus", ",".join(map(str, sorted(worker_cpus)))] if worker_cpus else []
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
-             "--admin-port", str(admin_port), "--workers", "1", "--policy", policy, "--profile", str(profile),
-             "--speculator", "none", "--worker-cpus", ",".join(map(str, sorted(worker_cpus)))],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         server = LiveServer(url, f"http://127.0.0.1:{admin_port}", token, key, "")
@@ -145,15 +152,15 @@ def live_server(model: Path, profile: Path, log: Path, worker_cpus: set[int], po
 
 
 @contextmanager
-def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[tuple[float, float, float]]]:
-    """The worker's calibration (fixed, work, error), read every second while the block runs."""
-    seen: list[tuple[float, float, float]] = []
+def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[tuple[float, ...]]]:
+    """The worker's calibration (`StepsSeen`'s fields), read every second while the block runs."""
+    seen: list[tuple[float, ...]] = []
     done = threading.Event()
 
     def poll() -> None:
         while not done.wait(every_s):
             fit = server.admin("/admin/workers")[0]["step_fit"]  # type: ignore[index]
-            seen.append((float(fit["fixed"]), float(fit["work"]), float(fit["error"])))
+            seen.append(tuple(float(fit[k]) for k in ("fixed", "compute", "memory", "turnaround_s", "error")))
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
@@ -163,14 +170,14 @@ def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[
         done.set()
         thread.join()
         if not seen:
-            seen.append((1.0, 1.0, 0.0))
+            seen.append((1.0, 1.0, 1.0, 0.0, 0.0))
 
 
-def medians(readings: list[tuple[float, float, float]]) -> StepsSeen:
+def medians(readings: list[tuple[float, ...]]) -> StepsSeen:
     return StepsSeen(*(float(np.median(column)) for column in zip(*readings)))
 
 
-def near_capacity(readings: dict[float, list[tuple[float, float, float]]], capacity: float) -> StepsSeen:
+def near_capacity(readings: dict[float, list[tuple[float, ...]]], capacity: float) -> StepsSeen:
     """The calibration over the probes within NEAR_CAPACITY of the capacity (over all of them if none is)."""
     near = [r for rate, seen in readings.items() if capacity / NEAR_CAPACITY <= rate <= capacity * NEAR_CAPACITY
             for r in seen]
@@ -241,7 +248,7 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
                 f"req/s: attainment {result.attainment:.1%}")
             return result.attainment
 
-        readings_at: dict[float, list[tuple[float, float, float]]] = {}
+        readings_at: dict[float, list[tuple[float, ...]]] = {}
         seen: dict[float, StepsSeen] = {}
 
         def live_at(rate: float) -> float:
@@ -250,15 +257,14 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
                                     DEFAULT_CLASSES)
             readings_at[rate] = readings
             steps = seen[rate] = medians(readings)
-            say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}; steps ran {steps.fixed:.2f}x the "
-                f"profile's fixed cost, {steps.work:.2f}x its roofline, {steps.error:.1%} off the rescaled profile")
+            say(f"live {rate:.3f} req/s: attainment {attainment(outcomes):.1%}; steps ran {steps}")
             return attainment(outcomes)
 
         simulated = capacity(lambda r: simulated_at(cluster, r), start=1.0, splits=splits)
         live = capacity(live_at, start=simulated.capacity or 1.0, splits=splits)
     steps = near_capacity(readings_at, live.capacity)
     loaded = dataclasses.replace(cluster, profile=msgspec.structs.replace(
-        measured.rescaled(steps.fixed, steps.work), hardware=f"{prof.hardware} as loaded"))
+        measured.rescaled(steps.fixed, steps.compute, steps.memory, steps.turnaround), hardware=f"{prof.hardware} as loaded"))
     scattered = dataclasses.replace(loaded, step_spread=steps.spread)
     simulated_loaded, simulated_scattered = (
         capacity(lambda r: simulated_at(c, r), start=live.capacity or 1.0, splits=splits) for c in (loaded, scattered))

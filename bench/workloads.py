@@ -71,6 +71,7 @@ class Outcome:
     met: bool
     ttft_s: float | None
     tpots_s: list[float | None]
+    promised: bool | None = None  # served with its SLOs promised (True), as best effort (False), unknown (None)
 
 
 def attainment(outcomes: list[Outcome]) -> float:

@@ -101,15 +101,17 @@ def time_shape(engine: Engine, seqs: list[Seq], tag: str) -> float:
     return seconds
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def hardware_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def blocks_needed(shapes: list[list[Seq]], block_size: int) -> int:
@@ -120,7 +122,7 @@ def blocks_needed(shapes: list[list[Seq]], block_size: int) -> int:
 def profile(model_dir: Path, *, name: str | None = None, device: str = "cpu",
             dtype: torch.dtype | None = None,
             quick: bool = False, repeats: int = 3, seed: int = 0, kv_cache_mb: int | None = None,
-            progress: Callable[[int, int], None] = lambda rounds_done, rounds: None,
+            progress: Callable[[int, int], None] = lambda shapes_done, shapes: None,
             ) -> tuple[Profile, list[Sample], list[Sample]]:
     """Measure, fit on three quarters of the shapes, judge on the rest. The KV cache is what
     the grid needs unless `kv_cache_mb` says otherwise (a large model's largest batch may then
@@ -129,13 +131,15 @@ def profile(model_dir: Path, *, name: str | None = None, device: str = "cpu",
     blocks = None if kv_cache_mb else blocks_needed(shapes, BLOCK_SIZE)
     engine = Engine(model_dir, device=device, dtype=dtype, block_size=BLOCK_SIZE, kv_cache_mb=kv_cache_mb or 0,
                     num_kv_blocks=blocks)
+    total = len(shapes) * (repeats + 1)
     for i, seqs in enumerate(shapes):  # warm-up
         time_shape(engine, seqs, f"w{i}")
+        progress(i + 1, total)
     best = [float("inf")] * len(shapes)
     for rep in range(repeats):  # round-robin, so a busy spell does not hit one shape only
         for i, seqs in enumerate(shapes):
             best[i] = min(best[i], time_shape(engine, seqs, f"r{rep}-{i}"))
-        progress(rep + 1, repeats)
+            progress((rep + 1) * len(shapes) + i + 1, total)
     samples = [Sample(seqs, t) for seqs, t in zip(shapes, best)]
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)

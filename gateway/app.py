@@ -147,12 +147,12 @@ def create_app(settings: Settings) -> FastAPI:
                      "model": body.model, "choices": []} if body.include_usage else None
             return StreamingResponse(generations.sse(gen, first, request, event, body.continuous_usage, final),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                                     headers={"Cache-Control": "no-cache", **gen.headers()})
         text = await generations.text(gen, first, request)
         if text is None:
             return PlainTextResponse("", status_code=499)
         build = chat_response if chat else completion_response
-        return build(rid, body.model, now_s(), text, gen.finish_reason, gen.usage())
+        return JSONResponse(build(rid, body.model, now_s(), text, gen.finish_reason, gen.usage()), headers=gen.headers())
 
     @app.post("/v1/chat/completions", dependencies=[Depends(checks.authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):

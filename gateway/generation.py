@@ -16,7 +16,7 @@ from gateway.errors import ApiError, ClientGone
 from gateway.metrics import GatewayMetrics
 from gateway.planner_link import PlannerLink
 from gateway.protocol import usage
-from shared.messages import Refused, Submit, TokenChunk
+from shared.messages import Admitted, Refused, Submit, TokenChunk
 
 DISCONNECT_POLL_S = 0.5
 
@@ -36,6 +36,14 @@ class Generation:
     last_token_at: float | None = None
     finish_reason: str | None = None
     ended: bool = False
+    promised: bool | None = None  # how the planner first admitted it: with its SLOs promised, or best effort
+
+    def headers(self) -> dict[str, str]:
+        """What the client is told of the request: its id, and whether its SLOs were promised."""
+        out = {"X-Request-Id": self.request_id}
+        if self.promised is not None:
+            out["X-SLO-Promised"] = "true" if self.promised else "false"
+        return out
 
     def record(self, chunk: TokenChunk) -> None:
         now = time.monotonic()
@@ -72,6 +80,9 @@ class Generations:
                     raise ClientGone from None
                 if time.monotonic() > gen.deadline:
                     raise ApiError(504, "the request timed out", type_="timeout_error") from None
+                continue
+            if isinstance(event, Admitted):
+                gen.promised = event.promised if gen.promised is None else gen.promised
                 continue
             if isinstance(event, Refused):
                 raise ApiError(429, f"request refused: {event.reason}", type_="rate_limit_error",

@@ -51,6 +51,16 @@ class ClusterCollector(Collector):
             met.add_metric([slo_class], count.met)
             judged.add_metric([slo_class], count.total)
         yield from (met, judged)
+        met = CounterMetricFamily("slos_promise_met_requests", "Requests that met all their SLOs, by how they "
+                                  "were served (promised, best_effort, refused)", labels=["served"])
+        judged = CounterMetricFamily("slos_promise_judged_requests", "Requests finished or refused, by how they "
+                                     "were served", labels=["served"])
+        for served, count in (status.promises if status else {}).items():
+            met.add_metric([served], count.met)
+            judged.add_metric([served], count.total)
+        yield from (met, judged)
+        yield CounterMetricFamily("slos_catch_up_batches", "Batches paced tighter for a promised request behind "
+                                  "its TPOT", value=status.caught_up if status else 0)
         yield GaugeMetricFamily("slos_gateway_open_requests", "Requests the gateway is serving",
                                 value=self.link.open_requests)
         proposed = CounterMetricFamily("slos_spec_proposed_tokens", "Speculative tokens verified",

@@ -24,7 +24,8 @@ memory held, whether a period started at the current deadline); its value, the s
 admitted, so keeping the largest per state finds the plan that admits the most, exactly
 (`planner/_dp.c`). Memory counts blocks while at most `MEMORY_UNITS` are free; beyond, units
 of the free blocks rounded to the nearest, and a plan the rounding lets over is cut back. Requests already promised must be admitted; when no plan keeps all of them
-the plan keeps the most it can, reports the rest as `late`, and admits nothing new. A call
+the plan keeps the most it can, reports the rest as `late`, and admits nothing new; a late
+one runs in deadline order where the slack of those due after it allows, else last. A call
 plans at most the `CONSIDERED` earliest deadlines beside the promised requests, fewer when the
 memory dimension would make the program larger than `WORK_LIMIT` states; the rest wait for
 the next call, a batch later.
@@ -87,7 +88,7 @@ class Replica:
 
 @dataclass
 class Plan:
-    admitted: list[str]  # on-time ones in deadline order, then the late ones
+    admitted: list[str]  # in the order their prompts run (`_order`)
     admitted_tokens: list[int]  # their prefill tokens left
     rejected: list[str]  # do not fit now: park them or refuse
     step_s: float  # the next batch's period
@@ -254,7 +255,7 @@ def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
         late = queue.promised & ~taken
     if prog.memory:
         taken = _fit_memory(queue, taken, replica.free_blocks)
-    rows = np.concatenate([np.flatnonzero(taken), np.flatnonzero(late)])
+    rows = _order(taken, late, slack, queue.cost)
     final = min(int(prog.tier[taken].min(initial=t0)), t0)
     budget0 = int(prog.budget[0, t0])
     needed = max(0, budget0 - int(slack[taken & np.isfinite(queue.deadline)].min(initial=budget0)))
@@ -291,8 +292,7 @@ def _tiers(replica: Replica, queue: Jobs) -> tuple[list[float | None], np.ndarra
     """The TPOT tiers a period may be set by, tightest first, and each request's: the tier it
     brings once it decodes (the last, what runs now, when it brings none tighter). TPOTs within
     `TIER_WIDTH` of each other share a tier at the tightest of them: a new period may cost a
-    batch, which objectives a hair apart (the same class, scaled by a worker's headroom) should
-    not."""
+    batch, which objectives a hair apart (a client's 100 ms and another's 101 ms) should not."""
     if replica.prefill_only:
         return [None], np.zeros(len(queue), dtype=np.int64)
     floor = replica.tightest_tpot_s or math.inf
@@ -411,6 +411,24 @@ def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: 
                                  replica.draft, replica.max_spec_len, keep_first=True,
                                  looser=np.array(replica.decode_tpots))
     return steps, budgets, ks * (budgets >= 0)
+
+
+def _order(taken: np.ndarray, late: np.ndarray, slack: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """The admitted rows in the order their prompts run: deadline order, except that a late
+    one waits until the on-time ones are done unless every on-time one due after it has the
+    slack to let it go first. The plan is priced with a margin, so a promise it finds late can
+    often still be kept, and one served last is missed by far; but not at the price of another."""
+    room = np.where(taken, slack, np.inf)
+    order, last = [], []
+    for i in np.flatnonzero(taken | late).tolist():
+        if taken[i]:
+            order.append(i)
+        elif room[i + 1:].min(initial=np.inf) >= cost[i]:
+            room[i + 1:] -= cost[i]
+            order.append(i)
+        else:
+            last.append(i)
+    return np.array(order + last, dtype=np.int64)
 
 
 def _next_batch(admitted: list[str], tokens: list[int], budget: int) -> dict[str, int]:

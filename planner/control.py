@@ -90,7 +90,8 @@ def execute(planner: Planner, command: Command, make_policy: Callable[[str], Pol
                  "alive": w.alive, "draining": w.draining, "speculator": w.speculator,
                  "block_size": w.block_size, "max_model_len": w.max_model_len, "kv_blocks": w.num_blocks,
                  "kv_blocks_reserved": w.reserved_blocks, "kv_blocks_free": w.reported_free_blocks,
-                 "step_fit": {"fixed": w.fit.fixed, "work": w.fit.work, "error": w.fit.error},
+                 "step_fit": {"fixed": w.fit.fixed, "compute": w.fit.compute, "memory": w.fit.memory,
+                              "turnaround_s": w.fit.turnaround, "margin": w.fit.margin, "error": w.fit.error},
                  "requests": list(w.requests)}
                 for w in state.workers.values()])
         case SetDraining(worker_id, draining):
@@ -114,6 +115,9 @@ def execute(planner: Planner, command: Command, make_policy: Callable[[str], Pol
             return Reply(200, {
                 "attainment": {k: {"met": a.met, "total": a.total, "share": a.met / a.total if a.total else None}
                                for k, a in state.attainment.items()},
+                "promises": {k: {"met": a.met, "total": a.total, "share": a.met / a.total if a.total else None}
+                             for k, a in state.promises.items()},
+                "caught_up": planner.caught_up,
                 "speculation": {k: {"proposed": c.proposed, "accepted": c.accepted, "steps": c.steps}
                                 for k, c in state.speculation.items()},
                 "preemptions": planner.preemptions})

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
 
 from planner.costs import batch_shape
 from planner.decisions import Decisions, WorkerBatch
@@ -69,6 +70,7 @@ class Planner:
     generated_tokens: int = 0
     handovers: int = 0
     preemptions: int = 0
+    caught_up: int = 0  # batches paced tighter for a promised request behind its TPOT
     verdicts: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request -> why, newest last
     unsent_roles: dict[str, Role] = field(default_factory=dict)  # role changes the worker has not been told
     lost: OrderedDict[str, Tracker] = field(default_factory=OrderedDict)  # request -> its token times so far
@@ -244,8 +246,8 @@ class Planner:
             worker.order_sent_at = worker.last_report_at if now - worker.last_report_at < TURNAROUND_S else now
             worker.order_parts = None
             if self.profile is not None:
-                fixed, work = split(self.profile.model, self.profile.params, batch_shape(self.state, batch))
-                worker.order_parts = (float(fixed[0]), float(work[0]))
+                parts = split(self.profile.model, self.profile.params, batch_shape(self.state, batch))
+                worker.order_parts = tuple(float(np.ravel(x)[0]) for x in parts)
             orders[worker_id] = self._order(worker_id, batch)
         for worker_id in list(self.pending_aborts) + list(self.unsent_roles):
             worker = self.state.workers.get(worker_id)
@@ -276,6 +278,8 @@ class Planner:
             parked=parked,
             preemptions=self.preemptions,
             attainment={k: SLOCount(a.met, a.total) for k, a in self.state.attainment.items()},
+            promises={k: SLOCount(a.met, a.total) for k, a in self.state.promises.items()},
+            caught_up=self.caught_up,
         )
 
     def explain(self, request_id: str) -> str | None:
@@ -285,21 +289,27 @@ class Planner:
     def _note(self, request_id: str, verdict: str) -> None:
         remember(self.verdicts, request_id, verdict, VERDICTS_KEPT)
 
-    def _judge(self, req: RequestState, met: bool) -> None:
-        counts = self.state.attainment.setdefault(req.slo_class or "default", Attainment())
-        counts.total += 1
-        counts.met += met
+    def _judge(self, req: RequestState, met: bool, refused: bool = False) -> None:
+        kind = "refused" if refused else "best_effort" if req.best_effort or not req.slo.has_objectives() else "promised"
+        for counts in (self.state.attainment.setdefault(req.slo_class or "default", Attainment()),
+                       self.state.promises.setdefault(kind, Attainment())):
+            counts.total += 1
+            counts.met += met
+        if kind == "promised" and not met:
+            log.warning("request %s: promised and missed its SLOs (TTFT %s s, TPOT %s s)", req.request_id,
+                        req.tracker.ttft_s, req.tracker.stage_tpots_s())
         if not met and req.task is not None:
             self.state.task_missed(req.task)
 
     def _apply(self, decisions: Decisions) -> list[Message]:
         out: list[Message] = []
+        self.caught_up += decisions.caught_up
         for worker_id, role in decisions.roles.items():
             self.move(self.state.workers[worker_id], role)
         for rid, reason in decisions.refuse:
             log.info("request %s: refused (%s)", rid, reason)
             self._note(rid, f"refused: {reason}")
-            self._judge(self.state.requests[rid], met=False)
+            self._judge(self.state.requests[rid], met=False, refused=True)
             self._forget(self.state.requests[rid])
             out.append(Refused(rid, reason, retry_after_s=1.0))
         for rid, reason in decisions.park:
@@ -339,7 +349,7 @@ class Planner:
             how = "as best effort" if req.best_effort else "with its SLOs promised"
             log.info("request %s: admitted to worker %s %s", rid, worker_id, how)
             self._note(rid, f"admitted to worker {worker_id} {how}")
-            out.append(Admitted(rid))
+            out.append(Admitted(rid, promised=not req.best_effort))
         return out
 
     def move(self, worker: WorkerState, role: Role) -> None:

@@ -138,7 +138,7 @@ class WorkerState:
     alive: bool = True
     fit: StepFit = field(default_factory=StepFit)  # how its steps run against the performance model
     order_sent_at: float = 0.0
-    order_parts: tuple[float, float] | None = None  # the model's (fixed, roofline) seconds of its step in flight
+    order_parts: tuple[float, ...] | None = None  # the model's (fixed, compute, memory) seconds of its step in flight
     last_report_at: float = -math.inf
     draining: bool = False  # an operator asked it to take no new requests
     target_role: Role | None = None  # changing to this role once its current work allows: takes no new requests
@@ -178,6 +178,7 @@ class PlannerState:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     lengths: LengthModel = field(default_factory=LengthModel)
     attainment: dict[str, Attainment] = field(default_factory=dict)  # by SLO class
+    promises: dict[str, Attainment] = field(default_factory=dict)  # promised, best_effort, refused
     late_tasks: OrderedDict[str, None] = field(default_factory=OrderedDict)  # the latest LATE_TASKS_KEPT
     # disaggregated: every worker plays its home role, falling back to colocated when a pool
     # is lost; colocated: every worker runs both (see planner.roles)

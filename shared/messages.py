@@ -91,9 +91,10 @@ class Lost(msgspec.Struct, tag=True):
 
 
 class Admitted(msgspec.Struct, tag=True):
-    """planner -> gateway: the request is scheduled with its SLOs guaranteed."""
+    """planner -> gateway: the request is scheduled, with its SLOs promised or as best effort."""
 
     request_id: str
+    promised: bool = True
 
 
 class Parked(msgspec.Struct, tag=True):
@@ -267,6 +268,8 @@ class ClusterStatus(msgspec.Struct, tag=True):
     parked: int = 0  # waiting in the best-effort queue
     preemptions: int = 0  # running requests preempted for room
     attainment: dict[str, SLOCount] = {}  # by SLO class, as the planner sees token times
+    promises: dict[str, SLOCount] = {}  # the same by how the request was served: promised, best_effort, refused
+    caught_up: int = 0  # batches paced tighter because a promised request ran behind its TPOT
 
 
 Message = Union[

@@ -122,19 +122,21 @@ def terms(shape: ModelShape, b: Batches) -> tuple[np.ndarray, np.ndarray]:
     return flops, nbytes
 
 
-def split(shape: ModelShape, p: RooflineParams, b: Batches) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds per batch in two parts: the fixed cost (per step and per sequence) and the
-    roofline of its work."""
+def split(shape: ModelShape, p: RooflineParams, b: Batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seconds per batch in three parts: the fixed cost (per step and per sequence), compute
+    and memory traffic. With `combine` "max", the part that does not bind is 0, so that the
+    parts always add up to the prediction."""
     flops, nbytes = terms(shape, b)
     compute, memory = flops * p.inv_flops, nbytes * p.inv_bandwidth
-    bound = np.maximum(compute, memory) if p.combine == "max" else compute + memory
-    return p.overhead_s + p.per_sequence_s * b.num_seqs, bound
+    if p.combine == "max":
+        compute, memory = np.where(compute >= memory, compute, 0.0), np.where(compute >= memory, 0.0, memory)
+    return p.overhead_s + p.per_sequence_s * b.num_seqs, compute, memory
 
 
 def predict(shape: ModelShape, p: RooflineParams, b: Batches) -> np.ndarray:
     """Seconds per batch."""
-    fixed, work = split(shape, p, b)
-    return fixed + work
+    fixed, compute, memory = split(shape, p, b)
+    return fixed + compute + memory
 
 
 def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_seqs: float,
@@ -244,15 +246,16 @@ class Profile(msgspec.Struct, frozen=True):
     def predict(self, b: Batches) -> np.ndarray:
         return predict(self.model, self.params, b)
 
-    def rescaled(self, fixed: float, work: float) -> Profile:
-        """The same machine with its fixed costs `fixed` times and its roofline `work` times
-        slower (shared cores, a busy host: see planner.calibration)."""
-        if fixed == work == 1.0:
+    def rescaled(self, fixed: float, compute: float, memory: float, turnaround_s: float = 0.0) -> Profile:
+        """The same machine with its fixed costs, compute and memory traffic that many times
+        slower, and `turnaround_s` more for every step (the serving loop around the engine,
+        shared cores, another thread count: see planner.calibration)."""
+        if fixed == compute == memory == 1.0 and turnaround_s == 0.0:
             return self
         p = self.params
         return msgspec.structs.replace(self, params=msgspec.structs.replace(
-            p, overhead_s=p.overhead_s * fixed, per_sequence_s=p.per_sequence_s * fixed,
-            inv_flops=p.inv_flops * work, inv_bandwidth=p.inv_bandwidth * work))
+            p, overhead_s=p.overhead_s * fixed + turnaround_s, per_sequence_s=p.per_sequence_s * fixed,
+            inv_flops=p.inv_flops * compute, inv_bandwidth=p.inv_bandwidth * memory))
 
 
 class ProfileError(ValueError):
@@ -278,18 +281,24 @@ def load_profile(path: Path, expect: ModelShape | None = None) -> Profile:
     return profile
 
 
-def shipped_cpu_profile(model_dir: Path | None) -> Path:
-    """The shipped 2-core CPU profile of the model in `model_dir`, found by its shape, where one
-    was measured; the built-in model's otherwise (`slos-serve profile` makes one for any model)."""
+def shipped_cpu_profile(model_dir: Path | None, threads: int = 2) -> Path:
+    """The shipped CPU profile of the model in `model_dir` at `threads` threads, found by its
+    shape, where one was measured; the built-in model's two-thread profile otherwise
+    (`slos-serve profile` makes one for any model)."""
     config = Path(model_dir or "") / "config.json"
     if model_dir is None or not config.is_file():
         return BUILTIN_CPU_PROFILE
-    raw = json.loads(config.read_text())
+    return matching_cpu_profile(model_dir, threads) or BUILTIN_CPU_PROFILE
+
+
+def matching_cpu_profile(model_dir: Path, threads: int) -> Path | None:
+    """A shipped CPU profile of the model's shape measured at `threads` threads, if any."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
     shape = (raw.get("num_hidden_layers"), raw.get("hidden_size"), raw.get("num_attention_heads"),
              raw.get("num_key_value_heads", raw.get("num_attention_heads")), raw.get("intermediate_size"),
              raw.get("vocab_size"))
-    for path in sorted(SHIPPED_PROFILES.glob("cpu-2_*.json")):
+    for path in sorted(SHIPPED_PROFILES.glob(f"cpu-{threads}_*.json")):
         m = load_profile(path).model
         if (m.layers, m.hidden, m.heads, m.kv_heads, m.intermediate, m.vocab) == shape:
             return path
-    return BUILTIN_CPU_PROFILE
+    return None

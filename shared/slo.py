@@ -27,6 +27,9 @@ class SLOTarget(msgspec.Struct, frozen=True, gc=False):
     tpot_ms: float | None = None
     stages: tuple[Stage, ...] = ()
 
+    def has_objectives(self) -> bool:
+        return self.ttft_ms is not None or self.tpot_ms is not None or any(s.tpot_ms is not None for s in self.stages)
+
     def segments(self) -> list[tuple[int, float | None]]:
         """(first output token index past the segment, TPOT ms) for each stage; the last
         segment runs to the end of the output."""

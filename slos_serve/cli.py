@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -181,6 +182,7 @@ def profile(
     repeats: Annotated[int, typer.Option(help="timed runs per shape (the fastest counts)")] = 5,
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache to allocate (default: what the grid's "
                                                     "largest batch, 64 x 1,536 tokens, holds)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads, as the worker will run (default: torch's)")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG of predicted vs measured")] = None,
     samples: Annotated[Path | None, typer.Option(help="CSV of every shape's measured seconds")] = None,
 ) -> None:
@@ -190,14 +192,23 @@ def profile(
     from engine.profiler import features, write_samples
     from engine.profiler import profile as run_profile
 
+    if threads:
+        torch.set_num_threads(threads)
     directory, name = _resolve(model or BUILTIN)
     with Progress(TextColumn("profiling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("", total=None)
+        started, said = time.monotonic(), [0]
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            if not console.is_terminal and done * 10 // total > said[0]:  # a log file gets a line a tenth
+                said[0] = done * 10 // total
+                console.print(f"[{time.monotonic() - started:6.1f} s] profiled {done} of {total} batch shapes")
+
         prof, train, test = run_profile(
             directory, name=name, device=device, dtype=getattr(torch, dtype) if dtype else None, quick=quick,
-            repeats=repeats, kv_cache_mb=kv_cache_mb,
-            progress=lambda done, total: bar.update(task, completed=done, total=total))
+            repeats=repeats, kv_cache_mb=kv_cache_mb, progress=progress)
     save_profile(prof, out)
     if samples is not None:
         write_samples(samples, {"fitted": train, "held out": test})

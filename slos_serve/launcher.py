@@ -27,6 +27,7 @@ from pathlib import Path
 import platformdirs
 
 from shared.bus import ipc_address
+from slos_serve import profiles
 from shared.settings import Settings, as_env
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,34 @@ def taken_ports(settings: Settings) -> list[int]:
     return taken
 
 
+def plan_profile(settings: Settings, placement: Placement) -> Path | None:
+    """The profile of the served model at the workers' thread count (`slos_serve.profiles`):
+    found, or measured now on the first worker's cores and cached. None on a GPU (the planner
+    then takes the shipped profile of the model's shape) or when profiling fails."""
+    import torch
+
+    if torch.cuda.is_available() or settings.model_dir is None:
+        return None
+    threads, dtype = settings.threads_per_worker or 1, settings.dtype
+    found = profiles.find(settings.model_dir, threads, dtype)
+    if found is not None:
+        log.info("planning with the profile %s", found)
+        return found
+    out = profiles.cache_path(settings.model_dir, threads, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("no profile of %s at %d threads (%s) on this machine yet: measuring one now, once "
+             "(a minute or two; cached in %s)", settings.model_dir.name, threads, dtype, out)
+    partial = out.with_suffix(f".{os.getpid()}.partial")  # another `up` may be profiling the same model
+    args = ["profile", "--model", str(settings.model_dir), "--quick", "--repeats", str(profiles.QUICK_REPEATS),
+            "--threads", str(threads), "--out", str(partial)] + ([] if dtype == "auto" else ["--dtype", dtype])
+    first = next(iter(placement.workers.values()), None)
+    if spawn(args, {**os.environ, "PYTHONUNBUFFERED": "1"}, first).wait() != 0:
+        log.error("profiling failed; planning with the shipped profile of the model's shape instead")
+        return None
+    partial.replace(out)
+    return out
+
+
 def worker_roles(settings: Settings) -> list[tuple[str, str]]:
     """(worker id, role) of every worker `up` starts."""
     if settings.mode == "colocated":
@@ -150,6 +179,8 @@ def up(settings: Settings) -> int:
         return 1
     run_dir = Path(tempfile.mkdtemp(prefix="slos-serve-"))
     settings = wire(settings, run_dir)
+    if settings.profile is None:
+        settings = settings.model_copy(update={"profile": plan_profile(settings, placement)})
     env = {**os.environ, **as_env(settings), "PYTHONUNBUFFERED": "1"}
     stopping = False
 

@@ -86,7 +86,7 @@ class EDFPolicy:
         decoding = [state.requests[r] for r in worker.requests if state.requests[r].phase == "decode" and r not in gone]
         prefill = max(1, self.max_batch_tokens - len(decoding))
         context = sum(r.prefill_len + r.num_output for r in decoding)
-        profile = self.profile.rescaled(worker.fit.fixed, worker.fit.work)
+        profile = worker.fit.fitted(self.profile)
         step_s = float(profile.predict(Batches.of(prefill_tokens=prefill, decode_seqs=len(decoding), kv_read=context,
                                                   num_seqs=len(decoding) + 1, attention_pairs=context)))
         return prefill / step_s

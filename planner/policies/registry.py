@@ -34,11 +34,14 @@ class PolicyConfig:
     chunk_tokens: int = 512  # Sarathi and EDF: tokens (prefill chunks and decodes) a step carries at most
     spec_len: int = 0  # the baselines' fixed speculative length
     best_effort_limit: int = 256  # slos: parked requests before new ones are refused
+    ttft_reserve: float = 0.0  # slos: what a new promise leaves of the time to its TTFT (`SLOPolicy`)
+    front_end_s: float = 0.0  # slos: a token's trip to the client (the simulator has none)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PolicyConfig:
         tokens = settings.max_batch_tokens
-        return cls(settings.max_num_seqs, tokens, tokens, settings.spec_len, settings.best_effort_limit)
+        return cls(settings.max_num_seqs, tokens, tokens, settings.spec_len, settings.best_effort_limit,
+                   settings.ttft_reserve, settings.front_end_ms / 1e3)
 
 
 def make_policy(name: str, config: PolicyConfig, profile: Profile, draft: Profile | None = None) -> Policy:
@@ -46,7 +49,8 @@ def make_policy(name: str, config: PolicyConfig, profile: Profile, draft: Profil
     c = config
     match name:
         case "slos":
-            return SLOPolicy(profile, draft, max_num_seqs=c.max_num_seqs, best_effort_limit=c.best_effort_limit)
+            return SLOPolicy(profile, draft, max_num_seqs=c.max_num_seqs, best_effort_limit=c.best_effort_limit,
+                             ttft_reserve=c.ttft_reserve, front_end_s=c.front_end_s)
         case "fcfs":
             return FCFSPolicy(max_batch_tokens=c.prefill_tokens, max_num_seqs=c.max_num_seqs, spec_len=c.spec_len)
         case "distserve":
@@ -58,6 +62,7 @@ def make_policy(name: str, config: PolicyConfig, profile: Profile, draft: Profil
             return EDFPolicy(profile, max_batch_tokens=c.chunk_tokens, max_num_seqs=c.max_num_seqs,
                              spec_len=c.spec_len)
     if name in ABLATIONS:
-        knobs = {"best_effort_limit": c.best_effort_limit, **ABLATIONS[name]}
+        knobs = {"best_effort_limit": c.best_effort_limit, "ttft_reserve": c.ttft_reserve,
+                 "front_end_s": c.front_end_s, **ABLATIONS[name]}
         return SLOPolicy(profile, draft, max_num_seqs=c.max_num_seqs, name=name, **knobs)
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(ALL_NAMES)}")

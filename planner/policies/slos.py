@@ -39,6 +39,7 @@ between the pools when one of them is the bottleneck.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import math
 import zlib
@@ -73,8 +74,11 @@ MIN_PROPOSED = 50  # speculative tokens a class must have verified before its ow
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
 SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
 CATCH_UP_STEPS = 4  # steps over which a request behind its TPOT speculates to make the lag up
+CATCH_UP_TOKENS = 8  # tokens over which, at least, it is paced to make the lag up
+CATCH_UP_FLOOR = 1.0  # of its TPOT: the shortest period a lag asks for
 BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
+HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
 
 
 @dataclass
@@ -87,6 +91,8 @@ class SLOPolicy:
     routing: bool = True  # False: each request is bound to one replica by a hash of its id
     rebalance: bool = True  # move workers between the pools when one is the bottleneck
     prior_alpha: float = 0.5  # per-token acceptance assumed before a class has reports
+    ttft_reserve: float = 0.0  # share of the time left before a TTFT deadline a new promise leaves unused
+    front_end_s: float = 0.0  # a token's trip from a worker to the client, through the gateway
     name: str = "slos"
 
     def schedule(self, state: PlannerState, now: float) -> Decisions:
@@ -109,7 +115,7 @@ class SLOPolicy:
                     decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
                     parked += 1
         hand_over(state, load, self.max_num_seqs, decisions, added,
-                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], self._tpot(r, w)) > 0)
+                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], _keep(r)) > 0)
 
         for worker in state.idle_workers():
             request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
@@ -126,6 +132,7 @@ class SLOPolicy:
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
                 if batch.prefill:
                     batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed)
+                    batch.prefill = _hold_back(state, batch.prefill, p, now)
                 # the period's slack goes to prefill, unless there is none to run or memory,
                 # not time, turns requests away: then decoding faster is what frees room
                 step_s, speed_up = p.step_s, p.crowded or not batch.prefill
@@ -136,6 +143,7 @@ class SLOPolicy:
                 batch.spec_lens = self._for_speed(state, worker, batch, step_s)
             if batch:
                 decisions.batches[worker.worker_id] = batch
+                decisions.caught_up += any(_behind(state.requests[r]) for r in batch.decode)
         return decisions
 
     def _admit(self, state: PlannerState, now: float, rows: Rows, candidates: np.ndarray, load: Load,
@@ -237,7 +245,12 @@ class SLOPolicy:
     def _plan(self, state: PlannerState, worker: WorkerState, load: Load, rows: Rows, candidates: np.ndarray,
               now: float, gone: set[str]) -> Plan:
         """The worker's admission plan: its running requests as load, its promised ones, and the
-        waiting rows in `candidates`."""
+        waiting rows in `candidates`. TTFTs are planned to end `front_end_s` early (the first
+        token still has to reach the client), and with `ttft_reserve` of the time left before
+        them unused, for what the plan does not see coming (prompts that finish early and decode
+        sooner than planned, steps that run long several at a time); the reserve loosens as the
+        deadline nears, and a promise already made that only the reserve would break is planned
+        to its own deadline instead."""
         mine = [state.requests[r] for r in worker.requests if r not in gone]
         running, context, best_effort = 0, 0, 0
         tightest: RequestState | None = None
@@ -254,15 +267,15 @@ class SLOPolicy:
                 best_effort += r.reserved_blocks
                 tpot = None
             else:
-                tpot = r.tpot_s
+                tpot = _keep(r)
                 if tpot is not None:
-                    tpots.append(tpot * worker.fit.headroom)
+                    tpots.append(tpot)
             if tightest is None or (tpot is not None and tpot < tightest_tpot):
                 tightest, tightest_tpot = r, math.inf if tpot is None else tpot
         replica = Replica(
             decoding=running,
             context_tokens=context,
-            tightest_tpot_s=None if math.isinf(tightest_tpot) else tightest_tpot * worker.fit.headroom,
+            tightest_tpot_s=None if math.isinf(tightest_tpot) else tightest_tpot,
             free_blocks=load[worker.worker_id][0] + best_effort,
             max_num_seqs=self.max_num_seqs,
             prefill_only=worker.role == "prefill",
@@ -274,18 +287,23 @@ class SLOPolicy:
             decode_tpots=tuple(tpots),
         )
         shape = self.profile.model  # the same whatever the worker's calibration
-        promised = [Job(r.request_id, r.prefill_left, 0, _deadline(r, now), self._tpot(r, worker), True,
-                        r.life_context(), float(prefill_cost(shape, r.prefill_left, r.num_computed)))
-                    for r in mine if r.phase == "prefill" and r.prefill_left > 0]
-        if not candidates.any():
-            return plan(self._profile(worker), replica, promised, now)
-        deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
-        held = rows.prefill[candidates] if worker.role == "prefill" else rows.whole[candidates]
-        waiting = Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
-                       np.where(past, np.inf, deadline), np.where(past, np.nan, rows.tpot[candidates] * worker.fit.headroom),
-                       np.zeros(len(deadline), dtype=bool), rows.context[candidates],
-                       prefill_cost(shape, rows.prefill[candidates]))
-        return plan(self._profile(worker), replica, Jobs.of(promised) + waiting, now)
+        jobs = Jobs.of([Job(r.request_id, r.prefill_left, 0, _deadline(r, now), _keep(r), True, r.life_context(),
+                            float(prefill_cost(shape, r.prefill_left, r.num_computed)))
+                        for r in mine if r.phase == "prefill" and r.prefill_left > 0])
+        profile = self._profile(worker)
+        if candidates.any():
+            deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
+            held = rows.prefill[candidates] if worker.role == "prefill" else rows.whole[candidates]
+            jobs += Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
+                         np.where(past, np.inf, deadline), np.where(past, np.nan, rows.tpot[candidates]),
+                         np.zeros(len(deadline), dtype=bool), rows.context[candidates],
+                         prefill_cost(shape, rows.prefill[candidates]))
+        due = jobs.deadline - self.front_end_s
+        reserved = np.minimum(due, now + (1.0 - self.ttft_reserve) * (due - now))
+        p = plan(profile, replica, dataclasses.replace(jobs, deadline=reserved), now)
+        if p.late:  # a promise is not broken for the reserve: the ones made are kept to their own deadlines
+            p = plan(profile, replica, dataclasses.replace(jobs, deadline=np.where(jobs.promised, due, reserved)), now)
+        return p
 
     def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,
               needed: int) -> list[tuple[str, int]]:
@@ -318,16 +336,10 @@ class SLOPolicy:
             out.append((rid, n))
         return out
 
-    @staticmethod
-    def _tpot(req: RequestState, worker: WorkerState) -> float | None:
-        """The TPOT the plan keeps for the request's next tokens on the worker: its objective,
-        less headroom for how far off the worker's predictions have been."""
-        tpot = req.tpot_s
-        return None if tpot is None else tpot * worker.fit.headroom
-
     def _profile(self, worker: WorkerState) -> Profile:
-        """The performance model as this worker's steps have been running lately."""
-        return self.profile.rescaled(worker.fit.fixed, worker.fit.work)
+        """The performance model as this worker's steps have been running lately, at the
+        margin a promise needs (`planner.calibration`)."""
+        return worker.fit.priced(self.profile)
 
     def _alpha(self, state: PlannerState, slo_class: str | None) -> float:
         counts = state.acceptance(slo_class)
@@ -349,7 +361,7 @@ class SLOPolicy:
         gains: dict[str | None, list[float]] = {}  # per class: tokens a step yields at k = 0, 1, ...
         for rid in decode:
             req = state.requests[rid]
-            tpot = self._tpot(req, worker)
+            tpot = req.tpot_s
             if tpot is None:
                 continue
             need = (step_s + max(0.0, req.tracker.lag_s()) / CATCH_UP_STEPS) / tpot  # tokens a step
@@ -383,22 +395,22 @@ class SLOPolicy:
     def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
         """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""
         reqs = [state.requests[r] for r in decode]
-        tightest = min(reqs, key=lambda r: self._tpot(r, worker) or math.inf, default=None)
-        if tightest is None or self._tpot(tightest, worker) is None:
+        tightest = min(reqs, key=lambda r: _keep(r) or math.inf, default=None)
+        if tightest is None or _keep(tightest) is None:
             return math.inf, 0
         replica = Replica(decoding=len(reqs), context_tokens=sum(r.prompt_len + r.num_output for r in reqs),
-                          tightest_tpot_s=self._tpot(tightest, worker), free_blocks=0, max_num_seqs=self.max_num_seqs,
+                          tightest_tpot_s=_keep(tightest), free_blocks=0, max_num_seqs=self.max_num_seqs,
                           alpha=self._alpha(state, tightest.slo_class),
                           max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
                           draft=self.draft if worker.speculator == "draft" else None,
-                          decode_tpots=tuple(t for t in (self._tpot(r, worker) for r in reqs) if t is not None))
+                          decode_tpots=tuple(t for t in (_keep(r) for r in reqs) if t is not None))
         p = plan(self._profile(worker), replica, [], 0.0)
         return p.step_s, p.spec_len
 
     def _decode_room(self, state: PlannerState, worker: WorkerState, count: int, tpot_s: float | None) -> int:
         """How many more requests a decode worker holding `count` can take at TPOT `tpot_s`."""
         reqs = [state.requests[r] for r in worker.requests]
-        tpots = [t for t in (self._tpot(r, worker) for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
+        tpots = [t for t in (_keep(r) for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
         context = sum(r.prompt_len + r.num_output for r in reqs) / len(reqs) if reqs else DEFAULT_CONTEXT
         return max_decode_batch(self._profile(worker), context, min(tpots, default=None), self.max_num_seqs) - count
 
@@ -414,6 +426,45 @@ class SLOPolicy:
 def _alpha(rate: float, mean_k: int) -> float:
     """The per-token acceptance behind a reported rate (cached: it is a bisection)."""
     return acceptance_from_rate(round(rate, 3), mean_k)
+
+
+def _keep(req: RequestState) -> float | None:
+    """The TPOT the plan keeps for the request's next tokens: its objective, or tighter while
+    its tokens so far run behind it, by enough to make the lag up over the tokens it is
+    expected to write still (at least CATCH_UP_TOKENS; never below CATCH_UP_FLOOR of the
+    objective). Shorter periods mean smaller batches and fewer prefill tokens beside it."""
+    tpot = req.tpot_s
+    if tpot is None:
+        return None
+    lag = req.tracker.lag_s()
+    if lag <= 0.0:
+        return tpot
+    left = max(CATCH_UP_TOKENS, req.expected_output - req.num_output)
+    return max(CATCH_UP_FLOOR * tpot, tpot - lag / left)
+
+
+def _hold_back(state: PlannerState, prefill: list[tuple[str, int]], p: Plan, now: float) -> list[tuple[str, int]]:
+    """The batch's chunks, less the last prompt token of each request that would start decoding
+    at a TPOT tighter than the batches run now while other admitted prompts still wait, unless
+    its TTFT is due within HOLD_BATCHES batches. The plan counts a request's decoding from its
+    TTFT deadline on; one that starts early shortens every batch sooner than planned, and a
+    promised prompt behind it can miss its TTFT."""
+    if sum(p.admitted_tokens) <= sum(n for _, n in prefill):  # nothing else waits
+        return prefill
+    out = []
+    for rid, n in prefill:
+        req = state.requests[rid]
+        tpot = _keep(req)
+        if (n >= req.prefill_left and tpot is not None and tpot < p.step_s
+                and req.deadline - now > HOLD_BATCHES * p.step_s):
+            n -= 1
+        if n > 0:
+            out.append((rid, n))
+    return out
+
+
+def _behind(req: RequestState) -> bool:
+    return req.tpot_s is not None and req.tracker.lag_s() > 0.0
 
 
 def _deadline(req: RequestState, now: float) -> float:

@@ -17,7 +17,7 @@ from models.build import TARGET_SHAPE, make_random
 from server_process import API_KEY, start
 from shared.slo import DEFAULT_CLASSES
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 TIGHT_STREAMS = 4
 TPOT_OVER_IDLE = 5.0  # the tight TPOT, as a multiple of the idle TPOT measured first

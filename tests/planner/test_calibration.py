@@ -1,30 +1,73 @@
-"""Learning how a worker's steps run against the profile: two factors when the steps differ
-enough to tell fixed cost from work, one when they do not, and headroom from the error left."""
+"""Learning how a worker's steps run against the profile: a constant turnaround and a factor
+each on fixed cost, compute and memory when the steps tell them apart, fewer terms when they
+do not, and a margin that makes the priced steps last at least as long as most measured ones."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from planner.calibration import StepFit
+from planner.calibration import COLD_MARGIN, LIMITS, MAX_TURNAROUND_S, MIN_STEPS, WINDOW, StepFit
+from shared.roofline import Batches, load_profile, shipped_cpu_profile, split
 
 
-def test_recovers_separate_factors_for_fixed_cost_and_work() -> None:
+def test_recovers_turnaround_and_separate_factors() -> None:
+    """As live with a profile of two threads on a worker given one: compute runs 30 times
+    slower than profiled (beyond what one factor for all could follow), memory barely."""
     fit = StepFit()
     rng = np.random.default_rng(0)
-    for _ in range(64):
-        fixed, work = 0.002, float(rng.uniform(0.001, 0.05))  # decode-sized to prefill-sized steps
-        fit.add(fixed, work, 6.0 * fixed + 1.5 * work)
-    assert fit.fixed == pytest.approx(6.0, rel=1e-6) and fit.work == pytest.approx(1.5, rel=1e-6)
-    assert fit.headroom > 0.99  # exact by now
+    for _ in range(WINDOW):
+        fixed, compute, memory = (float(x) for x in rng.uniform(0.001, 0.02, 3))
+        fit.add(fixed, compute, memory, 0.018 + 3.0 * fixed + 30.0 * compute + 1.2 * memory)
+    assert fit.turnaround == pytest.approx(0.018, rel=1e-6)
+    assert (fit.fixed, fit.compute, fit.memory) == pytest.approx((3.0, 30.0, 1.2), rel=1e-6)
+    assert fit.margin == pytest.approx(1.0)  # exact: no margin needed
 
 
-def test_steps_too_alike_share_one_factor_and_noise_buys_headroom() -> None:
+def test_exact_profile_learns_nothing() -> None:
+    """As in the simulator: steps take what the profile says."""
     fit = StepFit()
     rng = np.random.default_rng(1)
-    for _ in range(64):
-        fit.add(0.002, 0.008, 0.03 * float(rng.uniform(0.7, 1.3)))
-    assert fit.fixed == fit.work == pytest.approx(3.0, rel=0.1)
-    assert 0.8 < fit.headroom < 0.95
-    fit.add(0.0, 0.0, 1.0)  # nothing predicted: nothing learned
-    assert len(fit.steps) == 64
+    for _ in range(WINDOW):
+        fixed, compute, memory = (float(x) for x in rng.uniform(0.001, 0.02, 3))
+        fit.add(fixed, compute, memory, fixed + compute + memory)
+    assert (fit.turnaround, fit.fixed, fit.compute, fit.memory, fit.margin) == pytest.approx((0, 1, 1, 1, 1), abs=1e-9)
+
+
+def test_margin_covers_the_quantile_of_noisy_steps() -> None:
+    """A promise priced with the margin holds for about nine steps in ten as they run."""
+    fit = StepFit()
+    assert fit.margin == COLD_MARGIN
+    rng = np.random.default_rng(2)
+    shapes = rng.uniform(0.001, 0.05, size=(2000, 3))
+    times = (0.01 + shapes.sum(axis=1)) * rng.lognormal(0.0, 0.15, size=2000)
+    covered = []
+    for parts, t in zip(shapes.tolist(), times.tolist()):
+        if fit.seen >= MIN_STEPS:
+            covered.append(t <= fit.margin * fit.predict(*parts))
+        fit.add(*parts, t)
+    assert 1.15 < fit.margin < 1.45
+    assert 0.85 <= np.mean(covered) <= 0.95
+
+
+def test_steps_all_alike_fit_one_factor_and_stay_in_bounds() -> None:
+    fit = StepFit()
+    for _ in range(WINDOW):
+        fit.add(0.002, 0.003, 0.005, 0.03)
+    assert fit.predict(0.002, 0.003, 0.005) == pytest.approx(0.03, rel=1e-6)
+    fit.add(0.0, 0.0, 0.0, 1.0)  # nothing predicted: nothing learned
+    fit.add(0.001, 0.001, 0.001, float("inf"))
+    assert fit.seen == WINDOW
+    for _ in range(WINDOW):  # a measurement gone wrong does not make factors without bound
+        fit.add(0.002, 0.003, 0.005, 500.0)
+    factors = (fit.fixed, fit.compute, fit.memory)
+    assert all(LIMITS[0] <= f <= LIMITS[1] for f in factors) and 0.0 <= fit.turnaround <= MAX_TURNAROUND_S
+
+
+def test_priced_profile_predicts_the_margin_over_the_fit() -> None:
+    profile = load_profile(shipped_cpu_profile(None))
+    fit = StepFit(turnaround=0.01, fixed=2.0, compute=8.0, memory=1.5, margin=1.2)
+    b = Batches.of(prefill_tokens=128, decode_seqs=4, kv_read=2000, num_seqs=5)
+    parts = tuple(float(np.ravel(x)[0]) for x in split(profile.model, profile.params, b))
+    assert float(np.ravel(fit.fitted(profile).predict(b))[0]) == pytest.approx(fit.predict(*parts))
+    assert float(np.ravel(fit.priced(profile).predict(b))[0]) == pytest.approx(1.2 * fit.predict(*parts))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.admission import IDLE_STEP_S, Job, Replica, plan
+from planner.calibration import StepFit
 from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.sarathi import SarathiPolicy
@@ -25,7 +26,9 @@ LOOSE = SLOTarget(ttft_ms=5000.0, tpot_ms=200.0)
 
 
 def worker(wid: str, role: str = "colocated", blocks: int = 4000, speculator: str = "none") -> WorkerState:
-    return WorkerState(wid, role, blocks, 16, 8192, last_seen=0.0, speculator=speculator)  # type: ignore[arg-type]
+    """A worker whose steps are known to run as the profile says (no margin)."""
+    return WorkerState(wid, role, blocks, 16, 8192, last_seen=0.0, speculator=speculator,  # type: ignore[arg-type]
+                       fit=StepFit(margin=1.0))
 
 
 def request(rid: str, prompt: int, slo: SLOTarget = LOOSE, arrival: float = 0.0, max_tokens: int = 128,
@@ -124,7 +127,7 @@ def test_a_worker_whose_steps_are_slower_than_any_promise_still_runs_what_it_hol
     calibration sees the real steps no plan fits what the worker holds; it must still serve
     it, late, earliest deadline first, not sit idle while the streams hang."""
     w = worker("w0")
-    w.fit.fixed = w.fit.work = 20.0
+    w.fit.fixed = w.fit.compute = w.fit.memory = 20.0
     held = [request(f"r{i}", 600, TIGHT, arrival=0.1 * (2 - i)) for i in range(3)]
     s = state([w])
     for r in held:

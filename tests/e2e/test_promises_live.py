@@ -1,0 +1,62 @@
+"""Live, on this machine: a promise holds. Tight and loose TPOTs arrive open loop at a rate
+that one worker cannot serve all of on time; whatever the planner promised (the gateway's
+`X-SLO-Promised`) must meet its objectives by the client's own clock, and the rest must be
+refused or served best effort, never admitted and then late. The objectives are set from this
+machine's own idle decoding speed, so the test means the same on a fast and a slow host."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.live import run_live
+from bench.workloads import Arrival
+from models.build import TARGET_SHAPE, make_random
+from server_process import API_KEY, start
+from shared.slo import DEFAULT_CLASSES
+
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
+
+REQUESTS = 40
+TIGHT_OVER_IDLE, LOOSE_OVER_IDLE = 3.0, 12.0  # the TPOTs, as multiples of the idle TPOT measured first
+TTFT_OVER_IDLE = 150.0  # the TTFT, likewise
+RATE_OVER_IDLE = 0.06  # requests per idle TPOT: more than one worker keeps on time
+
+
+@pytest.fixture(scope="module")
+def builtin_shaped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights in the built-in model's shape, so the shipped CPU profile prices it."""
+    return make_random(tmp_path_factory.mktemp("builtin-shaped"), TARGET_SHAPE)
+
+
+def test_every_promised_request_meets_its_objectives(builtin_shaped: Path, tmp_path: Path) -> None:
+    server = start(builtin_shaped, tmp_path, workers=1, extra=("--kv-cache-mb", "64"))
+    url, vocab = server.url + "/v1", 4096
+    try:
+        idle = run_live(url, API_KEY, server.model, [Arrival(f"idle{i}", 0.0, 64, 64, "coding") for i in range(2)],
+                        vocab, DEFAULT_CLASSES)
+        idle_s = float(np.mean([o.tpots_s[-1] for o in idle]))
+        rng = np.random.default_rng(0)
+        at = np.cumsum(rng.exponential(idle_s / RATE_OVER_IDLE, REQUESTS))
+        arrivals = [Arrival(f"r{i}", float(at[i]), int(rng.integers(32, 768)), 48, "coding",
+                            ttft_ms=TTFT_OVER_IDLE * idle_s * 1e3,
+                            tpot_ms=(TIGHT_OVER_IDLE if i % 2 else LOOSE_OVER_IDLE) * idle_s * 1e3)
+                    for i in range(REQUESTS)]
+        outcomes = run_live(url, API_KEY, server.model, arrivals, vocab, DEFAULT_CLASSES)
+        slo = server.admin("GET", "/slo").json()
+    finally:
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(timeout=20)
+
+    assert len(outcomes) == REQUESTS
+    promised = [o for o in outcomes if o.promised]
+    missed = [(o.request_id, o.ttft_s, o.tpots_s) for o in promised if not o.met]
+    assert not missed, f"promised and late (idle TPOT {idle_s * 1e3:.1f} ms): {missed}; planner: {slo}"
+    assert all(o.refused or o.finished for o in outcomes)
+    assert all(o.refused or o.promised is not None for o in outcomes)  # every admitted one was told which
+    assert len(promised) >= REQUESTS // 4, slo  # a planner that promised nothing would pass the rest
+    seen = slo["promises"]["promised"]  # by the planner's clock, the idle streams too
+    assert seen["met"] == seen["total"] >= len(promised), seen
