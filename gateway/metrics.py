@@ -59,8 +59,8 @@ class ClusterCollector(Collector):
             met.add_metric([served], count.met)
             judged.add_metric([served], count.total)
         yield from (met, judged)
-        yield CounterMetricFamily("slos_catch_up_batches", "Batches paced tighter for a promised request behind "
-                                  "its TPOT", value=status.caught_up if status else 0)
+        yield CounterMetricFamily("slos_catch_up_batches", "Batches that held prefill back for a promised request "
+                                  "behind its TPOT", value=status.caught_up if status else 0)
         yield GaugeMetricFamily("slos_gateway_open_requests", "Requests the gateway is serving",
                                 value=self.link.open_requests)
         proposed = CounterMetricFamily("slos_spec_proposed_tokens", "Speculative tokens verified",

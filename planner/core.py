@@ -70,7 +70,7 @@ class Planner:
     generated_tokens: int = 0
     handovers: int = 0
     preemptions: int = 0
-    caught_up: int = 0  # batches paced tighter for a promised request behind its TPOT
+    caught_up: int = 0  # batches that held prefill back for a promised request behind its TPOT
     verdicts: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request -> why, newest last
     unsent_roles: dict[str, Role] = field(default_factory=dict)  # role changes the worker has not been told
     lost: OrderedDict[str, Tracker] = field(default_factory=OrderedDict)  # request -> its token times so far

@@ -32,4 +32,4 @@ class Decisions:
     preempt: list[tuple[str, str]] = field(default_factory=list)  # (running request, reason)
     roles: dict[str, Role] = field(default_factory=dict)  # worker -> its new role
     best_effort: set[str] = field(default_factory=set)  # assigned without a promise: preempted first
-    caught_up: int = 0  # batches paced tighter because a promised request in them runs behind its TPOT
+    caught_up: int = 0  # batches that prefilled only what the plan needs, for a promised request behind its TPOT

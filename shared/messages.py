@@ -269,7 +269,7 @@ class ClusterStatus(msgspec.Struct, tag=True):
     preemptions: int = 0  # running requests preempted for room
     attainment: dict[str, SLOCount] = {}  # by SLO class, as the planner sees token times
     promises: dict[str, SLOCount] = {}  # the same by how the request was served: promised, best_effort, refused
-    caught_up: int = 0  # batches paced tighter because a promised request ran behind its TPOT
+    caught_up: int = 0  # batches that held prefill back for a promised request behind its TPOT
 
 
 Message = Union[

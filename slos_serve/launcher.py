@@ -27,8 +27,8 @@ from pathlib import Path
 import platformdirs
 
 from shared.bus import ipc_address
-from slos_serve import profiles
 from shared.settings import Settings, as_env
+from slos_serve import profiles
 
 log = logging.getLogger(__name__)
 

@@ -74,8 +74,6 @@ MIN_PROPOSED = 50  # speculative tokens a class must have verified before its ow
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
 SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
 CATCH_UP_STEPS = 4  # steps over which a request behind its TPOT speculates to make the lag up
-CATCH_UP_TOKENS = 8  # tokens over which, at least, it is paced to make the lag up
-CATCH_UP_FLOOR = 1.0  # of its TPOT: the shortest period a lag asks for
 BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
 HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
@@ -115,7 +113,7 @@ class SLOPolicy:
                     decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
                     parked += 1
         hand_over(state, load, self.max_num_seqs, decisions, added,
-                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], _keep(r)) > 0)
+                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], r.tpot_s) > 0)
 
         for worker in state.idle_workers():
             request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
@@ -130,9 +128,11 @@ class SLOPolicy:
                 mine = set(request_ids)
                 batch.prefill = [(rid, n) for rid, n in p.chunks.items() if rid in mine]
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
+                behind = any(_behind(state.requests[r]) for r in batch.decode)
                 if batch.prefill:
-                    batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed)
+                    batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed, behind)
                     batch.prefill = _hold_back(state, batch.prefill, p, now)
+                decisions.caught_up += behind
                 # the period's slack goes to prefill, unless there is none to run or memory,
                 # not time, turns requests away: then decoding faster is what frees room
                 step_s, speed_up = p.step_s, p.crowded or not batch.prefill
@@ -143,7 +143,6 @@ class SLOPolicy:
                 batch.spec_lens = self._for_speed(state, worker, batch, step_s)
             if batch:
                 decisions.batches[worker.worker_id] = batch
-                decisions.caught_up += any(_behind(state.requests[r]) for r in batch.decode)
         return decisions
 
     def _admit(self, state: PlannerState, now: float, rows: Rows, candidates: np.ndarray, load: Load,
@@ -267,7 +266,7 @@ class SLOPolicy:
                 best_effort += r.reserved_blocks
                 tpot = None
             else:
-                tpot = _keep(r)
+                tpot = r.tpot_s
                 if tpot is not None:
                     tpots.append(tpot)
             if tightest is None or (tpot is not None and tpot < tightest_tpot):
@@ -287,7 +286,7 @@ class SLOPolicy:
             decode_tpots=tuple(tpots),
         )
         shape = self.profile.model  # the same whatever the worker's calibration
-        jobs = Jobs.of([Job(r.request_id, r.prefill_left, 0, _deadline(r, now), _keep(r), True, r.life_context(),
+        jobs = Jobs.of([Job(r.request_id, r.prefill_left, 0, _deadline(r, now), r.tpot_s, True, r.life_context(),
                             float(prefill_cost(shape, r.prefill_left, r.num_computed)))
                         for r in mine if r.phase == "prefill" and r.prefill_left > 0])
         profile = self._profile(worker)
@@ -306,15 +305,16 @@ class SLOPolicy:
         return p
 
     def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,
-              needed: int) -> list[tuple[str, int]]:
+              needed: int, behind: bool = False) -> list[tuple[str, int]]:
         """How much of the planned prefill the next batch runs, cut from the end of its chunks.
 
         Never so much that the batch outlasts its period (the budget was priced without the
         chunks' own attention over their earlier context), and no more than the deadlines
         need, or than it takes to prefill at EFFICIENCY of the best rate the period allows: a
         longer batch adds little prefill per second but slows every decoding request, which
-        then holds its KV blocks longer. A cut inside a prompt moves to its end when that fits,
-        rather than leave a stub for the next batch."""
+        then holds its KV blocks longer; beside a promised request `behind` its TPOT, no more
+        than the deadlines need. A cut inside a prompt moves to its end when that fits, rather
+        than leave a stub for the next batch."""
         ends = np.cumsum([n for _, n in batch.prefill], dtype=np.float64)
         totals = np.unique(np.concatenate([np.linspace(0, ends[-1], 33).round(), ends]))
         seconds = batch_seconds(profile, state, batch, totals)
@@ -324,7 +324,7 @@ class SLOPolicy:
         rates = totals / seconds
         efficient = totals[fits & (rates >= EFFICIENCY * rates[fits].max())]
         most = totals[fits][-1]
-        keep = min(most, max(efficient[0], needed))
+        keep = min(most, needed if behind else max(efficient[0], needed))
         finish = ends[np.searchsorted(ends, keep)] if keep < ends[-1] else ends[-1]
         if finish <= most:  # finish the prompt it cuts into, rather than leave a stub for the next batch
             keep = finish
@@ -395,22 +395,22 @@ class SLOPolicy:
     def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
         """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""
         reqs = [state.requests[r] for r in decode]
-        tightest = min(reqs, key=lambda r: _keep(r) or math.inf, default=None)
-        if tightest is None or _keep(tightest) is None:
+        tightest = min(reqs, key=lambda r: r.tpot_s or math.inf, default=None)
+        if tightest is None or tightest.tpot_s is None:
             return math.inf, 0
         replica = Replica(decoding=len(reqs), context_tokens=sum(r.prompt_len + r.num_output for r in reqs),
-                          tightest_tpot_s=_keep(tightest), free_blocks=0, max_num_seqs=self.max_num_seqs,
+                          tightest_tpot_s=tightest.tpot_s, free_blocks=0, max_num_seqs=self.max_num_seqs,
                           alpha=self._alpha(state, tightest.slo_class),
                           max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
                           draft=self.draft if worker.speculator == "draft" else None,
-                          decode_tpots=tuple(t for t in (_keep(r) for r in reqs) if t is not None))
+                          decode_tpots=tuple(t for t in (r.tpot_s for r in reqs) if t is not None))
         p = plan(self._profile(worker), replica, [], 0.0)
         return p.step_s, p.spec_len
 
     def _decode_room(self, state: PlannerState, worker: WorkerState, count: int, tpot_s: float | None) -> int:
         """How many more requests a decode worker holding `count` can take at TPOT `tpot_s`."""
         reqs = [state.requests[r] for r in worker.requests]
-        tpots = [t for t in (_keep(r) for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
+        tpots = [t for t in (r.tpot_s for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
         context = sum(r.prompt_len + r.num_output for r in reqs) / len(reqs) if reqs else DEFAULT_CONTEXT
         return max_decode_batch(self._profile(worker), context, min(tpots, default=None), self.max_num_seqs) - count
 
@@ -428,21 +428,6 @@ def _alpha(rate: float, mean_k: int) -> float:
     return acceptance_from_rate(round(rate, 3), mean_k)
 
 
-def _keep(req: RequestState) -> float | None:
-    """The TPOT the plan keeps for the request's next tokens: its objective, or tighter while
-    its tokens so far run behind it, by enough to make the lag up over the tokens it is
-    expected to write still (at least CATCH_UP_TOKENS; never below CATCH_UP_FLOOR of the
-    objective). Shorter periods mean smaller batches and fewer prefill tokens beside it."""
-    tpot = req.tpot_s
-    if tpot is None:
-        return None
-    lag = req.tracker.lag_s()
-    if lag <= 0.0:
-        return tpot
-    left = max(CATCH_UP_TOKENS, req.expected_output - req.num_output)
-    return max(CATCH_UP_FLOOR * tpot, tpot - lag / left)
-
-
 def _hold_back(state: PlannerState, prefill: list[tuple[str, int]], p: Plan, now: float) -> list[tuple[str, int]]:
     """The batch's chunks, less the last prompt token of each request that would start decoding
     at a TPOT tighter than the batches run now while other admitted prompts still wait, unless
@@ -454,7 +439,7 @@ def _hold_back(state: PlannerState, prefill: list[tuple[str, int]], p: Plan, now
     out = []
     for rid, n in prefill:
         req = state.requests[rid]
-        tpot = _keep(req)
+        tpot = req.tpot_s
         if (n >= req.prefill_left and tpot is not None and tpot < p.step_s
                 and req.deadline - now > HOLD_BATCHES * p.step_s):
             n -= 1
@@ -464,6 +449,8 @@ def _hold_back(state: PlannerState, prefill: list[tuple[str, int]], p: Plan, now
 
 
 def _behind(req: RequestState) -> bool:
+    """A promised request whose tokens so far run behind its TPOT: the batches beside it
+    prefill only what the plan needs, and it speculates more where the worker speculates."""
     return req.tpot_s is not None and req.tracker.lag_s() > 0.0
 
 

@@ -140,6 +140,21 @@ def test_a_promise_that_cannot_be_kept_is_reported_and_the_most_are_kept() -> No
     assert p.needed == p.next_budget
 
 
+def test_a_late_promise_goes_first_only_where_the_others_have_the_slack() -> None:
+    """A promise the plan finds late runs in deadline order when every on-time one due after it
+    could still finish after it (the plan is priced with a margin: it may well make it), and
+    last when running it first would make another late too."""
+    probe = plan(GPU, IDLE, [Job("x", 1, 1, 1.0, None)], 0.0)
+    due = 2 * probe.step_s + 1e-6
+    lots = [Job("late", 3 * probe.next_budget, 0, due, None, promised=True),
+            Job("later", probe.next_budget, 0, 40 * probe.step_s, None, promised=True)]
+    p = plan(GPU, IDLE, lots, 0.0)
+    assert p.late == ["late"] and p.admitted == ["late", "later"] and p.chunks == {"late": p.next_budget}
+    tight = [lots[0], Job("later", probe.next_budget, 0, 3 * probe.step_s + 1e-6, None, promised=True)]
+    p = plan(GPU, IDLE, tight, 0.0)
+    assert p.late == ["late"] and p.admitted == ["later", "late"]
+
+
 def test_a_long_queue_is_cut_to_its_earliest_new_requests_never_its_promises() -> None:
     """Where the program would grow past its work limit it plans the earliest new requests;
     promised ones without a deadline (sorted last) stay in the plan."""

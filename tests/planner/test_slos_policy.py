@@ -264,3 +264,19 @@ def test_when_the_tightest_tier_does_not_speculate_no_request_needs_to(tpots: li
     p = policy._plan(s, w, load_of(s), s.waiting.rows(), np.zeros(0, dtype=bool), 0.0, set())
     if p.spec_len == 0:
         assert policy._spec_lens(s, w, [r.request_id for r in reqs], p.step_s, 1) == {}
+
+
+def test_a_prompt_that_would_decode_early_at_a_tighter_tpot_keeps_its_last_token() -> None:
+    """The plan counts a request's decoding from its TTFT deadline on: finishing a tight one's
+    prompt early would shorten every batch sooner than planned while other prompts wait. Alone,
+    or once its deadline is near, it finishes."""
+    tight = SLOTarget(ttft_ms=5000.0, tpot_ms=30.0)
+
+    def first_batch(waiting: list[RequestState]) -> dict[str, int]:
+        s = state([worker("w0")], waiting)
+        return dict(SLOPolicy(GPU).schedule(s, now=0.0).batches["w0"].prefill)
+
+    assert first_batch([request("t", 40, tight), request("long", 20_000, LOOSE)])["t"] == 39
+    assert first_batch([request("t", 40, tight)]) == {"t": 40}
+    due_soon = SLOTarget(ttft_ms=1e3 * IDLE_STEP_S, tpot_ms=30.0)  # within two batches
+    assert first_batch([request("t", 40, due_soon), request("long", 20_000, LOOSE)])["t"] == 40
