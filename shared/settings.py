@@ -67,7 +67,7 @@ class Settings(BaseSettings):
                                  "with; default: the shipped CPU profile of the served model (else the built-in's)")
     draft_profile: Path | None = Field(None, description="profile of the draft model, to price draft steps")
     best_effort_limit: int = Field(256, ge=0, description="parked requests before new ones are refused")
-    ttft_reserve: float = Field(0.35, ge=0.0, lt=1.0, description="share of the time left before a TTFT deadline "
+    ttft_reserve: float = Field(0.25, ge=0.0, lt=1.0, description="share of the time left before a TTFT deadline "
                                 "that slos does not plan to use when it makes a promise (for what its model misses)")
     front_end_ms: float = Field(50.0, ge=0.0, description="a token's trip from a worker to the client, which slos "
                                 "plans TTFTs to leave room for")
