@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.admission import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
+from planner.calibration import MIN_STEPS
 from planner.costs import batch_seconds, batch_shape
 from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import (
@@ -206,15 +207,17 @@ class SLOPolicy:
 
     def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions) -> set[str]:
         """Refuse the newly waiting requests whose TPOT no worker could keep even decoding them
-        alone (`spec_choice.fastest_token_s`): waiting would not help them. Returns their ids."""
+        alone (`spec_choice.fastest_token_s`) as its steps run on average: waiting would not
+        help them. Workers that have not run enough steps to be known refuse nothing: the
+        request waits for a plan instead. Returns their ids."""
         fresh = np.flatnonzero(~rows.parked & ~np.isnan(rows.tpot))
-        pool = prefill_pool(state)
+        pool = [w for w in prefill_pool(state) if w.fit.seen >= MIN_STEPS]
         if not len(fresh) or not pool:
             return set()
         spec = any(w.speculator != "none" for w in pool) and self.max_spec_len > 0
         alpha = max([self.prior_alpha, *(self._alpha(state, c) for c in state.speculation)]) if spec else 0.0
         draft = self.draft if any(w.speculator == "draft" for w in pool) else None
-        best = np.min([fastest_token_s(self._profile(w), rows.context[fresh], alpha, draft,
+        best = np.min([fastest_token_s(w.fit.fitted(self.profile), rows.context[fresh], alpha, draft,
                                        self.max_spec_len if spec else 0) for w in pool], axis=0)
         out = set()
         for rid, tpot, fastest in zip(rows.ids[fresh].tolist(), rows.tpot[fresh].tolist(), best.tolist()):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.admission import IDLE_STEP_S, Job, Replica, plan
-from planner.calibration import StepFit
+from planner.calibration import MIN_STEPS, StepFit
 from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.sarathi import SarathiPolicy
@@ -88,9 +88,14 @@ def test_the_best_effort_queue_is_bounded() -> None:
 
 def test_a_tpot_no_worker_could_keep_is_refused_at_once() -> None:
     """A decode step of this model alone takes about 11 ms: a 5 ms TPOT waits for nothing
-    (before, it was parked until its request timed out); 30 ms is admitted."""
-    s = state([worker("w0")], [request("fast", 100, SLOTarget(tpot_ms=5.0)), request("ok", 100, TIGHT)], {})
-    d = SLOPolicy(GPU).schedule(s, now=0.0)
+    (before, it was parked until its request timed out); 30 ms is admitted. A worker that has
+    not run enough steps to be known refuses nothing: the request waits."""
+    waiting = [request("fast", 100, SLOTarget(tpot_ms=5.0)), request("ok", 100, TIGHT)]
+    cold = SLOPolicy(GPU).schedule(state([worker("w0")], waiting, {}), now=0.0)
+    assert cold.refuse == [] and [rid for rid, _ in cold.park] == ["fast"]
+    known = worker("w0")
+    known.fit.seen = MIN_STEPS
+    d = SLOPolicy(GPU).schedule(state([known], waiting, {}), now=0.0)
     [(rid, why)] = d.refuse
     assert rid == "fast" and "below the fastest" in why and d.assign == {"ok": "w0"}
 
