@@ -173,8 +173,10 @@ class SLOPolicy:
         if not len(hopeful):
             return plans
 
-        def has_room(w: WorkerState) -> bool:  # for a block at least
-            return load[w.worker_id][1] < self.max_num_seqs and load[w.worker_id][0] - 1 >= BE_RESERVE * w.num_blocks
+        def has_room(w: WorkerState) -> bool:  # for a block, and for one more decoder beside its TPOTs
+            free, count = load[w.worker_id]
+            return (count < self.max_num_seqs and free - 1 >= BE_RESERVE * w.num_blocks
+                    and (w.role == "prefill" or self._decode_room(state, w, count, None) > 0))
 
         nobody = np.zeros(len(rows), dtype=bool)
         with_slack = []
