@@ -127,19 +127,6 @@ def test_a_parked_request_past_its_ttft_is_served_as_best_effort_in_slack() -> N
     assert d.batches["w0"].prefill == [("late", 100)]
 
 
-def test_best_effort_does_not_join_decoders_whose_tpot_it_would_break() -> None:
-    """Every decoder adds to each step; beside promised ones decoding at the most a step allows
-    within their TPOT, a best-effort one would make them late."""
-    late = request("late", 100, TIGHT, arrival=0.0)
-    late.parked = True
-    room = SLOPolicy(GPU)._decode_room(state([worker("w0")]), worker("w0"), 0, TIGHT.tpot_ms / 1e3)
-    full = [request(f"d{i}", 100, TIGHT) for i in range(room)]
-    d = SLOPolicy(GPU).schedule(state([worker("w0")], [late], {"w0": full}), now=5.0)
-    assert "late" not in d.assign
-    d = SLOPolicy(GPU).schedule(state([worker("w0")], [late], {"w0": full[:-2]}), now=5.0)
-    assert d.assign == {"late": "w0"}
-
-
 def test_a_worker_whose_steps_are_slower_than_any_promise_still_runs_what_it_holds() -> None:
     """With a profile far too fast for the machine (a shipped profile on a slower host), once
     calibration sees the real steps no plan fits what the worker holds; it must still serve
