@@ -44,7 +44,6 @@ class Run:
     load: Load
     outcomes: list[Outcome]
     step_fit: dict  # the worker's calibration at the end (`/admin/workers`)
-    planner_view: dict  # `/admin/slo` at the end
 
     def row(self) -> dict[str, object]:
         """The figures of issue 28's table."""
@@ -73,5 +72,4 @@ def run(model: Path, policy: str, load: Load, workdir: Path, vocab: int, worker_
     with live_server(model, profile, workdir / f"server-{policy}-{load.rate:g}.log", worker_cpus, policy) as server:
         outcomes = run_live(server.url + "/v1", server.api_key, server.model, load.arrivals(), vocab, DEFAULT_CLASSES)
         fit = server.admin("/admin/workers")[0]["step_fit"]  # type: ignore[index]
-        view = server.admin("/admin/slo")
-    return Run(policy, load, outcomes, fit, view)  # type: ignore[arg-type]
+    return Run(policy, load, outcomes, fit)
