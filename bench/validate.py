@@ -170,7 +170,7 @@ def calibration_seen(server: LiveServer, every_s: float = 1.0) -> Iterator[list[
         done.set()
         thread.join()
         if not seen:
-            seen.append((1.0, 1.0, 1.0, 0.0, 0.0))
+            seen.append(dataclasses.astuple(StepsSeen()))
 
 
 def medians(readings: list[tuple[float, ...]]) -> StepsSeen:

@@ -11,7 +11,6 @@ seed, is held out to judge the fit.
 from __future__ import annotations
 
 import csv
-import platform
 import random
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from engine.config import ModelConfig
 from engine.engine import Engine
 from shared.messages import BatchOrder, PrefillChunk, SamplingParams
 from shared.model_info import context_window
-from shared.roofline import Batches, FitQuality, ModelShape, Profile, fit, mape, predict, r2
+from shared.roofline import Batches, FitQuality, ModelShape, Profile, cpu_name, fit, mape, predict, r2
 
 Seq = tuple[int, int]  # (context tokens, new tokens)
 BLOCK_SIZE = 16
@@ -99,13 +98,6 @@ def time_shape(engine: Engine, seqs: list[Seq], tag: str) -> float:
     for rid in ids:
         engine.abort(rid)
     return seconds
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def hardware_name(device: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from planner.core import Planner
 from planner.policies.base import Policy
 from planner.policies.registry import POLICY_NAMES
+from planner.state import Attainment
 from shared.messages import Role
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,8 @@ def execute(planner: Planner, command: Command, make_policy: Callable[[str], Pol
                                "running": {w.worker_id: list(w.requests) for w in state.workers.values()}})
         case ShowSLO():
             return Reply(200, {
-                "attainment": {k: {"met": a.met, "total": a.total, "share": a.met / a.total if a.total else None}
-                               for k, a in state.attainment.items()},
-                "promises": {k: {"met": a.met, "total": a.total, "share": a.met / a.total if a.total else None}
-                             for k, a in state.promises.items()},
+                "attainment": _shares(state.attainment),
+                "promises": _shares(state.promises),
                 "caught_up": planner.caught_up,
                 "speculation": {k: {"proposed": c.proposed, "accepted": c.accepted, "steps": c.steps}
                                 for k, c in state.speculation.items()},
@@ -185,3 +184,8 @@ class CommandQueue:
     def close(self) -> None:
         os.close(self.wake_fd)
         os.close(self._wake_write)
+
+
+def _shares(counts: dict[str, Attainment]) -> dict[str, dict[str, float | int | None]]:
+    return {k: {"met": a.met, "total": a.total, "share": a.met / a.total if a.total else None}
+            for k, a in counts.items()}

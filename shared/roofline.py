@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -129,14 +130,18 @@ def split(shape: ModelShape, p: RooflineParams, b: Batches) -> tuple[np.ndarray,
     flops, nbytes = terms(shape, b)
     compute, memory = flops * p.inv_flops, nbytes * p.inv_bandwidth
     if p.combine == "max":
-        compute, memory = np.where(compute >= memory, compute, 0.0), np.where(compute >= memory, 0.0, memory)
+        binds = compute >= memory
+        compute, memory = np.where(binds, compute, 0.0), np.where(binds, 0.0, memory)
     return p.overhead_s + p.per_sequence_s * b.num_seqs, compute, memory
 
 
 def predict(shape: ModelShape, p: RooflineParams, b: Batches) -> np.ndarray:
-    """Seconds per batch."""
-    fixed, compute, memory = split(shape, p, b)
-    return fixed + compute + memory
+    """Seconds per batch (`split`'s parts added up, without splitting: this is the planner's
+    hot path)."""
+    flops, nbytes = terms(shape, b)
+    compute, memory = flops * p.inv_flops, nbytes * p.inv_bandwidth
+    bound = np.maximum(compute, memory) if p.combine == "max" else compute + memory
+    return p.overhead_s + p.per_sequence_s * b.num_seqs + bound
 
 
 def prefill_budget(shape: ModelShape, p: RooflineParams, step_s: float, decode_seqs: float,
@@ -279,6 +284,14 @@ def load_profile(path: Path, expect: ModelShape | None = None) -> Profile:
     if expect is not None and msgspec.structs.replace(profile.model, name=expect.name) != expect:
         raise ProfileError(f"{path} profiles model shape {profile.model}, not {expect}")
     return profile
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as the profiles' `hardware` gives it."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def shipped_cpu_profile(model_dir: Path | None, threads: int = 2) -> Path:

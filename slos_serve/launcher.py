@@ -113,11 +113,9 @@ def taken_ports(settings: Settings) -> list[int]:
 
 def plan_profile(settings: Settings, placement: Placement) -> Path | None:
     """The profile of the served model at the workers' thread count (`slos_serve.profiles`):
-    found, or measured now on the first worker's cores and cached. None on a GPU (the planner
-    then takes the shipped profile of the model's shape) or when profiling fails."""
-    import torch
-
-    if torch.cuda.is_available() or settings.model_dir is None:
+    found, or measured now on the first worker's cores and cached. None for workers on a GPU
+    (the planner then takes the shipped profile of the model's shape) or when profiling fails."""
+    if settings.device != "cpu" or settings.model_dir is None:
         return None
     threads, dtype = settings.threads_per_worker or 1, settings.dtype
     found = profiles.find(settings.model_dir, threads, dtype)

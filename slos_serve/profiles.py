@@ -19,7 +19,7 @@ from pathlib import Path
 
 import platformdirs
 
-from shared.roofline import ProfileError, load_profile, matching_cpu_profile
+from shared.roofline import ProfileError, cpu_name, load_profile, matching_cpu_profile
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ QUICK_REPEATS = 2  # timed rounds of the quick grid on first start
 
 def cache_path(model_dir: Path, threads: int, dtype: str) -> Path:
     """Where the profile of this model on this machine at `threads` threads and `dtype` is kept."""
-    from engine.profiler import cpu_name
-
     key = hashlib.sha256((model_dir / "config.json").read_bytes() + cpu_name().encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", model_dir.name)
     return platformdirs.user_cache_path("slos-serve") / "profiles" / f"{name}_{key}_{dtype}_{threads}t.json"
