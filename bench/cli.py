@@ -433,3 +433,15 @@ def bench_promises(
                       f"{ms(row['loose_tpot_p50_ms'])} / {ms(row['loose_tpot_p90_ms'])} | "
                       f"+{fit['turnaround_s'] * 1e3:.0f} ms, x{fit['fixed']:.2f} / {fit['compute']:.2f} / "
                       f"{fit['memory']:.2f}, {fit['error']:.0%} off, margin {fit['margin']:.2f} |", flush=True)
+
+
+@bench_app.command("dashboard")
+def bench_dashboard(
+    out: Annotated[Path, typer.Option(help="PNG to write")],
+    prometheus: Annotated[str, typer.Option(help="Prometheus server scraping the gateway")] = "http://127.0.0.1:9090",
+    minutes: Annotated[float, typer.Option(help="time range, ending now")] = 10.0,
+) -> None:
+    """Render deploy/grafana's dashboard from Prometheus into one PNG (each panel's own queries)."""
+    from bench.dashboard import render
+
+    console.print(f"{out}: {render(prometheus, out, minutes)} series")

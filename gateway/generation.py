@@ -27,6 +27,7 @@ class Generation:
 
     request_id: str
     endpoint: str  # chat or completions, for the metrics
+    slo_class: str  # a configured class, `custom` (objectives given as numbers) or `none`, for the metrics
     queue: asyncio.Queue
     prompt_tokens: int
     started: float
@@ -65,7 +66,9 @@ class Generations:
 
     async def start(self, submit: Submit, endpoint: str) -> Generation:
         now = time.monotonic()
-        gen = Generation(submit.request_id, endpoint, self.link.open(submit.request_id),
+        slo = submit.slo
+        slo_class = slo.slo_class or ("custom" if slo.ttft_ms or slo.tpot_ms or slo.stages else "none")
+        gen = Generation(submit.request_id, endpoint, slo_class, self.link.open(submit.request_id),
                          len(submit.prompt_token_ids), now, now + self.timeout_s)
         await self.link.submit(submit)
         return gen
@@ -105,9 +108,10 @@ class Generations:
         m.requests.labels(gen.endpoint, outcome).inc()
         m.tokens.inc(gen.completion_tokens)
         if gen.first_token_at is not None:
-            m.ttft.observe(gen.first_token_at - gen.started)
+            m.ttft.labels(gen.slo_class).observe(gen.first_token_at - gen.started)
             if gen.completion_tokens > 1 and gen.last_token_at is not None:
-                m.tpot.observe((gen.last_token_at - gen.first_token_at) / (gen.completion_tokens - 1))
+                decoding = gen.last_token_at - gen.first_token_at
+                m.tpot.labels(gen.slo_class).observe(decoding / (gen.completion_tokens - 1))
 
     async def first(self, gen: Generation, request: Request) -> TokenChunk | None:
         """The first chunk, before any response is sent; None if the client went away."""

@@ -84,8 +84,8 @@ class GatewayMetrics:
         self.requests = Counter("slos_requests", "Finished HTTP requests", ["endpoint", "outcome"],
                                 registry=self.registry)
         self.tokens = Counter("slos_generated_tokens", "Tokens sent to clients", registry=self.registry)
-        self.ttft = Histogram("slos_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
-                              registry=self.registry)
-        self.tpot = Histogram("slos_tpot_seconds", "Mean time per output token after the first",
+        self.ttft = Histogram("slos_ttft_seconds", "Time to first token", ["slo_class"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("slos_tpot_seconds", "Mean time per output token after the first", ["slo_class"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(ClusterCollector(link))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from shared.bus import DropCounter, make_socket
+from shared.bus import DropCounter, bind_address, make_socket
 from shared.messages import (
     Abort,
     Admitted,
@@ -57,10 +57,10 @@ class ChunkOrder:
 
 
 class PlannerLink:
-    def __init__(self, intake_address: str, gateway_address: str) -> None:
+    def __init__(self, intake_address: str, gateway_address: str, bind_host: str | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         self._to_planner = make_socket(self._ctx, zmq.PUSH, connect=intake_address)
-        self._inbox = make_socket(self._ctx, zmq.PULL, bind=gateway_address)
+        self._inbox = make_socket(self._ctx, zmq.PULL, bind=bind_address(gateway_address, bind_host))
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._order: dict[str, ChunkOrder] = {}
         self._submits: dict[str, Submit] = {}

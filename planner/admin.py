@@ -72,6 +72,11 @@ def create_admin_app(commands: CommandQueue, token: str) -> FastAPI:
 
     auth = [Depends(authorize)]
 
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness, unauthenticated: the admin API answers, so the planner's loop started it."""
+        return {"status": "ok"}
+
     @app.get("/admin/workers", dependencies=auth)
     def workers() -> list[dict]:
         return ask(ShowWorkers())

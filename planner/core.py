@@ -304,8 +304,9 @@ class Planner:
     def _apply(self, decisions: Decisions) -> list[Message]:
         out: list[Message] = []
         self.caught_up += decisions.caught_up
+        kept = set()
         for worker_id, role in decisions.roles.items():
-            self.move(self.state.workers[worker_id], role)
+            kept |= self.move(self.state.workers[worker_id], role)
         for rid, reason in decisions.refuse:
             log.info("request %s: refused (%s)", rid, reason)
             self._note(rid, f"refused: {reason}")
@@ -327,6 +328,8 @@ class Planner:
             req = self.state.requests[rid]
             worker = self.state.workers[worker_id]
             handover = req.handover
+            if handover is None and rid in kept:
+                continue  # its worker turned decode above and keeps it: no KV to move
             if handover is None:  # a policy bug must not take the planner down
                 log.error("policy %s handed over request %s, which has no KV to hand", self.policy.name, rid)
                 continue
@@ -352,28 +355,31 @@ class Planner:
             out.append(Admitted(rid, promised=not req.best_effort))
         return out
 
-    def move(self, worker: WorkerState, role: Role) -> None:
+    def move(self, worker: WorkerState, role: Role) -> set[str]:
         """Give a worker a new role: now, or once it holds nothing the new role could not finish
-        (it takes no new requests meanwhile)."""
+        (it takes no new requests meanwhile). Returns the requests it now keeps (`_set_role`)."""
         if role == worker.role and worker.target_role is None:
-            return
+            return set()
         self.state.last_role_change = self.clock.now()
         if conflicts(self.state, worker, role):
             log.info("worker %s: becomes %s once its current requests allow", worker.worker_id, role)
             worker.target_role = role
-        else:
-            self._set_role(worker, role)
+            return set()
+        return self._set_role(worker, role)
 
-    def _set_role(self, worker: WorkerState, role: Role) -> None:
-        """Change a worker's role now; a prefill worker turning colocated decodes the requests
-        it holds for a handover itself."""
+    def _set_role(self, worker: WorkerState, role: Role) -> set[str]:
+        """Change a worker's role now; a prefill worker turning colocated or decode decodes the
+        requests it holds for a handover itself. Returns those requests."""
         log.info("worker %s: role %s -> %s", worker.worker_id, worker.role, role)
         worker.role, worker.target_role = role, None
         self.unsent_roles[worker.worker_id] = role
+        kept = set()
         for rid in list(worker.requests):
             req = self.state.requests[rid]
             if req.phase == "handover" and req.worker_id == worker.worker_id and role != "prefill":
                 self._keep(req, worker)
+                kept.add(rid)
+        return kept
 
     def _keep(self, req: RequestState, worker: WorkerState) -> None:
         """A prefilled request decodes where it was prefilled."""

@@ -23,7 +23,7 @@ from planner.admin import create_admin_app
 from planner.control import CommandQueue
 from planner.core import Planner, quiet_gc
 from planner.policies.base import Policy
-from shared.bus import DropCounter, make_socket
+from shared.bus import DropCounter, bind_address, make_socket
 from shared.clock import Clock
 from shared.messages import Message, encode
 from shared.roofline import Profile
@@ -40,8 +40,8 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
           make_policy: Callable[[str], Policy]) -> None:
     """Run the planner loop, and its admin API, until `stop` is set."""
     ctx = zmq.Context()
-    intake = make_socket(ctx, zmq.PULL, bind=settings.planner_intake_address)
-    workers = make_socket(ctx, zmq.ROUTER, bind=settings.planner_address)
+    intake = make_socket(ctx, zmq.PULL, bind=bind_address(settings.planner_intake_address, settings.bus_bind_host))
+    workers = make_socket(ctx, zmq.ROUTER, bind=bind_address(settings.planner_address, settings.bus_bind_host))
     gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
     commands = CommandQueue()
     poller = zmq.Poller()

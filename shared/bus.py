@@ -39,6 +39,21 @@ def ipc_address(run_dir: Path, name: str) -> str:
     return f"ipc://{run_dir / name}.sock"
 
 
+def bind_address(address: str, host: str | None) -> str:
+    """`address` with its host replaced by `host` (when given, for TCP): a socket that others
+    dial by a name that resolves elsewhere (a Kubernetes Service's virtual IP) binds to its own
+    address under the same port."""
+    if host is None or not address.startswith("tcp://"):
+        return address
+    port = address.rpartition(":")[2]
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def own_host(host: str) -> str:
+    """`hostname` means this host's own name, which a container resolves to its own address."""
+    return socket.gethostname() if host == "hostname" else host
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -53,13 +53,17 @@ class Settings(BaseSettings):
     planner_address: str = Field("", description="ZeroMQ ROUTER the workers connect to")
     planner_intake_address: str = Field("", description="ZeroMQ PULL the gateway sends to")
     gateway_address: str = Field("", description="ZeroMQ PULL receiving tokens and verdicts")
+    bus_bind_host: str | None = Field(None, description="host the planner's and gateway's ZeroMQ sockets bind to, "
+                                      "when their addresses name one others dial (a Kubernetes Service); "
+                                      "default: the address's own host")
     mode: Literal["colocated", "disaggregated"] = "colocated"
     workers: int = Field(1, ge=1, description="colocated workers")
     prefill_workers: int = Field(1, ge=1, description="prefill workers in disaggregated mode")
     decode_workers: int = Field(1, ge=1, description="decode workers in disaggregated mode")
     kv_transport: Literal["auto", "nixl", "zmq"] = Field(
         "auto", description="how KV moves from prefill to decode workers; auto: nixl when importable")
-    kv_host: str = Field("127.0.0.1", description="address this worker's ZeroMQ KV server binds to")
+    kv_host: str = Field("127.0.0.1", description="address this worker's ZeroMQ KV server binds to and peers "
+                         "dial: an IP, a host name, or `hostname` for this host's own name (a container's address)")
     policy: Literal["slos", "fcfs", "sarathi", "distserve", "edf"] = Field(
         "slos", description="slos (SLO-aware admission and planning) or a baseline: fcfs (vLLM-like), "
         "sarathi (chunked prefill), distserve (disaggregated FCFS), edf (deadline first, early rejection)")

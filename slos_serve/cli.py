@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -47,6 +48,17 @@ def _resolve(model: Path | None) -> tuple[Path, str]:
         return resolve_model(model, console)
     except (FileNotFoundError, NotAGGUFModel) as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+
+def _served(settings: Settings) -> Settings:
+    """Settings naming a servable model directory: the configured one as is, else the default,
+    `builtin` or a GGUF converted into the user cache on first use (`model fetch` does it ahead,
+    for containers that share the cache)."""
+    if settings.model_dir is not None and (settings.model_dir / "config.json").is_file():
+        return settings
+    directory, name = _resolve(settings.model_dir)
+    return settings.model_copy(update={"model_dir": directory,
+                                       "served_model_name": settings.served_model_name or name})
 
 
 def _stop_on_signals() -> threading.Event:
@@ -130,6 +142,7 @@ def gateway(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     _logging(settings, "gateway")
+    settings = _served(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=2)
 
@@ -143,6 +156,7 @@ def planner(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     _logging(settings, "planner")
+    settings = _served(settings)
     profile = load_profile(settings.profile or shipped_cpu_profile(settings.model_dir))
     draft = load_profile(settings.draft_profile) if settings.draft_profile else None
     config = PolicyConfig.from_settings(settings)
@@ -152,7 +166,8 @@ def planner(config: ConfigOpt = None) -> None:
 
 @app.command()
 def worker(
-    worker_id: Annotated[str, typer.Option(help="unique name of this worker")],
+    worker_id: Annotated[str | None, typer.Option(help="unique name of this worker (default: ROLE-HOSTNAME, "
+                                                  "unique per container)")] = None,
     role: Annotated[str, typer.Option(help="colocated, prefill or decode")] = "colocated",
     planner: Annotated[str | None, typer.Option(help="the planner's worker address, e.g. tcp://host:port")] = None,
     config: ConfigOpt = None,
@@ -165,8 +180,10 @@ def worker(
 
     if role not in ("colocated", "prefill", "decode"):
         raise typer.BadParameter("colocated, prefill or decode", param_hint="--role")
+    worker_id = worker_id or f"{role}-{socket.gethostname()}"
     settings = _settings(config, planner_address=planner)
     _logging(settings, worker_id)
+    settings = _served(settings)
     if settings.threads_per_worker:
         torch.set_num_threads(settings.threads_per_worker)
     serve(settings, worker_id, role, _stop_on_signals())  # type: ignore[arg-type]
@@ -225,6 +242,13 @@ def profile(
             batches, measured = features(measured_split)
             series[label] = (measured, predict(prof.model, prof.params, batches))
         predicted_vs_measured(plot, series, f"{prof.model.name} on {prof.hardware}")
+
+
+@model_app.command("fetch")
+def model_fetch(config: ConfigOpt = None) -> None:
+    """Fetch and convert the served model (default: SmolLM2-135M-Instruct) into the user cache
+    and print its directory: run once before containers that share the cache start."""
+    print(_served(_settings(config)).model_dir)
 
 
 @model_app.command("make")

@@ -21,7 +21,7 @@ import zmq
 
 from engine.engine import Engine, RequestOutput, StepResult
 from engine.kv_transfer import KVTransferError, KVTransport, make_transport
-from shared.bus import DropCounter, make_socket
+from shared.bus import DropCounter, make_socket, own_host
 from shared.messages import (
     BatchOrder,
     ExportedRequest,
@@ -123,7 +123,8 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
         draft_dir=settings.draft_model_dir,
     )
     def open_transport() -> KVTransport:
-        return make_transport(settings.kv_transport, worker_id, engine.kv.data, f"tcp://{settings.kv_host}:*")
+        return make_transport(settings.kv_transport, worker_id, engine.kv.data,
+                              f"tcp://{own_host(settings.kv_host)}:*")
 
     transport = open_transport() if role != "colocated" else None
     ctx = zmq.Context()

@@ -62,6 +62,7 @@ def test_every_route_needs_the_admin_token(setup: tuple[Planner, TestClient]) ->
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     body = client.get("/admin/workers").json()
     assert body["error"]["message"] == "invalid or missing admin token"
+    assert client.get("/health").json() == {"status": "ok"}  # liveness alone is open, and tells nothing
 
 
 def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_went(setup: tuple[Planner, TestClient]) -> None:

@@ -10,7 +10,16 @@ from planner.roles import COOLDOWN_S, choose_roles
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import WaitingQueue
 from shared.clock import ManualClock
-from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello
+from shared.messages import (
+    ExportedRequest,
+    KVEndpoint,
+    RequestProgress,
+    SamplingParams,
+    SLOSpec,
+    StepReport,
+    Submit,
+    WorkerHello,
+)
 from shared.roofline import ModelShape, Profile, RooflineParams
 from shared.slo import DEFAULT_CLASSES, SLOTarget
 
@@ -74,3 +83,21 @@ def test_the_planner_holds_a_move_until_the_worker_has_no_work_its_new_role_cann
     planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 27, 8, "length")], [], 64))
     order = planner.schedule()[0]["w0"]
     assert w0.role == "prefill" and w0.target_role is None and order.role == "prefill"
+
+
+def test_a_handover_decided_with_its_source_turning_decode_keeps_the_request_there(caplog) -> None:
+    """The policy decides on the state before the move: the move keeps the prefilled request on
+    its worker (no KV to move), and the handover of it is moot, not a policy error."""
+    planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=10.0)
+    planner.on_hello(WorkerHello("p0", "prefill", 64, 16, 2048, 1))
+    planner.on_hello(WorkerHello("d1", "decode", 64, 16, 2048, 2))
+    planner.on_submit(Submit("r", [1] * 20, SamplingParams(max_tokens=8, temperature=0.0), SLOSpec(), 0.0))
+    order = planner.schedule()[0]["p0"]
+    export = ExportedRequest("r", [1] * 21, 20, 20, SamplingParams(max_tokens=8), [0, 1], KVEndpoint("zmq", "p0", 64))
+    planner.on_report(StepReport("p0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60, [export]))
+    req = planner.state.requests["r"]
+    assert req.phase == "handover"
+    planner._apply(Decisions(roles={"p0": "decode"}, handover={"r": "d1"}))
+    assert (req.phase, req.worker_id, req.handover) == ("decode", "p0", None)
+    assert "r" not in planner.state.workers["d1"].requests and planner.handovers == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
