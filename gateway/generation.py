@@ -27,7 +27,7 @@ class Generation:
 
     request_id: str
     endpoint: str  # chat or completions, for the metrics
-    slo_class: str  # a configured class, `custom` (objectives given as numbers) or `none`, for the metrics
+    slo_class: str  # for the metrics: the request's class, or `default` as the planner counts it
     queue: asyncio.Queue
     prompt_tokens: int
     started: float
@@ -66,9 +66,8 @@ class Generations:
 
     async def start(self, submit: Submit, endpoint: str) -> Generation:
         now = time.monotonic()
-        slo = submit.slo
-        slo_class = slo.slo_class or ("custom" if slo.ttft_ms or slo.tpot_ms or slo.stages else "none")
-        gen = Generation(submit.request_id, endpoint, slo_class, self.link.open(submit.request_id),
+        gen = Generation(submit.request_id, endpoint, submit.slo.slo_class or "default",
+                         self.link.open(submit.request_id),
                          len(submit.prompt_token_ids), now, now + self.timeout_s)
         await self.link.submit(submit)
         return gen
