@@ -25,7 +25,8 @@ admitted, so keeping the largest per state finds the plan that admits the most, 
 (`planner/_dp.c`). Memory counts blocks while at most `MEMORY_UNITS` are free; beyond, units
 of the free blocks rounded to the nearest, and a plan the rounding lets over is cut back. Requests already promised must be admitted; when no plan keeps all of them
 the plan keeps the most it can, reports the rest as `late`, and admits nothing new; a late
-one runs in deadline order where the slack of those due after it allows, else last. A call
+one runs in deadline order where the slack of those due after it allows, else last; one
+already past its deadline runs first where every other's slack allows, else last. A call
 plans at most the `CONSIDERED` earliest deadlines beside the promised requests, fewer when the
 memory dimension would make the program larger than `WORK_LIMIT` states; the rest wait for
 the next call, a batch later.
@@ -168,7 +169,7 @@ def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float)
     fresh = np.flatnonzero(~queue.promised)
     keep = np.ones(len(queue), dtype=bool)
     keep[fresh[CONSIDERED:]] = False  # a burst: only the earliest deadlines compete this time
-    p = _plan(profile, replica, queue.take(np.flatnonzero(keep)), now)
+    p = _plan(profile, replica, queue.take(np.flatnonzero(keep)), now, set(jobs.ids[late].tolist()))
     p.rejected += queue.ids[~keep].tolist()
     if late.any():
         p.late = sorted(set(p.late) | set(jobs.ids[late].tolist()), key=p.admitted.index)
@@ -242,7 +243,7 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
                    tied, rate, budget)
 
 
-def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
+def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float, overdue: set[str] = frozenset()) -> Plan:
     prog = program(profile, replica, queue, now)
     passed = np.ones(len(queue), dtype=bool)
     passed[prog.rows] = False
@@ -255,7 +256,7 @@ def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Plan:
         late = queue.promised & ~taken
     if prog.memory:
         taken = _fit_memory(queue, taken, replica.free_blocks)
-    rows = _order(taken, late, slack, queue.cost)
+    rows = _order(taken, late, slack, queue.cost, np.isin(queue.ids, list(overdue)) if overdue else None)
     final = min(int(prog.tier[taken].min(initial=t0)), t0)
     budget0 = int(prog.budget[0, t0])
     needed = max(0, budget0 - int(slack[taken & np.isfinite(queue.deadline)].min(initial=budget0)))
@@ -413,13 +414,27 @@ def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: 
     return steps, budgets, ks * (budgets >= 0)
 
 
-def _order(taken: np.ndarray, late: np.ndarray, slack: np.ndarray, cost: np.ndarray) -> np.ndarray:
+def _order(taken: np.ndarray, late: np.ndarray, slack: np.ndarray, cost: np.ndarray,
+           overdue: np.ndarray | None = None) -> np.ndarray:
     """The admitted rows in the order their prompts run: deadline order, except that a late
     one waits until the on-time ones are done unless every on-time one due after it has the
     slack to let it go first. The plan is priced with a margin, so a promise it finds late can
-    often still be kept, and one served last is missed by far; but not at the price of another."""
-    room = np.where(taken, slack, np.inf)
-    order, last = [], []
+    often still be kept, and one served last is missed by far; but not at the price of another.
+    A promise already past its deadline (`overdue`, planned as due whenever) goes before all
+    where every other admitted one has the slack: else each request admitted after it would
+    push it back again, and a prompt a step short of its deadline ends up missing it by seconds."""
+    first: list[int] = []
+    spent = 0.0  # slack the overdue ones that go first take from every other
+    if overdue is not None:
+        least = slack[taken & ~overdue].min(initial=np.inf)
+        for i in np.flatnonzero(overdue & taken).tolist():
+            if least - spent >= cost[i]:
+                spent += cost[i]
+                first.append(i)
+        taken = taken.copy()
+        taken[first] = False
+    room = np.where(taken, slack - spent, np.inf)
+    order, last = first, []
     for i in np.flatnonzero(taken | late).tolist():
         if taken[i]:
             order.append(i)

@@ -32,7 +32,7 @@ MIN_STEPS = 8  # steps before the fit replaces the profile as it is
 REFIT_EVERY = 16  # steps between fits (a pass over the window: about 1 ms)
 LIMITS = (0.1, 100.0)  # a factor outside these is a measurement gone wrong
 MAX_TURNAROUND_S = 1.0  # and so is a constant per-step cost beyond this
-QUANTILE = 0.9  # of measured-to-fitted step times, at which promises are priced
+QUANTILE = 0.98  # of measured-to-fitted step times, at which promises are priced
 COLD_MARGIN = 1.5  # the margin before the worker's steps are known
 ERROR_WEIGHT = 0.05  # of each step in the smoothed prediction error (reported, not priced)
 

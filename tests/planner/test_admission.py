@@ -155,6 +155,20 @@ def test_a_late_promise_goes_first_only_where_the_others_have_the_slack() -> Non
     assert p.late == ["late"] and p.admitted == ["later", "late"]
 
 
+def test_a_promise_past_its_deadline_goes_before_new_requests_that_have_the_slack() -> None:
+    """Seen live: a promised prompt one step short of its deadline, once past it, was planned
+    last, and every request admitted after it went first, so it missed its TTFT by seconds.
+    It now goes first where every other admitted request can still finish on time after it."""
+    probe = plan(GPU, IDLE, [Job("x", 1, 1, 1.0, None)], 0.0)
+    overdue = Job("overdue", probe.next_budget // 2, 0, -0.01, None, promised=True)
+    loose = [Job(f"new{i}", probe.next_budget, 1, 40 * probe.step_s, None) for i in range(3)]
+    p = plan(GPU, IDLE, [overdue, *loose], 0.0)
+    assert p.admitted[0] == "overdue" and p.chunks["overdue"] == overdue.prefill_tokens and len(p.admitted) == 4
+    tight = [Job("new", probe.next_budget, 1, probe.step_s + 1e-6, None)]  # no slack for it to go first
+    p = plan(GPU, IDLE, [overdue, *tight], 0.0)
+    assert p.admitted == ["new", "overdue"]
+
+
 def test_a_long_queue_is_cut_to_its_earliest_new_requests_never_its_promises() -> None:
     """Where the program would grow past its work limit it plans the earliest new requests;
     promised ones without a deadline (sorted last) stay in the plan."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.calibration import COLD_MARGIN, LIMITS, MAX_TURNAROUND_S, MIN_STEPS, WINDOW, StepFit
+from planner.calibration import COLD_MARGIN, LIMITS, MAX_TURNAROUND_S, MIN_STEPS, QUANTILE, WINDOW, StepFit
 from shared.roofline import Batches, load_profile, shipped_cpu_profile, split
 
 
@@ -35,7 +35,7 @@ def test_exact_profile_learns_nothing() -> None:
 
 
 def test_margin_covers_the_quantile_of_noisy_steps() -> None:
-    """A promise priced with the margin holds for about nine steps in ten as they run."""
+    """A promise priced with the margin holds for about the QUANTILE of steps as they run."""
     fit = StepFit()
     assert fit.margin == COLD_MARGIN
     rng = np.random.default_rng(2)
@@ -46,8 +46,8 @@ def test_margin_covers_the_quantile_of_noisy_steps() -> None:
         if fit.seen >= MIN_STEPS:
             covered.append(t <= fit.margin * fit.predict(*parts))
         fit.add(*parts, t)
-    assert 1.15 < fit.margin < 1.45
-    assert 0.85 <= np.mean(covered) <= 0.95
+    assert 1.15 < fit.margin < 1.6
+    assert QUANTILE - 0.05 <= np.mean(covered) <= min(1.0, QUANTILE + 0.05)
 
 
 def test_steps_all_alike_fit_one_factor_and_stay_in_bounds() -> None:
