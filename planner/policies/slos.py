@@ -114,7 +114,7 @@ class SLOPolicy:
                     decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
                     parked += 1
         hand_over(state, load, self.max_num_seqs, decisions, added,
-                  accepts=lambda r, w: self._decode_room(state, w, load[w.worker_id][1], r.tpot_s) > 0)
+                  accepts=lambda r, w: self._accepts(state, w, load[w.worker_id][1], r))
 
         for worker in state.idle_workers():
             request_ids = [r for r in worker.requests + added[worker.worker_id] if r not in gone]
@@ -418,6 +418,16 @@ class SLOPolicy:
         tpots = [t for t in (r.tpot_s for r in reqs) if t is not None] + ([tpot_s] if tpot_s else [])
         context = sum(r.prompt_len + r.num_output for r in reqs) / len(reqs) if reqs else DEFAULT_CONTEXT
         return max_decode_batch(self._profile(worker), context, min(tpots, default=None), self.max_num_seqs) - count
+
+    def _accepts(self, state: PlannerState, worker: WorkerState, count: int, req: RequestState) -> bool:
+        """Whether a decode worker holding `count` takes a prefilled request over: where its
+        TPOT is kept beside the others'; or, for a TPOT the worker could not keep for it even
+        alone (a promise made before the workers were known), wherever there is room, since
+        waiting for a worker that keeps it would be waiting forever."""
+        if self._decode_room(state, worker, count, req.tpot_s) > 0:
+            return True
+        alone = max_decode_batch(self._profile(worker), req.prompt_len + req.num_output, req.tpot_s, 1)
+        return alone < 1 and self._decode_room(state, worker, count, None) > 0
 
     def _decode_slots(self, state: PlannerState) -> int:
         """Requests the decode pool can still take beside those it holds and those on their way."""

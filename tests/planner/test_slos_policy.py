@@ -256,6 +256,25 @@ def test_handover_goes_to_a_decode_worker_whose_batch_keeps_the_tpot() -> None:
     assert d.batches["d1"].decode == ["ready"]
 
 
+def test_a_prefilled_request_whose_tpot_no_decode_worker_keeps_is_still_handed_over() -> None:
+    """Seen live: a promise made before the workers were known, with a TPOT below what a decode
+    worker does for one sequence alone, was never accepted by a decode worker and its stream
+    hung until the client gave up. It is late whatever happens: it decodes where there is room."""
+    s = state([worker("p0", "prefill"), worker("d1", "decode")], [], {"d1": [request("loose", 300, LOOSE)]})
+    stuck = request("stuck", 500, SLOTarget(ttft_ms=1000.0, tpot_ms=0.5))
+    stuck.worker_id, stuck.phase, stuck.num_computed, stuck.num_output = "p0", "handover", 500, 1
+    s.workers["p0"].requests.append("stuck")
+    s.requests["stuck"] = stuck
+    assert SLOPolicy(GPU).schedule(s, now=0.0).handover == {"stuck": "d1"}
+    full = [request(f"f{i}", 2000, TIGHT) for i in range(30)]  # room is still what decides
+    s.workers["d1"].requests.clear()
+    for r in full:
+        r.worker_id, r.phase, r.num_computed, r.num_output = "d1", "decode", r.prompt_len, 1
+        s.requests[r.request_id] = r
+        s.workers["d1"].requests.append(r.request_id)
+    assert SLOPolicy(GPU).schedule(s, now=0.0).handover == {}
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(5.0, 300.0), min_size=1, max_size=12), st.integers(100, 3000), st.floats(0.05, 0.95))
 def test_when_the_tightest_tier_does_not_speculate_no_request_needs_to(tpots: list[float], prompt: int,
