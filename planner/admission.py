@@ -169,7 +169,7 @@ def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float)
     fresh = np.flatnonzero(~queue.promised)
     keep = np.ones(len(queue), dtype=bool)
     keep[fresh[CONSIDERED:]] = False  # a burst: only the earliest deadlines compete this time
-    p = _plan(profile, replica, queue.take(np.flatnonzero(keep)), now, set(jobs.ids[late].tolist()))
+    p = _plan(profile, replica, queue.take(np.flatnonzero(keep)), now, frozenset(jobs.ids[late].tolist()))
     p.rejected += queue.ids[~keep].tolist()
     if late.any():
         p.late = sorted(set(p.late) | set(jobs.ids[late].tolist()), key=p.admitted.index)
@@ -243,7 +243,7 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
                    tied, rate, budget)
 
 
-def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float, overdue: set[str] = frozenset()) -> Plan:
+def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float, overdue: frozenset[str] = frozenset()) -> Plan:
     prog = program(profile, replica, queue, now)
     passed = np.ones(len(queue), dtype=bool)
     passed[prog.rows] = False
