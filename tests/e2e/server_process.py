@@ -129,3 +129,10 @@ def generate(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list[
         tokens += out.new_token_ids
         text += out.text
     return tokens, text
+
+
+def greedy_texts(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    """Each prompt's greedy text (EOS ignored) from one engine running it alone."""
+    engine = Engine(model, kv_cache_mb=8)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [generate(engine, prompt, params)[1] for prompt in prompts]

@@ -25,9 +25,7 @@ import openai
 import pytest
 import yaml
 
-from engine.engine import Engine
-from server_process import IGNORE_EOS, generate
-from shared.messages import SamplingParams
+from server_process import IGNORE_EOS, greedy_texts
 
 COMPOSE = Path(__file__).parents[2] / "deploy" / "docker-compose.yml"
 SECRETS = {"SLOS_API_KEY": "cluster-key", "SLOS_ADMIN_TOKEN": "cluster-admin", "GRAFANA_PASSWORD": "unused"}
@@ -147,12 +145,6 @@ def start(replica: Replica, service: dict, env: dict[str, str], log: Path) -> su
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def reference(model: Path, max_tokens: int) -> list[str]:
-    engine = Engine(model, kv_cache_mb=8)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return [generate(engine, prompt, params)[1] for prompt in PROMPTS]
-
-
 def counter(url: str, name: str, at_least: float, timeout: float = 10.0) -> float:
     """The gateway's counter once it reaches `at_least` (its cluster counters follow the
     planner's status, a few times a second), or its value at the timeout."""
@@ -198,7 +190,7 @@ def test_compose_cluster_in_namespaces(network: list[Replica], tiny_model: Path,
         assert httpx.get(url + "/v1/models").status_code == 401  # the API key is required
         client = openai.OpenAI(base_url=url + "/v1", api_key=SECRETS["SLOS_API_KEY"], max_retries=0, timeout=120)
         max_tokens = 200
-        expected = reference(tiny_model, max_tokens)
+        expected = greedy_texts(tiny_model, PROMPTS, max_tokens)
         decoding = threading.Barrier(len(PROMPTS) + 1)
 
         def stream(i: int, barrier: threading.Barrier | None = None) -> str:

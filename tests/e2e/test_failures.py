@@ -13,19 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.engine import Engine
-from server_process import IGNORE_EOS, Server, generate, start, wait_idle
-from shared.messages import SamplingParams
+from server_process import IGNORE_EOS, Server, greedy_texts, start, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
 PROMPTS = [f"request {i}: " + "the planner schedules the workers " * (1 + i % 4) for i in range(8)]
-
-
-def reference(model: Path, max_tokens: int) -> list[str]:
-    engine = Engine(model, kv_cache_mb=8)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return [generate(engine, prompt, params)[1] for prompt in PROMPTS]
 
 
 def worker_pid(server: Server, worker_id: str) -> int:
@@ -64,7 +56,7 @@ def test_decode_worker_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> No
             killed.wait(60)  # every stream is under way
             os.kill(victim, signal.SIGKILL)
             got = texts.result(timeout=120)
-        assert got == reference(tiny_model, max_tokens)
+        assert got == greedy_texts(tiny_model, PROMPTS, max_tokens)
         metrics = wait_idle(server, timeout=30)
         assert metrics["slos_requests_resubmitted_total"] >= 1
         deadline = time.monotonic() + 60
@@ -93,7 +85,7 @@ def test_prefill_worker_killed_with_prompts_queued(tiny_model: Path, tmp_path: P
                 assert time.monotonic() < deadline and not texts.done()
                 time.sleep(0.05)
             os.kill(victim, signal.SIGKILL)
-            assert texts.result(timeout=120) == reference(tiny_model, max_tokens)
+            assert texts.result(timeout=120) == greedy_texts(tiny_model, PROMPTS, max_tokens)
         assert wait_idle(server, timeout=30)["slos_requests_resubmitted_total"] >= 1
     finally:
         server.proc.send_signal(signal.SIGINT)
@@ -118,11 +110,11 @@ def test_losing_the_decode_pool_falls_back_to_colocated_and_back(tiny_model: Pat
     try:
         os.kill(victim, signal.SIGSTOP)  # silent: the planner declares it dead; nothing restarts it yet
         wait_for("prefill-0", "colocated")
-        assert stream_all(server, max_tokens) == reference(tiny_model, max_tokens)
+        assert stream_all(server, max_tokens) == greedy_texts(tiny_model, PROMPTS, max_tokens)
         os.kill(victim, signal.SIGKILL)  # the launcher starts it again: the pool is back
         wait_for("decode-0", "decode")
         wait_for("prefill-0", "prefill")
-        assert stream_all(server, max_tokens) == reference(tiny_model, max_tokens)
+        assert stream_all(server, max_tokens) == greedy_texts(tiny_model, PROMPTS, max_tokens)
         assert wait_idle(server, timeout=30)["slos_kv_handovers_total"] >= len(PROMPTS)
     finally:
         server.proc.send_signal(signal.SIGINT)
