@@ -192,6 +192,21 @@ def bench_kv_transfer(
                       f"{ttft * 1e3:,.1f} | {r.seconds / (ttft + r.seconds):.1%} |", flush=True)
 
 
+@bench_app.command("bus")
+def bench_bus(
+    sizes: Annotated[str, typer.Option(help="message sizes in bytes, comma-separated")] = "200,4000",
+    round_trips: Annotated[int, typer.Option(help="timed round trips per case")] = 5000,
+) -> None:
+    """Planner-worker round trips over plain ZeroMQ and over the authenticated, encrypted bus."""
+    from bench.bus_bench import measure
+
+    print("| sockets | message bytes | round trip µs (median) | p99 |")
+    print("|---|---|---|---|")
+    for size in (int(s) for s in sizes.split(",")):
+        for r in measure(size, round_trips):
+            print(f"| {r.sockets} | {r.size:,} | {r.median_us:.1f} | {r.p99_us:.1f} |", flush=True)
+
+
 @bench_app.command("planner")
 def bench_planner(
     queued: Annotated[str, typer.Option(help="waiting requests, comma-separated")] = "100,1000,10000",

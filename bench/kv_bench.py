@@ -1,14 +1,16 @@
 """`slos-serve bench kv-transfer`: how fast a prompt's KV blocks move between two processes,
 over NIXL (UCX) and ZeroMQ, beside an in-process copy, and what share of TTFT that is.
 
-The source process fills a cache of the prompt's blocks and serves it on both transports; this
-process reads every block into a cache of its own, in a shuffled block order (as a real
-allocator hands out blocks), and checks the bytes.
+The source process fills a cache of the prompt's blocks and serves it on both transports, as a
+worker does (the ZeroMQ one lets in only holders of the cluster secret); this process reads
+every block into a cache of its own, in a shuffled block order (as a real allocator hands out
+blocks), and checks the bytes.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import secrets
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,10 +20,12 @@ import msgspec
 import torch
 
 from engine.kv_transfer import make_transport
+from shared.bus import Bus
 from shared.messages import KVEndpoint
 from shared.roofline import Batches, ModelShape, Profile
 
 BLOCK_SIZE = 16
+REQUEST_ID = "prompt"
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,17 @@ def filled(layout: Layout, blocks: int) -> torch.Tensor:
     return torch.randn(layout.shape(blocks), generator=torch.Generator().manual_seed(blocks)).to(layout.dtype)
 
 
-def _source(layout: Layout, blocks: int, endpoints: mp.Queue, done: Event) -> None:
+def _source(layout: Layout, blocks: int, secret: str, endpoints: mp.Queue, done: Event) -> None:
     data = filled(layout, blocks)
-    transports = [make_transport(kind, f"src-{kind}", data) for kind in ("nixl", "zmq")]
+    bus = Bus(secret)
+    transports = [make_transport(kind, f"src-{kind}", data, bus) for kind in ("nixl", "zmq")]
     for t in transports:
+        t.offer(REQUEST_ID, list(range(blocks)))
         endpoints.put(msgspec.msgpack.encode(t.endpoint))
     done.wait(600)
     for t in transports:
         t.close()
+    bus.close()
 
 
 def measure(layout: Layout, tokens: int, repeats: int) -> list[TransferRow]:
@@ -68,8 +75,10 @@ def measure(layout: Layout, tokens: int, repeats: int) -> list[TransferRow]:
     order = torch.randperm(blocks, generator=torch.Generator().manual_seed(0)).tolist()
     ctx = mp.get_context("spawn")
     endpoints, done = ctx.Queue(), ctx.Event()
-    source = ctx.Process(target=_source, args=(layout, blocks, endpoints, done))
+    secret = secrets.token_urlsafe(32)
+    source = ctx.Process(target=_source, args=(layout, blocks, secret, endpoints, done))
     source.start()
+    bus = Bus(secret)
     try:
         peers = [msgspec.msgpack.decode(endpoints.get(timeout=300), type=KVEndpoint) for _ in range(2)]
         expected = filled(layout, blocks)
@@ -77,12 +86,12 @@ def measure(layout: Layout, tokens: int, repeats: int) -> list[TransferRow]:
         megabytes = expected.numel() * expected.element_size() / 1e6
         rows = []
         for peer in peers:
-            reader = make_transport(peer.transport, f"reader-{peer.transport}", local)
+            reader = make_transport(peer.transport, f"reader-{peer.transport}", local, bus)
             times = []
             for _ in range(repeats):
                 local.zero_()
                 start = time.perf_counter()
-                reader.read(peer, list(range(blocks)), order)
+                reader.read(peer, REQUEST_ID, list(range(blocks)), order)
                 times.append(time.perf_counter() - start)
             assert torch.equal(local[order].view(torch.uint8), expected.view(torch.uint8)), peer.transport
             reader.close()
@@ -96,6 +105,7 @@ def measure(layout: Layout, tokens: int, repeats: int) -> list[TransferRow]:
         rows.append(TransferRow(layout.name, tokens, "memcpy (one process)", megabytes, statistics.median(times)))
         return rows
     finally:
+        bus.close()
         done.set()
         source.join(60)
 

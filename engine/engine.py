@@ -162,7 +162,7 @@ class Engine:
                              f"{export.num_computed} tokens")
         blocks = self.kv.allocator.allocate(len(export.blocks))
         try:
-            transport.read(export.source, export.blocks, blocks)
+            transport.read(export.source, export.request_id, export.blocks, blocks)
         except Exception:
             self.kv.allocator.free(blocks)
             raise

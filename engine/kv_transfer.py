@@ -3,27 +3,41 @@
 A cache is one tensor of blocks, each contiguous, so a transfer copies whole blocks from a
 peer's cache into free blocks of ours. The reader pulls (a NIXL READ, or a ZeroMQ fetch) and
 the source keeps the blocks until the reader confirms. Peers learn how to reach each other from
-a `KVEndpoint` that travels in msgspec messages; nothing is ever unpickled.
+a `KVEndpoint` that travels in msgspec messages on the authenticated bus; nothing is ever
+unpickled.
+
+What a peer may read: over ZeroMQ, the KV server lets in only processes holding the cluster
+secret (`shared.bus`; its bytes, like NIXL's, are not encrypted), and it serves only blocks of
+requests this worker exported and the planner has not yet aborted. A NIXL read is one-sided
+(the source's CPU takes no part), so it cannot be checked at the source; it needs the source
+agent's metadata, which travels only on the bus, and UCX listens only on the interface of the
+worker's `kv_host`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import socket
 import threading
 import time
 import warnings
 from typing import Literal, Protocol
 
+import numpy as np
+import psutil
 import torch
 import zmq
 
-from shared.bus import DropCounter, make_socket
+from shared.bus import Bus, DropCounter
 from shared.messages import KVEndpoint, KVFetch, encode
 
 log = logging.getLogger(__name__)
 
 TransportKind = Literal["auto", "nixl", "zmq"]
 CHUNK_BYTES = 64 << 20
+FETCH_MAX_BYTES = 4 << 20  # a fetch names at most a chunk's blocks: far below this
 PROGRESS_S = 0.001
 
 
@@ -34,8 +48,17 @@ class KVTransferError(RuntimeError):
 class KVTransport(Protocol):
     endpoint: KVEndpoint
 
-    def read(self, peer: KVEndpoint, remote_blocks: list[int], local_blocks: list[int]) -> None:
-        """Copy the peer's `remote_blocks` into our `local_blocks`, in order; blocks until done."""
+    def read(self, peer: KVEndpoint, request_id: str, remote_blocks: list[int], local_blocks: list[int]) -> None:
+        """Copy the peer's `remote_blocks` (the request's) into our `local_blocks`, in order;
+        blocks until done."""
+        ...
+
+    def offer(self, request_id: str, blocks: list[int]) -> None:
+        """Let peers read these blocks, the exported request's, until it is withdrawn."""
+        ...
+
+    def withdraw(self, request_id: str) -> None:
+        """Before the request's blocks are freed."""
         ...
 
     def close(self) -> None: ...
@@ -63,9 +86,12 @@ class NixlTransport:
     finish; NIXL's own progress thread spins a whole core, too much beside the engine on a
     small machine, so a thread of ours progresses the agent every PROGRESS_S instead."""
 
-    def __init__(self, name: str, data: torch.Tensor, timeout_s: float = 30.0) -> None:
+    def __init__(self, name: str, data: torch.Tensor, host: str = "127.0.0.1", timeout_s: float = 30.0) -> None:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
+        device = interface_of(host)
+        if device is not None:
+            os.environ.setdefault("UCX_NET_DEVICES", device)  # read by UCX when the agent starts
         self.data = data
         self.timeout_s = timeout_s
         self.mem_type = "DRAM" if data.device.type == "cpu" else "VRAM"
@@ -80,7 +106,7 @@ class NixlTransport:
                                    base_address=data.data_ptr())
         self._peers: dict[str, bytes] = {}
 
-    def read(self, peer: KVEndpoint, remote_blocks: list[int], local_blocks: list[int]) -> None:
+    def read(self, peer: KVEndpoint, request_id: str, remote_blocks: list[int], local_blocks: list[int]) -> None:
         _check(self.endpoint, peer, remote_blocks, local_blocks, self.data.shape[0])
         if self._peers.get(peer.name) != peer.nixl_metadata:
             if peer.name in self._peers:  # the peer restarted under the same name
@@ -104,6 +130,12 @@ class NixlTransport:
         if state != "DONE":
             raise KVTransferError(f"NIXL read from {peer.name} ended in state {state}")
 
+    def offer(self, request_id: str, blocks: list[int]) -> None:
+        """Nothing to do: a peer's read is one-sided (see the module's docstring)."""
+
+    def withdraw(self, request_id: str) -> None:
+        """Nothing to do, as for `offer`."""
+
     def _progress_loop(self) -> None:
         while not self._stop.wait(PROGRESS_S):
             self.agent.get_new_notifs()
@@ -115,51 +147,78 @@ class NixlTransport:
 
 
 class ZmqTransport:
-    """Serves our blocks on a ROUTER socket from a thread of its own; reads a peer's with a
-    DEALER socket per peer. A reply is the blocks' raw bytes, checked for length."""
+    """Serves the offered blocks on a ROUTER socket from a thread of its own; reads a peer's with
+    a DEALER socket per peer. A reply is the blocks' raw bytes, checked for length; an empty
+    reply means the fetch was refused."""
 
-    def __init__(self, name: str, data: torch.Tensor, bind: str = "tcp://127.0.0.1:*",
+    def __init__(self, name: str, data: torch.Tensor, bus: Bus, host: str = "127.0.0.1",
                  timeout_s: float = 30.0) -> None:
         self.data = data
         self.timeout_s = timeout_s
-        self.ctx = zmq.Context()
+        self.bus = bus
         self.drops = DropCounter()
-        server = make_socket(self.ctx, zmq.ROUTER, bind=bind)
+        self.refused = 0
+        server = bus.socket(zmq.ROUTER, bind=f"tcp://{_bracketed(host)}:*", max_message_bytes=FETCH_MAX_BYTES,
+                            encrypted=False)
         address = server.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.endpoint = KVEndpoint("zmq", name, block_bytes(data), zmq_address=address)
+        self._offers: dict[str, set[int]] = {}
+        self._lock = threading.Lock()  # held while blocks are copied out, so none is freed meanwhile
         self._peers: dict[str, zmq.Socket] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(server,), daemon=True, name="kv-serve")
         self._thread.start()
 
+    def offer(self, request_id: str, blocks: list[int]) -> None:
+        with self._lock:
+            self._offers[request_id] = set(blocks)
+
+    def withdraw(self, request_id: str) -> None:
+        with self._lock:
+            self._offers.pop(request_id, None)
+
     def _serve(self, server: zmq.Socket) -> None:
-        raw = _raw(self.data)
+        """Never ends on a bad fetch: whatever goes wrong with one is answered with nothing."""
         while not self._stop.is_set():
             if not server.poll(100):
                 continue
             frames = server.recv_multipart()
-            msg = self.drops.accept(frames[-1], "kv peer") if len(frames) == 2 else None
-            if not isinstance(msg, KVFetch) or not all(0 <= b < raw.shape[0] for b in msg.blocks):
-                if msg is not None or len(frames) != 2:
-                    log.warning("kv server: dropped a bad fetch")
-                server.send_multipart([frames[0], b""])  # an empty reply tells the reader it failed
-                continue
-            blocks = raw.index_select(0, torch.tensor(msg.blocks, dtype=torch.long, device=raw.device)).cpu()
-            server.send_multipart([frames[0], blocks.numpy()], copy=False)
+            try:
+                reply = self._blocks_for(frames)
+            except Exception:
+                log.exception("kv server: a fetch failed")
+                reply = None
+            if reply is None:
+                self.refused += 1
+            server.send_multipart([frames[0], b"" if reply is None else reply], copy=False)
         server.close()
 
-    def read(self, peer: KVEndpoint, remote_blocks: list[int], local_blocks: list[int]) -> None:
+    def _blocks_for(self, frames: list[bytes]) -> np.ndarray | None:
+        msg = self.drops.accept(frames[-1], "kv peer") if len(frames) == 2 else None
+        if not isinstance(msg, KVFetch):
+            return None
+        raw = _raw(self.data)
+        with self._lock:
+            offered = self._offers.get(msg.request_id)
+            if offered is None or not msg.blocks or not offered.issuperset(msg.blocks):
+                log.warning("request %s: refused a fetch of blocks it was not offered", msg.request_id)
+                return None
+            index = torch.tensor(msg.blocks, dtype=torch.long, device=raw.device)
+            return raw.index_select(0, index).cpu().numpy()
+
+    def read(self, peer: KVEndpoint, request_id: str, remote_blocks: list[int], local_blocks: list[int]) -> None:
         """Fetched in chunks of about CHUNK_BYTES, so memory stays bounded for long prompts."""
         _check(self.endpoint, peer, remote_blocks, local_blocks, self.data.shape[0])
         per_chunk = max(1, CHUNK_BYTES // self.endpoint.block_bytes)
         for i in range(0, len(remote_blocks), per_chunk):
-            self._fetch(peer, remote_blocks[i : i + per_chunk], local_blocks[i : i + per_chunk])
+            self._fetch(peer, request_id, remote_blocks[i : i + per_chunk], local_blocks[i : i + per_chunk])
 
-    def _fetch(self, peer: KVEndpoint, remote_blocks: list[int], local_blocks: list[int]) -> None:
+    def _fetch(self, peer: KVEndpoint, request_id: str, remote_blocks: list[int], local_blocks: list[int]) -> None:
         sock = self._peers.get(peer.zmq_address)
         if sock is None:
-            sock = self._peers[peer.zmq_address] = make_socket(self.ctx, zmq.DEALER, connect=peer.zmq_address)
-        sock.send(encode(KVFetch(remote_blocks)))
+            sock = self._peers[peer.zmq_address] = self.bus.socket(zmq.DEALER, connect=peer.zmq_address,
+                                                                    encrypted=False)
+        sock.send(encode(KVFetch(request_id, remote_blocks)))
         if not sock.poll(int(self.timeout_s * 1000)):
             sock.close()  # a late reply must not answer the next fetch
             del self._peers[peer.zmq_address]
@@ -174,22 +233,43 @@ class ZmqTransport:
         raw.index_copy_(0, torch.tensor(local_blocks, dtype=torch.long, device=raw.device), src.to(raw.device))
 
     def close(self) -> None:
+        """Closes our sockets; the bus is the caller's."""
         self._stop.set()
         self._thread.join()
-        self.ctx.destroy(linger=0)
+        for sock in self._peers.values():
+            sock.close()
 
 
-def make_transport(kind: TransportKind, name: str, data: torch.Tensor,
-                   zmq_bind: str = "tcp://127.0.0.1:*") -> KVTransport:
-    """NIXL unless ZeroMQ is asked for; `auto` falls back to ZeroMQ when nixl is missing."""
+def make_transport(kind: TransportKind, name: str, data: torch.Tensor, bus: Bus,
+                   host: str = "127.0.0.1") -> KVTransport:
+    """NIXL unless ZeroMQ is asked for; `auto` falls back to ZeroMQ when nixl is missing.
+    Either listens only at `host`."""
     if kind in ("auto", "nixl"):
         try:
-            return NixlTransport(name, data)
+            return NixlTransport(name, data, host)
         except ImportError:
             if kind == "nixl":
                 raise
             log.warning("nixl is not importable; KV moves over ZeroMQ")
-    return ZmqTransport(name, data, zmq_bind)
+    return ZmqTransport(name, data, bus, host)
+
+
+def interface_of(host: str) -> str | None:
+    """The network interface holding `host`'s address, for UCX; None for the wildcard address.
+    An address no interface holds is an error: UCX would listen on every one."""
+    addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)}
+    if any(a.is_unspecified for a in addresses):
+        return None
+    for name, held in psutil.net_if_addrs().items():
+        mine = {ipaddress.ip_address(a.address.split("%")[0]) for a in held
+                if a.family in (socket.AF_INET, socket.AF_INET6)}
+        if addresses & mine or (all(a.is_loopback for a in addresses) and any(a.is_loopback for a in mine)):
+            return name
+    raise KVTransferError(f"no network interface of this host has the address of {host}")
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _raw(data: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,8 @@ def create_app(settings: Settings) -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(str(settings.model_dir))
     max_len = context_window(settings.model_dir, settings.max_model_len)
     model_name = settings.served_model_name or settings.model_dir.name
-    link = PlannerLink(settings.planner_intake_address, settings.gateway_address, settings.bus_bind_host)
+    link = PlannerLink(settings.planner_intake_address, settings.gateway_address, settings.bus_secret(),
+                       settings.bus_bind_host)
     metrics = GatewayMetrics(link)
     generations = Generations(link, metrics, settings.request_timeout_s)
     checks = Checks(settings, model_name, max_len)

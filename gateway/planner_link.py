@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from shared.bus import DropCounter, bind_address, make_socket
+from shared.bus import Bus, DropCounter, bind_address
 from shared.messages import (
     Abort,
     Admitted,
@@ -57,10 +57,11 @@ class ChunkOrder:
 
 
 class PlannerLink:
-    def __init__(self, intake_address: str, gateway_address: str, bind_host: str | None = None) -> None:
-        self._ctx = zmq.asyncio.Context()
-        self._to_planner = make_socket(self._ctx, zmq.PUSH, connect=intake_address)
-        self._inbox = make_socket(self._ctx, zmq.PULL, bind=bind_address(gateway_address, bind_host))
+    def __init__(self, intake_address: str, gateway_address: str, cluster_secret: str,
+                 bind_host: str | None = None) -> None:
+        self._bus = Bus(cluster_secret, zmq.asyncio.Context())
+        self._to_planner = self._bus.socket(zmq.PUSH, connect=intake_address)
+        self._inbox = self._bus.socket(zmq.PULL, bind=bind_address(gateway_address, bind_host))
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._order: dict[str, ChunkOrder] = {}
         self._submits: dict[str, Submit] = {}
@@ -78,7 +79,7 @@ class PlannerLink:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._ctx.destroy(linger=0)
+        self._bus.close()
 
     def open(self, request_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()

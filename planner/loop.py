@@ -23,7 +23,7 @@ from planner.admin import create_admin_app
 from planner.control import CommandQueue
 from planner.core import Planner, quiet_gc
 from planner.policies.base import Policy
-from shared.bus import DropCounter, bind_address, make_socket
+from shared.bus import Bus, DropCounter, bind_address
 from shared.clock import Clock
 from shared.messages import Message, encode
 from shared.roofline import Profile
@@ -39,10 +39,10 @@ BURST = 1000  # messages taken from one socket before the loop schedules again
 def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Event, profile: Profile,
           make_policy: Callable[[str], Policy]) -> None:
     """Run the planner loop, and its admin API, until `stop` is set."""
-    ctx = zmq.Context()
-    intake = make_socket(ctx, zmq.PULL, bind=bind_address(settings.planner_intake_address, settings.bus_bind_host))
-    workers = make_socket(ctx, zmq.ROUTER, bind=bind_address(settings.planner_address, settings.bus_bind_host))
-    gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
+    bus = Bus(settings.bus_secret())
+    intake = bus.socket(zmq.PULL, bind=bind_address(settings.planner_intake_address, settings.bus_bind_host))
+    workers = bus.socket(zmq.ROUTER, bind=bind_address(settings.planner_address, settings.bus_bind_host))
+    gateway = bus.socket(zmq.PUSH, connect=settings.gateway_address)
     commands = CommandQueue()
     poller = zmq.Poller()
     poller.register(intake, zmq.POLLIN)
@@ -91,7 +91,7 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
                 gateway.send(encode(msg))
     finally:
         admin.should_exit = True
-        ctx.destroy(linger=0)
+        bus.close()
         commands.close()
 
 

@@ -191,8 +191,10 @@ class KVEndpoint(msgspec.Struct, frozen=True):
 
 
 class KVFetch(msgspec.Struct, tag=True):
-    """peer -> worker (ZeroMQ transport): send me these blocks' bytes, in this order."""
+    """peer -> worker (ZeroMQ transport): send me these blocks' bytes, in this order; they must
+    be blocks of the request, which the worker exported."""
 
+    request_id: str
     blocks: list[int]
 
 

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     bus_bind_host: str | None = Field(None, description="host the planner's and gateway's ZeroMQ sockets bind to, "
                                       "when their addresses name one others dial (a Kubernetes Service); "
                                       "default: the address's own host")
+    cluster_secret: str | None = Field(None, repr=False, description="shared by every process of a cluster: "
+                                       "their ZeroMQ sockets, the KV servers' too, let in only processes that hold "
+                                       "it and encrypt what they carry; `up` makes one when none is given; at least "
+                                       "16 characters")
+    cluster_secret_file: Path | None = Field(None, description="a file holding the cluster secret (a mounted "
+                                             "Kubernetes Secret)")
     mode: Literal["colocated", "disaggregated"] = "colocated"
     workers: int = Field(1, ge=1, description="colocated workers")
     prefill_workers: int = Field(1, ge=1, description="prefill workers in disaggregated mode")
@@ -118,6 +124,15 @@ class Settings(BaseSettings):
             raise ValueError(f"default_slo_class {self.default_slo_class!r} is not one of slo_classes: "
                              f"{', '.join(sorted(self.slo_classes))}")
         return self
+
+    def bus_secret(self) -> str:
+        """The cluster secret, from the settings or from its file."""
+        if self.cluster_secret:
+            return self.cluster_secret
+        if self.cluster_secret_file is not None:
+            return self.cluster_secret_file.read_text().strip()
+        raise ValueError("no cluster secret: set SLOS_CLUSTER_SECRET or cluster_secret_file to the same secret in "
+                         "every process (`slos-serve up` makes one for the processes it starts)")
 
     @classmethod
     def settings_customise_sources(

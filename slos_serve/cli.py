@@ -61,6 +61,15 @@ def _served(settings: Settings) -> Settings:
                                        "served_model_name": settings.served_model_name or name})
 
 
+def _require_secret(settings: Settings) -> None:
+    """A process started on its own stops here, before loading anything, without the cluster's secret."""
+    try:
+        settings.bus_secret()
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -142,6 +151,7 @@ def gateway(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     _logging(settings, "gateway")
+    _require_secret(settings)
     settings = _served(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=2)
@@ -156,6 +166,7 @@ def planner(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     _logging(settings, "planner")
+    _require_secret(settings)
     settings = _served(settings)
     profile = load_profile(settings.profile or shipped_cpu_profile(settings.model_dir))
     draft = load_profile(settings.draft_profile) if settings.draft_profile else None
@@ -183,6 +194,7 @@ def worker(
     worker_id = worker_id or f"{role}-{socket.gethostname()}"
     settings = _settings(config, planner_address=planner)
     _logging(settings, worker_id)
+    _require_secret(settings)
     settings = _served(settings)
     if settings.threads_per_worker:
         torch.set_num_threads(settings.threads_per_worker)

@@ -75,14 +75,18 @@ def place(settings: Settings, available: set[int]) -> Placement:
 
 
 def wire(settings: Settings, run_dir: Path) -> Settings:
-    """Fill in the ZeroMQ addresses that are not set with ipc sockets in `run_dir`, and give
-    the planner's admin API a token if it has none (kept owner-only in the user cache)."""
+    """Fill in the ZeroMQ addresses that are not set with ipc sockets in `run_dir`, make the
+    cluster's secret if none is given (the children get it in their environment, never on a
+    command line), and give the planner's admin API a token if it has none (kept owner-only in
+    the user cache)."""
     defaults = {
         "planner_address": ipc_address(run_dir, "planner"),
         "planner_intake_address": ipc_address(run_dir, "planner-intake"),
         "gateway_address": ipc_address(run_dir, "gateway"),
     }
     update: dict[str, object] = {k: v for k, v in defaults.items() if not getattr(settings, k)}
+    if settings.cluster_secret is None and settings.cluster_secret_file is None:
+        update["cluster_secret"] = secrets.token_urlsafe(32)
     if settings.threads_per_worker is None:  # the workers' cores shared out; unpinned, all but one core
         cores = len(settings.worker_cpus) if settings.worker_cpus else (os.cpu_count() or 1) - 1
         update["threads_per_worker"] = max(1, cores // len(worker_roles(settings)))

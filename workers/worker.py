@@ -21,7 +21,7 @@ import zmq
 
 from engine.engine import Engine, RequestOutput, StepResult
 from engine.kv_transfer import KVTransferError, KVTransport, make_transport
-from shared.bus import DropCounter, make_socket, own_host
+from shared.bus import Bus, DropCounter, own_host
 from shared.messages import (
     BatchOrder,
     ExportedRequest,
@@ -59,6 +59,9 @@ def run_order(engine: Engine, order: BatchOrder, role: Role, transport: KVTransp
             log.error("request %s: KV import from %s failed: %s", export.request_id, export.source.name, exc)
             failed.append(export.request_id)
     order.decode = [rid for rid in order.decode if rid not in failed]
+    if transport is not None:
+        for rid in order.aborts:  # the step frees their blocks
+            transport.withdraw(rid)
     try:
         result = engine.step(order)
     except Exception:
@@ -73,6 +76,8 @@ def run_order(engine: Engine, order: BatchOrder, role: Role, transport: KVTransp
     if role == "prefill" and transport is not None:
         exports = [engine.export(o.request_id, transport.endpoint) for o in result.outputs
                    if o.finish_reason is None and o.new_token_ids]
+        for export in exports:
+            transport.offer(export.request_id, export.blocks)
     return Step(result, exports, failed)
 
 
@@ -100,10 +105,9 @@ def messages_for(worker_id: str, order: BatchOrder, step: Step, free: int) -> tu
     return chunks, report
 
 
-def heartbeat(ctx: zmq.Context, settings: Settings, worker_id: str, engine: Engine,
-              stop: threading.Event) -> None:
+def heartbeat(bus: Bus, settings: Settings, worker_id: str, engine: Engine, stop: threading.Event) -> None:
     """Beat from a thread of its own, so a long step does not make the worker look dead."""
-    sock = make_socket(ctx, zmq.PUSH, connect=settings.planner_intake_address)
+    sock = bus.socket(zmq.PUSH, connect=settings.planner_intake_address)
     while not stop.wait(settings.heartbeat_s):
         sock.send(encode(Heartbeat(worker_id, engine.num_free_blocks)))
     sock.close()
@@ -122,20 +126,20 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
         speculator=speculator,
         draft_dir=settings.draft_model_dir,
     )
+    bus = Bus(settings.bus_secret())
+
     def open_transport() -> KVTransport:
-        return make_transport(settings.kv_transport, worker_id, engine.kv.data,
-                              f"tcp://{own_host(settings.kv_host)}:*")
+        return make_transport(settings.kv_transport, worker_id, engine.kv.data, bus, own_host(settings.kv_host))
 
     transport = open_transport() if role != "colocated" else None
-    ctx = zmq.Context()
-    planner = make_socket(ctx, zmq.DEALER, connect=settings.planner_address, identity=worker_id.encode())
-    gateway = make_socket(ctx, zmq.PUSH, connect=settings.gateway_address)
+    planner = bus.socket(zmq.DEALER, connect=settings.planner_address, identity=worker_id.encode())
+    gateway = bus.socket(zmq.PUSH, connect=settings.gateway_address)
     drops = DropCounter()
     planner.send(encode(WorkerHello(worker_id, role, engine.kv.allocator.num_blocks,
                                     engine.kv.block_size, engine.max_model_len, os.getpid(),
                                     speculator, transport.endpoint if transport else None)))
     log.info("worker %s up: role %s, %d KV blocks", worker_id, role, engine.kv.allocator.num_blocks)
-    beat = threading.Thread(target=heartbeat, args=(ctx, settings, worker_id, engine, stop), daemon=True)
+    beat = threading.Thread(target=heartbeat, args=(bus, settings, worker_id, engine, stop), daemon=True)
     beat.start()
     try:
         while not stop.is_set():
@@ -158,6 +162,6 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
     finally:
         stop.set()
         beat.join()
-        ctx.destroy(linger=0)
         if transport is not None:
             transport.close()
+        bus.close()

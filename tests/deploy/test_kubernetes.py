@@ -66,8 +66,11 @@ def test_secrets_probes_and_bind_addresses(overlay: str) -> None:
     config = next(d for d in docs if d["metadata"]["name"] == "slos-serve-env")["data"]
     assert config["SLOS_MODE"] == ("colocated" if overlay == "colocated" else "disaggregated")
     roles = {"colocated": ["worker"], "disaggregated": ["prefill", "decode"], "gpu": ["prefill", "decode"]}[overlay]
+    cluster_secret = {"secretKeyRef": {"name": "slos-serve-secrets", "key": "cluster-secret"}}
+    assert env(planner)["SLOS_CLUSTER_SECRET"] == env(gateway)["SLOS_CLUSTER_SECRET"] == cluster_secret
     for role in roles:
         worker, = containers(docs, f"slos-serve-{role}")
+        assert env(worker)["SLOS_CLUSTER_SECRET"] == cluster_secret
         assert worker["args"] == ["worker", "--role", "colocated" if role == "worker" else role]
         assert env(worker)["SLOS_KV_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         gpus = worker["resources"]["requests"].get("nvidia.com/gpu")

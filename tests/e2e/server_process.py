@@ -35,6 +35,7 @@ class Server:
     proc: subprocess.Popen
     intake_address: str
     gateway_address: str
+    planner_address: str
     admin_url: str
 
     def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
@@ -70,9 +71,10 @@ def alive(pid: int) -> bool:
 def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
           env_extra: dict[str, str] | None = None) -> Server:
     port, admin_port = free_tcp_port(), free_tcp_port()
-    intake, gateway = f"ipc://{tmp}/intake.sock", f"ipc://{tmp}/gateway.sock"
+    intake, gateway, planner = (f"ipc://{tmp}/{name}.sock" for name in ("intake", "gateway", "planner"))
     env = {**os.environ, "SLOS_API_KEY": API_KEY, "SLOS_PLANNER_INTAKE_ADDRESS": intake,
-           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_REQUEST_TIMEOUT_S": "60", "SLOS_ADMIN_PORT": str(admin_port),
+           "SLOS_GATEWAY_ADDRESS": gateway, "SLOS_PLANNER_ADDRESS": planner, "SLOS_REQUEST_TIMEOUT_S": "60",
+           "SLOS_ADMIN_PORT": str(admin_port),
            "SLOS_ADMIN_TOKEN": ADMIN_TOKEN, **(env_extra or {})}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
@@ -81,7 +83,7 @@ def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    server = Server(url, model.name, proc, intake, gateway, f"http://127.0.0.1:{admin_port}/admin")
+    server = Server(url, model.name, proc, intake, gateway, planner, f"http://127.0.0.1:{admin_port}/admin")
     flags = dict(zip(extra[::2], extra[1::2]))
     expected = int(flags.get("--workers", workers))
     if flags.get("--mode") == "disaggregated":

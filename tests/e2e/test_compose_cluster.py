@@ -28,7 +28,8 @@ import yaml
 from server_process import IGNORE_EOS, greedy_texts
 
 COMPOSE = Path(__file__).parents[2] / "deploy" / "docker-compose.yml"
-SECRETS = {"SLOS_API_KEY": "cluster-key", "SLOS_ADMIN_TOKEN": "cluster-admin", "GRAFANA_PASSWORD": "unused"}
+SECRETS = {"SLOS_API_KEY": "cluster-key", "SLOS_ADMIN_TOKEN": "cluster-admin",
+           "SLOS_CLUSTER_SECRET": "compose-test-cluster-secret", "GRAFANA_PASSWORD": "unused"}
 TAG = f"c{os.getpid() % 100000}"
 SUBNET = "10.78.0"
 BRIDGE, HOST = f"{TAG}br", f"{SUBNET}.1"

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
 TAG = f"s{os.getpid() % 100000}"
 BRIDGE, HOST = f"{TAG}br", "10.77.0.1"
+CLUSTER_SECRET = "namespaces-test-cluster-secret"
 WORKERS = {"prefill-0": ("prefill", f"{TAG}a", "10.77.0.2"), "decode-0": ("decode", f"{TAG}b", "10.77.0.3")}
 
 
@@ -64,7 +65,7 @@ def test_workers_in_their_own_namespaces(namespaces: None, tiny_model: Path, tmp
     port, admin_port = free_tcp_port(), free_tcp_port()
     planner, intake, gateway = (f"tcp://{HOST}:{free_tcp_port(HOST)}" for _ in range(3))
     env = {**os.environ, "SLOS_MODEL_DIR": str(tiny_model), "SLOS_API_KEY": API_KEY, "SLOS_PORT": str(port),
-           "SLOS_ADMIN_PORT": str(admin_port), "SLOS_ADMIN_TOKEN": ADMIN_TOKEN,
+           "SLOS_ADMIN_PORT": str(admin_port), "SLOS_ADMIN_TOKEN": ADMIN_TOKEN, "SLOS_CLUSTER_SECRET": CLUSTER_SECRET,
            "SLOS_MODE": "disaggregated", "SLOS_KV_TRANSPORT": transport, "SLOS_THREADS_PER_WORKER": "1",
            "SLOS_PLANNER_ADDRESS": planner, "SLOS_PLANNER_INTAKE_ADDRESS": intake, "SLOS_GATEWAY_ADDRESS": gateway}
     cli = [sys.executable, "-m", "slos_serve.cli"]
@@ -88,7 +89,8 @@ def test_workers_in_their_own_namespaces(namespaces: None, tiny_model: Path, tmp
                 pass
             assert time.monotonic() < deadline, (tmp_path / "cluster.log").read_text()[-3000:]
             time.sleep(0.3)
-        server = Server(url, tiny_model.name, procs[0], intake, gateway, f"http://127.0.0.1:{admin_port}/admin")
+        server = Server(url, tiny_model.name, procs[0], intake, gateway, planner,
+                        f"http://127.0.0.1:{admin_port}/admin")
         client = server.client()
 
         def one(i: int) -> str:

@@ -18,6 +18,8 @@ import zmq
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from server_process import API_KEY, IGNORE_EOS, Server, alive, children, start, wait_idle
+from shared.bus import Bus
+from shared.messages import WorkerHello, encode
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
@@ -171,26 +173,59 @@ def test_disconnect_mid_stream_frees_every_kv_block(server: Server) -> None:
     assert m["slos_worker_generated_tokens_total"] - generated < 3 * 480 / 2
 
 
-def test_garbage_on_the_bus_is_dropped_and_counted(server: Server) -> None:
-    before = server.metrics()
+def cluster_secret(server: Server) -> str:
+    """The secret `up` made, read where its children got it: their environment, never a command line."""
+    secrets = set()
+    for kid in children(server.proc.pid):
+        environ = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
+        secret = next(e for e in environ if e.startswith(b"SLOS_CLUSTER_SECRET=")).partition(b"=")[2]
+        assert secret not in Path(f"/proc/{kid}/cmdline").read_bytes()
+        secrets.add(secret.decode())
+    assert len(secrets) == 1
+    return secrets.pop()
+
+
+def dropped(server: Server) -> tuple[float, float]:
+    m = server.metrics()
+    return m['slos_dropped_messages{process="gateway"}'], m['slos_dropped_messages{process="planner"}']
+
+
+def test_nothing_from_outside_the_cluster_reaches_the_bus(server: Server) -> None:
+    """A process without the secret sends garbage to the planner and the gateway, and a
+    worker's hello claiming a million KV blocks: none of it arrives."""
+    before = dropped(server)
     ctx = zmq.Context()
     try:
-        for address in (server.intake_address, server.gateway_address):
-            sock = ctx.socket(zmq.PUSH)
+        forged = ctx.socket(zmq.DEALER)
+        forged.setsockopt(zmq.IDENTITY, b"forged")
+        forged.connect(server.planner_address)
+        forged.send(encode(WorkerHello("forged", "colocated", 1_000_000, 16, 2048, os.getpid())))
+        pushes = [ctx.socket(zmq.PUSH) for _ in range(2)]
+        for sock, address in zip(pushes, (server.intake_address, server.gateway_address)):
             sock.connect(address)
+            for junk in (b"\x01\xff\xfe", os.urandom(64)):
+                sock.send(junk)
+        time.sleep(2)
+        assert dropped(server) == before
+        assert "forged" not in [w["worker_id"] for w in server.admin("GET", "/workers").json()]
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_garbage_from_inside_the_cluster_is_dropped_and_counted(server: Server) -> None:
+    before = dropped(server)
+    bus = Bus(cluster_secret(server))
+    try:
+        socks = [bus.socket(zmq.PUSH, connect=a) for a in (server.intake_address, server.gateway_address)]
+        for sock in socks:  # kept open until the counts are in: closing drops what is not sent yet
             for junk in (b"", b"\x01\xff\xfe", b"GET / HTTP/1.1\r\n\r\n", os.urandom(64)):
                 sock.send(junk)
-            sock.close(linger=1000)
+        deadline = time.monotonic() + 5
+        while not all(now >= then + 4 for now, then in zip(dropped(server), before)):
+            assert time.monotonic() < deadline, (before, dropped(server))
+            time.sleep(0.2)
     finally:
-        ctx.term()
-    deadline = time.monotonic() + 5
-    while True:
-        m = server.metrics()
-        if (m['slos_dropped_messages{process="gateway"}'] >= before['slos_dropped_messages{process="gateway"}'] + 4
-                and m['slos_dropped_messages{process="planner"}'] >= before['slos_dropped_messages{process="planner"}'] + 4):
-            break
-        assert time.monotonic() < deadline, m
-        time.sleep(0.2)
+        bus.close()
     ok = server.client().completions.create(model=server.model, prompt="hi", max_tokens=2, extra_body=IGNORE_EOS)
     assert ok.usage.completion_tokens == 2
 

@@ -11,6 +11,7 @@ import torch
 from bench.drive import drive
 from engine.engine import Engine
 from engine.kv_transfer import make_transport
+from shared.bus import Bus
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 PARAMS = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
@@ -29,8 +30,9 @@ def test_prefill_here_decode_there_equals_one_engine(tiny_model: Path, kind: str
         pytest.importorskip("nixl._api")
     reference = drive(Engine(tiny_model, kv_cache_mb=4), prompts(), chunk=64, stagger=0, params=params)
     source, target = Engine(tiny_model, kv_cache_mb=4), Engine(tiny_model, num_kv_blocks=64)
-    src_t = make_transport(kind, "prefill", source.kv.data)
-    dst_t = make_transport(kind, "decode", target.kv.data)
+    bus = Bus("test-cluster-secret-0123456789")
+    src_t = make_transport(kind, "prefill", source.kv.data, bus)
+    dst_t = make_transport(kind, "decode", target.kv.data, bus)
     try:
         ids = [f"r{i}" for i in range(len(prompts()))]
         first = source.step(BatchOrder(0, [NewRequest(r, p, params) for r, p in zip(ids, prompts())],
@@ -40,7 +42,10 @@ def test_prefill_here_decode_there_equals_one_engine(tiny_model: Path, kind: str
         for o in rest.outputs:
             got[o.request_id] += o.new_token_ids
         for rid in ids:
-            target.import_request(source.export(rid, src_t.endpoint), dst_t)
+            export = source.export(rid, src_t.endpoint)
+            src_t.offer(rid, export.blocks)
+            target.import_request(export, dst_t)
+            src_t.withdraw(rid)
             source.abort(rid)
         assert source.num_free_blocks == source.kv.allocator.num_blocks
         live = list(ids)
@@ -56,3 +61,4 @@ def test_prefill_here_decode_there_equals_one_engine(tiny_model: Path, kind: str
     finally:
         src_t.close()
         dst_t.close()
+        bus.close()

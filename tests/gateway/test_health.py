@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from shared.messages import ClusterStatus, WorkerStatus
 
 
 def test_health_needs_both_halves_and_a_fresh_status(tmp_path: Path) -> None:
-    link = PlannerLink(f"ipc://{tmp_path}/intake.sock", f"ipc://{tmp_path}/gateway.sock")
+    link = PlannerLink(f"ipc://{tmp_path}/intake.sock", f"ipc://{tmp_path}/gateway.sock",
+                       "test-cluster-secret-0123456789")
 
     def seen(*workers: tuple[str, bool]) -> bool:
         link.status = ClusterStatus([WorkerStatus(f"w{i}", role, alive, 10, 10, 0)
@@ -25,3 +27,4 @@ def test_health_needs_both_halves_and_a_fresh_status(tmp_path: Path) -> None:
     assert seen(("colocated", True))
     link.status_time -= 5
     assert not link.healthy()
+    asyncio.run(link.close())

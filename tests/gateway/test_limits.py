@@ -14,7 +14,7 @@ from shared.settings import Settings
 
 
 def test_a_body_over_the_limit_gets_a_413_at_once(tiny_model: Path, tmp_path: Path) -> None:
-    settings = Settings(model_dir=tiny_model, max_request_bytes=64 * 1024,
+    settings = Settings(model_dir=tiny_model, max_request_bytes=64 * 1024, cluster_secret="test-cluster-secret-0123",
                         planner_intake_address=f"ipc://{tmp_path}/intake.sock",
                         gateway_address=f"ipc://{tmp_path}/gateway.sock")
     with TestClient(create_app(settings)) as client:

@@ -15,7 +15,7 @@ from shared.settings import Settings
 
 @pytest.fixture
 def client(tiny_model: Path, tmp_path: Path) -> TestClient:
-    settings = Settings(model_dir=tiny_model, served_model_name="m",
+    settings = Settings(model_dir=tiny_model, served_model_name="m", cluster_secret="test-cluster-secret-0123",
                         planner_intake_address=f"ipc://{tmp_path}/intake.sock",
                         gateway_address=f"ipc://{tmp_path}/gateway.sock")
     with TestClient(create_app(settings)) as c:

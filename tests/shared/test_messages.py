@@ -50,7 +50,7 @@ EXAMPLES = [
     TokenChunk("r1", [5, 6], "hi", "stop", 3, 7),
     StepReport("w0", 3, 0.01, [RequestProgress("r1", 3, 1, None, 4, 2)], ["r2"], 10, [EXPORT], ["r3"]),
     WorkerHello("w0", "prefill", 100, 16, 2048, 42, "ngram", ENDPOINT),
-    KVFetch([3, 1, 2]),
+    KVFetch("r1", [3, 1, 2]),
     Heartbeat("w0", 99),
     ClusterStatus([WorkerStatus("w0", "colocated", True, 100, 90, 2)], 1, 2, 30, 0,
                   {"coding": SpecCounts(10, 7)}),

@@ -23,8 +23,17 @@ def test_secure_defaults() -> None:
     assert s.host == "127.0.0.1"
 
 
+def test_the_cluster_secret_comes_from_the_settings_or_its_file_and_stays_out_of_reprs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no cluster secret"):
+        Settings().bus_secret()
+    assert Settings(cluster_secret="s" * 20).bus_secret() == "s" * 20
+    assert "s" * 20 not in repr(Settings(cluster_secret="s" * 20))
+    (tmp_path / "secret").write_text("t" * 20 + "\n")
+    assert Settings(cluster_secret_file=tmp_path / "secret").bus_secret() == "t" * 20
+
+
 def test_as_env_reproduces_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = load(port=1234, api_key="k", model_dir=Path("/m"), workers=2)
+    s = load(port=1234, api_key="k", model_dir=Path("/m"), workers=2, cluster_secret="c" * 20)
     for key, value in as_env(s).items():
         monkeypatch.setenv(key, value)
     assert Settings() == s

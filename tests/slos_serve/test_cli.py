@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -47,3 +48,10 @@ def test_model_random_refuses_a_shape_it_cannot_build(tmp_path: Path) -> None:
                                       "--like", str(SHIPPED_PROFILES / "h100-sxm_opt-6.7b.json")])
     assert result.exit_code != 0 and "Llama layout" in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_a_process_started_on_its_own_needs_the_cluster_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLOS_CLUSTER_SECRET", raising=False)
+    for command in (["planner"], ["gateway"], ["worker", "--role", "decode"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "no cluster secret" in result.output, (command, result.output)

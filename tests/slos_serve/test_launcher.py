@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import Settings, load
-from slos_serve.launcher import place, spawn, taken_ports, up
+from slos_serve.launcher import place, spawn, taken_ports, up, wire
 
 
 def test_unpinned_by_default() -> None:
@@ -59,3 +59,10 @@ def test_a_second_server_on_a_taken_admin_port_stops_before_touching_the_first_o
         assert taken_ports(settings) == [taken]
         assert up(settings) == 1
         assert token.read_text() == "the first server's\n"
+
+
+def test_up_makes_a_cluster_secret_unless_one_is_given(tmp_path: Path) -> None:
+    made = wire(Settings(admin_token="t"), tmp_path).cluster_secret
+    assert made is not None and len(made) >= 32 and made != wire(Settings(admin_token="t"), tmp_path).cluster_secret
+    assert wire(Settings(admin_token="t", cluster_secret="g" * 20), tmp_path).cluster_secret == "g" * 20
+    assert wire(Settings(admin_token="t", cluster_secret_file=tmp_path / "f"), tmp_path).cluster_secret is None
