@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from shared.messages import (
     Abort,
     Admitted,
     ClusterStatus,
+    GatewayHello,
     Lost,
     Message,
     Parked,
@@ -74,6 +76,8 @@ class PlannerLink:
         self.status_time = 0.0
 
     def start(self) -> None:
+        """Say hello first, so that the planner aborts what a gateway before this one left."""
+        self._to_planner.send(encode(GatewayHello(secrets.token_hex(8))), flags=zmq.NOBLOCK)
         self._task = asyncio.create_task(self._receive())
 
     async def close(self) -> None:
@@ -120,6 +124,15 @@ class PlannerLink:
             self.resubmitted += 1
         await self._to_planner.send(encode(again))
 
+    async def _resubmit_all(self) -> None:
+        """The planner restarted and holds none of our requests: send every open one again."""
+        log.warning("the planner restarted; resubmitting the %d open requests", len(self._submits))
+        self.resubmitted += len(self._submits)
+        for request_id, original in list(self._submits.items()):
+            order = self._order[request_id]
+            order.held.clear()
+            await self._to_planner.send(encode(self._resubmissions.after_restart(original, order.delivered)))
+
     def abort(self, request_id: str, reason: str) -> None:
         """Synchronous, so it also runs in the cleanup of a cancelled stream."""
         log.info("request %s: abort (%s)", request_id, reason)
@@ -137,7 +150,10 @@ class PlannerLink:
             data = await self._inbox.recv()
             msg: Message | None = self.drops.accept(data, "bus")
             if isinstance(msg, ClusterStatus):
+                restarted = self.status is not None and msg.planner_id != self.status.planner_id
                 self.status, self.status_time = msg, time.monotonic()
+                if restarted:
+                    await self._resubmit_all()
             elif isinstance(msg, Lost):
                 await self._resubmit(msg)
             elif isinstance(msg, (Admitted, Parked, Refused, TokenChunk)):

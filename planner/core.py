@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from shared.messages import (
     Admitted,
     BatchOrder,
     ClusterStatus,
+    GatewayHello,
     Heartbeat,
     Lost,
     Message,
@@ -74,6 +76,8 @@ class Planner:
     verdicts: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request -> why, newest last
     unsent_roles: dict[str, Role] = field(default_factory=dict)  # role changes the worker has not been told
     lost: OrderedDict[str, Tracker] = field(default_factory=OrderedDict)  # request -> its token times so far
+    planner_id: str = field(default_factory=lambda: secrets.token_hex(8))  # new with every planner process
+    gateway_id: str | None = None  # the gateway the held requests came from
 
     def __post_init__(self) -> None:
         self.state.lengths.typical.update({k: c.output_tokens for k, c in self.slo_classes.items()})
@@ -85,6 +89,8 @@ class Planner:
                 return self.on_submit(msg)
             case Abort():
                 self.on_abort(msg)
+            case GatewayHello():
+                self.on_gateway_hello(msg)
             case WorkerHello():
                 return self.on_hello(msg)
             case Heartbeat():
@@ -98,6 +104,8 @@ class Planner:
     def on_submit(self, msg: Submit) -> list[Message]:
         """Messages for the gateway in answer to a submission."""
         if msg.request_id in self.state.requests:
+            if msg.after_restart:  # it reached this planner before the gateway knew of it
+                return []
             return [Refused(msg.request_id, "duplicate request id", retry_after_s=0.0)]
         spec = msg.slo
         if self.default_class and spec.slo_class is None and spec.ttft_ms is None and spec.tpot_ms is None \
@@ -138,6 +146,17 @@ class Planner:
         if req.handover is not None and req.handover.decode_worker is not None and req.handover.import_sent:
             self.pending_aborts.setdefault(req.handover.decode_worker, []).append(msg.request_id)
         self._forget(req)
+
+    def on_gateway_hello(self, msg: GatewayHello) -> None:
+        """A gateway started: what came from another one has no client left to stream to."""
+        if msg.gateway_id == self.gateway_id:
+            return
+        if self.state.requests:
+            log.warning("gateway %s started: aborting the %d requests of the one before", msg.gateway_id,
+                        len(self.state.requests))
+        for req in list(self.state.requests.values()):
+            self.on_abort(Abort(req.request_id, "its gateway is gone"))
+        self.gateway_id = msg.gateway_id
 
     def on_hello(self, msg: WorkerHello) -> list[Message]:
         lost = self._drop_worker(msg.worker_id) if msg.worker_id in self.state.workers else []
@@ -235,7 +254,8 @@ class Planner:
     def schedule(self) -> tuple[dict[str, BatchOrder], list[Message]]:
         """Batch orders per worker, and verdicts for the gateway."""
         for worker in self.state.workers.values():
-            if worker.target_role is not None and not conflicts(self.state, worker, worker.target_role):
+            if (worker.target_role is not None and worker.step_in_flight is None
+                    and not conflicts(self.state, worker, worker.target_role)):
                 self._set_role(worker, worker.target_role)
         decisions = self.policy.schedule(self.state, self.clock.now())
         to_gateway = self._apply(decisions)
@@ -280,6 +300,7 @@ class Planner:
             attainment={k: SLOCount(a.met, a.total) for k, a in self.state.attainment.items()},
             promises={k: SLOCount(a.met, a.total) for k, a in self.state.promises.items()},
             caught_up=self.caught_up,
+            planner_id=self.planner_id,
         )
 
     def explain(self, request_id: str) -> str | None:
@@ -356,12 +377,13 @@ class Planner:
         return out
 
     def move(self, worker: WorkerState, role: Role) -> set[str]:
-        """Give a worker a new role: now, or once it holds nothing the new role could not finish
+        """Give a worker a new role: now, or once its step in flight has reported (it ran under the
+        old role, and its report is read so) and it holds nothing the new role could not finish
         (it takes no new requests meanwhile). Returns the requests it now keeps (`_set_role`)."""
         if role == worker.role and worker.target_role is None:
             return set()
         self.state.last_role_change = self.clock.now()
-        if conflicts(self.state, worker, role):
+        if worker.step_in_flight is not None or conflicts(self.state, worker, role):
             log.info("worker %s: becomes %s once its current requests allow", worker.worker_id, role)
             worker.target_role = role
             return set()

@@ -71,6 +71,7 @@ class Submit(msgspec.Struct, tag=True):
     slo: SLOSpec
     arrival_time: float
     resume_token_ids: list[int] = []  # output the client already has: continue after it
+    after_restart: bool = False  # sent again to a restarted planner: ignored if it has the request already
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -78,6 +79,14 @@ class Abort(msgspec.Struct, tag=True):
 
     request_id: str
     reason: str = "client disconnected"
+
+
+class GatewayHello(msgspec.Struct, tag=True):
+    """gateway -> planner, before anything else: a gateway with this id started. The requests
+    the planner holds from before belong to a gateway that is gone, whose clients are gone
+    with it, so they are aborted."""
+
+    gateway_id: str
 
 
 class Lost(msgspec.Struct, tag=True):
@@ -272,11 +281,13 @@ class ClusterStatus(msgspec.Struct, tag=True):
     attainment: dict[str, SLOCount] = {}  # by SLO class, as the planner sees token times
     promises: dict[str, SLOCount] = {}  # the same by how the request was served: promised, best_effort, refused
     caught_up: int = 0  # batches that held prefill back for a promised request behind its TPOT
+    planner_id: str = ""  # a new one means the planner restarted and holds none of the requests sent before
 
 
 Message = Union[
     Submit,
     Abort,
+    GatewayHello,
     Admitted,
     KVFetch,
     Lost,

@@ -2,7 +2,7 @@
 simulator's clients alike.
 
 A request is lost when its worker dies, a KV handover fails, or the planner preempts it for
-room. Its client has some tokens already: the request goes back to the planner with them as
+room; every open request is sent again when the planner restarts. Its client has some tokens already: the request goes back to the planner with them as
 `resume_token_ids`, so the stream continues after them without gaps or repeats. Failures count
 towards a limit, past which the request ends with an error; preemptions do not count (they are
 the planner's choice, not a fault).
@@ -33,3 +33,8 @@ class Resubmissions:
 
     def forget(self, request_id: str) -> None:
         self.attempts.pop(request_id, None)
+
+    def after_restart(self, original: Submit, delivered: list[int]) -> Submit:
+        """The submission for a planner that restarted: no failure of the request's, so it
+        does not count; a planner that has it already (it was queued for it) ignores it."""
+        return msgspec.structs.replace(original, resume_token_ids=list(delivered), after_restart=True)

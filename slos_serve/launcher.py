@@ -1,10 +1,13 @@
 """`slos-serve up`: start gateway, planner and workers as separate processes and supervise them.
 
 Children get their settings through the environment and die with the launcher (Linux parent
-death signal), so Ctrl-C, SIGTERM or even SIGKILL of the launcher leaves no orphan behind. A
-worker that dies is started again (the planner has re-planned its requests meanwhile), unless
-it exits by itself within MIN_UPTIME_S of starting, which means it cannot run at all. If the
-planner or the gateway exits, everything is stopped: a half-running server is worse than none.
+death signal), so Ctrl-C, SIGTERM or even SIGKILL of the launcher leaves no orphan behind. Any
+process that dies is started again: a worker (the planner has re-planned its requests
+meanwhile), the planner (the workers say hello to the new one and the gateway sends it its open
+requests again) or the gateway (its streams are cut with it; the planner aborts what they had
+asked for when the new one says hello). A process that exits by itself within MIN_UPTIME_S of
+starting cannot run at all: then everything is stopped, as a half-running server is worse
+than none.
 """
 
 from __future__ import annotations
@@ -192,31 +195,25 @@ def up(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    core = [spawn(["planner"], env, placement.core), spawn(["gateway"], env, placement.core)]
+    commands = {"planner": ["planner"], "gateway": ["gateway"]}
+    commands |= {wid: ["worker", "--worker-id", wid, "--role", role] for wid, role in worker_roles(settings)}
 
-    def start(wid: str, role: str) -> tuple[subprocess.Popen, float]:
-        return spawn(["worker", "--worker-id", wid, "--role", role], env, placement.workers[wid]), time.monotonic()
+    def start(name: str) -> tuple[subprocess.Popen, float]:
+        return spawn(commands[name], env, placement.workers.get(name, placement.core)), time.monotonic()
 
-    workers = {wid: start(wid, role) for wid, role in worker_roles(settings)}
-    roles = dict(worker_roles(settings))
+    procs = {name: start(name) for name in commands}
     started, announced, code = time.monotonic(), False, 0
     try:
         while not stopping:
-            dead = [p for p in core if p.poll() is not None]
-            if dead:
-                log.error("a process exited (pid %d, code %s); stopping everything",
-                          dead[0].pid, dead[0].returncode)
+            crashed = [name for name, (p, _) in procs.items() if p.poll() is not None]
+            if any(procs[name][0].returncode >= 0 and time.monotonic() - procs[name][1] < MIN_UPTIME_S
+                   for name in crashed):
+                log.error("a process exited right after starting; stopping everything")
                 code = 1
                 break
-            crashed = [wid for wid, (p, _) in workers.items() if p.poll() is not None]
-            if any(workers[wid][0].returncode >= 0 and time.monotonic() - workers[wid][1] < MIN_UPTIME_S
-                   for wid in crashed):
-                log.error("a worker exited right after starting; stopping everything")
-                code = 1
-                break
-            for wid in crashed:
-                log.error("worker %s exited (code %s); starting it again", wid, workers[wid][0].returncode)
-                workers[wid] = start(wid, roles[wid])
+            for name in crashed:
+                log.error("%s exited (code %s); starting it again", name, procs[name][0].returncode)
+                procs[name] = start(name)
             if not announced and _ready(settings):
                 log.info("slos-serve ready: http://%s:%d/v1 (model %s, %s mode, %d workers, policy %s); "
                          "admin API http://%s:%d/admin%s", settings.host, settings.port, settings.served_model_name,
@@ -230,7 +227,7 @@ def up(settings: Settings) -> int:
                 break
             time.sleep(0.2)
     finally:
-        stop_all(core + [p for p, _ in workers.values()])
+        stop_all([p for p, _ in procs.values()])
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("stopped")
     return code

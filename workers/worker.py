@@ -6,7 +6,8 @@ whose first token it streamed) and reports it as an export; a decode worker take
 requests over by reading their KV blocks from the prefill worker; a colocated worker does both
 halves itself and moves no KV. The planner may change a worker's role with any order (falling
 back to colocated when a pool is lost, or moving a worker between the pools); a worker that
-starts moving KV then opens its transport.
+starts moving KV then opens its transport. When the planner restarts, a worker drops what it
+holds (the gateway sends it all again) and says hello to the new one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine.engine import Engine, RequestOutput, StepResult
 from engine.kv_transfer import KVTransferError, KVTransport, make_transport
@@ -133,17 +135,38 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
 
     transport = open_transport() if role != "colocated" else None
     planner = bus.socket(zmq.DEALER, connect=settings.planner_address, identity=worker_id.encode())
+    handshakes = planner.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     gateway = bus.socket(zmq.PUSH, connect=settings.gateway_address)
     drops = DropCounter()
-    planner.send(encode(WorkerHello(worker_id, role, engine.kv.allocator.num_blocks,
-                                    engine.kv.block_size, engine.max_model_len, os.getpid(),
-                                    speculator, transport.endpoint if transport else None)))
+
+    def hello() -> None:
+        planner.send(encode(WorkerHello(worker_id, role, engine.kv.allocator.num_blocks,
+                                        engine.kv.block_size, engine.max_model_len, os.getpid(),
+                                        speculator, transport.endpoint if transport else None)))
+
+    hello()
     log.info("worker %s up: role %s, %d KV blocks", worker_id, role, engine.kv.allocator.num_blocks)
     beat = threading.Thread(target=heartbeat, args=(bus, settings, worker_id, engine, stop), daemon=True)
     beat.start()
+    poller = zmq.Poller()
+    poller.register(planner, zmq.POLLIN)
+    poller.register(handshakes, zmq.POLLIN)
+    connections = 0
     try:
         while not stop.is_set():
-            if not planner.poll(timeout=int(settings.heartbeat_s * 1000)):
+            ready = dict(poller.poll(timeout=int(settings.heartbeat_s * 1000)))
+            if handshakes in ready:
+                recv_monitor_message(handshakes)
+                connections += 1
+                if connections > 1:  # a new planner, which knows nothing of us or of what we hold
+                    log.warning("worker %s: the planner restarted; dropping %d requests and saying hello again",
+                                worker_id, len(engine.seqs))
+                    for rid in list(engine.seqs):
+                        if transport is not None:
+                            transport.withdraw(rid)
+                        engine.abort(rid)
+                    hello()
+            if planner not in ready:
                 continue
             msg = drops.accept(planner.recv(), "planner")
             if isinstance(msg, BatchOrder):
@@ -162,6 +185,8 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
     finally:
         stop.set()
         beat.join()
+        planner.disable_monitor()
+        handshakes.close()
         if transport is not None:
             transport.close()
         bus.close()

@@ -1,11 +1,14 @@
-"""A `slos-serve up` process for the end-to-end tests, and what they ask of it."""
+"""A `slos-serve up` process for the end-to-end tests, and what they ask of it: prompts streamed
+all at once, and their greedy texts from one engine."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 API_KEY = "test-key"
 ADMIN_TOKEN = "test-admin-token"
 IGNORE_EOS = {"ignore_eos": True}
+PROMPTS = [f"request {i}: " + "the planner schedules the workers " * (1 + i % 4) for i in range(8)]
 
 # The openai client's response models finish building on first use, and two threads doing that
 # at once can fail inside pydantic; tests stream from many threads, so build them here, once.
@@ -138,3 +142,20 @@ def greedy_texts(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
     engine = Engine(model, kv_cache_mb=8)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return [generate(engine, prompt, params)[1] for prompt in prompts]
+
+
+def stream_all(server: Server, max_tokens: int, started: threading.Barrier | None = None) -> list[str]:
+    client = server.client()
+
+    def one(i: int) -> str:
+        text, tokens = "", 0
+        for chunk in client.completions.create(model=server.model, prompt=PROMPTS[i], max_tokens=max_tokens,
+                                               temperature=0, stream=True, extra_body=IGNORE_EOS):
+            text += chunk.choices[0].text
+            tokens += 1
+            if started is not None and tokens == 3:
+                started.wait(30)
+        return text
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, range(len(PROMPTS))))

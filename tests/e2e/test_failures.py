@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from server_process import IGNORE_EOS, Server, greedy_texts, start, wait_idle
+from server_process import PROMPTS, Server, greedy_texts, start, stream_all, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
-
-PROMPTS = [f"request {i}: " + "the planner schedules the workers " * (1 + i % 4) for i in range(8)]
 
 
 def worker_pid(server: Server, worker_id: str) -> int:
@@ -25,23 +23,6 @@ def worker_pid(server: Server, worker_id: str) -> int:
         if f"--worker-id\0{worker_id}\0" in Path(f"/proc/{pid}/cmdline").read_text():
             return int(pid)
     raise AssertionError(f"no process for {worker_id}")
-
-
-def stream_all(server: Server, max_tokens: int, started: threading.Barrier | None = None) -> list[str]:
-    client = server.client()
-
-    def one(i: int) -> str:
-        text, tokens = "", 0
-        for chunk in client.completions.create(model=server.model, prompt=PROMPTS[i], max_tokens=max_tokens,
-                                               temperature=0, stream=True, extra_body=IGNORE_EOS):
-            text += chunk.choices[0].text
-            tokens += 1
-            if started is not None and tokens == 3:
-                started.wait(30)
-        return text
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        return list(pool.map(one, range(len(PROMPTS))))
 
 
 def test_decode_worker_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> None:

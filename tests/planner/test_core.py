@@ -14,6 +14,7 @@ from shared.messages import (
     Admitted,
     BatchOrder,
     ExportedRequest,
+    GatewayHello,
     Heartbeat,
     KVEndpoint,
     Lost,
@@ -90,6 +91,30 @@ def test_abort_of_a_delivered_request_reaches_the_worker() -> None:
     planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
     follow_up = planner.schedule()[0]["w0"]
     assert follow_up.aborts == ["r"] and not follow_up.decode
+
+
+def test_a_new_gateway_aborts_what_the_one_before_it_asked_for() -> None:
+    planner, _ = make()
+    planner.on_gateway_hello(GatewayHello("g1"))
+    submit(planner, "running")
+    order = planner.schedule()[0]["w0"]
+    planner.on_report(StepReport("w0", order.step_id, 0.01, [RequestProgress("running", 20, 1)], [], 60))
+    submit(planner, "waiting")
+    planner.on_gateway_hello(GatewayHello("g1"))  # the same gateway again: nothing happens
+    assert set(planner.state.requests) == {"running", "waiting"}
+    planner.on_gateway_hello(GatewayHello("g2"))
+    assert not planner.state.requests and not planner.state.waiting
+    assert planner.state.workers["w0"].reserved_blocks == 0
+    assert planner.schedule()[0]["w0"].aborts == ["running"]
+
+
+def test_after_a_planner_restart_a_request_it_has_already_is_not_a_duplicate() -> None:
+    planner, _ = make()
+    submit(planner, "r")
+    assert planner.on_submit(Submit("r", [1] * 20, GREEDY, SLOSpec(), 0.0, after_restart=True)) == []
+    assert planner.on_submit(Submit("s", [1] * 20, GREEDY, SLOSpec(), 0.0, [5, 6], after_restart=True)) == []
+    assert planner.state.requests["s"].resume_token_ids == (5, 6)
+    assert planner.status(0).planner_id == planner.planner_id != make()[0].planner_id
 
 
 def test_abort_of_a_waiting_request_needs_no_worker() -> None:

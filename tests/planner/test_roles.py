@@ -101,3 +101,24 @@ def test_a_handover_decided_with_its_source_turning_decode_keeps_the_request_the
     assert (req.phase, req.worker_id, req.handover) == ("decode", "p0", None)
     assert "r" not in planner.state.workers["d1"].requests and planner.handovers == 0
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_move_waits_for_the_step_in_flight_which_ran_under_the_old_role() -> None:
+    """A prefill worker falls back to colocated and is sent home while the step that prefills
+    as colocated is in flight: read as a prefill worker's, its report would leave the finished
+    prompts neither exported nor decoding, for ever."""
+    planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=10.0)
+    planner.state.mode = "disaggregated"
+    planner.on_hello(WorkerHello("p0", "prefill", 64, 16, 2048, 1))
+    planner.on_submit(Submit("r", [1] * 20, SamplingParams(max_tokens=8, temperature=0.0), SLOSpec(), 0.0))
+    planner._apply(Decisions(roles={"p0": "colocated"}))
+    order = planner.schedule()[0]["p0"]
+    assert order.role == "colocated" and [n.request_id for n in order.new_requests] == ["r"]
+    planner.on_hello(WorkerHello("d1", "decode", 64, 16, 2048, 2))
+    p0 = planner.state.workers["p0"]
+    planner._apply(Decisions(roles={"p0": "prefill"}))
+    assert (p0.role, p0.target_role) == ("colocated", "prefill")
+    planner.on_report(StepReport("p0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60))
+    assert planner.state.requests["r"].phase == "decode"  # it decodes where it was prefilled
+    order = planner.schedule()[0]["p0"]
+    assert order.decode == ["r"] and p0.role == "colocated"

@@ -13,6 +13,7 @@ from shared.messages import (
     ClusterStatus,
     DecodeFailure,
     ExportedRequest,
+    GatewayHello,
     Heartbeat,
     KVEndpoint,
     KVFetch,
@@ -40,7 +41,9 @@ ENDPOINT = KVEndpoint("nixl", "w0", 4096, b"\x00\x01meta", 140_000_000, "")
 EXPORT = ExportedRequest("r1", [1, 2, 3, 9], 3, 3, PARAMS, [4, 5], ENDPOINT, b"\x07" * 16)
 EXAMPLES = [
     Submit("r1", [1, 2, 3], PARAMS, SLOSpec("coding", 100.0, None), 12.5, [4, 5]),
+    Submit("r1", [1], PARAMS, SLOSpec(), 1.0, [4], after_restart=True),
     Abort("r1", "client disconnected"),
+    GatewayHello("0a1b2c3d"),
     Admitted("r1"),
     Lost("r1", "worker w1 died"),
     Parked("r1", "queue full"),
@@ -53,7 +56,7 @@ EXAMPLES = [
     KVFetch("r1", [3, 1, 2]),
     Heartbeat("w0", 99),
     ClusterStatus([WorkerStatus("w0", "colocated", True, 100, 90, 2)], 1, 2, 30, 0,
-                  {"coding": SpecCounts(10, 7)}),
+                  {"coding": SpecCounts(10, 7)}, planner_id="9f8e"),
 ]
 
 
