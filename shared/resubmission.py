@@ -2,10 +2,11 @@
 simulator's clients alike.
 
 A request is lost when its worker dies, a KV handover fails, or the planner preempts it for
-room; every open request is sent again when the planner restarts. Its client has some tokens already: the request goes back to the planner with them as
-`resume_token_ids`, so the stream continues after them without gaps or repeats. Failures count
-towards a limit, past which the request ends with an error; preemptions do not count (they are
-the planner's choice, not a fault).
+room; every open request is sent again when the planner restarts. Its client has some tokens
+already: the request goes back to the planner with them as `resume_token_ids`, so the stream
+continues after them without gaps or repeats. Failures count towards a limit, past which the
+request ends with an error; preemptions and restarts do not count (they are no fault of the
+request's).
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ class Settings(BaseSettings):
                                       "default: the address's own host")
     cluster_secret: str | None = Field(None, repr=False, description="shared by every process of a cluster: "
                                        "their ZeroMQ sockets, the KV servers' too, let in only processes that hold "
-                                       "it and encrypt what they carry; `up` makes one when none is given; at least "
-                                       "16 characters")
+                                       "it, and the bus's are encrypted (`shared.bus`); `up` makes one when none is "
+                                       "given; at least 16 characters")
     cluster_secret_file: Path | None = Field(None, description="a file holding the cluster secret (a mounted "
                                              "Kubernetes Secret)")
     mode: Literal["colocated", "disaggregated"] = "colocated"
