@@ -69,7 +69,11 @@ class Generations:
         gen = Generation(submit.request_id, endpoint, submit.slo.slo_class or "default",
                          self.link.open(submit.request_id),
                          len(submit.prompt_token_ids), now, now + self.timeout_s)
-        await self.link.submit(submit)
+        try:
+            await self.link.submit(submit)
+        except BaseException:  # whatever stops the submission must not leave its queue open
+            self.link.release(submit.request_id)
+            raise
         return gen
 
     async def next_chunk(self, gen: Generation, request: Request) -> TokenChunk:

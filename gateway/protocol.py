@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.messages import SamplingParams, Stage
 
 MAX_OBJECTIVE_MS = 3_600_000.0  # an hour: a TTFT or TPOT beyond it is a mistake, not an objective
+MAX_COUNT = 2**31 - 1  # token counts and top-k beyond any context; bounded so that they travel on the bus
 
 
 class TextPart(BaseModel):
@@ -45,7 +46,7 @@ class SLOStage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tokens: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     tpot_ms: float | None = Field(None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
 
     def stage(self) -> Stage:
@@ -56,10 +57,10 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_COUNT)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch generator takes
     stop: str | list[str] | None = None
     stream: bool = False
@@ -124,7 +125,7 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     tools: list[Any] | None = None
 
     @model_validator(mode="after")

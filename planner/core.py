@@ -107,6 +107,8 @@ class Planner:
             if msg.after_restart:  # it reached this planner before the gateway knew of it
                 return []
             return [Refused(msg.request_id, "duplicate request id", retry_after_s=0.0)]
+        if not msg.prompt_token_ids:  # the gateway sends none; held, it would never be scheduled
+            return [Refused(msg.request_id, "empty prompt", retry_after_s=0.0)]
         spec = msg.slo
         if self.default_class and spec.slo_class is None and spec.ttft_ms is None and spec.tpot_ms is None \
                 and not spec.stages:

@@ -23,7 +23,9 @@ def client(tiny_model: Path, tmp_path: Path) -> TestClient:
 
 
 @pytest.mark.parametrize("extra", [{"seed": 2**80}, {"seed": -(2**64)}, {"tpot_ms": 1e300}, {"ttft_ms": "inf"},
-                                   {"tpot_ms": "nan"}, {"slo_stages": [{"tokens": 4, "tpot_ms": "inf"}]}])
+                                   {"tpot_ms": "nan"}, {"slo_stages": [{"tokens": 4, "tpot_ms": "inf"}]},
+                                   {"top_k": 2**86}, {"max_tokens": 2**70},
+                                   {"slo_stages": [{"tokens": 2**70, "tpot_ms": 50}]}])
 def test_out_of_range_values_in_the_body_are_a_400(client: TestClient, extra: dict) -> None:
     r = client.post("/v1/completions", json={"model": "m", "prompt": "hello", **extra})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

@@ -63,13 +63,15 @@ def test_request_lifecycle_reserves_and_releases_blocks() -> None:
     assert w0.reserved_blocks == 0 and not planner.state.requests
 
 
-def test_unknown_slo_class_and_duplicates_are_refused() -> None:
+def test_unknown_slo_class_duplicates_and_empty_prompts_are_refused() -> None:
     planner, _ = make()
     [refused] = submit(planner, "r", slo=SLOSpec(slo_class="nope"))
     assert isinstance(refused, Refused) and "nope" in refused.reason
     submit(planner, "s")
     [dup] = submit(planner, "s")
     assert isinstance(dup, Refused)
+    [empty] = submit(planner, "e", prompt=0)
+    assert isinstance(empty, Refused) and "e" not in planner.state.requests
 
 
 def test_requests_without_objectives_get_the_default_class_when_one_is_set() -> None:
