@@ -30,7 +30,7 @@ import psutil
 import torch
 import zmq
 
-from shared.bus import Bus, DropCounter
+from shared.bus import Bus, DropCounter, tcp_address
 from shared.messages import KVEndpoint, KVFetch, encode
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class ZmqTransport:
         self.bus = bus
         self.drops = DropCounter()
         self.refused = 0
-        server = bus.socket(zmq.ROUTER, bind=f"tcp://{_bracketed(host)}:*", max_message_bytes=FETCH_MAX_BYTES,
+        server = bus.socket(zmq.ROUTER, bind=tcp_address(host, "*"), max_message_bytes=FETCH_MAX_BYTES,
                             encrypted=False)
         address = server.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.endpoint = KVEndpoint("zmq", name, block_bytes(data), zmq_address=address)
@@ -266,10 +266,6 @@ def interface_of(host: str) -> str | None:
         if addresses & mine or (all(a.is_loopback for a in addresses) and any(a.is_loopback for a in mine)):
             return name
     raise KVTransferError(f"no network interface of this host has the address of {host}")
-
-
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _raw(data: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,11 @@ def bind_address(address: str, host: str | None) -> str:
     address under the same port."""
     if host is None or not address.startswith("tcp://"):
         return address
-    port = address.rpartition(":")[2]
+    return tcp_address(host, address.rpartition(":")[2])
+
+
+def tcp_address(host: str, port: str | int) -> str:
+    """A ZeroMQ TCP address; an IPv6 host goes in brackets."""
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 

@@ -107,6 +107,18 @@ def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
     raise AssertionError("server not ready:\n" + (tmp / "server.log").read_text())
 
 
+def cluster_secret(server: Server) -> str:
+    """The secret `up` made, read where its children got it: their environment, never a command line."""
+    secrets = set()
+    for kid in children(server.proc.pid):
+        environ = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
+        secret = next(e for e in environ if e.startswith(b"SLOS_CLUSTER_SECRET=")).partition(b"=")[2]
+        assert secret not in Path(f"/proc/{kid}/cmdline").read_bytes()
+        secrets.add(secret.decode())
+    assert len(secrets) == 1
+    return secrets.pop()
+
+
 def wait_idle(server: Server, timeout: float = 10.0, min_generated: float = 0) -> dict[str, float]:
     """Metrics once nothing runs and every KV block is free again. The planner's status comes
     every 0.2 s, so a burst shorter than that can look idle on the status from before it:

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import zmq
 
-from server_process import API_KEY, IGNORE_EOS, Server, children, start, wait_idle
+from server_process import API_KEY, IGNORE_EOS, Server, children, cluster_secret, start, wait_idle
 from shared.bus import Bus
 from shared.messages import (
     Abort,
@@ -110,8 +110,6 @@ def random_messages(rng: random.Random) -> Iterator[bytes]:
 def test_a_thousand_random_messages_on_every_bus_socket(server: Server) -> None:
     """From inside the cluster (the secret read where `up`'s children got it), on the planner's
     intake and worker socket and the gateway's inbox: nothing dies, and requests are served."""
-    from test_server import cluster_secret
-
     pids = sorted(children(server.proc.pid))
     rng = random.Random(26)
     bus = Bus(cluster_secret(server))

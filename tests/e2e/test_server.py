@@ -17,7 +17,7 @@ import torch
 import zmq
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from server_process import API_KEY, IGNORE_EOS, Server, alive, children, start, wait_idle
+from server_process import API_KEY, IGNORE_EOS, Server, alive, children, cluster_secret, start, wait_idle
 from shared.bus import Bus
 from shared.messages import WorkerHello, encode
 
@@ -171,18 +171,6 @@ def test_disconnect_mid_stream_frees_every_kv_block(server: Server) -> None:
     m = wait_idle(server)
     assert m['slos_requests_total{endpoint="completions",outcome="disconnected"}'] >= 3
     assert m["slos_worker_generated_tokens_total"] - generated < 3 * 480 / 2
-
-
-def cluster_secret(server: Server) -> str:
-    """The secret `up` made, read where its children got it: their environment, never a command line."""
-    secrets = set()
-    for kid in children(server.proc.pid):
-        environ = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
-        secret = next(e for e in environ if e.startswith(b"SLOS_CLUSTER_SECRET=")).partition(b"=")[2]
-        assert secret not in Path(f"/proc/{kid}/cmdline").read_bytes()
-        secrets.add(secret.decode())
-    assert len(secrets) == 1
-    return secrets.pop()
 
 
 def dropped(server: Server) -> tuple[float, float]:
