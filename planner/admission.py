@@ -85,6 +85,7 @@ class Replica:
     busy: bool = False  # a step is running: the first planned batch starts after it
     decode_tpots: tuple[float, ...] = ()  # the TPOTs of the decoding requests that have one: each
     # speculates only as far as its own TPOT needs at a period, which prices the period's decode work
+    idle_chunk: int = IDLE_CHUNK  # prefill tokens a period no TPOT paces has room for (`idle_step_s`)
 
 
 @dataclass
@@ -217,6 +218,7 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
     """The program for `queue` (in deadline order, promised first among equals), cut short
     where it would be larger than `WORK_LIMIT`: the latest new requests are left out."""
     promised = int(queue.promised.sum())
+    replica = _idle_chunk_within(profile, replica, queue, now)
     tiers, tier = _tiers(replica, queue)
     cap = replica.max_num_seqs - replica.decoding - promised
     if replica.max_new is not None:
@@ -241,6 +243,17 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
     tied[1:] = queue.deadline[1:] == queue.deadline[:-1]
     return Program(queue, rows, count, cap, tables, memory, whole, span, tier.astype(np.int32), units.astype(np.int32),
                    tied, rate, budget)
+
+
+def _idle_chunk_within(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Replica:
+    """The replica with a period no TPOT paces cut to the prompts waiting, where a full
+    `IDLE_CHUNK` would outlast the earliest TTFT: on a slow machine one such batch takes
+    seconds, and the program, which counts whole batches, would see no prompt done in time."""
+    decoding = 0 if replica.prefill_only else replica.decoding
+    full = idle_step_s(profile, decoding, 0 if replica.prefill_only else replica.context_tokens)
+    if full <= float(queue.deadline.min(initial=math.inf)) - now:
+        return replica
+    return replace(replica, idle_chunk=int(np.clip(np.ceil(queue.cost.sum()), 1, IDLE_CHUNK)))
 
 
 def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float, overdue: frozenset[str] = frozenset()) -> Plan:
@@ -374,12 +387,12 @@ def _period_plan(profile: Profile, replica: Replica) -> Plan:
     return Plan([], [], [], float(steps[0]), budget, int(ks[0]), next_budget=budget)
 
 
-def idle_step_s(profile: Profile, decoding: int, context_tokens: int) -> float:
-    """The batch period when no TPOT paces the batches: long enough for `IDLE_CHUNK` prefill
-    tokens beside what decodes now, so that a slow machine still batches efficiently, and no
-    shorter than `IDLE_STEP_S`."""
-    batch = Batches.of(prefill_tokens=IDLE_CHUNK, decode_seqs=decoding, kv_read=context_tokens,
-                       num_seqs=decoding + 1, attention_pairs=context_tokens + IDLE_CHUNK**2 / 2)
+def idle_step_s(profile: Profile, decoding: int, context_tokens: int, chunk: int = IDLE_CHUNK) -> float:
+    """The batch period when no TPOT paces the batches: long enough for `chunk` prefill tokens
+    (at most `IDLE_CHUNK`) beside what decodes now, so that a slow machine still batches
+    efficiently, and no shorter than `IDLE_STEP_S`."""
+    batch = Batches.of(prefill_tokens=chunk, decode_seqs=decoding, kv_read=context_tokens,
+                       num_seqs=decoding + 1, attention_pairs=context_tokens + chunk**2 / 2)
     return max(IDLE_STEP_S, float(profile.predict(batch)))
 
 
@@ -405,7 +418,8 @@ def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: 
     kv_read = replica.context_tokens + joining_context
     if replica.prefill_only or tpot_s is None:
         step_s = idle_step_s(profile, 0 if replica.prefill_only else replica.decoding,
-                             0 if replica.prefill_only else replica.context_tokens) if tpot_s is None else tpot_s
+                             0 if replica.prefill_only else replica.context_tokens,
+                             replica.idle_chunk) if tpot_s is None else tpot_s
         budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
         return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
     ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.admission import IDLE_STEP_S, Job, Replica, plan
+from planner.admission import IDLE_STEP_S, Job, Replica, idle_step_s, plan
 from planner.calibration import MIN_STEPS, StepFit
 from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
@@ -16,7 +16,7 @@ from planner.policies.sarathi import SarathiPolicy
 from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams, SpecCounts
-from shared.roofline import Batches, ModelShape, Profile, RooflineParams
+from shared.roofline import SHIPPED_PROFILES, Batches, ModelShape, Profile, RooflineParams, load_profile
 from shared.slo import SLOTarget
 
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
@@ -75,6 +75,19 @@ def test_admits_what_fits_keeps_the_tightest_tpot_and_parks_the_rest() -> None:
     batch = d.batches["w0"]
     assert batch.decode == [r.request_id for r in decoding]
     assert batch.prefill and step_time(s, batch.prefill, batch.decode, batch.spec_lens) <= 0.030
+
+
+def test_a_slow_machine_admits_a_short_prompt_that_a_full_idle_chunk_would_make_late() -> None:
+    """On one CPU core a 512-token chunk of SmolLM2 takes 3.5 s as a new worker's margin prices
+    it, more than the 2.8 s TTFT; an idle worker's batch of just the 88-token prompt waiting
+    keeps it, so the request is promised, not parked."""
+    cpu = load_profile(SHIPPED_PROFILES / "cpu-1_smollm2-135m-instruct.json")
+    cold = WorkerState("w0", "colocated", 364, 16, 8192, last_seen=0.0)
+    assert idle_step_s(cold.fit.priced(cpu), 0, 0) > 2.8
+    waiting = [request("a", 88, SLOTarget(ttft_ms=2790.0, tpot_ms=750.0), max_tokens=448)]
+    d = SLOPolicy(cpu).schedule(state([cold], waiting), now=0.0)
+    assert d.assign == {"a": "w0"} and not d.park and not d.best_effort
+    assert d.batches["w0"].prefill == [("a", 88)]
 
 
 def test_the_best_effort_queue_is_bounded() -> None:
