@@ -11,6 +11,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from bench.load_cli import bench_aiperf, bench_compare, bench_live
 from models.resolve import BUILTIN, resolve_model
 from shared.roofline import (
     BUILTIN_CPU_PROFILE,
@@ -460,3 +461,8 @@ def bench_dashboard(
     from bench.dashboard import render
 
     console.print(f"{out}: {render(prometheus, out, minutes)} series")
+
+
+bench_app.command("live")(bench_live)
+bench_app.command("compare")(bench_compare)
+bench_app.command("aiperf")(bench_aiperf)

@@ -59,7 +59,8 @@ def time_vs_tokens(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
     plt.close(fig)
 
 
-def attainment_curves(path: Path, curves: dict[str, dict[str, list[tuple[float, float]]]], title: str) -> None:
+def attainment_curves(path: Path, curves: dict[str, dict[str, list[tuple[float, float]]]], title: str,
+                      xlabel: str = "requests per second per GPU") -> None:
     """SLO attainment against arrival rate: one panel per scenario, one line per policy."""
     plt = _pyplot()
     names = list(curves)
@@ -71,7 +72,7 @@ def attainment_curves(path: Path, curves: dict[str, dict[str, list[tuple[float, 
             rates, shares = zip(*points)
             ax.plot(rates, shares, marker="o", markersize=3, linewidth=1.2, label=policy)
         ax.axhline(0.9, color="grey", linewidth=0.8, linestyle="--")
-        ax.set(xscale="log", ylim=(0, 1.02), xlabel="requests per second per GPU", ylabel="SLO attainment",
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel=xlabel, ylabel="SLO attainment",
                title=name)
         _plain_log_ticks(ax)
     for ax in list(axes.flat)[len(names):]:
@@ -80,6 +81,24 @@ def attainment_curves(path: Path, curves: dict[str, dict[str, list[tuple[float, 
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def latency_cdfs(path: Path, samples: dict[str, tuple[list[float], list[float]]], title: str) -> None:
+    """CDFs of time to first token and of time per output token (ms), one line per class."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, pair in samples.items():
+        for ax, xs in zip(axes, pair):
+            if xs:
+                ax.plot(np.sort(xs), np.arange(1, len(xs) + 1) / len(xs), linewidth=1.3, label=name)
+    for ax, what in zip(axes, ("time to first token (ms)", "time per output token (ms)")):
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel=what, ylabel="share of requests")
+        _plain_log_ticks(ax)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

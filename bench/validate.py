@@ -55,7 +55,7 @@ import torch
 from bench.capacity import Search, capacity
 from bench.live import run_live
 from bench.simulator import Cluster, simulate
-from bench.workloads import Arrival, Outcome, attainment, scenario
+from bench.workloads import Arrival, Outcome, attainment, scenario, within_context
 from engine.profiler import profile as measure
 from planner.policies.base import Policy
 from planner.policies.registry import PolicyConfig, make_policy
@@ -114,14 +114,15 @@ class Validation:
 
 
 @contextmanager
-def live_server(model: Path, profile: Path | None, log: Path, worker_cpus: set[int] | None, policy: str = "slos"
-                ) -> Iterator[LiveServer]:
-    """`slos-serve up` with one colocated worker (on `worker_cpus`, or sharing every core),
-    no speculation, with `profile` (or the one `up` picks), until the block ends."""
+def live_server(model: Path, profile: Path | None, log: Path, worker_cpus: set[int] | None, policy: str = "slos",
+                layout: tuple[str, ...] = ("--workers", "1"), workers: int = 1) -> Iterator[LiveServer]:
+    """`slos-serve up` with one colocated worker, or the `workers` that `layout` asks for (on
+    `worker_cpus`, or sharing every core), no speculation, with `profile` (or the one `up`
+    picks), until the block ends."""
     port, admin_port, token, key = free_tcp_port(), free_tcp_port(), secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     env = {**os.environ, "SLOS_ADMIN_TOKEN": token, "SLOS_API_KEY": key}
     args = [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
-            "--admin-port", str(admin_port), "--workers", "1", "--policy", policy, "--speculator", "none"]
+            "--admin-port", str(admin_port), *layout, "--policy", policy, "--speculator", "none"]
     args += ["--profile", str(profile)] if profile else []
     args += ["--worker-cpus", ",".join(map(str, sorted(worker_cpus)))] if worker_cpus else []
     with open(log, "w") as out:
@@ -134,8 +135,8 @@ def live_server(model: Path, profile: Path | None, log: Path, worker_cpus: set[i
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start; see {log}")
             try:
-                workers = server.admin("/admin/workers")
-                if isinstance(workers, list) and any(w["alive"] for w in workers):
+                up = server.admin("/admin/workers")
+                if isinstance(up, list) and sum(w["alive"] for w in up) == workers:
                     models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
                     server.model = models["data"][0]["id"]
                     break
@@ -182,17 +183,6 @@ def near_capacity(readings: dict[float, list[tuple[float, ...]]], capacity: floa
     near = [r for rate, seen in readings.items() if capacity / NEAR_CAPACITY <= rate <= capacity * NEAR_CAPACITY
             for r in seen]
     return medians(near or [r for seen in readings.values() for r in seen])
-
-
-def within_context(arrivals: list[Arrival], max_len: int) -> list[Arrival]:
-    """Prompts clipped to half the context window, outputs to what is left of it."""
-    out = []
-    for a in arrivals:
-        prompt = min(a.prompt_tokens, max_len // 2)
-        then = within_context([a.then], max_len)[0] if a.then is not None else None
-        out.append(dataclasses.replace(a, prompt_tokens=prompt, output_tokens=min(a.output_tokens, max_len - prompt - 1),
-                                       then=then))
-    return out
 
 
 def with_loop_overhead(profile: Profile, overhead_s: float) -> Profile:

@@ -115,6 +115,17 @@ def attainment_by_class(outcomes: list[Outcome]) -> dict[str, float]:
     return {c: attainment([o for o in outcomes if o.slo_class == c]) for c in sorted({o.slo_class for o in outcomes})}
 
 
+def within_context(arrivals: list[Arrival], max_len: int) -> list[Arrival]:
+    """Prompts clipped to half the context window, outputs to what is left of it."""
+    out = []
+    for a in arrivals:
+        prompt = min(a.prompt_tokens, max_len // 2)
+        then = within_context([a.then], max_len)[0] if a.then is not None else None
+        out.append(dataclasses.replace(a, prompt_tokens=prompt, output_tokens=min(a.output_tokens, max_len - prompt - 1),
+                                       then=then))
+    return out
+
+
 # ---- the six scenarios ---------------------------------------------------------------------
 
 CHARS_PER_TOKEN = 4.0  # English text in a Llama-2-like tokenizer

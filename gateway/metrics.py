@@ -24,12 +24,17 @@ class ClusterCollector(Collector):
         running = GaugeMetricFamily("slos_worker_requests_running", "Requests placed on the worker",
                                     labels=["worker"])
         alive = GaugeMetricFamily("slos_worker_alive", "1 while the worker heartbeats", labels=["worker"])
+        busy = CounterMetricFamily("slos_worker_busy_seconds", "Time the worker ran steps", labels=["worker"])
+        waited = CounterMetricFamily("slos_worker_waited_seconds", "Time the worker waited for its next order "
+                                     "while its requests went on", labels=["worker"])
         for w in status.workers if status else []:
             free.add_metric([w.worker_id], w.free_blocks)
             total.add_metric([w.worker_id], w.num_blocks)
             running.add_metric([w.worker_id], w.running)
             alive.add_metric([w.worker_id], float(w.alive))
-        yield from (free, total, running, alive)
+            busy.add_metric([w.worker_id], w.busy_s)
+            waited.add_metric([w.worker_id], w.waited_s)
+        yield from (free, total, running, alive, busy, waited)
         yield GaugeMetricFamily("slos_requests_waiting", "Requests waiting for a worker",
                                 value=status.waiting if status else 0)
         yield GaugeMetricFamily("slos_requests_running", "Requests placed on workers",

@@ -91,6 +91,7 @@ def execute(planner: Planner, command: Command, make_policy: Callable[[str], Pol
                  "alive": w.alive, "draining": w.draining, "speculator": w.speculator,
                  "block_size": w.block_size, "max_model_len": w.max_model_len, "kv_blocks": w.num_blocks,
                  "kv_blocks_reserved": w.reserved_blocks, "kv_blocks_free": w.reported_free_blocks,
+                 "busy_s": w.busy_s, "waited_s": w.waited_s,
                  "step_fit": {"fixed": w.fit.fixed, "compute": w.fit.compute, "memory": w.fit.memory,
                               "turnaround_s": w.fit.turnaround, "margin": w.fit.margin, "error": w.fit.error},
                  "requests": list(w.requests)}

@@ -192,6 +192,8 @@ class Planner:
         worker.step_in_flight = None
         worker.last_seen = now
         worker.reported_free_blocks = msg.free_blocks
+        worker.busy_s += msg.duration_s
+        worker.waited_s += msg.waited_s
         if worker.order_parts is not None:
             worker.fit.add(*worker.order_parts, now - worker.order_sent_at)
         worker.last_report_at = now
@@ -288,7 +290,7 @@ class Planner:
         return ClusterStatus(
             workers=[
                 WorkerStatus(w.worker_id, w.role, w.alive, w.num_blocks, w.reported_free_blocks,
-                             len(w.requests))
+                             len(w.requests), w.busy_s, w.waited_s)
                 for w in self.state.workers.values()
             ],
             waiting=len(self.state.waiting),

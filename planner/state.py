@@ -140,6 +140,8 @@ class WorkerState:
     order_sent_at: float = 0.0
     order_parts: tuple[float, ...] | None = None  # the model's (fixed, compute, memory) seconds of its step in flight
     last_report_at: float = -math.inf
+    busy_s: float = 0.0  # its steps' durations, summed
+    waited_s: float = 0.0  # the time it waited for orders while requests it ran went on, summed
     draining: bool = False  # an operator asked it to take no new requests
     target_role: Role | None = None  # changing to this role once its current work allows: takes no new requests
 

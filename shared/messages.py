@@ -185,6 +185,7 @@ class StepReport(msgspec.Struct, tag=True):
     free_blocks: int
     exports: list[ExportedRequest] = []  # prefills done, held for a decode worker
     failed_imports: list[str] = []  # kv_imports that could not be read
+    waited_s: float = 0.0  # how long this order kept the worker waiting with requests under way (`OrderWait`)
 
 
 class KVEndpoint(msgspec.Struct, frozen=True):
@@ -249,6 +250,8 @@ class WorkerStatus(msgspec.Struct):
     num_blocks: int
     free_blocks: int
     running: int
+    busy_s: float = 0.0  # seconds of steps run so far
+    waited_s: float = 0.0  # seconds spent waiting for orders with requests under way
 
 
 class SpecCounts(msgspec.Struct):

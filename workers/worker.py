@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,27 @@ class Step:
     result: StepResult
     exports: list[ExportedRequest] = field(default_factory=list)
     failed_imports: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OrderWait:
+    """How long orders keep the worker waiting while its requests go on: the time from a
+    report to the next order, counted when that order continues a request the report left
+    unfinished. It is the planner's turnaround and the bus's latency on the critical path; a
+    wait for new work is not counted."""
+
+    reported_at: float = 0.0
+    going_on: frozenset[str] = frozenset()
+
+    def reported(self, step: Step, at: float) -> None:
+        exported = {e.request_id for e in step.exports}
+        self.going_on = frozenset(o.request_id for o in step.result.outputs
+                                  if o.finish_reason is None and o.request_id not in exported)
+        self.reported_at = at
+
+    def waited(self, order: BatchOrder, at: float) -> float:
+        ordered = {*order.decode, *(c.request_id for c in order.prefill)}
+        return at - self.reported_at if not self.going_on.isdisjoint(ordered) else 0.0
 
 
 def run_order(engine: Engine, order: BatchOrder, role: Role, transport: KVTransport | None) -> Step:
@@ -83,7 +105,8 @@ def run_order(engine: Engine, order: BatchOrder, role: Role, transport: KVTransp
     return Step(result, exports, failed)
 
 
-def messages_for(worker_id: str, order: BatchOrder, step: Step, free: int) -> tuple[list[TokenChunk], StepReport]:
+def messages_for(worker_id: str, order: BatchOrder, step: Step, free: int,
+                 waited_s: float = 0.0) -> tuple[list[TokenChunk], StepReport]:
     chunks = [
         TokenChunk(o.request_id, o.new_token_ids, o.text, o.finish_reason, o.num_prompt_tokens,
                    o.num_output_tokens - len(o.new_token_ids))
@@ -103,6 +126,7 @@ def messages_for(worker_id: str, order: BatchOrder, step: Step, free: int) -> tu
         free_blocks=free,
         exports=step.exports,
         failed_imports=step.failed_imports,
+        waited_s=waited_s,
     )
     return chunks, report
 
@@ -152,6 +176,7 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
     poller.register(planner, zmq.POLLIN)
     poller.register(handshakes, zmq.POLLIN)
     connections = 0
+    wait = OrderWait()
     try:
         while not stop.is_set():
             ready = dict(poller.poll(timeout=int(settings.heartbeat_s * 1000)))
@@ -170,16 +195,18 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
                 continue
             msg = drops.accept(planner.recv(), "planner")
             if isinstance(msg, BatchOrder):
+                waited = wait.waited(msg, time.perf_counter())
                 if msg.role is not None and msg.role != role:
                     log.info("worker %s: role %s -> %s", worker_id, role, msg.role)
                     role = msg.role
                     if role != "colocated" and transport is None:
                         transport = open_transport()
                 step = run_order(engine, msg, role, transport)
-                chunks, report = messages_for(worker_id, msg, step, engine.num_free_blocks)
+                chunks, report = messages_for(worker_id, msg, step, engine.num_free_blocks, waited)
                 for chunk in chunks:
                     gateway.send(encode(chunk))
                 planner.send(encode(report))
+                wait.reported(step, time.perf_counter())
             elif msg is not None:
                 log.warning("ignored unexpected %s", type(msg).__name__)
     finally:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench.validate import StepsSeen, near_capacity, with_loop_overhead, within_context
-from bench.workloads import Arrival, scenario
+from bench.validate import StepsSeen, near_capacity, with_loop_overhead
+from bench.workloads import Arrival, scenario, within_context
 from shared.roofline import SHIPPED_PROFILES, Batches, load_profile
 
 

@@ -88,9 +88,13 @@ def test_sixteen_concurrent_streams_complete(server: Server) -> None:
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
         return await asyncio.gather(*(one(client, i) for i in range(16)))
 
-    before = server.metrics()["slos_worker_generated_tokens_total"]
+    before = server.metrics()
     assert asyncio.run(main()) == [(20, "length")] * 16
-    wait_idle(server, min_generated=before + 16 * 20)
+    wait_idle(server, min_generated=before["slos_worker_generated_tokens_total"] + 16 * 20)
+    after = server.metrics()
+    for counter in ("slos_worker_busy_seconds_total", "slos_worker_waited_seconds_total"):  # the steps, the waits between
+        name = next(k for k in after if k.startswith(counter))
+        assert after[name] > before.get(name, 0.0), counter
 
 
 def test_sse_framing(server: Server) -> None:
