@@ -1,5 +1,6 @@
-"""`slos-serve bench live` and `slos-serve bench compare`: load tests against live servers,
-printed as the Markdown tables `docs/benchmarks.md` quotes, with JSON results and plots."""
+"""`slos-serve bench live`, `bench compare` and `bench aiperf`: load tests against live
+servers, printed as the Markdown tables `docs/benchmarks.md` quotes, with JSON results and
+plots."""
 
 from __future__ import annotations
 
