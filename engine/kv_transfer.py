@@ -218,8 +218,13 @@ class ZmqTransport:
         if sock is None:
             sock = self._peers[peer.zmq_address] = self.bus.socket(zmq.DEALER, connect=peer.zmq_address,
                                                                     encrypted=False)
-        sock.send(encode(KVFetch(request_id, remote_blocks)))
-        if not sock.poll(int(self.timeout_s * 1000)):
+            sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        try:
+            sock.send(encode(KVFetch(request_id, remote_blocks)))
+            replied = bool(sock.poll(int(self.timeout_s * 1000)))
+        except zmq.Again:  # no connection to send on: the peer refused our handshake, or is gone
+            replied = False
+        if not replied:
             sock.close()  # a late reply must not answer the next fetch
             del self._peers[peer.zmq_address]
             raise KVTransferError(f"no reply from {peer.name} at {peer.zmq_address}")
