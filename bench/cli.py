@@ -422,13 +422,13 @@ def bench_promises(
 ) -> None:
     """Tight and loose TPOTs open loop against `slos-serve up` (issue 28): what each policy
     promised, refused and kept, by the clients' own token times."""
-    import json
     import tempfile
 
     from bench.promises import Load, run
+    from shared.model_info import vocab_size
 
     directory, _ = resolve_model(model, console)
-    vocab = int(json.loads((directory / "config.json").read_text())["vocab_size"])
+    vocab = vocab_size(directory)
     cpus = {int(c) for c in worker_cpus.split(",")} if worker_cpus else None
     print("| policy | req/s | promised | promised met | refused | best effort | attainment | tight met | "
           "tight TPOT p50 / p90 ms | loose met | loose TPOT p50 / p90 ms | calibration at the end |")

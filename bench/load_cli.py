@@ -15,10 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.load_test import Endpoint, Report, Run, discover, idle_cost, run_at, save, search, workload
 from bench.workloads import Outcome, every_request
+from shared.model_info import vocab_size
 from shared.roofline import SHIPPED_PROFILES, load_profile
 
 console = Console(stderr=True)
 DEFAULT_OBJECTIVES = SHIPPED_PROFILES / "cpu-1_smollm2-135m-instruct.json"
+Objectives = Annotated[Path, typer.Option(help="profile whose idle latencies the objectives scale with")]
+ApiKey = Annotated[str, typer.Option(envvar="SLOS_API_KEY", help="the server's API key")]
 
 
 def _ms(x: float) -> str:
@@ -90,7 +93,7 @@ def load_test(endpoint: Endpoint, scenario_name: str, rate: float, find_capacity
 
 def bench_live(
     endpoint: Annotated[str, typer.Option(help="the server's base URL, e.g. http://127.0.0.1:8000")],
-    api_key: Annotated[str, typer.Option(envvar="SLOS_API_KEY", help="its API key")] = "none",
+    api_key: ApiKey = "none",
     model: Annotated[str | None, typer.Option(help="the model to ask for (default: the first it lists)")] = None,
     scenario_name: Annotated[str, typer.Option("--scenario", help="chatbot, coding, summarization, mixed, "
                                                "tool_calling or reasoning")] = "chatbot",
@@ -100,8 +103,7 @@ def bench_live(
     max_requests: Annotated[int | None, typer.Option(help="send at most this many first arrivals per run")] = None,
     bursty: Annotated[bool, typer.Option(help="the bursty variant (3x the rate 10 s in every 40 s)")] = False,
     seed: Annotated[int, typer.Option()] = 0,
-    objectives: Annotated[Path, typer.Option(help="profile whose idle latencies the objectives scale with")]
-    = DEFAULT_OBJECTIVES,
+    objectives: Objectives = DEFAULT_OBJECTIVES,
     vocab: Annotated[int, typer.Option(help="prompt token ids are drawn below this")] = 32000,
     splits: Annotated[int, typer.Option(help="bisection steps of the capacity search")] = 4,
     admin_url: Annotated[str | None, typer.Option(help="our planner's admin API, for the workers' waits")] = None,
@@ -136,22 +138,19 @@ def bench_compare(
     duration: Annotated[float, typer.Option(help="seconds of arrivals per probe")] = 30.0,
     splits: Annotated[int, typer.Option(help="bisection steps of each capacity search")] = 3,
     seed: Annotated[int, typer.Option()] = 0,
-    objectives: Annotated[Path, typer.Option(help="profile whose idle latencies the objectives scale with")]
-    = DEFAULT_OBJECTIVES,
+    objectives: Objectives = DEFAULT_OBJECTIVES,
     vllm_python: Annotated[Path | None, typer.Option(help="the vLLM virtualenv's python "
                                                      "(default: `bench setup-vllm`'s)")] = None,
     out: Annotated[Path, typer.Option(help="folder for the logs, the JSON results and the plot")] = Path("compare"),
 ) -> None:
     """Start each configuration in turn on the same core and trace, find its live capacity, stop it."""
-    import json
-
     from bench.compare import CONFIGS, serving
     from bench.engine_bench import default_vllm_venv
     from bench.plots import attainment_curves
     from models.resolve import resolve_model
 
     directory, _ = resolve_model(model, console)
-    vocab = int(json.loads((directory / "config.json").read_text())["vocab_size"])
+    vocab = vocab_size(directory)
     python = vllm_python or default_vllm_venv() / "bin" / "python"
     out.mkdir(parents=True, exist_ok=True)
     names, chosen = scenarios.split(","), [CONFIGS[c] for c in configs.split(",")]
@@ -183,26 +182,23 @@ def bench_compare(
 
 def bench_aiperf(
     endpoint: Annotated[str, typer.Option(help="the server's base URL")],
-    api_key: Annotated[str, typer.Option(envvar="SLOS_API_KEY", help="its API key")] = "none",
+    api_key: ApiKey = "none",
     scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario without tool loops")] = "chatbot",
     rate: Annotated[float, typer.Option(help="requests per second")] = 0.5,
     duration: Annotated[float, typer.Option(help="seconds of arrivals")] = 60.0,
     seed: Annotated[int, typer.Option()] = 0,
-    objectives: Annotated[Path, typer.Option(help="profile whose idle latencies the objectives scale with")]
-    = DEFAULT_OBJECTIVES,
+    objectives: Objectives = DEFAULT_OBJECTIVES,
     tokenizer: Annotated[Path | None, typer.Option(help="the model's directory, for aiperf's tokenizer "
                                                    "(default: SmolLM2's)")] = None,
     aiperf: Annotated[Path, typer.Option(help="the aiperf command")] = Path("aiperf"),
     out: Annotated[Path, typer.Option(help="folder for the trace, aiperf's artifacts and log")] = Path("aiperf-check"),
 ) -> None:
     """The same requests at the same times from `bench live` and from aiperf, against one server."""
-    import json
-
     from bench.aiperf_check import ours, run_aiperf, single_calls
     from models.resolve import resolve_model
 
     directory, _ = resolve_model(tokenizer, console)
-    vocab = int(json.loads((directory / "config.json").read_text())["vocab_size"])
+    vocab = vocab_size(directory)
     target = discover(endpoint, api_key)
     arrivals = single_calls(workload(scenario_name, load_profile(objectives), rate, duration, seed, False,
                                      target.max_model_len))

@@ -33,7 +33,6 @@ below each TPOT by its prediction error, live and simulated alike.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import secrets
@@ -60,6 +59,7 @@ from engine.profiler import profile as measure
 from planner.policies.base import Policy
 from planner.policies.registry import PolicyConfig, make_policy
 from shared.bus import free_tcp_port
+from shared.model_info import vocab_size
 from shared.roofline import Profile, save_profile
 from shared.settings import Settings
 from shared.slo import DEFAULT_CLASSES
@@ -205,7 +205,7 @@ def validate(model: Path, scenario_name: str, duration_s: float, workdir: Path, 
     with live_server(model, path, workdir / "server.log", worker_core) as server:
         os.sched_setaffinity(0, others)  # from here on this process is the load generator
         worker = server.admin("/admin/workers")[0]  # type: ignore[index]
-        vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
+        vocab = vocab_size(model)
         max_len = int(worker["max_model_len"])
         idle_arrivals = [Arrival(f"idle{i}", 2.0 * i, IDLE_PROMPT, IDLE_OUTPUT, "chatbot") for i in range(IDLE_STREAMS)]
 
