@@ -80,7 +80,8 @@ class Checks:
             raise ApiError(400, f"unknown slo_class `{body.slo_class}`; known: {', '.join(sorted(classes))}",
                            param="slo_class")
         stages = [s.stage() for s in body.slo_stages or []]
-        return SLOSpec(body.slo_class, values["ttft_ms"], values["tpot_ms"], stages, body.slo_task)
+        return SLOSpec(body.slo_class, values["ttft_ms"], values["tpot_ms"], stages, body.slo_task,
+                       body.slo_unmeetable == "best_effort")
 
     def output_budget(self, prompt_len: int, requested: int | None) -> int:
         room = self.max_len - prompt_len

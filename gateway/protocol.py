@@ -4,7 +4,9 @@ Fields OpenAI defines that we cannot honour (n > 1, logprobs, tools) are refused
 error rather than silently ignored. SLO fields are extensions: `slo_class`, `ttft_ms`,
 `tpot_ms`, `slo_stages` (a list of {tokens, tpot_ms}: e.g. think fast, then answer) and
 `slo_task` (the agent task a call belongs to: once one of its calls misses, the rest are served
-best effort, so that tasks still on time keep the capacity).
+best effort, so that tasks still on time keep the capacity) and `slo_unmeetable` ("refuse",
+the default: a request whose objectives no worker here could keep even alone is answered 429
+at once; "best_effort": it is served without a promise instead).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class _Common(BaseModel):
     tpot_ms: float | None = Field(None, gt=0, le=MAX_OBJECTIVE_MS, allow_inf_nan=False)
     slo_stages: list[SLOStage] | None = Field(None, min_length=1, max_length=16)
     slo_task: str | None = Field(None, min_length=1, max_length=128)
+    slo_unmeetable: Literal["refuse", "best_effort"] = "refuse"
 
     @field_validator("slo_stages")
     @classmethod

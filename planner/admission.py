@@ -10,13 +10,17 @@ speculative length k is the one that leaves the most prefill tokens per second b
 decode work (`planner.spec_choice.periods`), and the period is τ·E(k); running requests of
 looser tiers verify only what their own TPOT needs at that period. What a batch's decode work
 leaves is its prefill budget; joining requests are priced at the mean context of the
-candidates and at the period's k. A set is feasible when, at each admitted request's deadline,
-the prefill cost (`shared.roofline.prefill_cost`) of it and of every admitted request due before
-it fits the budgets of the batches that end by then, its blocks fit, and every interval's
-decoders keep their TPOT. Batches of the first period run from now (after the step in flight)
-and are counted whole. A later period starts at the last batch boundary before the deadline
-that brings it, so from there it is counted as its share of the interval's seconds less one
-batch: a lower bound of what runs.
+candidates and at the period's k. No period is longer than one batch that prefills every
+waiting prompt beside every request that may be decoding (the running ones and all that may
+join, at the period's k): the engine runs batches back to back, so with little waiting a batch
+is that short, and a loose TPOT's whole period would see no short prompt done in time. A set
+is feasible when, at each admitted request's deadline, the prefill cost
+(`shared.roofline.prefill_cost`) of it and of every admitted request due before it fits the
+budgets of the batches that end by then, its blocks fit, and every interval's decoders keep
+their TPOT. Batches of the first period run from now (after what the step in flight has left,
+as priced) and are counted whole. A later period starts at the last batch boundary before the
+deadline that brings it, so from there it is counted as its share of the interval's seconds
+less one batch: a lower bound of what runs.
 
 The program. The state after each request is (requests admitted, tightest tier decoding, KV
 memory held, whether a period started at the current deadline); its value, the slack
@@ -82,10 +86,9 @@ class Replica:
     alpha: float = 0.0  # per-token speculative acceptance of its decoding requests
     max_spec_len: int = 0  # 0: it cannot speculate
     draft: Profile | None = None  # the draft model's cost, for a draft-model speculator
-    busy: bool = False  # a step is running: the first planned batch starts after it
+    busy_s: float = 0.0  # what the step in flight has left to run, as priced: the first batch starts after it
     decode_tpots: tuple[float, ...] = ()  # the TPOTs of the decoding requests that have one: each
     # speculates only as far as its own TPOT needs at a period, which prices the period's decode work
-    idle_chunk: int = IDLE_CHUNK  # prefill tokens a period no TPOT paces has room for (`idle_step_s`)
 
 
 @dataclass
@@ -218,7 +221,6 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
     """The program for `queue` (in deadline order, promised first among equals), cut short
     where it would be larger than `WORK_LIMIT`: the latest new requests are left out."""
     promised = int(queue.promised.sum())
-    replica = _idle_chunk_within(profile, replica, queue, now)
     tiers, tier = _tiers(replica, queue)
     cap = replica.max_num_seqs - replica.decoding - promised
     if replica.max_new is not None:
@@ -233,9 +235,10 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
     if n < len(queue):  # every promised request and the earliest new ones
         rows = np.flatnonzero(queue.promised | (np.cumsum(~queue.promised) <= n - promised))
         queue, tier, units = queue.take(rows), tier[rows], units[rows]
-    tables = _tables(profile, replica, tiers, count, float(queue.context.mean()) if n else DEFAULT_CONTEXT)
+    tables = _tables(profile, replica, tiers, count, float(queue.context.mean()) if n else DEFAULT_CONTEXT,
+                     float(queue.cost.sum()))
     step0 = float(tables.step[0, -1])
-    whole, span = _intervals(queue.deadline, now, now + (step0 if replica.busy else 0.0), step0)
+    whole, span = _intervals(queue.deadline, now, now + replica.busy_s, step0)
     budget = np.maximum(tables.budget, 0).astype(np.float64)
     rate = np.where(tables.budget >= 0, budget / tables.step, -1.0)
     rate[0] = np.maximum(rate[0], 0.0)  # what runs now runs, whatever it leaves
@@ -243,17 +246,6 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
     tied[1:] = queue.deadline[1:] == queue.deadline[:-1]
     return Program(queue, rows, count, cap, tables, memory, whole, span, tier.astype(np.int32), units.astype(np.int32),
                    tied, rate, budget)
-
-
-def _idle_chunk_within(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Replica:
-    """The replica with a period no TPOT paces cut to the prompts waiting, where a full
-    `IDLE_CHUNK` would outlast the earliest TTFT: on a slow machine one such batch takes
-    seconds, and the program, which counts whole batches, would see no prompt done in time."""
-    decoding = 0 if replica.prefill_only else replica.decoding
-    full = idle_step_s(profile, decoding, 0 if replica.prefill_only else replica.context_tokens)
-    if full <= float(queue.deadline.min(initial=math.inf)) - now:
-        return replica
-    return replace(replica, idle_chunk=int(np.clip(np.ceil(queue.cost.sum()), 1, IDLE_CHUNK)))
 
 
 def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float, overdue: frozenset[str] = frozenset()) -> Plan:
@@ -354,9 +346,10 @@ def _fit_memory(queue: Jobs, taken: np.ndarray, free: int) -> np.ndarray:
     return taken
 
 
-def _tables(profile: Profile, replica: Replica, tiers: list[float | None], count: int, context: float) -> Tables:
+def _tables(profile: Profile, replica: Replica, tiers: list[float | None], count: int, context: float,
+            waiting: float = 0.0) -> Tables:
     joining = np.arange(count + 1)
-    columns = [_periods(profile, replica, tier, joining, joining * context) for tier in tiers]
+    columns = [_periods(profile, replica, tier, joining, joining * context, waiting) for tier in tiers]
     step, budget, k = (np.ascontiguousarray(np.stack([c[i] for c in columns], axis=1)) for i in range(3))
     return Tables(tiers, step.astype(np.float64), budget, k)
 
@@ -387,12 +380,12 @@ def _period_plan(profile: Profile, replica: Replica) -> Plan:
     return Plan([], [], [], float(steps[0]), budget, int(ks[0]), next_budget=budget)
 
 
-def idle_step_s(profile: Profile, decoding: int, context_tokens: int, chunk: int = IDLE_CHUNK) -> float:
-    """The batch period when no TPOT paces the batches: long enough for `chunk` prefill tokens
-    (at most `IDLE_CHUNK`) beside what decodes now, so that a slow machine still batches
-    efficiently, and no shorter than `IDLE_STEP_S`."""
-    batch = Batches.of(prefill_tokens=chunk, decode_seqs=decoding, kv_read=context_tokens,
-                       num_seqs=decoding + 1, attention_pairs=context_tokens + chunk**2 / 2)
+def idle_step_s(profile: Profile, decoding: int, context_tokens: int) -> float:
+    """The batch period when no TPOT paces the batches: long enough for `IDLE_CHUNK` prefill
+    tokens beside what decodes now, so that a slow machine still batches efficiently, and no
+    shorter than `IDLE_STEP_S`."""
+    batch = Batches.of(prefill_tokens=IDLE_CHUNK, decode_seqs=decoding, kv_read=context_tokens,
+                       num_seqs=decoding + 1, attention_pairs=context_tokens + IDLE_CHUNK**2 / 2)
     return max(IDLE_STEP_S, float(profile.predict(batch)))
 
 
@@ -407,24 +400,30 @@ def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max
 
 
 def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: np.ndarray,
-             joining_context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             joining_context: np.ndarray, waiting: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The batch period, prefill budget (-1 where the decoders would miss their TPOT) and
     speculative length at TPOT `tpot_s` (None: nothing paces the batches), with the running
     requests and each number in `joining` more (reading `joining_context` KV tokens a step)
-    decoding."""
+    decoding, cut to one batch of the `waiting` prefill where that is shorter."""
     if replica.prefill_only:
         joining, joining_context = 0 * joining, 0 * joining_context
     seqs = replica.decoding + joining
     kv_read = replica.context_tokens + joining_context
     if replica.prefill_only or tpot_s is None:
         step_s = idle_step_s(profile, 0 if replica.prefill_only else replica.decoding,
-                             0 if replica.prefill_only else replica.context_tokens,
-                             replica.idle_chunk) if tpot_s is None else tpot_s
+                             0 if replica.prefill_only else replica.context_tokens)
         budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
+        if waiting > 0:  # cut to one batch of what waits, as `periods` does
+            whole = profile.predict(Batches.of(prefill_tokens=math.ceil(waiting) + 1, decode_seqs=seqs,
+                                               kv_read=kv_read, num_seqs=seqs + 1, attention_pairs=kv_read))
+            cut = max(IDLE_STEP_S, float(whole.max()))
+            shorter = prefill_budgets(profile.model, profile.params, cut, seqs, 1.0, kv_read)
+            if cut < step_s and (shorter >= waiting).all():
+                step_s, budgets = cut, shorter
         return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
     ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,
                                  replica.draft, replica.max_spec_len, keep_first=True,
-                                 looser=np.array(replica.decode_tpots))
+                                 looser=np.array(replica.decode_tpots), waiting=waiting)
     return steps, budgets, ks * (budgets >= 0)
 
 

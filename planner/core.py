@@ -117,7 +117,8 @@ class Planner:
             slo = resolve(spec, self.slo_classes)
         except UnknownSLOClass as exc:
             return [Refused(msg.request_id, str(exc), retry_after_s=0.0)]
-        if msg.slo.task in self.state.late_tasks:  # the task is late already: so is this request
+        late_task = msg.slo.task in self.state.late_tasks
+        if late_task:  # the task is late already: so is this request, served best effort
             slo = msgspec.structs.replace(slo, ttft_ms=0.0)
         # a request lost and sent again goes on with its token times: its first token is due when
         # it was, and a pause counts against its TPOT, as its client sees them
@@ -133,6 +134,7 @@ class Planner:
             num_output=len(msg.resume_token_ids),
             expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(spec.slo_class)),
             task=msg.slo.task,
+            serve_unmeetable=msg.slo.serve_unmeetable or late_task,
             tracker=tracker,
         )
         self.state.waiting.add(req)

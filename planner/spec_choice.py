@@ -11,6 +11,7 @@ that meet τ at all. Pure functions of the performance model, for the planner an
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,17 +70,20 @@ def _ks(max_k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
-          draft: Profile | None, max_k: int,
-          looser: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+          draft: Profile | None, max_k: int, looser: np.ndarray | None = None, shorter_s: float = 0.0,
+          waiting: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Every (batch, context) pair by every k: the step length (a row: it depends on k alone),
     its decode work, whether that keeps the TPOT, and the prefill budget left. `looser`: the
     TPOTs of decoders among the batch that need not keep `tpot_s`; each verifies only the
-    fewest tokens that keep its own at the step's length, as the planner orders them."""
+    fewest tokens that keep its own at the step's length, as the planner orders them.
+    `shorter_s`: every step that much shorter than its TPOT allows. With `waiting` budget
+    tokens to prefill, also how long a step that prefills them all (and one more, for the
+    budgets' rounding down) beside the decode work takes."""
     batch = np.asarray(batch, dtype=np.float64)[:, None]
     context = np.asarray(context, dtype=np.float64)[:, None]
     ks, verify_len = _ks(max_k)
     gains = gains_row(alpha, max_k)
-    steps = tpot_s * gains
+    steps = tpot_s * gains - shorter_s
     verified = batch * verify_len
     if looser is not None and len(looser):
         need = steps / np.asarray(looser, dtype=np.float64)[:, None]  # tokens a step each must gain
@@ -88,24 +92,34 @@ def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray
         verify_len = verified / np.maximum(batch, 1.0)
     kv_read = batch * context + verified
     decode_s = target.predict(Batches(_ZERO, batch, verify_len, kv_read, batch, verified * context))
-    step_left = steps
+    draft_s = 0.0
     if draft:
         draft_s = ks * draft.predict(Batches.of(decode_seqs=batch, kv_read=batch * context,
                                                 attention_pairs=batch * context))
-        decode_s, step_left = decode_s + draft_s, steps - draft_s
+    decode_s, step_left = decode_s + draft_s, steps - draft_s
     ok = (decode_s <= steps) & ((ks == 0) | (batch > 0))
     budget = prefill_budgets(target.model, target.params, step_left, batch, verify_len, kv_read, verified * context)
-    return steps, decode_s, ok, budget
+    whole_s = None
+    if waiting > 0:
+        whole_s = draft_s + target.predict(Batches(np.float64(math.ceil(waiting) + 1), batch, verify_len, kv_read,
+                                                   batch + 1, verified * context))
+    return steps, decode_s, ok, budget, whole_s
 
 
 def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
             draft: Profile | None = None, max_k: int = MAX_SPEC_LEN, keep_first: bool = False,
-            looser: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            looser: np.ndarray | None = None, waiting: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each (batch, context) pair, the best k, its step length and its prefill budget;
     budget -1 where no k keeps the TPOT. With nothing decoding there is nothing to
     speculate: k = 0. `keep_first`: every pair keeps the first pair's k while that k keeps
-    the TPOT, so that the period stays the same as the batch grows. `looser`: see `_grid`."""
-    steps, _, ok, budget = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser)
+    the TPOT, so that the period stays the same as the batch grows. `looser`: see `_grid`.
+    `waiting`: prefill budget tokens waiting to run; where every pair's budget holds them with
+    room to spare, the steps are cut alike to the longest step that prefills them all, at the
+    same k: the engine
+    runs batches back to back, so one with little prefill ends early, and a loose TPOT's long
+    period would otherwise be priced as if it ran whole."""
+    steps, _, ok, budget, whole_s = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser,
+                                          waiting=waiting)
     rate = budget / steps
     rate[~ok] = -1.0
     best = rate.argmax(axis=1)  # the first, so the smallest k, among equals
@@ -114,13 +128,22 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     rows = np.arange(len(best))
     chosen = budget[rows, best]
     chosen[~ok[rows, best]] = -1
-    return best, steps[0, best], chosen
+    step = steps[0, best]
+    feasible = chosen >= 0
+    if whole_s is not None and feasible.any():
+        cut = float((step - whole_s[rows, best])[feasible].min())
+        if cut > 0:
+            steps, _, ok, budget, _ = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser, cut)
+            shorter = budget[rows, best]
+            if (ok[rows, best] & (shorter >= waiting))[feasible].all():
+                step, chosen = steps[0, best], np.where(feasible, shorter, -1)
+    return best, step, chosen
 
 
 def options(target: Profile, tpot_s: float, batch: int, context: int, alpha: float,
             draft: Profile | None = None, max_k: int = MAX_SPEC_LEN) -> list[SpecChoice]:
     """Every k that keeps the TPOT, with what it leaves for prefill."""
-    steps, decode_s, ok, budget = _grid(target, tpot_s, np.array([batch]), np.array([context]), alpha, draft, max_k)
+    steps, decode_s, ok, budget, _ = _grid(target, tpot_s, np.array([batch]), np.array([context]), alpha, draft, max_k)
     return [SpecChoice(k, float(steps[0, k]), float(decode_s[0, k]), float(budget[0, k] / steps[0, k]))
             for k in np.flatnonzero(ok[0]).tolist()]
 

@@ -55,6 +55,7 @@ class RequestState:
     parked: bool = False  # waiting in the best-effort queue
     task: str | None = None  # the task it belongs to (an agent's loop of calls)
     best_effort: bool = False  # served without a promise: preempted first when room is short
+    serve_unmeetable: bool = False  # asked to be served best effort where no worker could keep its objectives
     tracker: Tracker | None = None
     prompt_len: int = field(init=False)
 

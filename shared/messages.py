@@ -53,13 +53,15 @@ class SLOSpec(msgspec.Struct, frozen=True):
     """A request's latency objectives in milliseconds; None means no objective. `stages`, when
     given, replace the single `tpot_ms` stage by stage. `task` names the task (an agent's loop
     of calls) the request belongs to: once one of its requests misses, the task is late, and its
-    later requests come with their first token due at once."""
+    later requests come with their first token due at once. `serve_unmeetable`: objectives no
+    worker could keep even alone are served best effort rather than refused."""
 
     slo_class: str | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     stages: list[Stage] = []
     task: str | None = None
+    serve_unmeetable: bool = False
 
 
 class Submit(msgspec.Struct, tag=True):

@@ -102,7 +102,7 @@ class SLOPolicy:
         rows = state.waiting.rows()
         plans: dict[str, Plan] = {}
         if len(rows):  # below capacity nothing waits most of the time
-            refused = refuse_oversized(state, rows, decisions) | self._refuse_unmeetable(state, rows, decisions)
+            refused = refuse_oversized(state, rows, decisions) | self._refuse_unmeetable(state, rows, decisions, now)
             candidates = ~rows.mask(list(refused))
             plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
             parked = int(rows.parked.sum())
@@ -207,27 +207,42 @@ class SLOPolicy:
                 p.chunks[rid] = min(room, req.prefill_left)
         return plans
 
-    def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions) -> set[str]:
-        """Refuse the newly waiting requests whose TPOT no worker could keep even decoding them
-        alone (`spec_choice.fastest_token_s`) as its steps run on average: waiting would not
-        help them. Workers that have not run enough steps to be known refuse nothing: the
-        request waits for a plan instead. Returns their ids."""
-        fresh = np.flatnonzero(~rows.parked & ~np.isnan(rows.tpot))
+    def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions, now: float) -> set[str]:
+        """Refuse the newly waiting requests whose objectives no worker could keep even running
+        them alone, as its steps run on average: a TPOT below the fastest it decodes a token
+        (`spec_choice.fastest_token_s`), or a TTFT before their prompt could be prefilled in one
+        step. Waiting would not help them; one that asked to be served anyway is parked, to be
+        served best effort. Workers that have not run enough steps to be known refuse nothing:
+        the request waits for a plan instead. Returns their ids."""
+        fresh = np.flatnonzero(~rows.parked & (~np.isnan(rows.tpot) | np.isfinite(rows.deadline)))
         pool = [w for w in prefill_pool(state) if w.fit.seen >= MIN_STEPS]
         if not len(fresh) or not pool:
             return set()
         spec = any(w.speculator != "none" for w in pool) and self.max_spec_len > 0
         alpha = max([self.prior_alpha, *(self._alpha(state, c) for c in state.speculation)]) if spec else 0.0
         draft = self.draft if any(w.speculator == "draft" for w in pool) else None
-        best = np.min([fastest_token_s(w.fit.fitted(self.profile), rows.context[fresh], alpha, draft,
-                                       self.max_spec_len if spec else 0) for w in pool], axis=0)
+        fitted = [w.fit.fitted(self.profile) for w in pool]
+        fastest = np.min([fastest_token_s(f, rows.context[fresh], alpha, draft, self.max_spec_len if spec else 0)
+                          for f in fitted], axis=0)
+        tokens = rows.prefill[fresh]
+        alone = Batches.of(prefill_tokens=tokens, num_seqs=1, attention_pairs=tokens * (tokens + 1) / 2)
+        first = now + np.min([f.predict(alone) for f in fitted], axis=0)
         out = set()
-        for rid, tpot, fastest in zip(rows.ids[fresh].tolist(), rows.tpot[fresh].tolist(), best.tolist()):
-            if tpot < fastest:
+        for i, rid in enumerate(rows.ids[fresh].tolist()):
+            tpot, deadline = float(rows.tpot[fresh[i]]), float(rows.deadline[fresh[i]])
+            if tpot < fastest[i]:
                 why = f"its TPOT of {tpot * 1e3:.3g} ms is below the fastest a worker here decodes, " \
-                      f"{fastest * 1e3:.3g} ms a token"
+                      f"{fastest[i] * 1e3:.3g} ms a token"
+            elif first[i] > deadline:
+                why = f"its first token is due in {(deadline - now) * 1e3:.3g} ms, and its {int(tokens[i])}-token " \
+                      f"prompt takes {(first[i] - now) * 1e3:.3g} ms to prefill on a worker here alone"
+            else:
+                continue
+            if state.requests[rid].serve_unmeetable:
+                decisions.park.append((rid, f"{why}; served best effort, as it asked"))
+            else:
                 decisions.refuse.append((rid, why))
-                out.add(rid)
+            out.add(rid)
         return out
 
     def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
@@ -287,7 +302,7 @@ class SLOPolicy:
             alpha=self._alpha(state, tightest.slo_class if tightest else None),
             max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
             draft=self.draft if worker.speculator == "draft" else None,
-            busy=worker.step_in_flight is not None,
+            busy_s=self._in_flight_s(worker, now),
             decode_tpots=tuple(tpots),
         )
         shape = self.profile.model  # the same whatever the worker's calibration
@@ -340,6 +355,15 @@ class SLOPolicy:
                 break
             out.append((rid, n))
         return out
+
+    def _in_flight_s(self, worker: WorkerState, now: float) -> float:
+        """What the worker's step in flight has left to run, priced as a promise is: at the
+        worker's fitted time and margin for the step it was ordered (a whole step of the
+        loop's turnaround when the order had no batch)."""
+        if worker.step_in_flight is None:
+            return 0.0
+        parts = worker.order_parts or (0.0, 0.0, 0.0)
+        return max(0.0, worker.order_sent_at + worker.fit.margin * worker.fit.predict(*parts) - now)
 
     def _profile(self, worker: WorkerState) -> Profile:
         """The performance model as this worker's steps have been running lately, at the

@@ -130,6 +130,7 @@ BAD_REQUESTS = [
     ("empty slo_task", "/v1/completions", {"prompt": "hi", "slo_task": ""}, 400),
     ("slo_task too long", "/v1/completions", {"prompt": "hi", "slo_task": "t" * 129}, 400),
     ("slo_task not a string", "/v1/completions", {"prompt": "hi", "slo_task": 7}, 400),
+    ("slo_unmeetable unknown", "/v1/completions", {"prompt": "hi", "slo_unmeetable": "maybe"}, 400),
     ("body is a list", "/v1/completions", [1, 2], 400),
 ]
 
@@ -247,6 +248,22 @@ def test_admin_api_has_its_own_token_and_explains_verdicts(server: Server) -> No
     verdict = server.admin("GET", f"/requests/{done.id}").json()["verdict"]
     assert verdict.startswith("admitted to worker worker-")
     assert server.admin("GET", "/policy").json()["policy"] == "slos"
+
+
+def test_a_ttft_no_worker_could_keep_is_refused_at_once_unless_best_effort_is_asked(server: Server) -> None:
+    """A first token due 1 ms after a 200-token prompt arrives can come from no worker here: 429
+    at once with the reason, or served without a promise when `slo_unmeetable` asks for that."""
+    client = server.client()
+    for _ in range(6):  # enough steps for the workers to be known
+        client.completions.create(model=server.model, prompt="warm up", max_tokens=4, temperature=0,
+                                  extra_body=IGNORE_EOS)
+    prompt = [7] * 200
+    with pytest.raises(openai.RateLimitError, match="to prefill on a worker here alone"):
+        client.completions.create(model=server.model, prompt=prompt, max_tokens=2, extra_body={"ttft_ms": 1})
+    done = client.completions.create(model=server.model, prompt=prompt, max_tokens=2, temperature=0,
+                                     extra_body={**IGNORE_EOS, "ttft_ms": 1, "slo_unmeetable": "best_effort"})
+    assert done.usage.completion_tokens == 2
+    assert server.admin("GET", f"/requests/{done.id}").json()["verdict"].endswith("as best effort")
 
 
 def test_calls_of_a_task_are_served_and_explained(server: Server) -> None:

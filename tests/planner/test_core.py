@@ -340,8 +340,8 @@ def test_once_a_request_of_a_task_misses_the_next_ones_of_that_task_are_due_at_o
     submit(planner, "a.1", slo=spec)
     submit(planner, "c", slo=SLOSpec(ttft_ms=100.0))
     a1, c = planner.state.requests["a.1"], planner.state.requests["c"]
-    assert a1.task == "agent-1" and a1.deadline == a1.arrival
-    assert c.deadline == c.arrival + 0.1
+    assert a1.task == "agent-1" and a1.deadline == a1.arrival and a1.serve_unmeetable
+    assert c.deadline == c.arrival + 0.1 and not c.serve_unmeetable
     assert planner.state.attainment["default"].met == 0  # a.0 was judged, late
 
 

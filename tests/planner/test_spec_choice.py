@@ -119,3 +119,24 @@ def test_looser_decoders_verify_only_what_their_own_tpot_needs() -> None:
                                      kv_read=32 * 800 + verified, num_seqs=33,
                                      attention_pairs=verified * 800))
     assert seconds <= step[0] + 1e-12
+
+
+@pytest.mark.parametrize("alpha, waiting", [(0.0, 300.0), (0.8, 300.0), (0.8, 2.0), (0.8, 1e6)])
+def test_a_period_with_little_waiting_is_cut_to_one_batch_of_it_at_the_same_k(alpha: float, waiting: float) -> None:
+    """At a loose TPOT the period is long; with only `waiting` budget tokens to prefill, the
+    periods are cut alike to a batch that still holds them beside the decoders at the same k
+    (whose TPOT a shorter step keeps the more), and such a batch lasts no longer than the cut
+    period. With more waiting than any period holds, nothing is cut."""
+    batch, context = np.array([8, 9, 10]), np.array([800, 800, 800])
+    k0, step0, budget0 = periods(GPU, 0.2, batch, context, alpha, max_k=4)
+    k, step, budget = periods(GPU, 0.2, batch, context, alpha, max_k=4, waiting=waiting)
+    assert (k == k0).all()
+    if waiting > budget0.min():
+        assert (step == step0).all() and (budget == budget0).all()
+        return
+    assert (step < step0).all() and (budget >= waiting).all() and len(set(step.tolist())) == len(set(step0.tolist()))
+    verify = 1 + k
+    seconds = GPU.predict(Batches.of(prefill_tokens=budget, decode_seqs=batch, verify_len=verify,
+                                     kv_read=batch * (context + verify), num_seqs=batch + 1,
+                                     attention_pairs=batch * verify * context))
+    assert (seconds <= step + 1e-12).all()
