@@ -102,7 +102,7 @@ class SLOPolicy:
         rows = state.waiting.rows()
         plans: dict[str, Plan] = {}
         if len(rows):  # below capacity nothing waits most of the time
-            refused = refuse_oversized(state, rows, decisions) | self._refuse_unmeetable(state, rows, decisions, now)
+            refused = refuse_oversized(state, rows, decisions) | self._refuse_unmeetable(state, rows, decisions)
             candidates = ~rows.mask(list(refused))
             plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
             parked = int(rows.parked.sum())
@@ -207,13 +207,15 @@ class SLOPolicy:
                 p.chunks[rid] = min(room, req.prefill_left)
         return plans
 
-    def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions, now: float) -> set[str]:
+    def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions) -> set[str]:
         """Refuse the newly waiting requests whose objectives no worker could keep even running
         them alone, as its steps run on average: a TPOT below the fastest it decodes a token
-        (`spec_choice.fastest_token_s`), or a TTFT before their prompt could be prefilled in one
-        step. Waiting would not help them; one that asked to be served anyway is parked, to be
-        served best effort. Workers that have not run enough steps to be known refuse nothing:
-        the request waits for a plan instead. Returns their ids."""
+        (`spec_choice.fastest_token_s`), or, before its first token, a TTFT shorter than its
+        prompt's prefill in one step (judged from its arrival: a request back from a
+        preemption is late, not unmeetable). Waiting would not help them; one that asked to be
+        served anyway is parked, to be served best effort. Workers that have not run enough
+        steps to be known refuse nothing: the request waits for a plan instead. Returns their
+        ids."""
         fresh = np.flatnonzero(~rows.parked & (~np.isnan(rows.tpot) | np.isfinite(rows.deadline)))
         pool = [w for w in prefill_pool(state) if w.fit.seen >= MIN_STEPS]
         if not len(fresh) or not pool:
@@ -226,19 +228,20 @@ class SLOPolicy:
                           for f in fitted], axis=0)
         tokens = rows.prefill[fresh]
         alone = Batches.of(prefill_tokens=tokens, num_seqs=1, attention_pairs=tokens * (tokens + 1) / 2)
-        first = now + np.min([f.predict(alone) for f in fitted], axis=0)
+        prefill_s = np.min([f.predict(alone) for f in fitted], axis=0)
         out = set()
         for i, rid in enumerate(rows.ids[fresh].tolist()):
-            tpot, deadline = float(rows.tpot[fresh[i]]), float(rows.deadline[fresh[i]])
+            req, tpot = state.requests[rid], float(rows.tpot[fresh[i]])
+            ttft_s = float(rows.deadline[fresh[i]]) - req.arrival
             if tpot < fastest[i]:
                 why = f"its TPOT of {tpot * 1e3:.3g} ms is below the fastest a worker here decodes, " \
                       f"{fastest[i] * 1e3:.3g} ms a token"
-            elif first[i] > deadline:
-                why = f"its first token is due in {(deadline - now) * 1e3:.3g} ms, and its {int(tokens[i])}-token " \
-                      f"prompt takes {(first[i] - now) * 1e3:.3g} ms to prefill on a worker here alone"
+            elif req.num_output == 0 and prefill_s[i] > ttft_s:
+                why = f"its TTFT of {ttft_s * 1e3:.3g} ms is shorter than the {prefill_s[i] * 1e3:.3g} ms its " \
+                      f"{int(tokens[i])}-token prompt takes to prefill on a worker here alone"
             else:
                 continue
-            if state.requests[rid].serve_unmeetable:
+            if req.serve_unmeetable:
                 decisions.park.append((rid, f"{why}; served best effort, as it asked"))
             else:
                 decisions.refuse.append((rid, why))
