@@ -115,9 +115,8 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     the TPOT, so that the period stays the same as the batch grows. `looser`: see `_grid`.
     `waiting`: prefill budget tokens waiting to run; where every pair's budget holds them with
     room to spare, the steps are cut alike to the longest step that prefills them all, at the
-    same k: the engine
-    runs batches back to back, so one with little prefill ends early, and a loose TPOT's long
-    period would otherwise be priced as if it ran whole."""
+    same k: the engine runs batches back to back, so one with little prefill ends early, and a
+    loose TPOT's long period would otherwise be priced as if it ran whole."""
     steps, _, ok, budget, whole_s = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser,
                                           waiting=waiting)
     rate = budget / steps
