@@ -413,7 +413,7 @@ def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: 
         step_s = idle_step_s(profile, 0 if replica.prefill_only else replica.decoding,
                              0 if replica.prefill_only else replica.context_tokens)
         budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
-        if waiting > 0:  # cut to one batch of what waits, as `periods` does
+        if 0 < waiting < budgets.min():  # cut to one batch of what waits, as `periods` does
             whole = profile.predict(Batches.of(prefill_tokens=math.ceil(waiting) + 1, decode_seqs=seqs,
                                                kv_read=kv_read, num_seqs=seqs + 1, attention_pairs=kv_read))
             cut = max(IDLE_STEP_S, float(whole.max()))
