@@ -27,13 +27,15 @@ memory held, whether a period started at the current deadline); its value, the s
 (capacity so far less prefill cost so far), is all that matters for what may still be
 admitted, so keeping the largest per state finds the plan that admits the most, exactly
 (`planner/_dp.c`). Memory counts blocks while at most `MEMORY_UNITS` are free; beyond, units
-of the free blocks rounded to the nearest, and a plan the rounding lets over is cut back. Requests already promised must be admitted; when no plan keeps all of them
-the plan keeps the most it can, reports the rest as `late`, and admits nothing new; a late
-one runs in deadline order where the slack of those due after it allows, else last; one
-already past its deadline runs first where every other's slack allows, else last. A call
-plans at most the `CONSIDERED` earliest deadlines beside the promised requests, fewer when the
-memory dimension would make the program larger than `WORK_LIMIT` states; the rest wait for
-the next call, a batch later.
+of the free blocks rounded to the nearest, and a plan the rounding lets over is cut back.
+Requests already promised must be admitted; when no plan keeps all of them the plan keeps the
+most it can (giving up the ones due last where that keeps as many), reports the rest as
+`late`, and admits nothing new; a late one runs in deadline order where the slack of those
+due after it allows, else last; one already past its deadline runs first where every other's
+slack allows, else last. A call plans at most the `CONSIDERED` earliest deadlines beside the
+promised requests, fewer when the memory dimension would make the program larger than
+`WORK_LIMIT` states; the rest wait for the next call, a batch later. The next batch's chunks fill its budget as `prefill_cost` counts
+it, so a chunk deep into a long prompt gets fewer tokens than one at its start.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import numpy as np
 
 from planner import _dp
 from planner.spec_choice import periods
-from shared.roofline import Batches, Profile, prefill_budgets
+from shared.roofline import Batches, ModelShape, Profile, prefill_budgets, prefill_cost, prefill_within
 
 IDLE_STEP_S = 0.05  # shortest batch period with no TPOT to pace it
 IDLE_CHUNK = 512  # prefill tokens a batch with no TPOT to pace it has room for at least, as Sarathi-Serve's chunks
@@ -69,6 +71,7 @@ class Job:
     promised: bool = False  # admitted earlier: must be kept
     context: int = 0  # KV tokens each of its decode steps reads, on average over its life
     cost: float | None = None  # budget tokens its prefill takes (`prefill_cost`); None: its tokens
+    done: int = 0  # prompt tokens already in the cache, which its chunks attend to
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Jobs:
     tpot: np.ndarray  # nan for none
     promised: np.ndarray
     context: np.ndarray
+    done: np.ndarray  # prompt tokens already in the cache
     cost: np.ndarray  # budget tokens each prefill takes (float)
 
     @classmethod
@@ -129,6 +133,7 @@ class Jobs:
                    np.fromiter((math.nan if j.tpot_s is None else j.tpot_s for j in jobs), np.float64, n),
                    np.fromiter((j.promised for j in jobs), bool, n),
                    np.fromiter((j.context for j in jobs), np.int64, n),
+                   np.fromiter((j.done for j in jobs), np.int64, n),
                    np.fromiter((j.prefill_tokens if j.cost is None else j.cost for j in jobs), np.float64, n))
 
     def __add__(self, other: Jobs) -> Jobs:
@@ -141,7 +146,8 @@ class Jobs:
         return Jobs(*(c[rows] for c in self._columns()))
 
     def _columns(self) -> tuple[np.ndarray, ...]:
-        return self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context, self.cost
+        return (self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context, self.done,
+                self.cost)
 
 
 @dataclass(frozen=True)
@@ -258,6 +264,9 @@ def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float, overdue: 
     late = np.zeros(n, dtype=bool)
     if got < 0:  # no plan keeps every promise: keep the most of them, admit nothing new
         got, taken, slack = prog.solve(np.where(queue.promised, queue.cost, np.inf), np.zeros(n, dtype=bool))
+        kept = _kept_in_deadline_order(prog, queue.promised, int((queue.promised & ~taken).sum()))
+        if kept is not None:
+            got, taken, slack = kept
         late = queue.promised & ~taken
     if prog.memory:
         taken = _fit_memory(queue, taken, replica.free_blocks)
@@ -279,8 +288,19 @@ def _plan(profile: Profile, replica: Replica, queue: Jobs, now: float, overdue: 
         late=queue.ids[late].tolist(),
         crowded=_crowded(replica, queue, taken, rejected, prog.new_cap),
     )
-    p.chunks = _next_batch(p.admitted, p.admitted_tokens, p.next_budget)
+    p.chunks = _next_batch(profile.model, p.admitted, p.admitted_tokens, queue.done[rows].tolist(), p.next_budget)
     return p
+
+
+def _kept_in_deadline_order(prog: Program, promised: np.ndarray,
+                            missed: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """The plan that gives up the `missed` promises due last, if it keeps all the others: as
+    many kept as the most the program keeps, and the ones given up run next in deadline order,
+    each late by the least, rather than the largest prompts waiting to the end."""
+    keep = promised.copy()
+    keep[np.flatnonzero(promised)[::-1][:missed]] = False
+    got, taken, slack = prog.solve(np.where(keep, prog.queue.cost, np.inf), keep)
+    return None if got < 0 else (got, taken, slack)
 
 
 def _crowded(replica: Replica, queue: Jobs, taken: np.ndarray, rejected: np.ndarray, new_cap: int) -> bool:
@@ -459,13 +479,16 @@ def _order(taken: np.ndarray, late: np.ndarray, slack: np.ndarray, cost: np.ndar
     return np.array(order + last, dtype=np.int64)
 
 
-def _next_batch(admitted: list[str], tokens: list[int], budget: int) -> dict[str, int]:
-    """The next batch's prefill: earliest deadline first, up to the budget."""
+def _next_batch(shape: ModelShape, admitted: list[str], tokens: list[int], done: list[int],
+                budget: int) -> dict[str, int]:
+    """The next batch's prefill: earliest deadline first, up to the budget as `prefill_cost`
+    counts it (a chunk deep into a long prompt attends to more, so it gets fewer tokens)."""
     chunks: dict[str, int] = {}
-    left = budget
-    for request_id, n in zip(admitted, tokens):
-        if left <= 0:
+    left = float(budget)
+    for request_id, n, d in zip(admitted, tokens, done):
+        t = min(n, prefill_within(shape, left, d))
+        if t <= 0:
             break
-        chunks[request_id] = min(n, left)
-        left -= chunks[request_id]
+        chunks[request_id] = t
+        left -= float(prefill_cost(shape, t, d))
     return chunks

@@ -75,7 +75,8 @@ class Planner:
     caught_up: int = 0  # batches that held prefill back for a promised request behind its TPOT
     verdicts: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request -> why, newest last
     unsent_roles: dict[str, Role] = field(default_factory=dict)  # role changes the worker has not been told
-    lost: OrderedDict[str, Tracker] = field(default_factory=OrderedDict)  # request -> its token times so far
+    # request -> its token times so far, and whether it was served best effort
+    lost: OrderedDict[str, tuple[Tracker, bool]] = field(default_factory=OrderedDict)
     planner_id: str = field(default_factory=lambda: secrets.token_hex(8))  # new with every planner process
     gateway_id: str | None = None  # the gateway the held requests came from
 
@@ -121,8 +122,9 @@ class Planner:
         if late_task:  # the task is late already: so is this request, served best effort
             slo = msgspec.structs.replace(slo, ttft_ms=0.0)
         # a request lost and sent again goes on with its token times: its first token is due when
-        # it was, and a pause counts against its TPOT, as its client sees them
-        tracker = self.lost.pop(msg.request_id, None)
+        # it was, and a pause counts against its TPOT, as its client sees them; one served best
+        # effort comes back parked for best effort, not as a new promise
+        tracker, best_effort = self.lost.pop(msg.request_id, (None, False))
         req = self.state.requests[msg.request_id] = RequestState(
             request_id=msg.request_id,
             prompt_token_ids=tuple(msg.prompt_token_ids),
@@ -136,6 +138,8 @@ class Planner:
             task=msg.slo.task,
             serve_unmeetable=msg.slo.serve_unmeetable or late_task,
             tracker=tracker,
+            parked=best_effort,
+            best_effort=best_effort,
         )
         self.state.waiting.add(req)
         return []
@@ -192,6 +196,7 @@ class Planner:
             return []
         now = self.clock.now()
         worker.step_in_flight = None
+        worker.in_flight_prefill = {}
         worker.last_seen = now
         worker.reported_free_blocks = msg.free_blocks
         worker.busy_s += msg.duration_s
@@ -271,6 +276,7 @@ class Planner:
             now = self.clock.now()  # a step right after the last one counts the planner's turnaround too
             worker.order_sent_at = worker.last_report_at if now - worker.last_report_at < TURNAROUND_S else now
             worker.order_parts = None
+            worker.in_flight_prefill = dict(batch.prefill)
             if self.profile is not None:
                 parts = split(self.profile.model, self.profile.params, batch_shape(self.state, batch))
                 worker.order_parts = tuple(float(np.ravel(x)[0]) for x in parts)
@@ -474,7 +480,7 @@ class Planner:
             if worker is not None and worker.alive:
                 self.pending_aborts.setdefault(worker.worker_id, []).append(req.request_id)
         self._forget(req)
-        remember(self.lost, req.request_id, req.tracker, LOST_KEPT)
+        remember(self.lost, req.request_id, (req.tracker, req.best_effort), LOST_KEPT)
         return [Lost(req.request_id, reason, preempted)]
 
     def _forget(self, req: RequestState) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,16 @@ def prefill_cost(shape: ModelShape, tokens: ArrayLike, done: ArrayLike = 0) -> n
     tokens = np.asarray(tokens, dtype=np.float64)
     return tokens + tokens * (np.asarray(done, dtype=np.float64) + tokens / 2) * (shape.flops_per_pair
                                                                                  / shape.flops_per_token)
+
+
+def prefill_within(shape: ModelShape, cost: float, done: int) -> int:
+    """The most prompt tokens after `done` in the cache whose `prefill_cost` is at most `cost`:
+    a batch's budget filled with the chunk it prices, however deep into its prompt."""
+    if cost <= 0:
+        return 0
+    r = shape.flops_per_pair / shape.flops_per_token
+    linear = 1.0 + r * done  # cost = linear * t + r * t**2 / 2, solved for t
+    return int(2.0 * cost / (linear + math.sqrt(linear * linear + 2.0 * r * cost)) + 1e-9)
 
 
 def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, decode_seqs: ArrayLike,

@@ -272,26 +272,32 @@ class SLOPolicy:
         them unused, for what the plan does not see coming (prompts that finish early and decode
         sooner than planned, steps that run long several at a time); the reserve loosens as the
         deadline nears, and a promise already made that only the reserve would break is planned
-        to its own deadline instead."""
+        to its own deadline instead. The prompt tokens of the step in flight are done when it
+        ends, which `Replica.busy_s` prices: planned beyond it, not twice."""
         mine = [state.requests[r] for r in worker.requests if r not in gone]
         running, context, best_effort = 0, 0, 0
         tightest: RequestState | None = None
         tightest_tpot = math.inf
         tpots = []
+        flight = worker.in_flight_prefill  # done when the step in flight ends, which `busy_s` prices
+        prefilling: list[tuple[RequestState, int]] = []
         for r in mine:  # one pass: this runs for every worker on every call
-            if r.phase != "decode":
-                if r.best_effort and r.phase == "prefill":
-                    best_effort += r.reserved_blocks
-                continue
-            running += 1
-            context += r.prompt_len + r.num_output
-            if r.best_effort:
+            if r.best_effort and r.phase in ("prefill", "decode"):
                 best_effort += r.reserved_blocks
-                tpot = None
-            else:
-                tpot = r.tpot_s
-                if tpot is not None:
-                    tpots.append(tpot)
+            if r.phase == "prefill":
+                ran = flight.get(r.request_id, 0)
+                if r.prefill_left > ran:
+                    prefilling.append((r, ran))
+                    continue
+                if worker.role == "prefill":
+                    continue
+            elif r.phase != "decode":
+                continue
+            running += 1  # decoding, or from the next step on: its prompt ends in the step in flight
+            context += r.prompt_len + r.num_output
+            tpot = None if r.best_effort else r.tpot_s
+            if tpot is not None:
+                tpots.append(tpot)
             if tightest is None or (tpot is not None and tpot < tightest_tpot):
                 tightest, tightest_tpot = r, math.inf if tpot is None else tpot
         replica = Replica(
@@ -309,9 +315,9 @@ class SLOPolicy:
             decode_tpots=tuple(tpots),
         )
         shape = self.profile.model  # the same whatever the worker's calibration
-        jobs = Jobs.of([Job(r.request_id, r.prefill_left, 0, _deadline(r, now), r.tpot_s, True, r.life_context(),
-                            float(prefill_cost(shape, r.prefill_left, r.num_computed)))
-                        for r in mine if r.phase == "prefill" and r.prefill_left > 0])
+        jobs = Jobs.of([Job(r.request_id, r.prefill_left - ran, 0, _deadline(r, now), r.tpot_s, True, r.life_context(),
+                            float(prefill_cost(shape, r.prefill_left - ran, r.num_computed + ran)), r.num_computed + ran)
+                        for r, ran in prefilling])
         profile = self._profile(worker)
         if candidates.any():
             deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
@@ -319,7 +325,7 @@ class SLOPolicy:
             jobs += Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
                          np.where(past, np.inf, deadline), np.where(past, np.nan, rows.tpot[candidates]),
                          np.zeros(len(deadline), dtype=bool), rows.context[candidates],
-                         prefill_cost(shape, rows.prefill[candidates]))
+                         np.zeros(len(deadline), dtype=np.int64), prefill_cost(shape, rows.prefill[candidates]))
         due = jobs.deadline - self.front_end_s
         reserved = np.minimum(due, now + (1.0 - self.ttft_reserve) * (due - now))
         p = plan(profile, replica, dataclasses.replace(jobs, deadline=reserved), now)

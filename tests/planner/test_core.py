@@ -265,6 +265,23 @@ def test_a_preempted_request_sent_again_goes_on_with_its_token_times() -> None:
     assert not planner.lost
 
 
+def test_a_best_effort_request_sent_again_comes_back_best_effort_not_as_a_new_promise() -> None:
+    """Seen in the simulator: a request served best effort, preempted and sent again, was
+    promised anew with its first token long past due, and counted as a broken promise."""
+    planner, clock = make()
+    submit(planner, "r", slo=SLOSpec(ttft_ms=500.0, tpot_ms=50.0))
+    order = planner.schedule()[0]["w0"]
+    planner.state.requests["r"].best_effort = True
+    assert planner.state.workers["w0"].in_flight_prefill == {"r": 20}  # planned as done while it runs
+    clock.advance(0.1)
+    planner.on_report(StepReport("w0", order.step_id, 0.1, [RequestProgress("r", 20, 1)], [], 60))
+    assert planner.state.workers["w0"].in_flight_prefill == {}
+    planner._apply(Decisions(preempt=[("r", "room")]))
+    planner.on_submit(Submit("r", [1] * 20, GREEDY, SLOSpec(ttft_ms=500.0, tpot_ms=50.0), 0.0, resume_token_ids=[7]))
+    again = planner.state.requests["r"]
+    assert again.best_effort and again.parked and again.tpot_s is None
+
+
 def test_a_request_lost_before_its_first_token_is_still_due_when_it_was() -> None:
     planner, clock = make()
     slo = SLOSpec(ttft_ms=500.0)

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.admission import IDLE_STEP_S, Job, Replica, idle_step_s, plan
+from planner.admission import IDLE_STEP_S, Job, Plan, Replica, idle_step_s, plan
 from planner.calibration import MIN_STEPS, StepFit
 from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
@@ -372,3 +372,26 @@ def test_a_prompt_that_would_decode_early_at_a_tighter_tpot_keeps_its_last_token
     assert first_batch([request("t", 40, tight)]) == {"t": 40}
     due_soon = SLOTarget(ttft_ms=1e3 * IDLE_STEP_S, tpot_ms=30.0)  # within two batches
     assert first_batch([request("t", 40, due_soon), request("long", 20_000, LOOSE)])["t"] == 40
+
+
+def test_the_prompt_tokens_of_the_step_in_flight_are_planned_as_done() -> None:
+    """Seen in the simulator: a plan made while a step ran counted that step's chunks twice,
+    as time the step takes and as prompt still to run, so a promise it was keeping looked late
+    (and ran last) and new requests were parked. A prompt the step in flight ends decodes from
+    the next batch on, which the plan prices as decode work."""
+
+    def plan_with(in_flight: dict[str, int] | None) -> Plan:
+        s = state([worker("w0")], [], {"w0": [request(f"d{i}", 500, TIGHT) for i in range(8)]})
+        w = s.workers["w0"]
+        if in_flight is not None:
+            long = request("long", 3000, TIGHT)
+            long.worker_id, long.phase = "w0", "prefill"
+            s.requests["long"] = long
+            w.requests.append("long")
+            w.step_in_flight, w.in_flight_prefill = 1, in_flight
+        return SLOPolicy(GPU)._plan(s, w, load_of(s), s.waiting.rows(), np.zeros(0, dtype=bool), 0.0, set())
+
+    p = plan_with({"long": 1000})
+    assert p.admitted_tokens[p.admitted.index("long")] == 2000
+    ends = plan_with({"long": 3000})
+    assert "long" not in ends.admitted and ends.next_budget < plan_with(None).next_budget

@@ -22,6 +22,7 @@ from shared.roofline import (
     predict,
     prefill_budget,
     prefill_cost,
+    prefill_within,
     save_profile,
     shipped_cpu_profile,
 )
@@ -106,6 +107,13 @@ def test_shipped_gpu_profiles_load_and_rank_sensibly() -> None:
 def test_a_prompt_costs_the_same_however_it_is_chunked(chunks: list[int]) -> None:
     done = np.concatenate([[0], np.cumsum(chunks)[:-1]])
     assert float(prefill_cost(SHAPE, chunks, done).sum()) == pytest.approx(float(prefill_cost(SHAPE, sum(chunks))))
+
+
+@given(st.floats(0.0, 1e5), st.integers(0, 100_000))
+def test_the_chunk_within_a_budget_is_the_longest_whose_cost_fits(cost: float, done: int) -> None:
+    t = prefill_within(SHAPE, cost, done)
+    assert t >= 0 and float(prefill_cost(SHAPE, t, done)) <= cost * (1 + 1e-9)
+    assert float(prefill_cost(SHAPE, t + 1, done)) > cost
 
 
 def test_the_prefill_cost_is_what_a_compute_bound_step_takes() -> None:
