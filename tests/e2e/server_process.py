@@ -4,6 +4,7 @@ all at once, and their greedy texts from one engine."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,11 @@ class Server:
     gateway_address: str
     planner_address: str
     admin_url: str
+
+    def stop(self) -> int:
+        """Ctrl-C, as an operator stops it: its exit code once every process has ended."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=20)
 
     def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         return httpx.request(method, self.admin_url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},

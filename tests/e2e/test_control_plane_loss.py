@@ -7,7 +7,6 @@ for, and every KV block is free again."""
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,8 +70,7 @@ def test_planner_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> None:
         restarted(server, "planner", victim)
         assert wait_idle(server, timeout=30)["slos_requests_resubmitted_total"] >= 1
     finally:
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()
 
 
 def test_gateway_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> None:
@@ -116,6 +114,5 @@ def test_gateway_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> None:
     finally:
         for w in workers:
             w.resume()
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()
         assert not os.path.exists(f"/proc/{victim.pid}")

@@ -4,7 +4,6 @@ seeded sampling, with every block freed in both pools."""
 
 from __future__ import annotations
 
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,5 +77,4 @@ def test_32_requests_equal_one_engine(tiny_model: Path, tmp_path: Path, referenc
         metrics = wait_idle(server, min_generated=len(PROMPTS) * MAX_TOKENS)
         assert metrics["slos_kv_handovers_total"] == handovers
     finally:
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()

@@ -45,8 +45,7 @@ def test_decode_worker_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> No
             assert time.monotonic() < deadline
             time.sleep(0.2)
     finally:
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()
 
 
 def test_prefill_worker_killed_with_prompts_queued(tiny_model: Path, tmp_path: Path) -> None:
@@ -69,8 +68,7 @@ def test_prefill_worker_killed_with_prompts_queued(tiny_model: Path, tmp_path: P
             assert texts.result(timeout=120) == greedy_texts(tiny_model, PROMPTS, max_tokens)
         assert wait_idle(server, timeout=30)["slos_requests_resubmitted_total"] >= 1
     finally:
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()
 
 
 def test_losing_the_decode_pool_falls_back_to_colocated_and_back(tiny_model: Path, tmp_path: Path) -> None:
@@ -98,5 +96,4 @@ def test_losing_the_decode_pool_falls_back_to_colocated_and_back(tiny_model: Pat
         assert stream_all(server, max_tokens) == greedy_texts(tiny_model, PROMPTS, max_tokens)
         assert wait_idle(server, timeout=30)["slos_kv_handovers_total"] >= len(PROMPTS)
     finally:
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()

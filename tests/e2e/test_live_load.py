@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,8 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(tiny_model, tmp_path_factory.mktemp("server"), workers=1, extra=("--speculator", "none"))
     yield srv
-    srv.proc.send_signal(signal.SIGINT)
-    srv.proc.wait(timeout=20)
+    srv.stop()
 
 
 def test_bench_live_replays_a_scenario_and_reports_it(server: Server, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,8 +44,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     srv = start(tiny_model, tmp_path_factory.mktemp("long"), workers=1,
                 extra=("--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--kv-transport", "zmq"))
     yield srv
-    srv.proc.send_signal(signal.SIGINT)
-    srv.proc.wait(timeout=20)
+    srv.stop()
 
 
 @pytest.mark.timeout(1800)

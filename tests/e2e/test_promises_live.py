@@ -13,7 +13,6 @@ MISSED_SHARE of them may miss; a planner that promises everything (`fcfs`) misse
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +55,7 @@ def test_every_promised_request_meets_its_objectives(builtin_shaped: Path, tmp_p
         outcomes = run_live(url, API_KEY, server.model, arrivals, vocab, DEFAULT_CLASSES)
         slo = server.admin("GET", "/slo").json()
     finally:
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()
 
     assert len(outcomes) == REQUESTS
     promised = [o for o in outcomes if o.promised]

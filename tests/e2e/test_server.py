@@ -28,8 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(tiny_model, tmp_path_factory.mktemp("server"), workers=2)
     yield srv
-    srv.proc.send_signal(signal.SIGINT)
-    srv.proc.wait(timeout=20)
+    srv.stop()
 
 
 def test_openai_client_streams_chat_and_completion(server: Server) -> None:

@@ -5,7 +5,6 @@ parks what does not fit). The TPOT is set from this machine's own idle decoding 
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +44,7 @@ def tight_attainment(model: Path, tmp: Path, policy: str) -> float:
         assert len(outcomes) == len(tight) + len(long) and all(o.finished or o.refused for o in outcomes)
         return attainment([o for o in outcomes if o.request_id.startswith("t")])
     finally:
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(timeout=20)
+        server.stop()
 
 
 def test_slos_keeps_tight_tpots_that_fcfs_misses(builtin_shaped: Path, tmp_path: Path) -> None:

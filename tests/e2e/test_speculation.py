@@ -3,7 +3,6 @@ the plain engine, reports acceptance per SLO class, and frees every block of bot
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +26,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, request: 
     srv = start(tiny_model, tmp_path_factory.mktemp("spec-server"), workers=1,
                 extra=("--speculator", "draft", "--draft-model", str(tiny_model), "--spec-len", "4", *request.param))
     yield srv
-    srv.proc.send_signal(signal.SIGINT)
-    srv.proc.wait(timeout=20)
+    srv.stop()
 
 
 def test_concurrent_greedy_streams_equal_plain_decoding(server: Server, tiny_model: Path) -> None:

@@ -4,7 +4,6 @@ then, behind `slos-serve up`, it answers a question sensibly through the openai 
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +63,7 @@ def test_greedy_tokens_equal_transformers(model_dir: Path) -> None:
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(model_dir, tmp_path_factory.mktemp("smollm2"), workers=1, extra=("--kv-cache-mb", "256"))
     yield srv
-    srv.proc.send_signal(signal.SIGINT)
-    srv.proc.wait(timeout=30)
+    srv.stop()
 
 
 def test_the_openai_client_gets_a_sensible_answer(server: Server) -> None:
