@@ -54,11 +54,13 @@ async def _request(client: openai.AsyncOpenAI, model: str, a: Arrival, vocab: in
     tracker = Tracker(resolve(a.slo_spec(), classes), time.monotonic())
     refused = finished = False
     promised: bool | None = None
+    verdict_s: float | None = None
     try:
         response = await client.completions.with_raw_response.create(
             model=model, prompt=prompt, max_tokens=a.output_tokens, temperature=0.0, stream=True,
             stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=extra,
             extra_headers=headers)
+        verdict_s = time.monotonic() - tracker.arrival
         if "x-slo-promised" in response.headers:
             promised = response.headers["x-slo-promised"] == "true"
         async for chunk in response.parse():
@@ -66,11 +68,12 @@ async def _request(client: openai.AsyncOpenAI, model: str, a: Arrival, vocab: in
                 tracker.add(chunk.usage.completion_tokens - tracker.tokens, time.monotonic())
             finished = finished or any(c.finish_reason for c in chunk.choices)
     except openai.RateLimitError:
-        refused = True
+        refused, verdict_s = True, time.monotonic() - tracker.arrival
     except openai.APIError:
         pass
     out.append(Outcome(a.request_id, a.slo_class, tracker.arrival, a.prompt_tokens, tracker.tokens, refused,
-                       finished, finished and tracker.met(), tracker.ttft_s, tracker.stage_tpots_s(), promised))
+                       finished, finished and tracker.met(), tracker.ttft_s, tracker.stage_tpots_s(), promised,
+                       verdict_s))
     seen(out[-1])
     if a.then is not None and finished:
         await asyncio.sleep(a.then.at)

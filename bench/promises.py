@@ -55,6 +55,9 @@ class Run:
             "best_effort": sum(o.promised is False for o in self.outcomes),
             "attainment": attainment(self.outcomes),
         }
+        refusals = [o.verdict_s for o in self.outcomes if o.refused and o.verdict_s is not None]
+        out["refusal_p50_ms"] = 1e3 * float(np.median(refusals)) if refusals else None
+        out["refusal_p99_ms"] = 1e3 * float(np.quantile(refusals, 0.99)) if refusals else None
         for tier in "tl":
             tpots = [o.tpots_s[0] for o in self.outcomes
                      if o.request_id.startswith(tier) and o.tpots_s and o.tpots_s[0] is not None]

@@ -72,6 +72,7 @@ class Outcome:
     ttft_s: float | None
     tpots_s: list[float | None]
     promised: bool | None = None  # served with its SLOs promised (True), as best effort (False), unknown (None)
+    verdict_s: float | None = None  # from sending it to the server's answer: its response headers, or the refusal
 
 
 def attainment(outcomes: list[Outcome]) -> float:

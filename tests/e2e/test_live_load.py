@@ -59,6 +59,7 @@ def test_compare_serves_a_disaggregated_configuration_on_the_engine_core(tiny_mo
         (done,) = run_live(endpoint.url, endpoint.api_key, endpoint.model, [Arrival("r", 0.0, 20, 6, "coding")], 500,
                            DEFAULT_CLASSES)
         assert done.finished and done.output_tokens == 6
+        assert 0 < done.verdict_s <= done.ttft_s  # the answer's headers come before its first token
         engine, _ = cores()
         ours = [p for p in psutil.process_iter(["cmdline"]) if "worker" in (p.info["cmdline"] or [])
                 and p.environ().get("SLOS_ADMIN_TOKEN") == endpoint.admin_token]
