@@ -17,7 +17,9 @@ token due at once. Beyond
 `best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After), and so
 is a request whose TPOT no worker could keep even decoding it alone: waiting would not help it.
 A worker that holds requests never idles: where its steps run slower than any plan for them
-allows (a profile far too fast for the machine), it prefills them earliest deadline first.
+allows (a profile far too fast for the machine), it prefills them earliest deadline first;
+and a promise already late gets at least `LATE_CHUNK` prompt tokens a batch where its
+worker's decoders leave it no budget, rather than waiting for them to finish.
 
 Speculation: each batch's period and speculative length come from the plan (the k that
 leaves the most prefill budget at the tightest TPOT); every other decoding request speculates
@@ -77,6 +79,7 @@ SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most 
 CATCH_UP_STEPS = 4  # steps over which a request behind its TPOT speculates to make the lag up
 BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
+LATE_CHUNK = 64  # prompt tokens a batch gives a late promise that its decoders' TPOTs leave no room
 HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
 
 
@@ -133,6 +136,10 @@ class SLOPolicy:
                 if batch.prefill:
                     batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed, behind)
                     batch.prefill = _hold_back(state, batch.prefill, p, now)
+                elif p.late:  # late already, and the decoders' TPOTs leave it nothing: a little, not never
+                    late = next((r for r in p.admitted if r in p.late and r in mine), None)
+                    if late is not None:
+                        batch.prefill = [(late, min(LATE_CHUNK, state.requests[late].prefill_left))]
                 decisions.caught_up += behind
                 # the period's slack goes to prefill, unless there is none to run or memory,
                 # not time, turns requests away: then decoding faster is what frees room

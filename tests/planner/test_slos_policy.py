@@ -13,7 +13,7 @@ from planner.calibration import MIN_STEPS, StepFit
 from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.sarathi import SarathiPolicy
-from planner.policies.slos import SLOPolicy
+from planner.policies.slos import LATE_CHUNK, SLOPolicy
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams, SpecCounts
 from shared.roofline import SHIPPED_PROFILES, Batches, ModelShape, Profile, RooflineParams, load_profile, split
@@ -395,3 +395,19 @@ def test_the_prompt_tokens_of_the_step_in_flight_are_planned_as_done() -> None:
     assert p.admitted_tokens[p.admitted.index("long")] == 2000
     ends = plan_with({"long": 3000})
     assert "long" not in ends.admitted and ends.next_budget < plan_with(None).next_budget
+
+
+def test_a_late_promise_gets_a_little_prompt_where_the_decoders_leave_it_none() -> None:
+    """Seen live in a burst: a promise already late, beside decoders whose TPOT left no prefill
+    budget, got nothing for 2.5 s, until the decoders finished. It now gets a small chunk."""
+    slo = SLOTarget(ttft_ms=1000.0, tpot_ms=12.0)
+    s = state([worker("w0")], [], {"w0": [request(f"d{i}", 500, slo) for i in range(8)]})
+    w = s.workers["w0"]
+    late = request("late", 400, SLOTarget(ttft_ms=100.0, tpot_ms=200.0))
+    late.worker_id, late.phase = "w0", "prefill"
+    s.requests["late"] = late
+    w.requests.append("late")
+    p = SLOPolicy(GPU)._plan(s, w, load_of(s), s.waiting.rows(), np.zeros(0, dtype=bool), 0.5, set())
+    assert p.next_budget == 0 and p.late == ["late"]
+    batch = SLOPolicy(GPU).schedule(s, now=0.5).batches["w0"]
+    assert batch.prefill == [("late", LATE_CHUNK)] and len(batch.decode) == 8
