@@ -16,7 +16,7 @@ from gateway.errors import ApiError, ClientGone
 from gateway.metrics import GatewayMetrics
 from gateway.planner_link import PlannerLink
 from gateway.protocol import usage
-from shared.messages import Admitted, Refused, Submit, TokenChunk
+from shared.messages import Admitted, Parked, Refused, Submit, TokenChunk
 
 DISCONNECT_POLL_S = 0.5
 
@@ -38,6 +38,7 @@ class Generation:
     finish_reason: str | None = None
     ended: bool = False
     promised: bool | None = None  # how the planner first admitted it: with its SLOs promised, or best effort
+    decided: bool = False  # the planner has said what it does with it
 
     def headers(self) -> dict[str, str]:
         """What the client is told of the request: its id, and whether its SLOs were promised."""
@@ -87,6 +88,11 @@ class Generations:
                 if time.monotonic() > gen.deadline:
                     raise ApiError(504, "the request timed out", type_="timeout_error") from None
                 continue
+            if isinstance(event, (Admitted, Parked, Refused)) and not gen.decided:
+                gen.decided = True
+                verdict = ("refused" if isinstance(event, Refused) else "parked" if isinstance(event, Parked)
+                           else "promised" if event.promised else "best_effort")
+                self.metrics.verdict.labels(verdict).observe(time.monotonic() - gen.started)
             if isinstance(event, Admitted):
                 gen.promised = event.promised if gen.promised is None else gen.promised
                 continue

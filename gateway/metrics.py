@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from gateway.planner_link import PlannerLink
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+VERDICT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class ClusterCollector(Collector):
@@ -93,4 +94,7 @@ class GatewayMetrics:
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tpot = Histogram("slos_tpot_seconds", "Mean time per output token after the first", ["slo_class"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.verdict = Histogram("slos_verdict_seconds", "From a request's submission to the planner's first word "
+                                 "on it: promised, best_effort, parked or refused", ["verdict"],
+                                 buckets=VERDICT_BUCKETS, registry=self.registry)
         self.registry.register(ClusterCollector(link))

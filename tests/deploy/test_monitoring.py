@@ -18,7 +18,7 @@ from shared.messages import ClusterStatus, SLOCount, SpecCounts, WorkerStatus
 DEPLOY = Path(__file__).parents[2] / "deploy"
 GRAFANA = DEPLOY / "grafana"
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "le", "slo_class", "served", "outcome",
-                "worker"}
+                "worker", "verdict"}
 
 
 class Link:
@@ -36,6 +36,7 @@ def exported() -> set[str]:
     metrics = GatewayMetrics(Link())  # type: ignore[arg-type]
     metrics.ttft.labels("coding").observe(0.1)
     metrics.tpot.labels("coding").observe(0.01)
+    metrics.verdict.labels("refused").observe(0.002)
     metrics.requests.labels("chat", "200").inc()
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}

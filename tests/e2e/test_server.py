@@ -257,8 +257,11 @@ def test_a_ttft_no_worker_could_keep_is_refused_at_once_unless_best_effort_is_as
         client.completions.create(model=server.model, prompt="warm up", max_tokens=4, temperature=0,
                                   extra_body=IGNORE_EOS)
     prompt = [7] * 200
+    refused = 'slos_verdict_seconds_count{verdict="refused"}'
+    before = server.metrics().get(refused, 0.0)
     with pytest.raises(openai.RateLimitError, match="to prefill on a worker here alone"):
         client.completions.create(model=server.model, prompt=prompt, max_tokens=2, extra_body={"ttft_ms": 1})
+    assert server.metrics()[refused] == before + 1  # how long the gateway waited for the planner's word
     done = client.completions.create(model=server.model, prompt=prompt, max_tokens=2, temperature=0,
                                      extra_body={**IGNORE_EOS, "ttft_ms": 1, "slo_unmeetable": "best_effort"})
     assert done.usage.completion_tokens == 2
