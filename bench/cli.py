@@ -61,6 +61,8 @@ def sim(
         print(f"TTFT p50 {np.percentile(ttft, 50) * 1e3:.0f} ms, p99 {np.percentile(ttft, 99) * 1e3:.0f} ms; "
               f"simulated {result.end:.0f} s in {result.planner_calls} planner calls "
               f"({result.planner_s / max(1, result.planner_calls) * 1e3:.2f} ms each)")
+    print("by the planner's count: " + ", ".join(f"{kind} {met} met of {total}"
+                                                 for kind, (met, total) in sorted(result.promises.items())))
     print(f"simulation took {wall:.1f} s, of which the planner {result.planner_s:.1f} s")
 
 
@@ -417,11 +419,14 @@ def bench_promises(
     loose_tpot_ms: Annotated[float, typer.Option()] = 400.0,
     ttft_ms: Annotated[float, typer.Option()] = 3000.0,
     worker_cpus: Annotated[str | None, typer.Option(help="pin the worker to these cores (default: share all)")] = None,
+    front_cpus: Annotated[str | None, typer.Option(help="pin the gateway, planner and client to these cores "
+                                                        "(default: share all)")] = None,
     profile: Annotated[Path | None, typer.Option(help="the profile to plan with (default: what `up` picks)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Tight and loose TPOTs open loop against `slos-serve up` (issue 28): what each policy
-    promised, refused and kept, by the clients' own token times."""
+    promised, refused and kept, by the clients' own token times. A burst is a high rate:
+    `--rates 300 --count 600`."""
     import tempfile
 
     from bench.promises import Load, run
@@ -430,14 +435,16 @@ def bench_promises(
     directory, _ = resolve_model(model, console)
     vocab = vocab_size(directory)
     cpus = {int(c) for c in worker_cpus.split(",")} if worker_cpus else None
+    front = {int(c) for c in front_cpus.split(",")} if front_cpus else None
     print("| policy | req/s | promised | promised met | refused | 429 p50 / p99 ms | best effort | attainment | "
-          "tight met | tight TPOT p50 / p90 ms | loose met | loose TPOT p50 / p90 ms | calibration at the end |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "tight met | tight TPOT p50 / p90 ms | loose met | loose TPOT p50 / p90 ms | calibration at the end | "
+          "the planner's verdict at the gateway, p50 / p99 ms (bucket bounds) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for rate in (float(r) for r in rates.split(",")):
             for policy in policies.split(","):
                 load = Load(rate, count, tight_tpot_ms, loose_tpot_ms, ttft_ms, seed=seed)
-                r = run(directory, policy, load, Path(tmp), vocab, cpus, profile)
+                r = run(directory, policy, load, Path(tmp), vocab, cpus, profile, front)
                 row, fit = r.row(), r.step_fit
 
                 def ms(x: object) -> str:
@@ -448,7 +455,9 @@ def bench_promises(
                       f"{ms(row['tight_tpot_p50_ms'])} / {ms(row['tight_tpot_p90_ms'])} | {row['loose_met']} | "
                       f"{ms(row['loose_tpot_p50_ms'])} / {ms(row['loose_tpot_p90_ms'])} | "
                       f"+{fit['turnaround_s'] * 1e3:.0f} ms, x{fit['fixed']:.2f} / {fit['compute']:.2f} / "
-                      f"{fit['memory']:.2f}, {fit['error']:.0%} off, margin {fit['margin']:.2f} |", flush=True)
+                      f"{fit['memory']:.2f}, {fit['error']:.0%} off, margin {fit['margin']:.2f} | "
+                      + ", ".join(f"{v} ≤ {a * 1e3:g} / ≤ {b * 1e3:g}" for v, (a, b) in sorted(r.verdicts.items()))
+                      + " |", flush=True)
 
 
 @bench_app.command("dashboard")

@@ -6,9 +6,10 @@ keeps its promises when every promised request meets its objectives."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from bench.live import run_live
@@ -44,6 +45,8 @@ class Run:
     load: Load
     outcomes: list[Outcome]
     step_fit: dict  # the worker's calibration at the end (`/admin/workers`)
+    verdicts: dict[str, tuple[float, float]] = field(default_factory=dict)  # the gateway's, p50 and p99 bounds
+
 
     def row(self) -> dict[str, object]:
         """The figures of issue 28's table."""
@@ -69,10 +72,30 @@ class Run:
 
 
 def run(model: Path, policy: str, load: Load, workdir: Path, vocab: int, worker_cpus: set[int] | None = None,
-        profile: Path | None = None) -> Run:
+        profile: Path | None = None, front_cpus: set[int] | None = None) -> Run:
     """One policy at one load on a fresh server."""
     workdir.mkdir(parents=True, exist_ok=True)
-    with live_server(model, profile, workdir / f"server-{policy}-{load.rate:g}.log", worker_cpus, policy) as server:
+    with live_server(model, profile, workdir / f"server-{policy}-{load.rate:g}.log", worker_cpus, policy,
+                     front_cpus=front_cpus) as server:
         outcomes = run_live(server.url + "/v1", server.api_key, server.model, load.arrivals(), vocab, DEFAULT_CLASSES)
         fit = server.admin("/admin/workers")[0]["step_fit"]  # type: ignore[index]
-    return Run(policy, load, outcomes, fit)
+        verdicts = verdict_bounds(httpx.get(server.url + "/metrics").text)
+    return Run(policy, load, outcomes, fit, verdicts)
+
+
+def verdict_bounds(metrics: str) -> dict[str, tuple[float, float]]:
+    """Per verdict, the upper bounds of the `slos_verdict_seconds` buckets holding its median and
+    its 99th percentile: how long requests waited at the gateway for the planner's word."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line in metrics.splitlines():
+        if line.startswith("slos_verdict_seconds_bucket{"):
+            labels, count = line.rsplit(" ", 1)
+            verdict = labels.split('verdict="')[1].split('"')[0]
+            buckets.setdefault(verdict, []).append((float(labels.split('le="')[1].split('"')[0]), float(count)))
+    out = {}
+    for verdict, b in buckets.items():
+        b.sort()
+        total = b[-1][1]
+        if total:
+            out[verdict] = tuple(next(le for le, n in b if n >= q * total) for q in (0.5, 0.99))
+    return out

@@ -25,7 +25,7 @@ import heapq
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
@@ -87,6 +87,7 @@ class SimResult:
     planner_calls: int
     planner_s: float  # wall time spent in the planner
     stopped: bool = False  # given up once the attainment asked for was out of reach
+    promises: dict[str, tuple[int, int]] = field(default_factory=dict)  # the planner's count: kind -> (met, total)
 
     @property
     def attainment(self) -> float:
@@ -358,7 +359,8 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
             tick_pending = True
 
     outcomes = [_outcome(c) for c in clients.values()]
-    return SimResult(judge_loops(outcomes, arrivals), clock.now(), calls, planner_s, missed > most_missed)
+    promises = {kind: (a.met, a.total) for kind, a in planner.state.promises.items()}
+    return SimResult(judge_loops(outcomes, arrivals), clock.now(), calls, planner_s, missed > most_missed, promises)
 
 
 def _outcome(c: _Client) -> Outcome:

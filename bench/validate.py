@@ -49,6 +49,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import numpy as np
+import psutil
 import torch
 
 from bench.capacity import Search, capacity
@@ -115,10 +116,12 @@ class Validation:
 
 @contextmanager
 def live_server(model: Path, profile: Path | None, log: Path, worker_cpus: set[int] | None, policy: str = "slos",
-                layout: tuple[str, ...] = ("--workers", "1"), workers: int = 1) -> Iterator[LiveServer]:
+                layout: tuple[str, ...] = ("--workers", "1"), workers: int = 1,
+                front_cpus: set[int] | None = None) -> Iterator[LiveServer]:
     """`slos-serve up` with one colocated worker, or the `workers` that `layout` asks for (on
     `worker_cpus`, or sharing every core), no speculation, with `profile` (or the one `up`
-    picks), until the block ends."""
+    picks), until the block ends. With `front_cpus`, every other process of the server, and
+    this one (the client), runs on those cores, every thread of it."""
     port, admin_port, token, key = free_tcp_port(), free_tcp_port(), secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     env = {**os.environ, "SLOS_ADMIN_TOKEN": token, "SLOS_API_KEY": key}
     args = [sys.executable, "-m", "slos_serve.cli", "up", "--model", str(model), "--port", str(port),
@@ -143,6 +146,10 @@ def live_server(model: Path, profile: Path | None, log: Path, worker_cpus: set[i
             except (httpx.TransportError, KeyError, ValueError):
                 pass
             time.sleep(0.5)
+        if front_cpus:
+            server_side = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+                                       if "worker" not in p.cmdline())]
+            pin_threads([os.getpid(), *server_side], front_cpus)
         yield server
     finally:
         proc.send_signal(signal.SIGINT)
@@ -150,6 +157,13 @@ def live_server(model: Path, profile: Path | None, log: Path, worker_cpus: set[i
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def pin_threads(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of these processes onto `cpus` (a process's affinity is its main thread's)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 @contextmanager
