@@ -46,6 +46,7 @@ class Run:
     outcomes: list[Outcome]
     step_fit: dict  # the worker's calibration at the end (`/admin/workers`)
     verdicts: dict[str, tuple[float, float]] = field(default_factory=dict)  # the gateway's, p50 and p99 bounds
+    planner_promises: dict = field(default_factory=dict)  # the planner's own count, by its clock (`/admin/slo`)
 
 
     def row(self) -> dict[str, object]:
@@ -80,7 +81,8 @@ def run(model: Path, policy: str, load: Load, workdir: Path, vocab: int, worker_
         outcomes = run_live(server.url + "/v1", server.api_key, server.model, load.arrivals(), vocab, DEFAULT_CLASSES)
         fit = server.admin("/admin/workers")[0]["step_fit"]  # type: ignore[index]
         verdicts = verdict_bounds(httpx.get(server.url + "/metrics").text)
-    return Run(policy, load, outcomes, fit, verdicts)
+        counted = server.admin("/admin/slo")["promises"]  # type: ignore[index]
+    return Run(policy, load, outcomes, fit, verdicts, counted)
 
 
 def verdict_bounds(metrics: str) -> dict[str, tuple[float, float]]:

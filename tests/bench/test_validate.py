@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from bench.validate import StepsSeen, near_capacity, with_loop_overhead
+import os
+import subprocess
+import sys
+import time
+
+from bench.validate import StepsSeen, near_capacity, pin_threads, with_loop_overhead
 from bench.workloads import Arrival, scenario, within_context
 from shared.roofline import SHIPPED_PROFILES, Batches, load_profile
 
@@ -31,3 +36,18 @@ def test_the_loaded_profile_comes_from_the_probes_near_the_capacity() -> None:
                 2.0: [(2.0, 1.4, 0.1), (2.2, 1.6, 0.12)], 2.2: [(2.4, 1.5, 0.11)]}
     assert near_capacity(readings, 2.0) == StepsSeen(2.2, 1.5, 0.11)
     assert near_capacity(readings, 8.0) == StepsSeen(2.2, 1.5, 0.1)  # none near: all of them
+
+
+def test_every_thread_of_a_pinned_process_runs_on_the_cores_given() -> None:
+    """A process's affinity is only its main thread's; the front end's threads (uvicorn, ZeroMQ)
+    would go on sharing the worker's core."""
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        while len(os.listdir(f"/proc/{proc.pid}/task")) < 2:
+            time.sleep(0.01)
+        core = min(os.sched_getaffinity(0))
+        pin_threads([proc.pid], {core})
+        assert all(os.sched_getaffinity(int(t)) == {core} for t in os.listdir(f"/proc/{proc.pid}/task"))
+    finally:
+        proc.kill()
