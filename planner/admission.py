@@ -34,8 +34,9 @@ most it can (giving up the ones due last where that keeps as many), reports the 
 due after it allows, else last; one already past its deadline runs first where every other's
 slack allows, else last. A call plans at most the `CONSIDERED` earliest deadlines beside the
 promised requests, fewer when the memory dimension would make the program larger than
-`WORK_LIMIT` states; the rest wait for the next call, a batch later. The next batch's chunks fill its budget as `prefill_cost` counts
-it, so a chunk deep into a long prompt gets fewer tokens than one at its start.
+`WORK_LIMIT` states; the rest wait for the next call, a batch later. The next batch's chunks
+fill its budget as `prefill_cost` counts it, so a chunk deep into a long prompt gets fewer
+tokens than one at its start.
 """
 
 from __future__ import annotations
