@@ -140,7 +140,7 @@ class WorkerState:
     fit: StepFit = field(default_factory=StepFit)  # how its steps run against the performance model
     order_sent_at: float = 0.0
     order_parts: tuple[float, ...] | None = None  # the model's (fixed, compute, memory) seconds of its step in flight
-    in_flight_prefill: dict[str, int] = field(default_factory=dict)  # prompt tokens its step in flight runs, per request
+    in_flight_prefill: dict[str, int] = field(default_factory=dict)  # prompt tokens its step in flight runs, by request
     last_report_at: float = -math.inf
     busy_s: float = 0.0  # its steps' durations, summed
     waited_s: float = 0.0  # the time it waited for orders while requests it ran went on, summed

@@ -323,7 +323,8 @@ class SLOPolicy:
         )
         shape = self.profile.model  # the same whatever the worker's calibration
         jobs = Jobs.of([Job(r.request_id, r.prefill_left - ran, 0, _deadline(r, now), r.tpot_s, True, r.life_context(),
-                            float(prefill_cost(shape, r.prefill_left - ran, r.num_computed + ran)), r.num_computed + ran)
+                            float(prefill_cost(shape, r.prefill_left - ran, r.num_computed + ran)),
+                            r.num_computed + ran)
                         for r, ran in prefilling])
         profile = self._profile(worker)
         if candidates.any():
