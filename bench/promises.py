@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.live import run_live
 from bench.validate import live_server
@@ -89,11 +90,10 @@ def verdict_bounds(metrics: str) -> dict[str, tuple[float, float]]:
     """Per verdict, the upper bounds of the `slos_verdict_seconds` buckets holding its median and
     its 99th percentile: how long requests waited at the gateway for the planner's word."""
     buckets: dict[str, list[tuple[float, float]]] = {}
-    for line in metrics.splitlines():
-        if line.startswith("slos_verdict_seconds_bucket{"):
-            labels, count = line.rsplit(" ", 1)
-            verdict = labels.split('verdict="')[1].split('"')[0]
-            buckets.setdefault(verdict, []).append((float(labels.split('le="')[1].split('"')[0]), float(count)))
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "slos_verdict_seconds_bucket":
+                buckets.setdefault(sample.labels["verdict"], []).append((float(sample.labels["le"]), sample.value))
     out = {}
     for verdict, b in buckets.items():
         b.sort()
