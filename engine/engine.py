@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.detokenizer import Detokenizer
 from engine.kv_cache import KVCache, OutOfKVBlocks
 from engine.kv_transfer import KVTransport
 from engine.loader import load_tokenizer
 from engine.model_runner import ModelRunner, Work
 from engine.sampling import make_generator, sample, verify
-from engine.sequence import Sequence
+from engine.sequence import Sequence, finish_reason, streamed_detokenizer
 from engine.speculative import Proposal, Speculator, make_proposer
 from shared.messages import (
     MAX_SPEC_LEN,
@@ -108,6 +107,14 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.kv.allocator.num_free
 
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.allocator.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     resume_token_ids: list[int] | tuple[int, ...] = ()) -> None:
         """A new request; `resume_token_ids` is output it produced elsewhere (on a worker that
@@ -123,16 +130,8 @@ class Engine:
             num_prompt=len(prompt_token_ids),
             params=params,
             generator=make_generator(params, self.device),
-            detokenizer=self._detokenizer(params, resume_token_ids),
+            detokenizer=streamed_detokenizer(self.tokenizer, params, resume_token_ids),
         )
-
-    def _detokenizer(self, params: SamplingParams, streamed: list[int] | tuple[int, ...]) -> Detokenizer:
-        """A detokenizer that has handed out the text of `streamed` already."""
-        detokenizer = Detokenizer(self.tokenizer, list(params.stop))
-        for token in streamed:
-            detokenizer.add(token)
-        detokenizer.release(finished=False)
-        return detokenizer
 
     def assume_computed(self, request_id: str, num_tokens: int) -> None:
         """For profiling: mark the first tokens as computed without running them. Their KV
@@ -169,7 +168,7 @@ class Engine:
         generator = make_generator(export.params, self.device)
         if generator is not None and export.generator_state:
             generator.set_state(torch.frombuffer(bytearray(export.generator_state), dtype=torch.uint8))
-        detokenizer = self._detokenizer(export.params, export.token_ids[export.num_prompt:])
+        detokenizer = streamed_detokenizer(self.tokenizer, export.params, export.token_ids[export.num_prompt:])
         self.seqs[export.request_id] = Sequence(export.request_id, list(export.token_ids), export.num_prompt,
                                                 export.params, generator, detokenizer, blocks,
                                                 export.num_computed)
@@ -275,7 +274,7 @@ class Engine:
         for token in tokens:
             new.append(token)
             seq.token_ids.append(token)
-            finish = self._finish_reason(seq, token)
+            finish = finish_reason(seq, token, self.eos_token_ids, self.max_model_len)
             if finish is not None:
                 break
         seq.num_computed += item.n + min(len(new), accepted)
@@ -298,13 +297,3 @@ class Engine:
         if finish is not None:
             self.abort(seq.request_id)
         return out
-
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        p = seq.params
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-            return "stop"
-        if seq.detokenizer.add(token):
-            return "stop"
-        if seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
-        return None

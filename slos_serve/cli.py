@@ -88,6 +88,8 @@ def up(
     kv_transport: Annotated[str | None, typer.Option(help="auto, nixl or zmq")] = None,
     policy: Annotated[str | None, typer.Option(help="slos (default), fcfs, sarathi, distserve or edf")] = None,
     profile: Annotated[Path | None, typer.Option(help="performance-model profile the planner uses")] = None,
+    engine: Annotated[str | None, typer.Option(help="ours (default) or vllm: vLLM's engine core under the "
+                                               "planner (`pip install -e .[vllm]`)")] = None,
     model: Annotated[Path | None, typer.Option(
         help="safetensors directory, GGUF file or directory holding one, or `builtin` "
              "(default: SmolLM2-135M-Instruct from the package index)")] = None,
@@ -110,7 +112,7 @@ def up(
 
     settings = _settings(config, host=host, port=port, workers=workers, mode=mode, prefill_workers=prefill,
                          decode_workers=decode, kv_transport=kv_transport, policy=policy, profile=profile,
-                         api_key=api_key, admin_port=admin_port,
+                         engine=engine, api_key=api_key, admin_port=admin_port,
                          kv_cache_mb=kv_cache_mb, max_model_len=max_model_len, dtype=dtype,
                          speculator=speculator, spec_len=spec_len, draft_model_dir=draft_model,
                          worker_cpus=_cores(worker_cpus))

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import zmq
@@ -37,6 +38,9 @@ from shared.messages import (
     encode,
 )
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from engine.vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -139,22 +143,35 @@ def heartbeat(bus: Bus, settings: Settings, worker_id: str, engine: Engine, stop
     sock.close()
 
 
-def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event) -> None:
-    """Load the engine, say hello, then execute orders until `stop` is set."""
-    speculator = "none" if role == "prefill" else settings.speculator  # the draft lives where decoding is
-    engine = Engine(
+def make_engine(settings: Settings, speculator: str) -> Engine | VLLMEngine:
+    """The engine `settings.engine` names; vLLM's is imported only when asked for."""
+    if settings.engine == "vllm":
+        from engine.vllm_engine import VLLMEngine
+
+        return VLLMEngine(settings.model_dir, device=settings.device, dtype=settings.dtype,
+                          block_size=settings.block_size, kv_cache_mb=settings.kv_cache_mb,
+                          max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs)
+    return Engine(
         settings.model_dir,
         device=settings.device,
         dtype=None if settings.dtype == "auto" else getattr(torch, settings.dtype),
         block_size=settings.block_size,
         kv_cache_mb=settings.kv_cache_mb,
         max_model_len=settings.max_model_len,
-        speculator=speculator,
+        speculator=speculator,  # type: ignore[arg-type]
         draft_dir=settings.draft_model_dir,
     )
+
+
+def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event) -> None:
+    """Load the engine, say hello, then execute orders until `stop` is set."""
+    speculator = "none" if role == "prefill" else settings.speculator  # the draft lives where decoding is
+    engine = make_engine(settings, speculator)
     bus = Bus(settings.bus_secret())
 
     def open_transport() -> KVTransport:
+        if settings.engine == "vllm":
+            raise KVTransferError("workers on vLLM's engine run colocated: they move no KV yet")
         return make_transport(settings.kv_transport, worker_id, engine.kv.data, bus, own_host(settings.kv_host))
 
     transport = open_transport() if role != "colocated" else None
@@ -164,12 +181,12 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
     drops = DropCounter()
 
     def hello() -> None:
-        planner.send(encode(WorkerHello(worker_id, role, engine.kv.allocator.num_blocks,
-                                        engine.kv.block_size, engine.max_model_len, os.getpid(),
+        planner.send(encode(WorkerHello(worker_id, role, engine.num_blocks,
+                                        engine.block_size, engine.max_model_len, os.getpid(),
                                         speculator, transport.endpoint if transport else None)))
 
     hello()
-    log.info("worker %s up: role %s, %d KV blocks", worker_id, role, engine.kv.allocator.num_blocks)
+    log.info("worker %s up: %s engine, role %s, %d KV blocks", worker_id, settings.engine, role, engine.num_blocks)
     beat = threading.Thread(target=heartbeat, args=(bus, settings, worker_id, engine, stop), daemon=True)
     beat.start()
     poller = zmq.Poller()

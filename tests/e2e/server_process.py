@@ -70,6 +70,13 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def worker_pid(server: Server, worker_id: str) -> int:
+    for pid in children(server.proc.pid):
+        if f"--worker-id\0{worker_id}\0" in Path(f"/proc/{pid}/cmdline").read_text():
+            return pid
+    raise AssertionError(f"no process for {worker_id}")
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

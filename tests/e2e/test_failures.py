@@ -13,16 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from server_process import PROMPTS, Server, greedy_texts, start, stream_all, wait_idle
+from server_process import PROMPTS, greedy_texts, start, stream_all, wait_idle, worker_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
-
-
-def worker_pid(server: Server, worker_id: str) -> int:
-    for pid in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split():
-        if f"--worker-id\0{worker_id}\0" in Path(f"/proc/{pid}/cmdline").read_text():
-            return int(pid)
-    raise AssertionError(f"no process for {worker_id}")
 
 
 def test_decode_worker_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> None:

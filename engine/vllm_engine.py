@@ -1,0 +1,204 @@
+"""vLLM's engine core, run under the planner: the same orders, reports and streamed text as
+our engine, with vLLM's kernels, KV cache and sampler.
+
+vLLM's v1 `EngineCore` runs in this process (no engine-core process of its own) with
+`OrderedScheduler`, so each `BatchOrder` becomes exactly one vLLM step of what it grants.
+Requests end by our rule (`engine.sequence.finish_reason`: EOS, stop tokens and strings,
+max_tokens, the context window), as in our engine; vLLM gets `ignore_eos` and is told to
+drop a request that our rule ended. Prefix caching is off, so a prompt runs in the chunks
+ordered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from vllm import SamplingParams as VLLMSamplingParams
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.engine import EngineCoreRequest
+from vllm.v1.engine.core import EngineCore
+from vllm.v1.executor.abstract import Executor
+from vllm.v1.request import Request
+
+from engine.config import ModelConfig
+from engine.engine import RequestOutput, StepResult
+from engine.loader import load_tokenizer
+from engine.sequence import Sequence, finish_reason, streamed_detokenizer
+from engine.vllm_scheduler import OrderedScheduler
+from shared.messages import MAX_SPEC_LEN, BatchOrder, FinishReason, SamplingParams
+from shared.model_info import context_window
+
+log = logging.getLogger(__name__)
+
+CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention takes KV blocks of a multiple of 32 tokens
+
+
+def vllm_params(params: SamplingParams, max_tokens: int) -> VLLMSamplingParams:
+    """Sampling as vLLM draws it; stopping is left to our rule."""
+    return VLLMSamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0 if params.greedy else params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        ignore_eos=True,
+    )
+
+
+def bind_threads_to_affinity() -> None:
+    """vLLM's CPU backend binds its threads to cores of its own choosing and keeps one back;
+    bind them to the cores this process was given (`--worker-cpus`) unless told otherwise."""
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        block_size: int = 16,
+        kv_cache_mb: int = 256,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+    ) -> None:
+        if device == "cpu":
+            bind_threads_to_affinity()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU backend runs the model in a child
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_model_len = context_window(model_dir, max_model_len)
+        self.eos_token_ids = set(ModelConfig.from_dir(model_dir).eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        args = EngineArgs(
+            model=str(model_dir),
+            dtype="float32" if dtype == "auto" and device == "cpu" else dtype,
+            seed=0,
+            max_model_len=self.max_model_len,
+            block_size=-(-block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE if device == "cpu" else block_size,
+            kv_cache_memory_bytes=kv_cache_mb * 2**20,
+            max_num_seqs=max_num_seqs,
+            # above any order: a prompt's whole context in one chunk, beside every decode
+            max_num_batched_tokens=self.max_model_len + max_num_seqs * (1 + MAX_SPEC_LEN),
+            enable_chunked_prefill=True,
+            enable_prefix_caching=False,
+            async_scheduling=False,
+            enforce_eager=device == "cpu",  # compiling costs minutes on a small CPU and gains little
+            scheduler_cls=OrderedScheduler,
+            distributed_executor_backend="uni",  # the model runs in this process
+        )
+        config = args.create_engine_config()
+        self.core = EngineCore(config, Executor.get_class(config), log_stats=False)
+        self.scheduler: OrderedScheduler = self.core.scheduler  # type: ignore[assignment]
+        self.block_size = config.cache_config.block_size
+        self.num_blocks = self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        self.seqs: dict[str, Sequence] = {}
+        self.requests: dict[str, Request] = {}  # vLLM's side of each request
+        self.held: set[str] = set()  # not yet handed to vLLM: no order has granted them tokens
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    resume_token_ids: list[int] | tuple[int, ...] = ()) -> None:
+        """A new request; `resume_token_ids` is output it produced elsewhere, prefilled with the
+        prompt and counted as output already streamed."""
+        if request_id in self.seqs:
+            raise ValueError(f"request {request_id} already exists")
+        tokens = list(prompt_token_ids) + list(resume_token_ids)
+        if not prompt_token_ids or len(tokens) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(tokens)} tokens; must be 1..{self.max_model_len - 1}")
+        self.seqs[request_id] = Sequence(request_id, tokens, len(prompt_token_ids), params, None,
+                                         streamed_detokenizer(self.tokenizer, params, resume_token_ids))
+        core_request = EngineCoreRequest(request_id, tokens, None,
+                                         vllm_params(params, max(1, params.max_tokens - len(resume_token_ids))),
+                                         None, time.time(), None, None, None)
+        self.requests[request_id], _ = self.core.preprocess_add_request(core_request)
+        self.held.add(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        if self.seqs.pop(request_id, None) is None:
+            return False
+        self.requests.pop(request_id)
+        if request_id in self.held:
+            self.held.discard(request_id)
+        else:
+            self.core.abort_requests([request_id])
+        return True
+
+    def step(self, order: BatchOrder) -> StepResult:
+        start = time.perf_counter()
+        for rid in order.aborts:
+            self.abort(rid)
+        for req in order.new_requests:
+            self.add_request(req.request_id, req.prompt_token_ids, req.params, req.resume_token_ids)
+        grants, out_of_blocks = self._grants([(c.request_id, c.num_tokens) for c in order.prefill]
+                                             + [(rid, 1) for rid in order.decode])
+        for rid in [rid for rid in grants if rid in self.held]:
+            self.held.discard(rid)
+            self.core.add_request(self.requests[rid])
+        outputs: dict[str, list[int]] = {}
+        self.scheduler.granted = grants
+        if grants:
+            engine_outputs, _ = self.core.step()
+            for batch in engine_outputs.values():
+                outputs.update((o.request_id, o.new_token_ids) for o in batch.outputs)
+            short = {rid: (n, self.scheduler.scheduled.get(rid, 0)) for rid, n in grants.items()
+                     if self.scheduler.scheduled.get(rid, 0) != n}
+            if short:
+                log.warning("step %d: vLLM ran other token counts than ordered (ordered, ran): %s",
+                            order.step_id, short)
+        results = [self._advance(rid, outputs.get(rid, [])) for rid in grants]
+        return StepResult(results, out_of_blocks, time.perf_counter() - start)
+
+    def _grants(self, work: list[tuple[str, int]]) -> tuple[dict[str, int], list[str]]:
+        """Clamp each item to the tokens it has left and keep those whose KV blocks fit, in
+        order, as our engine does: vLLM would otherwise preempt a request of its choosing."""
+        grants: dict[str, int] = {}
+        out_of_blocks: list[str] = []
+        free = self.num_free_blocks
+        for rid, n in work:
+            seq = self.seqs.get(rid)
+            if seq is None:
+                log.warning("request %s: ordered but unknown (aborted?)", rid)
+                continue
+            computed = self.requests[rid].num_computed_tokens
+            n = min(n, len(seq.token_ids) - computed)
+            if n <= 0:
+                log.warning("request %s: ordered with no tokens left to compute", rid)
+                continue
+            need = -(-(computed + n) // self.block_size) - self.scheduler.num_blocks_held(rid)
+            if need > free:
+                log.warning("request %s: out of KV blocks (%d needed, %d free)", rid, need, free)
+                out_of_blocks.append(rid)
+                continue
+            free -= max(0, need)
+            grants[rid] = n
+        return grants, out_of_blocks
+
+    def _advance(self, rid: str, tokens: list[int]) -> RequestOutput:
+        """Append the step's tokens until one ends the request; end it in vLLM too if vLLM
+        has not."""
+        seq, request = self.seqs[rid], self.requests[rid]
+        finish: FinishReason | None = None
+        new: list[int] = []
+        for token in tokens:
+            new.append(token)
+            seq.token_ids.append(token)
+            finish = finish_reason(seq, token, self.eos_token_ids, self.max_model_len)
+            if finish is not None:
+                break
+        out = RequestOutput(rid, new, seq.detokenizer.release(finished=finish is not None), seq.num_prompt,
+                            min(request.num_computed_tokens, len(seq.token_ids)), seq.num_output, finish)
+        if finish is not None and request.is_finished():
+            del self.seqs[rid], self.requests[rid]
+        elif finish is not None:
+            self.abort(rid)
+        return out
