@@ -347,27 +347,35 @@ def bench_engine(
     batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,8,32",
     prompt_len: Annotated[int, typer.Option(help="tokens per prompt")] = 256,
     decode_steps: Annotated[int, typer.Option(help="decode steps measured")] = 32,
-    vllm_python: Annotated[Path | None, typer.Option(help="Python of the vLLM virtualenv "
-                                                     "(default: the one setup-vllm made)")] = None,
+    vllm_python: Annotated[Path | None, typer.Option(help="Python with vLLM (default: this one where the vllm "
+                                                     "extra is installed, else the one setup-vllm made)")] = None,
     no_vllm: Annotated[bool, typer.Option(help="measure slos-serve alone")] = False,
-    dtypes: Annotated[str, typer.Option(help="our engine's dtypes, comma-separated")] = "float32,bfloat16",
+    vllm_engine: Annotated[bool, typer.Option(help="also vLLM's engine core run by our orders (`--engine "
+                                              "vllm`; needs the vllm extra)")] = False,
+    vllm_eager: Annotated[bool, typer.Option(help="plain vLLM without compiling, as `--engine vllm` runs "
+                                             "on CPU")] = False,
+    dtypes: Annotated[str, typer.Option(help="dtypes, comma-separated")] = "float32,bfloat16",
     device: Annotated[str, typer.Option(help="our engine's device: cpu or cuda")] = "cpu",
 ) -> None:
     """Prefill and decode tokens/s at each batch size, slos-serve beside real vLLM."""
     import torch
 
-    from bench.engine_bench import default_vllm_venv, measure_ours, measure_vllm
+    from bench.engine_bench import default_vllm_python, measure_ours, measure_vllm, measure_vllm_engine
 
     directory, _ = resolve_model(model or BUILTIN, console)
     sizes = [int(b) for b in batch_sizes.split(",")]
     rows = [measure_ours(directory, b, prompt_len, decode_steps, getattr(torch, d), device=device)
             for d in dtypes.split(",") for b in sizes]
-    python = vllm_python or default_vllm_venv() / "bin" / "python"
+    if vllm_engine:
+        rows += [r for d in dtypes.split(",") for r in measure_vllm_engine(directory, sizes, prompt_len,
+                                                                          decode_steps, d)]
+    python = vllm_python or default_vllm_python()
     if not no_vllm:
         if not python.is_file():
             raise typer.BadParameter(f"{python} not found: run `slos-serve bench setup-vllm` "
                                      "or pass --no-vllm", param_hint="--vllm-python")
-        rows += measure_vllm(python, directory, sizes, prompt_len, decode_steps)
+        rows += [r for d in dtypes.split(",")
+                 for r in measure_vllm(python, directory, sizes, prompt_len, decode_steps, d, vllm_eager)]
     print(f"model {directory}, prompt {prompt_len} tokens, {decode_steps} decode steps, "
           f"torch threads {torch.get_num_threads()}")
     print("| system | dtype | batch | prefill tok/s | decode tok/s |")
@@ -385,11 +393,11 @@ def bench_greedy(
     no_vllm: Annotated[bool, typer.Option(help="compare with transformers alone")] = False,
 ) -> None:
     """Greedy tokens of the engine, transformers and vLLM for the same chat prompts, float32."""
-    from bench.engine_bench import default_vllm_venv
+    from bench.engine_bench import default_vllm_python
     from bench.greedy_check import greedy_rows
 
     directory, name = resolve_model(model or BUILTIN, console)
-    python = None if no_vllm else vllm_python or default_vllm_venv() / "bin" / "python"
+    python = None if no_vllm else vllm_python or default_vllm_python()
     if python is not None and not python.is_file():
         raise typer.BadParameter(f"{python} not found: run `slos-serve bench setup-vllm` or pass --no-vllm",
                                  param_hint="--vllm-python")

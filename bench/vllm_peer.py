@@ -2,7 +2,9 @@
 
 Run by the vLLM virtualenv's Python (never imported by slos-serve):
     python vllm_peer.py '{"model": DIR, "batch_sizes": [1, 8], "prompt_len": 256, "decode_steps": 32}'
-Prints one JSON line per batch size.
+Optional: "dtype" (default vLLM's choice), "enforce_eager" (default false: vLLM compiles).
+Prefix caching is off: every repetition sends the same prompts, which a cache would not
+prefill again. Prints one JSON line per batch size.
 """
 
 import json
@@ -17,7 +19,8 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     llm = LLM(model=args["model"], max_model_len=args["max_model_len"], seed=0,
               max_num_seqs=max(args["batch_sizes"]),
-              max_num_batched_tokens=max(args["batch_sizes"]) * args["prompt_len"])
+              max_num_batched_tokens=max(args["batch_sizes"]) * args["prompt_len"], enable_prefix_caching=False,
+              dtype=args.get("dtype", "auto"), enforce_eager=args.get("enforce_eager", False))
     prefill_only = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     full = SamplingParams(max_tokens=args["decode_steps"] + 1, temperature=0.0, ignore_eos=True)
     for batch in args["batch_sizes"]:

@@ -27,6 +27,7 @@ from engine.config import ModelConfig
 from engine.engine import RequestOutput, StepResult
 from engine.loader import load_tokenizer
 from engine.sequence import Sequence, finish_reason, streamed_detokenizer
+from engine.speculative import NgramProposer
 from engine.vllm_scheduler import OrderedScheduler
 from shared.messages import MAX_SPEC_LEN, BatchOrder, FinishReason, SamplingParams
 from shared.model_info import context_window
@@ -34,6 +35,8 @@ from shared.model_info import context_window
 log = logging.getLogger(__name__)
 
 CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention takes KV blocks of a multiple of 32 tokens
+MIN_STEP_TOKENS = 8192
+NGRAM_MAX_N = NgramProposer.max_n  # the longest suffix looked up in the context, as our engine's
 
 
 def vllm_params(params: SamplingParams, max_tokens: int) -> VLLMSamplingParams:
@@ -67,7 +70,10 @@ class VLLMEngine:
         kv_cache_mb: int = 256,
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
+        speculator: str = "none",
     ) -> None:
+        if speculator not in ("none", "ngram"):
+            raise ValueError(f"vLLM's engine here speculates with ngram or not at all, not {speculator}")
         if device == "cpu":
             bind_threads_to_affinity()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU backend runs the model in a child
@@ -84,13 +90,16 @@ class VLLMEngine:
             block_size=-(-block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE if device == "cpu" else block_size,
             kv_cache_memory_bytes=kv_cache_mb * 2**20,
             max_num_seqs=max_num_seqs,
-            # above any order: a prompt's whole context in one chunk, beside every decode
-            max_num_batched_tokens=self.max_model_len + max_num_seqs * (1 + MAX_SPEC_LEN),
+            # above any order: whole prompts (a context's worth, or fcfs's batches), beside every decode
+            max_num_batched_tokens=max(self.max_model_len, MIN_STEP_TOKENS) + max_num_seqs * (1 + MAX_SPEC_LEN),
             enable_chunked_prefill=True,
             enable_prefix_caching=False,
             async_scheduling=False,
             enforce_eager=device == "cpu",  # compiling costs minutes on a small CPU and gains little
             scheduler_cls=OrderedScheduler,
+            # vLLM proposes up to the most the planner orders; each order's k truncates the proposal
+            speculative_config={"method": "ngram", "num_speculative_tokens": MAX_SPEC_LEN, "prompt_lookup_min": 1,
+                                "prompt_lookup_max": NGRAM_MAX_N} if speculator == "ngram" else None,
             distributed_executor_backend="uni",  # the model runs in this process
         )
         config = args.create_engine_config()
@@ -139,15 +148,16 @@ class VLLMEngine:
             self.abort(rid)
         for req in order.new_requests:
             self.add_request(req.request_id, req.prompt_token_ids, req.params, req.resume_token_ids)
-        grants, out_of_blocks = self._grants([(c.request_id, c.num_tokens) for c in order.prefill]
-                                             + [(rid, 1) for rid in order.decode])
+        grants, proposed, out_of_blocks = self._grants([(c.request_id, c.num_tokens, 0) for c in order.prefill]
+                                             + [(rid, 1, order.spec_lens.get(rid, 0)) for rid in order.decode])
         for rid in [rid for rid in grants if rid in self.held]:
             self.held.discard(rid)
             self.core.add_request(self.requests[rid])
         outputs: dict[str, list[int]] = {}
         self.scheduler.granted = grants
         if grants:
-            engine_outputs, _ = self.core.step()
+            engine_outputs, ran = self.core.step()
+            self.core.post_step(ran)  # the next step's proposals
             for batch in engine_outputs.values():
                 outputs.update((o.request_id, o.new_token_ids) for o in batch.outputs)
             short = {rid: (n, self.scheduler.scheduled.get(rid, 0)) for rid, n in grants.items()
@@ -155,35 +165,44 @@ class VLLMEngine:
             if short:
                 log.warning("step %d: vLLM ran other token counts than ordered (ordered, ran): %s",
                             order.step_id, short)
-        results = [self._advance(rid, outputs.get(rid, [])) for rid in grants]
+        results = [self._advance(rid, outputs.get(rid, []), proposed.get(rid, 0))
+                   for rid in grants]
         return StepResult(results, out_of_blocks, time.perf_counter() - start)
 
-    def _grants(self, work: list[tuple[str, int]]) -> tuple[dict[str, int], list[str]]:
-        """Clamp each item to the tokens it has left and keep those whose KV blocks fit, in
-        order, as our engine does: vLLM would otherwise preempt a request of its choosing."""
+    def _grants(self, work: list[tuple[str, int, int]]) -> tuple[dict[str, int], dict[str, int], list[str]]:
+        """Tokens for each item (n known ones, then up to k of vLLM's proposal, as far as the
+        request may still produce), kept while their KV blocks fit, in order, as our engine
+        does: vLLM would otherwise preempt a request of its choosing. Also: the proposed tokens
+        granted to each."""
         grants: dict[str, int] = {}
+        proposed: dict[str, int] = {}
         out_of_blocks: list[str] = []
         free = self.num_free_blocks
-        for rid, n in work:
+        for rid, n, k in work:
             seq = self.seqs.get(rid)
             if seq is None:
                 log.warning("request %s: ordered but unknown (aborted?)", rid)
                 continue
-            computed = self.requests[rid].num_computed_tokens
+            request = self.requests[rid]
+            computed = request.num_computed_tokens
             n = min(n, len(seq.token_ids) - computed)
             if n <= 0:
                 log.warning("request %s: ordered with no tokens left to compute", rid)
                 continue
-            need = -(-(computed + n) // self.block_size) - self.scheduler.num_blocks_held(rid)
+            room = seq.params.max_tokens - seq.num_output - 1
+            k = max(0, min(k, len(request.spec_token_ids), room)) if computed + n == len(seq.token_ids) else 0
+            end = computed + n + k + self.scheduler.num_lookahead_tokens
+            need = -(-end // self.block_size) - self.scheduler.num_blocks_held(rid)
             if need > free:
                 log.warning("request %s: out of KV blocks (%d needed, %d free)", rid, need, free)
                 out_of_blocks.append(rid)
                 continue
             free -= max(0, need)
-            grants[rid] = n
-        return grants, out_of_blocks
+            grants[rid] = n + k
+            proposed[rid] = k
+        return grants, proposed, out_of_blocks
 
-    def _advance(self, rid: str, tokens: list[int]) -> RequestOutput:
+    def _advance(self, rid: str, tokens: list[int], proposed: int) -> RequestOutput:
         """Append the step's tokens until one ends the request; end it in vLLM too if vLLM
         has not."""
         seq, request = self.seqs[rid], self.requests[rid]
@@ -196,7 +215,8 @@ class VLLMEngine:
             if finish is not None:
                 break
         out = RequestOutput(rid, new, seq.detokenizer.release(finished=finish is not None), seq.num_prompt,
-                            min(request.num_computed_tokens, len(seq.token_ids)), seq.num_output, finish)
+                            min(request.num_computed_tokens, len(seq.token_ids)), seq.num_output, finish,
+                            proposed, max(0, len(tokens) - 1) if proposed else 0)
         if finish is not None and request.is_finished():
             del self.seqs[rid], self.requests[rid]
         elif finish is not None:

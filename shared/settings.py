@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     mode: Literal["colocated", "disaggregated"] = "colocated"
     engine: Literal["ours", "vllm"] = Field("ours", description="what runs the workers' steps: our torch engine, "
                                             "or vLLM's engine core under the planner (`pip install -e .[vllm]`; "
-                                            "colocated workers, no speculation yet)")
+                                            "colocated workers; ngram speculation or none)")
     workers: int = Field(1, ge=1, description="colocated workers")
     prefill_workers: int = Field(1, ge=1, description="prefill workers in disaggregated mode")
     decode_workers: int = Field(1, ge=1, description="decode workers in disaggregated mode")
@@ -120,8 +120,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.policy == "distserve" and self.mode != "disaggregated":
             raise ValueError("policy distserve runs prefill and decode pools: it needs mode disaggregated")
-        if self.engine == "vllm" and (self.mode != "colocated" or self.speculator != "none"):
-            raise ValueError("engine vllm runs colocated workers without speculation so far")
+        if self.engine == "vllm" and (self.mode != "colocated" or self.speculator == "draft"):
+            raise ValueError("engine vllm runs colocated workers, speculating with ngram or not at all, so far")
         if self.worker_cpus is not None and (not self.worker_cpus or min(self.worker_cpus) < 0
                                              or len(set(self.worker_cpus)) < len(self.worker_cpus)):
             raise ValueError("worker_cpus: distinct core numbers, at least one")

@@ -150,7 +150,8 @@ def make_engine(settings: Settings, speculator: str) -> Engine | VLLMEngine:
 
         return VLLMEngine(settings.model_dir, device=settings.device, dtype=settings.dtype,
                           block_size=settings.block_size, kv_cache_mb=settings.kv_cache_mb,
-                          max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs)
+                          max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+                          speculator=speculator)
     return Engine(
         settings.model_dir,
         device=settings.device,

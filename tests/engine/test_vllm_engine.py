@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+MAX_TOKENS = 16
+# Varied lengths, never repeating within a prompt; then prompts that repeat themselves, which
+# gives an n-gram lookup something to find.
+PLAIN = [[(7 * i + 13 * j) % 500 + 3 for j in range(20 + 9 * i)] for i in range(16)]
+REPEATING = [[3 + (i + j % (5 + i)) % 500 for j in range(40 + 7 * i)] for i in range(8)]
 
 pytestmark = [pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed (pip install -e .[vllm])"),
               pytest.mark.xdist_group("vllm")]
@@ -24,14 +29,29 @@ def run(script: Path, args: dict) -> dict | list:
     return json.loads([line for line in done.stdout.splitlines() if line.startswith(("[", "{"))][-1])
 
 
-def test_greedy_tokens_equal_plain_vllm_with_every_step_as_ordered(vllm_model: Path) -> None:
+@pytest.fixture(scope="module")
+def plain_vllm(vllm_model: Path) -> list[list[int]]:
+    """Greedy tokens of plain vLLM (`LLM.generate`) for PLAIN + REPEATING."""
+    return run(ROOT / "bench/vllm_greedy.py", {"model": str(vllm_model), "prompts": PLAIN + REPEATING,
+                                               "max_tokens": MAX_TOKENS, "dtype": "float32", "enforce_eager": True})
+
+
+def test_greedy_tokens_equal_plain_vllm_with_every_step_as_ordered(vllm_model: Path,
+                                                                    plain_vllm: list[list[int]]) -> None:
     """16 requests joining one per step, their prompts in 7-token chunks (never a block's
     multiple) beside the others' decodes."""
-    prompts = [[(7 * i + 13 * j) % 500 + 3 for j in range(20 + 9 * i)] for i in range(16)]
-    ours = run(ROOT / "tests/engine/vllm_driver.py",
-               {"model": str(vllm_model), "prompts": prompts, "chunk": 7, "stagger": 1, "max_tokens": 12})
-    plain = run(ROOT / "bench/vllm_greedy.py",
-                {"model": str(vllm_model), "prompts": prompts, "max_tokens": 12, "dtype": "float32", "enforce_eager": True})
+    ours = run(ROOT / "tests/engine/vllm_driver.py", {"model": str(vllm_model), "prompts": PLAIN, "chunk": 7,
+                                                      "stagger": 1, "max_tokens": MAX_TOKENS})
     assert ours["differing"] == []
-    assert ours["tokens"] == plain
+    assert ours["tokens"] == plain_vllm[:len(PLAIN)]
+    assert ours["held"] == 0 and ours["free_blocks"] == ours["num_blocks"]
+
+
+def test_ngram_speculation_keeps_greedy_tokens(vllm_model: Path, plain_vllm: list[list[int]]) -> None:
+    """Every decode speculates 3 of vLLM's n-gram proposals, truncated from the 10 it makes."""
+    ours = run(ROOT / "tests/engine/vllm_driver.py", {"model": str(vllm_model), "prompts": REPEATING, "chunk": 16,
+                                                      "stagger": 1, "max_tokens": MAX_TOKENS, "spec_len": 3})
+    assert ours["differing"] == []
+    assert ours["proposed"] > 0
+    assert ours["tokens"] == plain_vllm[len(PLAIN):]
     assert ours["held"] == 0 and ours["free_blocks"] == ours["num_blocks"]

@@ -3,8 +3,10 @@ binds the threads of the process it runs in, which other tests must not inherit.
 
     python vllm_driver.py '{"model": DIR, "prompts": [[1, 2]], "chunk": 7, "stagger": 1, "max_tokens": 12}'
 
-Prints one JSON object: each prompt's tokens, the steps in which vLLM ran other token counts
-than ordered, and the KV blocks free at the end against those there are.
+With `"spec_len": k`, every decode may speculate k tokens (vLLM's n-gram proposals). Prints
+one JSON object: each prompt's tokens, the steps in which vLLM ran other token counts than
+ordered, the speculative tokens proposed and accepted, and the KV blocks free at the end
+against those there are.
 """
 
 import json
@@ -14,12 +16,24 @@ from pathlib import Path
 
 def main() -> None:
     from bench.drive import drive
+    from engine.engine import StepResult
     from engine.vllm_engine import VLLMEngine
-    from shared.messages import SamplingParams
+    from shared.messages import BatchOrder, SamplingParams
 
     args = json.loads(sys.argv[1])
-    engine = VLLMEngine(Path(args["model"]), kv_cache_mb=64)
+    spec_len = args.get("spec_len", 0)
+    engine = VLLMEngine(Path(args["model"]), kv_cache_mb=64, speculator="ngram" if spec_len else "none")
     differing: list[dict[str, tuple[int, int]]] = []
+    speculated = {"proposed": 0, "accepted": 0}
+    step = engine.step
+
+    def counted(order: BatchOrder) -> StepResult:
+        result = step(order)
+        speculated["proposed"] += sum(o.num_proposed for o in result.outputs)
+        speculated["accepted"] += sum(o.num_accepted for o in result.outputs)
+        return result
+
+    engine.step = counted  # type: ignore[method-assign]
 
     def check(engine: VLLMEngine) -> None:
         granted, ran = engine.scheduler.granted, engine.scheduler.scheduled
@@ -28,9 +42,9 @@ def main() -> None:
 
     params = SamplingParams(max_tokens=args["max_tokens"], temperature=0.0, ignore_eos=True)
     tokens = drive(engine, args["prompts"], chunk=args["chunk"], stagger=args["stagger"], params=params,
-                   after_step=check)
+                   after_step=check, spec_len=lambda i, step: spec_len)
     print(json.dumps({"tokens": [tokens[f"r{i}"] for i in range(len(args["prompts"]))], "differing": differing,
-                      "free_blocks": engine.num_free_blocks, "num_blocks": engine.num_blocks,
+                      **speculated, "free_blocks": engine.num_free_blocks, "num_blocks": engine.num_blocks,
                       "held": len(engine.seqs)}), flush=True)
 
 
