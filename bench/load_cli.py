@@ -132,7 +132,8 @@ def bench_compare(
     model: Annotated[Path | None, typer.Option(help="safetensors directory (default: SmolLM2)")] = None,
     scenarios: Annotated[str, typer.Option(help="comma-separated")] = "chatbot,coding,mixed",
     configs: Annotated[str, typer.Option(help="comma-separated, of: slos, fcfs, sarathi, slos-disaggregated, "
-                                         "distserve, vllm, vllm-bfloat16")] = "slos,fcfs,sarathi,slos-disaggregated,"
+                                         "distserve, slos-vllm (ours on vLLM's engine core), vllm, "
+                                         "vllm-bfloat16")] = "slos,fcfs,sarathi,slos-disaggregated,"
                                                                            "distserve,vllm",
     rate: Annotated[float, typer.Option(help="where each capacity search starts, req/s")] = 0.5,
     duration: Annotated[float, typer.Option(help="seconds of arrivals per probe")] = 30.0,

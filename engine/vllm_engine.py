@@ -71,7 +71,10 @@ class VLLMEngine:
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
         speculator: str = "none",
+        compile_model: bool | None = None,
     ) -> None:
+        """`compile_model`: let vLLM compile the model (default: on a GPU, not on a CPU, where
+        compiling costs minutes at each start)."""
         if speculator not in ("none", "ngram"):
             raise ValueError(f"vLLM's engine here speculates with ngram or not at all, not {speculator}")
         if device == "cpu":
@@ -95,7 +98,7 @@ class VLLMEngine:
             enable_chunked_prefill=True,
             enable_prefix_caching=False,
             async_scheduling=False,
-            enforce_eager=device == "cpu",  # compiling costs minutes on a small CPU and gains little
+            enforce_eager=not compile_model if compile_model is not None else device == "cpu",
             scheduler_cls=OrderedScheduler,
             # vLLM proposes up to the most the planner orders; each order's k truncates the proposal
             speculative_config={"method": "ngram", "num_speculative_tokens": MAX_SPEC_LEN, "prompt_lookup_min": 1,
