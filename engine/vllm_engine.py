@@ -151,8 +151,9 @@ class VLLMEngine:
             self.abort(rid)
         for req in order.new_requests:
             self.add_request(req.request_id, req.prompt_token_ids, req.params, req.resume_token_ids)
-        grants, proposed, out_of_blocks = self._grants([(c.request_id, c.num_tokens, 0) for c in order.prefill]
-                                             + [(rid, 1, order.spec_lens.get(rid, 0)) for rid in order.decode])
+        work = [(c.request_id, c.num_tokens, 0) for c in order.prefill]
+        work += [(rid, 1, order.spec_lens.get(rid, 0)) for rid in order.decode]
+        grants, proposed, out_of_blocks = self._grants(work)
         for rid in [rid for rid in grants if rid in self.held]:
             self.held.discard(rid)
             self.core.add_request(self.requests[rid])
@@ -168,8 +169,7 @@ class VLLMEngine:
             if short:
                 log.warning("step %d: vLLM ran other token counts than ordered (ordered, ran): %s",
                             order.step_id, short)
-        results = [self._advance(rid, outputs.get(rid, []), proposed.get(rid, 0))
-                   for rid in grants]
+        results = [self._advance(rid, outputs.get(rid, []), proposed.get(rid, 0)) for rid in grants]
         return StepResult(results, out_of_blocks, time.perf_counter() - start)
 
     def _grants(self, work: list[tuple[str, int, int]]) -> tuple[dict[str, int], dict[str, int], list[str]]:
@@ -217,6 +217,9 @@ class VLLMEngine:
             finish = finish_reason(seq, token, self.eos_token_ids, self.max_model_len)
             if finish is not None:
                 break
+        if finish is None and request.is_finished():  # vLLM's own limits agree with ours; should they not, it ends
+            log.warning("request %s: vLLM ended it (%s) before our rule did", rid, request.status.name)
+            finish = "length"
         out = RequestOutput(rid, new, seq.detokenizer.release(finished=finish is not None), seq.num_prompt,
                             min(request.num_computed_tokens, len(seq.token_ids)), seq.num_output, finish,
                             proposed, max(0, len(tokens) - 1) if proposed else 0)
