@@ -15,7 +15,8 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     args = json.loads(sys.argv[1])
-    llm = LLM(model=args["model"], dtype=args["dtype"], seed=0, max_model_len=2048,
+    # an explicit KV size: else vLLM's CPU backend wants 90 % of the machine's memory free
+    llm = LLM(model=args["model"], dtype=args["dtype"], seed=0, max_model_len=2048, kv_cache_memory_bytes=2**30,
               enforce_eager=args.get("enforce_eager", False))
     params = SamplingParams(max_tokens=args["max_tokens"], temperature=0.0, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in args["prompts"]], params, use_tqdm=False)

@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engine.engine import Engine, RequestOutput, StepResult
 from engine.kv_transfer import KVTransferError, KVTransport, make_transport
+from engine.speculative import Speculator
 from shared.bus import Bus, DropCounter, own_host
 from shared.messages import (
     BatchOrder,
@@ -143,7 +144,7 @@ def heartbeat(bus: Bus, settings: Settings, worker_id: str, engine: Engine, stop
     sock.close()
 
 
-def make_engine(settings: Settings, speculator: str) -> Engine | VLLMEngine:
+def make_engine(settings: Settings, speculator: Speculator) -> Engine | VLLMEngine:
     """The engine `settings.engine` names; vLLM's is imported only when asked for."""
     if settings.engine == "vllm":
         from engine.vllm_engine import VLLMEngine
@@ -159,7 +160,7 @@ def make_engine(settings: Settings, speculator: str) -> Engine | VLLMEngine:
         block_size=settings.block_size,
         kv_cache_mb=settings.kv_cache_mb,
         max_model_len=settings.max_model_len,
-        speculator=speculator,  # type: ignore[arg-type]
+        speculator=speculator,
         draft_dir=settings.draft_model_dir,
     )
 

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not 
 def run(script: Path, args: dict) -> dict | list:
     done = subprocess.run([sys.executable, str(script), json.dumps(args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "Error" in line]  # the root cause, above the traceback
+    assert done.returncode == 0, "\n".join(errors[:20]) + "\n" + done.stderr[-2000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith(("[", "{"))][-1])
 
 
