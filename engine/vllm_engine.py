@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention takes KV blocks of a multiple of 32 tokens
 MIN_STEP_TOKENS = 8192
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NGRAM_MAX_N = NgramProposer.max_n  # the longest suffix looked up in the context, as our engine's
 
 
@@ -81,16 +82,27 @@ class VLLMEngine:
             bind_threads_to_affinity()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU backend runs the model in a child
         self.tokenizer = load_tokenizer(model_dir)
-        self.max_model_len = context_window(model_dir, max_model_len)
-        self.eos_token_ids = set(ModelConfig.from_dir(model_dir).eos_token_ids)
+        cfg = ModelConfig.from_dir(model_dir)
+        self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        dtype = ("float32" if device == "cpu" else "bfloat16") if dtype == "auto" else dtype
+        if device == "cpu":
+            block_size = -(-block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
+        # vLLM refuses a context its KV cache cannot hold once (beside the one block it keeps
+        # empty): serve the longest one it can
+        blocks = kv_cache_mb * 2**20 // (cfg.kv_bytes_per_token(DTYPE_BYTES[dtype]) * block_size) - 1
+        fits = blocks * block_size
+        self.max_model_len = min(context_window(model_dir, max_model_len), fits)
+        if self.max_model_len < context_window(model_dir, max_model_len):
+            log.warning("a KV cache of %d MB holds %d tokens: serving contexts of %d tokens at most",
+                        kv_cache_mb, fits, self.max_model_len)
         args = EngineArgs(
             model=str(model_dir),
-            dtype="float32" if dtype == "auto" and device == "cpu" else dtype,
+            dtype=dtype,
             seed=0,
             max_model_len=self.max_model_len,
-            block_size=-(-block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE if device == "cpu" else block_size,
+            block_size=block_size,
             kv_cache_memory_bytes=kv_cache_mb * 2**20,
             max_num_seqs=max_num_seqs,
             # above any order: whole prompts (a context's worth, or fcfs's batches), beside every decode
