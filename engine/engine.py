@@ -21,7 +21,7 @@ from engine.kv_transfer import KVTransport
 from engine.loader import load_tokenizer
 from engine.model_runner import ModelRunner, Work
 from engine.sampling import make_generator, sample, verify
-from engine.sequence import Sequence, finish_reason, streamed_detokenizer
+from engine.sequence import Sequence, append_until_finished, streamed_detokenizer
 from engine.speculative import Proposal, Speculator, make_proposer
 from shared.messages import (
     MAX_SPEC_LEN,
@@ -269,14 +269,7 @@ class Engine:
         seq = item.seq
         proposed = len(item.draft.tokens) if item.draft else 0
         accepted = len(tokens) - 1 if item.draft else 0
-        finish: FinishReason | None = None
-        new: list[int] = []
-        for token in tokens:
-            new.append(token)
-            seq.token_ids.append(token)
-            finish = finish_reason(seq, token, self.eos_token_ids, self.max_model_len)
-            if finish is not None:
-                break
+        new, finish = append_until_finished(seq, tokens, self.eos_token_ids, self.max_model_len)
         seq.num_computed += item.n + min(len(new), accepted)
         keep = self.kv.blocks_needed(seq.num_computed)
         self.kv.allocator.free(seq.blocks[keep:])

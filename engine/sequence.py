@@ -48,3 +48,16 @@ def finish_reason(seq: Sequence, token: int, eos_token_ids: set[int], max_model_
     if seq.num_output >= p.max_tokens or len(seq.token_ids) >= max_model_len:
         return "length"
     return None
+
+
+def append_until_finished(seq: Sequence, tokens: list[int], eos_token_ids: set[int],
+                          max_model_len: int) -> tuple[list[int], FinishReason | None]:
+    """Append a step's tokens to `seq` until one ends the request: those appended, and why it ended."""
+    new: list[int] = []
+    for token in tokens:
+        new.append(token)
+        seq.token_ids.append(token)
+        finish = finish_reason(seq, token, eos_token_ids, max_model_len)
+        if finish is not None:
+            return new, finish
+    return new, None

@@ -26,10 +26,10 @@ from vllm.v1.request import Request
 from engine.config import ModelConfig
 from engine.engine import RequestOutput, StepResult
 from engine.loader import load_tokenizer
-from engine.sequence import Sequence, finish_reason, streamed_detokenizer
+from engine.sequence import Sequence, append_until_finished, streamed_detokenizer
 from engine.speculative import NgramProposer
 from engine.vllm_scheduler import OrderedScheduler
-from shared.messages import MAX_SPEC_LEN, BatchOrder, FinishReason, SamplingParams
+from shared.messages import MAX_SPEC_LEN, BatchOrder, SamplingParams
 from shared.model_info import context_window
 
 log = logging.getLogger(__name__)
@@ -221,14 +221,7 @@ class VLLMEngine:
         """Append the step's tokens until one ends the request; end it in vLLM too if vLLM
         has not."""
         seq, request = self.seqs[rid], self.requests[rid]
-        finish: FinishReason | None = None
-        new: list[int] = []
-        for token in tokens:
-            new.append(token)
-            seq.token_ids.append(token)
-            finish = finish_reason(seq, token, self.eos_token_ids, self.max_model_len)
-            if finish is not None:
-                break
+        new, finish = append_until_finished(seq, tokens, self.eos_token_ids, self.max_model_len)
         if finish is None and request.is_finished():  # vLLM's own limits agree with ours; should they not, it ends
             log.warning("request %s: vLLM ended it (%s) before our rule did", rid, request.status.name)
             finish = "length"
