@@ -173,26 +173,35 @@ def bench_spec(
 def bench_kv_transfer(
     tokens: Annotated[str, typer.Option(help="prompt sizes, comma-separated")] = "512,2048,8192",
     repeats: Annotated[int, typer.Option(help="reads per case (the median counts)")] = 5,
+    models: Annotated[str, typer.Option(help="KV shapes, comma-separated: builtin, smollm2, llama-2-7b")]
+        = "builtin,llama-2-7b",
+    layout: Annotated[str, typer.Option(help="ours (one tensor) or vllm (vLLM's CPU cache: a tensor per layer)")]
+        = "ours",
 ) -> None:
     """GB/s and latency of moving one prompt's KV blocks between processes: NIXL, ZeroMQ and
-    an in-process copy, for the built-in model and a Llama-2-7B layout; share of TTFT."""
+    an in-process copy, per model's KV shape and cache layout; share of TTFT."""
     import torch
 
     from bench.kv_bench import layout_of, measure, ttft_s
 
-    cases = [(load_profile(BUILTIN_CPU_PROFILE), torch.float32),
-             (load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json"), torch.float16)]
+    cases = {"builtin": (BUILTIN_CPU_PROFILE, torch.float32),
+             "smollm2": (SHIPPED_PROFILES / "cpu-2_smollm2-135m-instruct.json", torch.float32),
+             "llama-2-7b": (SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json", torch.float16)}
+    if layout not in ("ours", "vllm") or not set(models.split(",")) <= cases.keys():
+        raise typer.BadParameter(f"layout ours or vllm, models among {', '.join(cases)}")
     print("| KV layout | prompt tokens | MB | transport | ms | GB/s | of memcpy | TTFT ms (predicted) | share of TTFT |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for prof, dtype in cases:
+    for path, dtype in (cases[m] for m in models.split(",")):
+        prof = load_profile(path)
         for n in (int(t) for t in tokens.split(",")):
-            rows = measure(layout_of(prof.model, dtype), n, repeats)
+            rows = measure(layout_of(prof.model, dtype, per_layer=layout == "vllm"), n, repeats)
             ttft = ttft_s(prof, n)
             memcpy = rows[-1].gb_per_s
             for r in rows:
-                print(f"| {r.layout} ({prof.hardware}) | {n:,} | {r.megabytes:,.1f} | {r.transport} | "
-                      f"{r.seconds * 1e3:,.2f} | {r.gb_per_s:.2f} | {r.gb_per_s / memcpy:.0%} | "
-                      f"{ttft * 1e3:,.1f} | {r.seconds / (ttft + r.seconds):.1%} |", flush=True)
+                print(f"| {r.layout}{' (vLLM layout)' if layout == 'vllm' else ''} ({prof.hardware}) | {n:,} | "
+                      f"{r.megabytes:,.1f} | {r.transport} | {r.seconds * 1e3:,.2f} | {r.gb_per_s:.2f} | "
+                      f"{r.gb_per_s / memcpy:.0%} | {ttft * 1e3:,.1f} | {r.seconds / (ttft + r.seconds):.1%} |",
+                      flush=True)
 
 
 @bench_app.command("bus")

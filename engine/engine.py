@@ -115,6 +115,11 @@ class Engine:
     def block_size(self) -> int:
         return self.kv.block_size
 
+    @property
+    def kv_segments(self) -> list[torch.Tensor]:
+        """The cache as the KV transport moves it: one tensor, the block first."""
+        return [self.kv.data]
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     resume_token_ids: list[int] | tuple[int, ...] = ()) -> None:
         """A new request; `resume_token_ids` is output it produced elsewhere (on a worker that

@@ -1,10 +1,11 @@
 """Moving KV blocks between workers' caches: NIXL (UCX) reads, or ZeroMQ as the fallback.
 
-A cache is one tensor of blocks, each contiguous, so a transfer copies whole blocks from a
-peer's cache into free blocks of ours. The reader pulls (a NIXL READ, or a ZeroMQ fetch) and
-the source keeps the blocks until the reader confirms. Peers learn how to reach each other from
-a `KVEndpoint` that travels in msgspec messages on the authenticated bus; nothing is ever
-unpickled.
+A cache is one or more segments, tensors whose first dimension is the block (ours is one
+tensor; vLLM's is one per layer), so a block is one contiguous piece of each segment and a
+transfer copies whole blocks from a peer's cache into free blocks of ours. The reader pulls (a
+NIXL READ, or a ZeroMQ fetch) and the source keeps the blocks until the reader confirms. Peers
+learn how to reach each other from a `KVEndpoint` that travels in msgspec messages on the
+authenticated bus; nothing is ever unpickled.
 
 What a peer may read: over ZeroMQ, the KV server lets in only processes holding the cluster
 secret (`shared.bus`; its bytes, like NIXL's, are not encrypted), and it serves only blocks of
@@ -76,8 +77,11 @@ def spans(remote: list[int], local: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def block_bytes(data: torch.Tensor) -> int:
-    return data[0].numel() * data.element_size()
+def segment_bytes(segments: list[torch.Tensor]) -> list[int]:
+    """Each segment's bytes per block; a segment must be contiguous with the block outermost."""
+    if not segments or any(not s.is_contiguous() or s.shape[0] != segments[0].shape[0] for s in segments):
+        raise ValueError("KV segments must be contiguous tensors with the same number of blocks first")
+    return [s[0].numel() * s.element_size() for s in segments]
 
 
 class NixlTransport:
@@ -86,39 +90,43 @@ class NixlTransport:
     finish; NIXL's own progress thread spins a whole core, too much beside the engine on a
     small machine, so a thread of ours progresses the agent every PROGRESS_S instead."""
 
-    def __init__(self, name: str, data: torch.Tensor, host: str = "127.0.0.1", timeout_s: float = 30.0) -> None:
+    def __init__(self, name: str, segments: list[torch.Tensor], host: str = "127.0.0.1",
+                 timeout_s: float = 30.0) -> None:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
+        sizes = segment_bytes(segments)
         device = interface_of(host)
         if device is not None:
             os.environ.setdefault("UCX_NET_DEVICES", device)  # read by UCX when the agent starts
-        self.data = data
+        self.segments = segments
         self.timeout_s = timeout_s
-        self.mem_type = "DRAM" if data.device.type == "cpu" else "VRAM"
-        self.device_id = data.device.index or 0
+        self.mem_type = "DRAM" if segments[0].device.type == "cpu" else "VRAM"
+        self.device_id = segments[0].device.index or 0
         self.agent = nixl_agent(name, nixl_agent_config(
             enable_prog_thread=False, backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT))
-        self.agent.register_memory(data)
+        self.agent.register_memory(segments)
         self._stop = threading.Event()
         self._progress = threading.Thread(target=self._progress_loop, daemon=True, name="nixl-progress")
         self._progress.start()
-        self.endpoint = KVEndpoint("nixl", name, block_bytes(data), nixl_metadata=self.agent.get_agent_metadata(),
-                                   base_address=data.data_ptr())
+        self.endpoint = KVEndpoint("nixl", name, sizes, nixl_metadata=self.agent.get_agent_metadata(),
+                                   base_addresses=[s.data_ptr() for s in segments])
         self._peers: dict[str, bytes] = {}
 
     def read(self, peer: KVEndpoint, request_id: str, remote_blocks: list[int], local_blocks: list[int]) -> None:
-        _check(self.endpoint, peer, remote_blocks, local_blocks, self.data.shape[0])
+        _check(self.endpoint, peer, remote_blocks, local_blocks, self.segments[0].shape[0])
         if self._peers.get(peer.name) != peer.nixl_metadata:
             if peer.name in self._peers:  # the peer restarted under the same name
                 self.agent.remove_remote_agent(peer.name)
             self.agent.add_remote_agent(peer.nixl_metadata)
             self._peers[peer.name] = peer.nixl_metadata
-        size = self.endpoint.block_bytes
         runs = spans(remote_blocks, local_blocks)
+        places = list(zip(peer.base_addresses, [s.data_ptr() for s in self.segments], self.endpoint.segment_bytes))
         remote = self.agent.get_xfer_descs(
-            [(peer.base_address + r * size, n * size, self.device_id) for r, _, n in runs], self.mem_type)
+            [(theirs + r * size, n * size, self.device_id) for r, _, n in runs for theirs, _, size in places],
+            self.mem_type)
         local = self.agent.get_xfer_descs(
-            [(self.data.data_ptr() + loc * size, n * size, self.device_id) for _, loc, n in runs], self.mem_type)
+            [(ours + loc * size, n * size, self.device_id) for _, loc, n in runs for _, ours, size in places],
+            self.mem_type)
         handle = self.agent.initialize_xfer("READ", local, remote, peer.name)
         try:
             state = self.agent.transfer(handle)
@@ -143,17 +151,18 @@ class NixlTransport:
     def close(self) -> None:
         self._stop.set()
         self._progress.join()
-        self.agent.deregister_memory(self.agent.get_reg_descs(self.data))
+        self.agent.deregister_memory(self.agent.get_reg_descs(self.segments))
 
 
 class ZmqTransport:
     """Serves the offered blocks on a ROUTER socket from a thread of its own; reads a peer's with
-    a DEALER socket per peer. A reply is the blocks' raw bytes, checked for length; an empty
-    reply means the fetch was refused."""
+    a DEALER socket per peer. A reply is the blocks' raw bytes, segment after segment, checked
+    for length; an empty reply means the fetch was refused."""
 
-    def __init__(self, name: str, data: torch.Tensor, bus: Bus, host: str = "127.0.0.1",
+    def __init__(self, name: str, segments: list[torch.Tensor], bus: Bus, host: str = "127.0.0.1",
                  timeout_s: float = 30.0) -> None:
-        self.data = data
+        sizes = segment_bytes(segments)
+        self.segments = segments
         self.timeout_s = timeout_s
         self.bus = bus
         self.drops = DropCounter()
@@ -161,7 +170,7 @@ class ZmqTransport:
         server = bus.socket(zmq.ROUTER, bind=tcp_address(host, "*"), max_message_bytes=FETCH_MAX_BYTES,
                             encrypted=False)
         address = server.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.endpoint = KVEndpoint("zmq", name, block_bytes(data), zmq_address=address)
+        self.endpoint = KVEndpoint("zmq", name, sizes, zmq_address=address)
         self._offers: dict[str, set[int]] = {}
         self._lock = threading.Lock()  # held while blocks are copied out, so none is freed meanwhile
         self._peers: dict[str, zmq.Socket] = {}
@@ -197,19 +206,18 @@ class ZmqTransport:
         msg = self.drops.accept(frames[-1], "kv peer") if len(frames) == 2 else None
         if not isinstance(msg, KVFetch):
             return None
-        raw = _raw(self.data)
         with self._lock:
             offered = self._offers.get(msg.request_id)
             if offered is None or not msg.blocks or not offered.issuperset(msg.blocks):
                 log.warning("request %s: refused a fetch of blocks it was not offered", msg.request_id)
                 return None
-            index = torch.tensor(msg.blocks, dtype=torch.long, device=raw.device)
-            return raw.index_select(0, index).cpu().numpy()
+            index = torch.tensor(msg.blocks, dtype=torch.long, device=self.segments[0].device)
+            return torch.cat([_raw(s).index_select(0, index).flatten() for s in self.segments]).cpu().numpy()
 
     def read(self, peer: KVEndpoint, request_id: str, remote_blocks: list[int], local_blocks: list[int]) -> None:
         """Fetched in chunks of about CHUNK_BYTES, so memory stays bounded for long prompts."""
-        _check(self.endpoint, peer, remote_blocks, local_blocks, self.data.shape[0])
-        per_chunk = max(1, CHUNK_BYTES // self.endpoint.block_bytes)
+        _check(self.endpoint, peer, remote_blocks, local_blocks, self.segments[0].shape[0])
+        per_chunk = max(1, CHUNK_BYTES // sum(self.endpoint.segment_bytes))
         for i in range(0, len(remote_blocks), per_chunk):
             self._fetch(peer, request_id, remote_blocks[i : i + per_chunk], local_blocks[i : i + per_chunk])
 
@@ -229,13 +237,16 @@ class ZmqTransport:
             del self._peers[peer.zmq_address]
             raise KVTransferError(f"no reply from {peer.name} at {peer.zmq_address}")
         reply = sock.recv(copy=False).buffer
-        if len(reply) != len(remote_blocks) * self.endpoint.block_bytes:
+        sizes = [len(remote_blocks) * size for size in self.endpoint.segment_bytes]
+        if len(reply) != sum(sizes):
             raise KVTransferError(f"{peer.name} sent {len(reply)} bytes for {len(remote_blocks)} blocks")
         with warnings.catch_warnings():  # read-only buffer: we only copy out of it
             warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(reply, dtype=torch.uint8).view(len(remote_blocks), -1)
-        raw = _raw(self.data)
-        raw.index_copy_(0, torch.tensor(local_blocks, dtype=torch.long, device=raw.device), src.to(raw.device))
+            parts = torch.frombuffer(reply, dtype=torch.uint8).split(sizes)
+        index = torch.tensor(local_blocks, dtype=torch.long, device=self.segments[0].device)
+        for segment, part in zip(self.segments, parts):
+            raw = _raw(segment)
+            raw.index_copy_(0, index, part.view(len(remote_blocks), -1).to(raw.device))
 
     def close(self) -> None:
         """Closes our sockets; the bus is the caller's."""
@@ -245,18 +256,18 @@ class ZmqTransport:
             sock.close()
 
 
-def make_transport(kind: TransportKind, name: str, data: torch.Tensor, bus: Bus,
+def make_transport(kind: TransportKind, name: str, segments: list[torch.Tensor], bus: Bus,
                    host: str = "127.0.0.1") -> KVTransport:
     """NIXL unless ZeroMQ is asked for; `auto` falls back to ZeroMQ when nixl is missing.
     Either listens only at `host`."""
     if kind in ("auto", "nixl"):
         try:
-            return NixlTransport(name, data, host)
+            return NixlTransport(name, segments, host)
         except ImportError:
             if kind == "nixl":
                 raise
             log.warning("nixl is not importable; KV moves over ZeroMQ")
-    return ZmqTransport(name, data, bus, host)
+    return ZmqTransport(name, segments, bus, host)
 
 
 def interface_of(host: str) -> str | None:
@@ -273,13 +284,14 @@ def interface_of(host: str) -> str | None:
     raise KVTransferError(f"no network interface of this host has the address of {host}")
 
 
-def _raw(data: torch.Tensor) -> torch.Tensor:
-    """The block tensor as [blocks, bytes]."""
-    return data.view(torch.uint8).view(data.shape[0], -1)
+def _raw(segment: torch.Tensor) -> torch.Tensor:
+    """A segment as [blocks, bytes]."""
+    return segment.view(torch.uint8).view(segment.shape[0], -1)
 
 
 def _check(ours: KVEndpoint, peer: KVEndpoint, remote: list[int], local: list[int], num_blocks: int) -> None:
-    if peer.block_bytes != ours.block_bytes:
-        raise KVTransferError(f"peer {peer.name} has {peer.block_bytes}-byte blocks, ours are {ours.block_bytes}")
+    if peer.segment_bytes != ours.segment_bytes:
+        raise KVTransferError(f"peer {peer.name} has blocks of {peer.segment_bytes} bytes, ours are "
+                              f"{ours.segment_bytes}")
     if len(remote) != len(local) or not all(0 <= b < num_blocks for b in local):
         raise KVTransferError(f"bad block lists: {len(remote)} remote, {len(local)} local")

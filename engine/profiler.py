@@ -16,15 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.engine import Engine
+from engine.engine import Engine, default_dtype
 from shared.messages import BatchOrder, PrefillChunk, SamplingParams
 from shared.model_info import context_window
 from shared.roofline import Batches, FitQuality, ModelShape, Profile, cpu_name, fit, mape, predict, r2
+
+if TYPE_CHECKING:
+    from engine.vllm_engine import VLLMEngine
 
 Seq = tuple[int, int]  # (context tokens, new tokens)
 BLOCK_SIZE = 16
@@ -84,7 +88,7 @@ def write_samples(path: Path, splits: dict[str, list[Sample]]) -> None:
                               f"{batches.attention_pairs[i]:.1f}", f"{seconds[i]:.7f}"])
 
 
-def time_shape(engine: Engine, seqs: list[Seq], tag: str) -> float:
+def time_shape(engine: Engine | VLLMEngine, seqs: list[Seq], tag: str) -> float:
     """Seconds of one step of the given shape."""
     ids = [f"{tag}-{i}" for i in range(len(seqs))]
     for rid, (c, q) in zip(ids, seqs):
@@ -112,17 +116,28 @@ def blocks_needed(shapes: list[list[Seq]], block_size: int) -> int:
 
 
 def profile(model_dir: Path, *, name: str | None = None, device: str = "cpu",
-            dtype: torch.dtype | None = None,
+            dtype: torch.dtype | None = None, engine_kind: Literal["ours", "vllm"] = "ours",
             quick: bool = False, repeats: int = 3, seed: int = 0, kv_cache_mb: int | None = None,
             progress: Callable[[int, int], None] = lambda shapes_done, shapes: None,
             ) -> tuple[Profile, list[Sample], list[Sample]]:
     """Measure, fit on three quarters of the shapes, judge on the rest. The KV cache is what
     the grid needs unless `kv_cache_mb` says otherwise (a large model's largest batch may then
-    not fit)."""
+    not fit). `engine_kind` vllm times vLLM's engine core under orders, as its workers run."""
     shapes = grid(context_window(model_dir, None), quick)
-    blocks = None if kv_cache_mb else blocks_needed(shapes, BLOCK_SIZE)
-    engine = Engine(model_dir, device=device, dtype=dtype, block_size=BLOCK_SIZE, kv_cache_mb=kv_cache_mb or 0,
-                    num_kv_blocks=blocks)
+    cfg = ModelConfig.from_dir(model_dir)
+    dtype = dtype or default_dtype(device)
+    engine: Engine | VLLMEngine
+    if engine_kind == "vllm":
+        from engine.vllm_engine import CPU_BLOCK_MULTIPLE, VLLMEngine
+
+        block = CPU_BLOCK_MULTIPLE if device == "cpu" else BLOCK_SIZE
+        needed = (blocks_needed(shapes, block) + 1) * block * cfg.kv_bytes_per_token(dtype.itemsize)
+        engine = VLLMEngine(model_dir, device=device, dtype=str(dtype).removeprefix("torch."), block_size=block,
+                            kv_cache_mb=kv_cache_mb or -(-needed // 2**20), max_num_seqs=max(map(len, shapes)))
+    else:
+        blocks = None if kv_cache_mb else blocks_needed(shapes, BLOCK_SIZE)
+        engine = Engine(model_dir, device=device, dtype=dtype, block_size=BLOCK_SIZE,
+                        kv_cache_mb=kv_cache_mb or 0, num_kv_blocks=blocks)
     total = len(shapes) * (repeats + 1)
     for i, seqs in enumerate(shapes):  # warm-up
         time_shape(engine, seqs, f"w{i}")
@@ -138,11 +153,11 @@ def profile(model_dir: Path, *, name: str | None = None, device: str = "cpu",
     cut = len(order) // 4
     test = [samples[i] for i in sorted(order[:cut])]
     train = [samples[i] for i in sorted(order[cut:])]
-    shape = model_shape(engine.cfg, name or Path(model_dir).name, engine.dtype)
+    shape = model_shape(cfg, name or Path(model_dir).name, dtype)
     params = fit(shape, *features(train))
     test_b, test_t = features(test)
     predicted = predict(shape, params, test_b)
     quality = FitQuality(r2(predicted, test_t), mape(predicted, test_t), len(train), len(test))
     prof = Profile(model=shape, hardware=hardware_name(device), params=params, quality=quality,
-                   source=f"slos-serve profile of {model_dir} ({engine.dtype}, {device})")
+                   source=f"slos-serve profile of {model_dir} ({dtype}, {device}, engine {engine_kind})")
     return prof, train, test

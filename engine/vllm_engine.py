@@ -7,6 +7,11 @@ Requests end by our rule (`engine.sequence.finish_reason`: EOS, stop tokens and 
 max_tokens, the context window), as in our engine; vLLM gets `ignore_eos` and is told to
 drop a request that our rule ended. Prefix caching is off, so a prompt runs in the chunks
 ordered.
+
+Disaggregated, a prefill worker exports a request as our engine does (its vLLM blocks stay
+until the planner aborts it there) and a decode worker adopts it (`OrderedScheduler.adopt`),
+reading its KV blocks straight into vLLM's cache with our KV transport: vLLM's cache is one
+tensor per layer with the block first, each a segment the transport moves.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.engine import EngineCoreRequest
@@ -25,11 +31,12 @@ from vllm.v1.request import Request
 
 from engine.config import ModelConfig
 from engine.engine import RequestOutput, StepResult
+from engine.kv_transfer import KVTransferError, KVTransport
 from engine.loader import load_tokenizer
 from engine.sequence import Sequence, append_until_finished, streamed_detokenizer
 from engine.speculative import NgramProposer
 from engine.vllm_scheduler import OrderedScheduler
-from shared.messages import MAX_SPEC_LEN, BatchOrder, SamplingParams
+from shared.messages import MAX_SPEC_LEN, BatchOrder, ExportedRequest, KVEndpoint, SamplingParams
 from shared.model_info import context_window
 
 log = logging.getLogger(__name__)
@@ -130,6 +137,41 @@ class VLLMEngine:
     def num_free_blocks(self) -> int:
         return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
 
+    @property
+    def kv_segments(self) -> list[torch.Tensor]:
+        """vLLM's cache as the KV transport moves it: each layer's tensor, or its K and V
+        halves where K/V comes first (vLLM's GPU layout)."""
+        blocks = self.scheduler.kv_cache_config.num_blocks
+        layers = self.core.model_executor.driver_worker.worker.model_runner.kv_caches
+        unique = list({t.data_ptr(): t for t in layers}.values())  # layers may share a cache
+        return [half for t in unique for half in ([t] if t.shape[0] == blocks else list(t))]
+
+    def export(self, request_id: str, source: KVEndpoint) -> ExportedRequest:
+        """What a decode worker needs to take the request over; vLLM keeps its blocks until
+        the planner aborts it here. A seeded sampler starts afresh on the decode worker."""
+        seq, request = self.seqs[request_id], self.requests[request_id]
+        computed = request.num_computed_tokens
+        blocks = self.scheduler.kv_cache_manager.get_block_ids(request_id)[0][: -(-computed // self.block_size)]
+        return ExportedRequest(request_id, list(seq.token_ids), seq.num_prompt, computed, seq.params, list(blocks),
+                               source)
+
+    def import_request(self, export: ExportedRequest, transport: KVTransport) -> None:
+        """Take over a request prefilled elsewhere: its blocks' KV read into blocks vLLM
+        allocates for it; vLLM runs it from the first token not computed."""
+        rid = export.request_id
+        self.add_request(rid, export.token_ids[: export.num_prompt], export.params,
+                         export.token_ids[export.num_prompt:])
+        blocks = self.scheduler.adopt(self.requests[rid], export.num_computed)
+        try:
+            if blocks is None:
+                raise KVTransferError(f"no room for {export.num_computed} tokens of KV")
+            if len(blocks) != len(export.blocks):
+                raise ValueError(f"{len(export.blocks)} blocks for {export.num_computed} tokens")
+            transport.read(export.source, rid, export.blocks, blocks)
+        except Exception:
+            self.abort(rid)
+            raise
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     resume_token_ids: list[int] | tuple[int, ...] = ()) -> None:
         """A new request; `resume_token_ids` is output it produced elsewhere, prefilled with the
@@ -147,12 +189,23 @@ class VLLMEngine:
         self.requests[request_id], _ = self.core.preprocess_add_request(core_request)
         self.held.add(request_id)
 
+    def assume_computed(self, request_id: str, num_tokens: int) -> None:
+        """For profiling, as our engine's: a new request's first tokens count as computed, in
+        blocks of stale KV."""
+        seq, request = self.seqs[request_id], self.requests[request_id]
+        if request_id not in self.held or not 0 < num_tokens < len(seq.token_ids):
+            raise ValueError(f"cannot assume {num_tokens} of {len(seq.token_ids)} tokens computed")
+        if self.scheduler.adopt(request, num_tokens) is None:
+            raise ValueError(f"no KV blocks for {num_tokens} tokens")
+
     def abort(self, request_id: str) -> bool:
         if self.seqs.pop(request_id, None) is None:
             return False
-        self.requests.pop(request_id)
+        request = self.requests.pop(request_id)
         if request_id in self.held:
             self.held.discard(request_id)
+            if request_id in self.scheduler.adopted:
+                self.scheduler.drop_adopted(request)
         else:
             self.core.abort_requests([request_id])
         return True
@@ -170,7 +223,7 @@ class VLLMEngine:
             self.held.discard(rid)
             self.core.add_request(self.requests[rid])
         outputs: dict[str, list[int]] = {}
-        self.scheduler.granted = grants
+        self.scheduler.granted, self.scheduler.scheduled = grants, {}
         if grants:
             engine_outputs, ran = self.core.step()
             self.core.post_step(ran)  # the next step's proposals

@@ -8,6 +8,10 @@ while its block allocation, batch building and bookkeeping stay vLLM's. The engi
 token budget above any order, holds back requests until an order first grants them tokens (a
 waiting request granted none would stop vLLM's waiting queue), and checks KV blocks itself
 first, so vLLM never has to preempt on its own.
+
+A request handed over from a prefill worker is *adopted*: its prompt's blocks are allocated
+before it is added (as vLLM's own connectors do for KV they load), filled by the KV transport,
+and the request enters vLLM with those tokens computed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class OrderedScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.granted: dict[str, int] = {}
         self.scheduled: dict[str, int] = {}
+        self.adopted: set[str] = set()  # hold blocks, not yet added
 
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
@@ -37,8 +42,28 @@ class OrderedScheduler(Scheduler):
         self.scheduled = dict(output.num_scheduled_tokens)
         return output
 
+    def add_request(self, request: Request) -> None:
+        self.adopted.discard(request.request_id)
+        super().add_request(request)
+
+    def adopt(self, request: Request, num_computed: int) -> list[int] | None:
+        """Blocks for the request's first `num_computed` tokens, whose KV the caller writes
+        before adding it (vLLM neither zeroes nor caches them); None when they do not fit."""
+        if self.kv_cache_manager.allocate_slots(request, 0, num_external_computed_tokens=num_computed,
+                                                delay_cache_blocks=True, skip_zeroing_group_ids=(0,),
+                                                has_scheduled_reqs=False) is None:
+            return None
+        request.num_computed_tokens = num_computed
+        self.adopted.add(request.request_id)
+        return list(self.kv_cache_manager.get_block_ids(request.request_id)[0])
+
+    def drop_adopted(self, request: Request) -> None:
+        """Free an adopted request's blocks when it ends before it was added."""
+        self.adopted.discard(request.request_id)
+        self.kv_cache_manager.free(request)
+
     def num_blocks_held(self, request_id: str) -> int:
-        """KV blocks the request holds now (none before it first runs)."""
-        if request_id not in self.requests:
+        """KV blocks the request holds now (none before it first runs, unless adopted)."""
+        if request_id not in self.requests and request_id not in self.adopted:
             return 0
         return len(self.kv_cache_manager.get_block_ids(request_id)[0])

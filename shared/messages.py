@@ -191,14 +191,14 @@ class StepReport(msgspec.Struct, tag=True):
 
 
 class KVEndpoint(msgspec.Struct, frozen=True):
-    """How peers read a worker's KV blocks: a NIXL agent (its metadata blob, and where its
-    block tensor starts) or a ZeroMQ address that serves blocks on request."""
+    """How peers read a worker's KV blocks: a NIXL agent (its metadata blob, and where each
+    segment of its cache starts) or a ZeroMQ address that serves blocks on request."""
 
     transport: Literal["nixl", "zmq"]
     name: str
-    block_bytes: int
+    segment_bytes: list[int]  # a block's bytes in each segment of the cache
     nixl_metadata: bytes = b""
-    base_address: int = 0
+    base_addresses: list[int] = []
     zmq_address: str = ""
 
 

@@ -120,8 +120,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.policy == "distserve" and self.mode != "disaggregated":
             raise ValueError("policy distserve runs prefill and decode pools: it needs mode disaggregated")
-        if self.engine == "vllm" and (self.mode != "colocated" or self.speculator == "draft"):
-            raise ValueError("engine vllm runs colocated workers, speculating with ngram or not at all, so far")
+        if self.engine == "vllm" and self.speculator == "draft":
+            raise ValueError("engine vllm speculates with ngram or not at all, so far")
         if self.worker_cpus is not None and (not self.worker_cpus or min(self.worker_cpus) < 0
                                              or len(set(self.worker_cpus)) < len(self.worker_cpus)):
             raise ValueError("worker_cpus: distinct core numbers, at least one")

@@ -214,6 +214,7 @@ def profile(
     kv_cache_mb: Annotated[int | None, typer.Option(help="KV cache to allocate (default: what the grid's "
                                                     "largest batch, 64 x 1,536 tokens, holds)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads, as the worker will run (default: torch's)")] = None,
+    engine: Annotated[str, typer.Option(help="ours, or vllm: vLLM's engine core under orders")] = "ours",
     plot: Annotated[Path | None, typer.Option(help="PNG of predicted vs measured")] = None,
     samples: Annotated[Path | None, typer.Option(help="CSV of every shape's measured seconds")] = None,
 ) -> None:
@@ -222,6 +223,9 @@ def profile(
 
     from engine.profiler import features, write_samples
     from engine.profiler import profile as run_profile
+
+    if engine not in ("ours", "vllm"):
+        raise typer.BadParameter(f"engine must be ours or vllm, not {engine}", param_hint="--engine")
 
     if threads:
         torch.set_num_threads(threads)
@@ -238,8 +242,8 @@ def profile(
                 console.print(f"[{time.monotonic() - started:6.1f} s] profiled {done} of {total} batch shapes")
 
         prof, train, test = run_profile(
-            directory, name=name, device=device, dtype=getattr(torch, dtype) if dtype else None, quick=quick,
-            repeats=repeats, kv_cache_mb=kv_cache_mb, progress=progress)
+            directory, name=name, device=device, dtype=getattr(torch, dtype) if dtype else None,
+            engine_kind=engine, quick=quick, repeats=repeats, kv_cache_mb=kv_cache_mb, progress=progress)
     save_profile(prof, out)
     if samples is not None:
         write_samples(samples, {"fitted": train, "held out": test})

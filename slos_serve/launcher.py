@@ -125,17 +125,18 @@ def plan_profile(settings: Settings, placement: Placement) -> Path | None:
     if settings.device != "cpu" or settings.model_dir is None:
         return None
     threads, dtype = settings.threads_per_worker or 1, settings.dtype
-    found = profiles.find(settings.model_dir, threads, dtype)
+    found = profiles.find(settings.model_dir, threads, dtype, settings.engine)
     if found is not None:
         log.info("planning with the profile %s", found)
         return found
-    out = profiles.cache_path(settings.model_dir, threads, dtype)
+    out = profiles.cache_path(settings.model_dir, threads, dtype, settings.engine)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("no profile of %s at %d threads (%s) on this machine yet: measuring one now, once "
-             "(a minute or two; cached in %s)", settings.model_dir.name, threads, dtype, out)
+    log.info("no profile of %s at %d threads (%s, engine %s) on this machine yet: measuring one now, once "
+             "(a minute or two; cached in %s)", settings.model_dir.name, threads, dtype, settings.engine, out)
     partial = out.with_suffix(f".{os.getpid()}.partial")  # another `up` may be profiling the same model
     args = ["profile", "--model", str(settings.model_dir), "--quick", "--repeats", str(profiles.QUICK_REPEATS),
-            "--threads", str(threads), "--out", str(partial)] + ([] if dtype == "auto" else ["--dtype", dtype])
+            "--threads", str(threads), "--engine", settings.engine, "--out", str(partial)]
+    args += [] if dtype == "auto" else ["--dtype", dtype]
     first = next(iter(placement.workers.values()), None)
     if spawn(args, {**os.environ, "PYTHONUNBUFFERED": "1"}, first).wait() != 0:
         log.error("profiling failed; planning with the shipped profile of the model's shape instead")

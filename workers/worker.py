@@ -172,9 +172,7 @@ def serve(settings: Settings, worker_id: str, role: Role, stop: threading.Event)
     bus = Bus(settings.bus_secret())
 
     def open_transport() -> KVTransport:
-        if settings.engine == "vllm":
-            raise KVTransferError("workers on vLLM's engine run colocated: they move no KV yet")
-        return make_transport(settings.kv_transport, worker_id, engine.kv.data, bus, own_host(settings.kv_host))
+        return make_transport(settings.kv_transport, worker_id, engine.kv_segments, bus, own_host(settings.kv_host))
 
     transport = open_transport() if role != "colocated" else None
     planner = bus.socket(zmq.DEALER, connect=settings.planner_address, identity=worker_id.encode())

@@ -169,6 +169,18 @@ def greedy_texts(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
     return [generate(engine, prompt, params)[1] for prompt in prompts]
 
 
+def kill_mid_stream(server: Server, victim: str, max_tokens: int, timeout_s: float) -> list[str]:
+    """Stream every prompt, SIGKILL the worker `victim` once every stream is under way, and
+    return the texts the streams ended with."""
+    pid = worker_pid(server, victim)
+    killed = threading.Barrier(len(PROMPTS) + 1)
+    with ThreadPoolExecutor(1) as pool:
+        texts = pool.submit(stream_all, server, max_tokens, killed)
+        killed.wait(timeout_s)
+        os.kill(pid, signal.SIGKILL)
+        return texts.result(timeout=timeout_s)
+
+
 def stream_all(server: Server, max_tokens: int, started: threading.Barrier | None = None) -> list[str]:
     client = server.client()
 

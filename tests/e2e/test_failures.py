@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from server_process import PROMPTS, greedy_texts, start, stream_all, wait_idle, worker_pid
+from server_process import PROMPTS, greedy_texts, kill_mid_stream, start, stream_all, wait_idle, worker_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]
 
@@ -23,14 +22,8 @@ def test_decode_worker_killed_mid_stream(tiny_model: Path, tmp_path: Path) -> No
     server = start(tiny_model, tmp_path, workers=1,
                    extra=("--mode", "disaggregated", "--prefill", "1", "--decode", "2", "--kv-transport", "zmq"))
     victim = worker_pid(server, "decode-0")
-    killed = threading.Barrier(len(PROMPTS) + 1)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            texts = pool.submit(stream_all, server, max_tokens, killed)
-            killed.wait(60)  # every stream is under way
-            os.kill(victim, signal.SIGKILL)
-            got = texts.result(timeout=120)
-        assert got == greedy_texts(tiny_model, PROMPTS, max_tokens)
+        assert kill_mid_stream(server, "decode-0", max_tokens, 120) == greedy_texts(tiny_model, PROMPTS, max_tokens)
         metrics = wait_idle(server, timeout=30)
         assert metrics["slos_requests_resubmitted_total"] >= 1
         deadline = time.monotonic() + 60

@@ -31,8 +31,8 @@ def test_prefill_here_decode_there_equals_one_engine(tiny_model: Path, kind: str
     reference = drive(Engine(tiny_model, kv_cache_mb=4), prompts(), chunk=64, stagger=0, params=params)
     source, target = Engine(tiny_model, kv_cache_mb=4), Engine(tiny_model, num_kv_blocks=64)
     bus = Bus("test-cluster-secret-0123456789")
-    src_t = make_transport(kind, "prefill", source.kv.data, bus)
-    dst_t = make_transport(kind, "decode", target.kv.data, bus)
+    src_t = make_transport(kind, "prefill", source.kv_segments, bus)
+    dst_t = make_transport(kind, "decode", target.kv_segments, bus)
     try:
         ids = [f"r{i}" for i in range(len(prompts()))]
         first = source.step(BatchOrder(0, [NewRequest(r, p, params) for r, p in zip(ids, prompts())],

@@ -27,10 +27,15 @@ def cache(seed: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def serve(kind: str, dtype: torch.dtype, endpoints: mp.Queue, done: Event) -> None:
+def segments(data: torch.Tensor, per_layer: bool) -> list[torch.Tensor]:
+    """The cache as one tensor (ours), or as one tensor per layer in one buffer (vLLM's)."""
+    return list(data.transpose(0, 1).contiguous()) if per_layer else [data]
+
+
+def serve(kind: str, dtype: torch.dtype, per_layer: bool, endpoints: mp.Queue, done: Event) -> None:
     data = cache(7, dtype)
     bus = Bus(SECRET)
-    transport = make_transport(kind, "source", data, bus)
+    transport = make_transport(kind, "source", segments(data, per_layer), bus)
     transport.offer("r1", REMOTE_BLOCKS)
     endpoints.put(msgspec.msgpack.encode(transport.endpoint))
     done.wait(60)
@@ -43,21 +48,24 @@ def test_spans_coalesce_consecutive_runs() -> None:
     assert spans([], []) == []
 
 
-@pytest.mark.parametrize("kind,dtype", [("nixl", torch.float32), ("zmq", torch.float32), ("zmq", torch.bfloat16)])
-def test_blocks_arrive_byte_for_byte_across_processes(kind: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("kind,dtype,per_layer", [("nixl", torch.float32, False), ("nixl", torch.float32, True),
+                                                   ("zmq", torch.float32, False), ("zmq", torch.bfloat16, False),
+                                                   ("zmq", torch.float32, True)])
+def test_blocks_arrive_byte_for_byte_across_processes(kind: str, dtype: torch.dtype, per_layer: bool) -> None:
     if kind == "nixl":
         pytest.importorskip("nixl._api")
     ctx = mp.get_context("spawn")
     endpoints, done = ctx.Queue(), ctx.Event()
-    source = ctx.Process(target=serve, args=(kind, dtype, endpoints, done))
+    source = ctx.Process(target=serve, args=(kind, dtype, per_layer, endpoints, done))
     source.start()
     try:
         peer = msgspec.msgpack.decode(endpoints.get(timeout=60), type=KVEndpoint)
-        local = torch.zeros(SHAPE, dtype=dtype)
+        layers = segments(torch.zeros(SHAPE, dtype=dtype), per_layer)
         bus = Bus(SECRET)
-        reader = make_transport(kind, "reader", local, bus)
+        reader = make_transport(kind, "reader", layers, bus)
         local_blocks = [0, 1, 2, 8, 3, 4]
         reader.read(peer, "r1", REMOTE_BLOCKS, local_blocks)
+        local = torch.stack(layers, 1) if per_layer else layers[0]
         expected = cache(7, dtype)
         for r, loc in zip(REMOTE_BLOCKS, local_blocks):
             assert torch.equal(local[loc].view(torch.uint8), expected[r].view(torch.uint8))
@@ -76,8 +84,8 @@ def test_blocks_arrive_byte_for_byte_across_processes(kind: str, dtype: torch.dt
 def test_zmq_server_serves_offered_blocks_only_and_survives_garbage() -> None:
     data = cache(3, torch.float32)
     bus = Bus(SECRET)
-    server = make_transport("zmq", "source", data, bus)
-    reader = make_transport("zmq", "reader", torch.zeros(SHAPE), bus)
+    server = make_transport("zmq", "source", [data], bus)
+    reader = make_transport("zmq", "reader", [torch.zeros(SHAPE)], bus)
     try:
         server.offer("r1", [4, 5])
         rogue = bus.socket(zmq.DEALER, connect=server.endpoint.zmq_address, encrypted=False)  # an insider sending junk
@@ -91,7 +99,7 @@ def test_zmq_server_serves_offered_blocks_only_and_survives_garbage() -> None:
         rogue.send(encode(KVFetch("r1", [4] * 2_000_000)))  # 2 MB of block ids: over the size limit
         assert not rogue.poll(1000)
         reader.read(peer, "r1", [5, 4], [0, 1])
-        assert torch.equal(reader.data[0], data[5]) and torch.equal(reader.data[1], data[4])
+        assert torch.equal(reader.segments[0][0], data[5]) and torch.equal(reader.segments[0][1], data[4])
         server.withdraw("r1")
         with pytest.raises(KVTransferError, match="sent 0 bytes"):
             reader.read(peer, "r1", [4], [0])
@@ -105,9 +113,9 @@ def test_zmq_server_serves_offered_blocks_only_and_survives_garbage() -> None:
 def test_zmq_server_says_nothing_to_a_peer_without_the_secret() -> None:
     """Neither to a plain socket nor to a reader of another cluster."""
     bus, other = Bus(SECRET), Bus("another-cluster-secret-0123")
-    server = make_transport("zmq", "source", cache(3, torch.float32), bus)
+    server = make_transport("zmq", "source", [cache(3, torch.float32)], bus)
     server.offer("r1", [0])
-    stranger = make_transport("zmq", "reader", torch.zeros(SHAPE), other)
+    stranger = make_transport("zmq", "reader", [torch.zeros(SHAPE)], other)
     stranger.timeout_s = 1.5
     ctx = zmq.Context()
     try:
@@ -117,7 +125,7 @@ def test_zmq_server_says_nothing_to_a_peer_without_the_secret() -> None:
         assert not outsider.poll(1500)
         with pytest.raises(KVTransferError, match="no reply"):
             stranger.read(server.endpoint, "r1", [0], [0])
-        assert not stranger.data.any()
+        assert not stranger.segments[0].any()
     finally:
         ctx.destroy(linger=0)
         stranger.close()
@@ -128,7 +136,7 @@ def test_zmq_server_says_nothing_to_a_peer_without_the_secret() -> None:
 
 def _listening_addresses(kind: str, host: str, out: mp.Queue) -> None:
     bus = Bus(SECRET)
-    transport = make_transport(kind, "source", cache(3, torch.float32), bus, host)
+    transport = make_transport(kind, "source", [cache(3, torch.float32)], bus, host)
     out.put(sorted({c.laddr.ip for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}))
     transport.close()
     bus.close()

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,8 @@ import torch
 
 from engine.profiler import Sample, blocks_needed, grid, profile, write_samples
 from models.build import TARGET_SHAPE, make_random
+from shared.model_info import context_window
+from shared.roofline import load_profile
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +58,20 @@ def test_samples_csv_keeps_every_shape_and_what_it_is_priced_by(tmp_path: Path) 
     assert rows[1]["seqs"] == "256+1 256+1 256+1 256+1"
     assert (rows[1]["prefill_tokens"], rows[1]["kv_read"], rows[1]["num_seqs"]) == ("4", "1028", "4")
     assert [float(r["seconds"]) for r in rows] == [0.0125, 0.02]
+
+
+@pytest.mark.xdist_group("serial")
+@pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed (pip install -e .[vllm])")
+def test_profile_of_vllms_engine_predicts_held_out_shapes(builtin_shaped: Path, tmp_path: Path) -> None:
+    """`slos-serve profile --engine vllm`: every shape timed on vLLM's engine core under orders
+    (contexts assumed, as on ours), fitted as well as ours."""
+    out, samples = tmp_path / "vllm.json", tmp_path / "samples.csv"
+    done = subprocess.run([sys.executable, "-m", "slos_serve.cli", "profile", "--engine", "vllm", "--quick",
+                           "--repeats", "3", "--model", str(builtin_shaped), "--out", str(out),
+                           "--samples", str(samples)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    prof = load_profile(out)
+    assert "engine vllm" in prof.source
+    with open(samples) as f:
+        assert len(list(csv.DictReader(f))) == len(grid(context_window(builtin_shaped, None), quick=True))
+    assert prof.quality.r2 >= 0.9, prof

@@ -56,3 +56,18 @@ def test_ngram_speculation_keeps_greedy_tokens(vllm_model: Path, plain_vllm: lis
     assert ours["proposed"] > 0
     assert ours["tokens"] == plain_vllm[len(PLAIN):]
     assert ours["held"] == 0 and ours["free_blocks"] == ours["num_blocks"]
+
+
+@pytest.mark.parametrize("transport", ["nixl", "zmq"])
+def test_handover_between_two_vllm_engines_keeps_greedy_tokens(vllm_model: Path, plain_vllm: list[list[int]],
+                                                                transport: str) -> None:
+    """A prefill engine and a decode engine, as a 1 + 1 disaggregated pair: each request's
+    prompt in 7-token chunks on the first, its KV read into the second's cache, decoded there
+    beside the others, while later requests still prefill."""
+    if transport == "nixl":
+        pytest.importorskip("nixl._api")
+    ours = run(ROOT / "tests/engine/vllm_driver.py", {"model": str(vllm_model), "prompts": PLAIN, "chunk": 7,
+                                                      "stagger": 1, "max_tokens": MAX_TOKENS, "handover": transport})
+    assert ours["differing"] == []
+    assert ours["tokens"] == plain_vllm[:len(PLAIN)]
+    assert ours["held"] == 0 and ours["free_blocks"] == ours["num_blocks"]

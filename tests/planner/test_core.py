@@ -170,7 +170,7 @@ def test_speculative_length_is_ordered_and_acceptance_counted_per_class() -> Non
 
 def test_disaggregated_handover_moves_the_reservation_and_frees_the_source() -> None:
     planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=1.0)
-    endpoint = KVEndpoint("zmq", "p0", 64, zmq_address="tcp://127.0.0.1:1")
+    endpoint = KVEndpoint("zmq", "p0", [64], zmq_address="tcp://127.0.0.1:1")
     planner.on_hello(WorkerHello("p0", "prefill", 64, 16, 2048, 1, kv_endpoint=endpoint))
     planner.on_hello(WorkerHello("d0", "decode", 64, 16, 2048, 2))
     planner.on_hello(WorkerHello("d1", "decode", 8, 16, 2048, 3))
@@ -201,7 +201,7 @@ def test_disaggregated_handover_moves_the_reservation_and_frees_the_source() -> 
 
 def test_a_failed_kv_import_is_lost_and_freed_on_both_sides() -> None:
     planner = Planner(FCFSPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=1.0)
-    endpoint = KVEndpoint("zmq", "p0", 64, zmq_address="tcp://127.0.0.1:1")
+    endpoint = KVEndpoint("zmq", "p0", [64], zmq_address="tcp://127.0.0.1:1")
     planner.on_hello(WorkerHello("p0", "prefill", 64, 16, 2048, 1, kv_endpoint=endpoint))
     planner.on_hello(WorkerHello("d0", "decode", 64, 16, 2048, 2))
     submit(planner, "r", prompt=20)

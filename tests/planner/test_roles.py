@@ -93,7 +93,7 @@ def test_a_handover_decided_with_its_source_turning_decode_keeps_the_request_the
     planner.on_hello(WorkerHello("d1", "decode", 64, 16, 2048, 2))
     planner.on_submit(Submit("r", [1] * 20, SamplingParams(max_tokens=8, temperature=0.0), SLOSpec(), 0.0))
     order = planner.schedule()[0]["p0"]
-    export = ExportedRequest("r", [1] * 21, 20, 20, SamplingParams(max_tokens=8), [0, 1], KVEndpoint("zmq", "p0", 64))
+    export = ExportedRequest("r", [1] * 21, 20, 20, SamplingParams(max_tokens=8), [0, 1], KVEndpoint("zmq", "p0", [64]))
     planner.on_report(StepReport("p0", order.step_id, 0.01, [RequestProgress("r", 20, 1)], [], 60, [export]))
     req = planner.state.requests["r"]
     assert req.phase == "handover"

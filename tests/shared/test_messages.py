@@ -37,7 +37,7 @@ from shared.messages import (
 
 PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=1, stop=("\n",),
                         stop_token_ids=(2,), ignore_eos=True)
-ENDPOINT = KVEndpoint("nixl", "w0", 4096, b"\x00\x01meta", 140_000_000, "")
+ENDPOINT = KVEndpoint("nixl", "w0", [4096], b"\x00\x01meta", [140_000_000], "")
 EXPORT = ExportedRequest("r1", [1, 2, 3, 9], 3, 3, PARAMS, [4, 5], ENDPOINT, b"\x07" * 16)
 EXAMPLES = [
     Submit("r1", [1, 2, 3], PARAMS, SLOSpec("coding", 100.0, None), 12.5, [4, 5]),

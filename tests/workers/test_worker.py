@@ -22,7 +22,7 @@ def test_a_wait_counts_only_when_the_order_continues_a_request_under_way() -> No
 
 def test_an_exported_request_is_not_waited_for() -> None:
     wait = OrderWait()
-    endpoint = KVEndpoint("zmq", "p0", 64)
+    endpoint = KVEndpoint("zmq", "p0", [64])
     export = ExportedRequest("a", [1, 2, 3], 2, 2, SamplingParams(), [0], endpoint)
     wait.reported(Step(StepResult([out("a")], [], 0.02), exports=[export]), at=1.0)
     assert wait.waited(BatchOrder(step_id=2, decode=["a"]), at=3.0) == 0.0
