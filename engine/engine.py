@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -29,6 +30,7 @@ from shared.messages import (
     ExportedRequest,
     FinishReason,
     KVEndpoint,
+    NewRequest,
     SamplingParams,
 )
 from shared.model_info import context_window
@@ -68,6 +70,24 @@ class _Item:
     def completes(self) -> bool:
         """The step reaches the end of the known tokens, so it yields a new token."""
         return self.seq.num_computed + self.n == len(self.seq.token_ids)
+
+
+class AddsRequests(Protocol):
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    resume_token_ids: list[int] | tuple[int, ...] = ()) -> None: ...
+
+
+def add_new_requests(engine: AddsRequests, requests: list[NewRequest]) -> list[RequestOutput]:
+    """Add an order's new requests to either engine; one that cannot be added ends alone, with
+    an error, instead of failing the step."""
+    refused = []
+    for req in requests:
+        try:
+            engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.resume_token_ids)
+        except Exception as exc:
+            log.error("request %s: cannot be added: %s", req.request_id, exc)
+            refused.append(RequestOutput(req.request_id, [], "", len(req.prompt_token_ids), 0, 0, "error"))
+    return refused
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -188,16 +208,18 @@ class Engine:
         return True
 
     def step(self, order: BatchOrder) -> StepResult:
+        """Runs the order; a request that cannot be added, sampled or advanced ends alone with
+        an error, and a failed forward pass is retried request by request, so one bad request
+        never fails the others in its batch."""
         start = time.perf_counter()
         for rid in order.aborts:  # first: a resubmitted request may reuse an aborted one's id
             self.abort(rid)
-        for req in order.new_requests:
-            self.add_request(req.request_id, req.prompt_token_ids, req.params, req.resume_token_ids)
+        refused = add_new_requests(self, order.new_requests)
         work = [(c.request_id, c.num_tokens, 0) for c in order.prefill]
         work += [(rid, 1, order.spec_lens.get(rid, 0)) for rid in order.decode]
         items, out_of_blocks = self._reserve(work)
         outputs = self._run(items) if items else []
-        return StepResult(outputs, out_of_blocks, time.perf_counter() - start)
+        return StepResult(refused + outputs, out_of_blocks, time.perf_counter() - start)
 
     def _spec_len(self, seq: Sequence, asked: int) -> int:
         """The speculative length actually run: none without a proposer, and never past the
@@ -257,16 +279,53 @@ class Engine:
             c, draft = it.seq.num_computed, it.draft.tokens if it.draft else []
             work.append(Work(it.seq.token_ids[c : c + it.n] + draft, c, it.seq.blocks,
                              1 + len(draft) if it.completes else 0))
-        logits = self.runner.forward(work).split([w.num_logits for w in work])
+        try:
+            logits = self.runner.forward(work).split([w.num_logits for w in work])
+        except Exception:  # nothing has advanced yet, so each request can run again alone
+            if len(items) == 1:
+                return [self._fail(items[0], "its step failed")]
+            log.exception("a step of %d requests failed; running them one at a time", len(items))
+            return [out for it in items for out in self._run([it])]
+        tokens = self._sample(items, logits)
+        outputs = []
+        for i, it in enumerate(items):
+            try:
+                outputs.append(self._advance(it, tokens[i]) if i in tokens else self._fail(it, "sampling failed"))
+            except Exception:
+                log.exception("request %s: could not advance", it.seq.request_id)
+                outputs.append(self._fail(it, "it could not advance"))
+        return outputs
+
+    def _sample(self, items: list[_Item], logits: tuple[torch.Tensor, ...]) -> dict[int, list[int]]:
+        """Each item's new tokens (none for a prompt chunk that does not complete it); an item
+        whose sampling fails has no entry."""
+        tokens: dict[int, list[int]] = {i: [] for i, it in enumerate(items) if not it.completes}
         plain = [i for i, it in enumerate(items) if it.completes and it.draft is None]
-        sampled = sample(torch.cat([logits[i] for i in plain]), [items[i].seq.params for i in plain],
-                         [items[i].seq.generator for i in plain]) if plain else []
-        tokens: dict[int, list[int]] = {i: [t] for i, t in zip(plain, sampled)}
+        try:
+            sampled = sample(torch.cat([logits[i] for i in plain]), [items[i].seq.params for i in plain],
+                             [items[i].seq.generator for i in plain]) if plain else []
+            tokens.update({i: [t] for i, t in zip(plain, sampled)})
+        except Exception:
+            log.exception("sampling %d requests together failed; sampling them one at a time", len(plain))
+            for i in plain:
+                try:
+                    tokens[i] = sample(logits[i], [items[i].seq.params], [items[i].seq.generator])
+                except Exception:
+                    log.exception("request %s: sampling failed", items[i].seq.request_id)
         for i, it in enumerate(items):
             if it.draft is not None:
-                tokens[i] = verify(logits[i], it.draft.tokens, it.draft.probs, it.seq.params,
-                                   it.seq.generator)
-        return [self._advance(it, tokens.get(i, [])) for i, it in enumerate(items)]
+                try:
+                    tokens[i] = verify(logits[i], it.draft.tokens, it.draft.probs, it.seq.params, it.seq.generator)
+                except Exception:
+                    log.exception("request %s: verifying its proposal failed", it.seq.request_id)
+        return tokens
+
+    def _fail(self, item: _Item, why: str) -> RequestOutput:
+        """End the request alone with an error, its blocks freed."""
+        seq = item.seq
+        log.error("request %s: ends with an error: %s", seq.request_id, why)
+        self.abort(seq.request_id)
+        return RequestOutput(seq.request_id, [], "", seq.num_prompt, seq.num_computed, seq.num_output, "error")
 
     def _advance(self, item: _Item, tokens: list[int]) -> RequestOutput:
         """Append the step's tokens until one ends the request, roll the KV caches back past

@@ -30,7 +30,7 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.request import Request
 
 from engine.config import ModelConfig
-from engine.engine import RequestOutput, StepResult
+from engine.engine import RequestOutput, StepResult, add_new_requests
 from engine.kv_transfer import KVTransferError, KVTransport
 from engine.loader import load_tokenizer
 from engine.sequence import Sequence, append_until_finished, streamed_detokenizer
@@ -214,8 +214,7 @@ class VLLMEngine:
         start = time.perf_counter()
         for rid in order.aborts:
             self.abort(rid)
-        for req in order.new_requests:
-            self.add_request(req.request_id, req.prompt_token_ids, req.params, req.resume_token_ids)
+        refused = add_new_requests(self, order.new_requests)
         work = [(c.request_id, c.num_tokens, 0) for c in order.prefill]
         work += [(rid, 1, order.spec_lens.get(rid, 0)) for rid in order.decode]
         grants, proposed, out_of_blocks = self._grants(work)
@@ -235,7 +234,7 @@ class VLLMEngine:
                 log.warning("step %d: vLLM ran other token counts than ordered (ordered, ran): %s",
                             order.step_id, short)
         results = [self._advance(rid, outputs.get(rid, []), proposed.get(rid, 0)) for rid in grants]
-        return StepResult(results, out_of_blocks, time.perf_counter() - start)
+        return StepResult(refused + results, out_of_blocks, time.perf_counter() - start)
 
     def _grants(self, work: list[tuple[str, int, int]]) -> tuple[dict[str, int], dict[str, int], list[str]]:
         """Tokens for each item (n known ones, then up to k of vLLM's proposal, as far as the

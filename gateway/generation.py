@@ -70,6 +70,10 @@ class Generations:
         gen = Generation(submit.request_id, endpoint, submit.slo.slo_class or "default",
                          self.link.open(submit.request_id),
                          len(submit.prompt_token_ids), now, now + self.timeout_s)
+        refusing = self.link.refusing()
+        if refusing:  # the planner would refuse it too: answered here at once, as if it had
+            gen.queue.put_nowait(Refused(submit.request_id, refusing, retry_after_s=1.0))
+            return gen
         try:
             await self.link.submit(submit)
         except BaseException:  # whatever stops the submission must not leave its queue open

@@ -138,6 +138,13 @@ class PlannerLink:
         log.info("request %s: abort (%s)", request_id, reason)
         self._to_planner.send(encode(Abort(request_id, reason)), flags=zmq.NOBLOCK)
 
+    def refusing(self, max_age_s: float = 1.0) -> str:
+        """Why the planner would refuse any new request now, by its fresh status; empty: it
+        would not."""
+        if self.status is None or time.monotonic() - self.status_time >= max_age_s:
+            return ""
+        return self.status.refusing
+
     def healthy(self, max_age_s: float = 2.0) -> bool:
         """A fresh status, and live workers that can both prefill and decode."""
         if self.status is None or time.monotonic() - self.status_time >= max_age_s:

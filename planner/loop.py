@@ -54,7 +54,7 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     planner.state.mode = settings.mode
     admin = _start_admin(settings, commands)
     drops = DropCounter()
-    last_status = 0.0
+    last_status, refusing = 0.0, ""
     quiet_gc()
     gc.freeze()  # what was loaded at start is never garbage
     log.info("planner up: intake %s, workers %s, policy %s", settings.planner_intake_address,
@@ -79,9 +79,9 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
             orders, verdicts = planner.schedule()
             to_gateway += verdicts
             now = time.monotonic()
-            if now - last_status > STATUS_INTERVAL_S:
+            if now - last_status > STATUS_INTERVAL_S or planner.refusing != refusing:  # the gateway refuses by it
                 to_gateway.append(planner.status(drops.dropped))
-                last_status = now
+                last_status, refusing = now, planner.refusing
             for worker_id, order in orders.items():
                 try:
                     workers.send_multipart([worker_id.encode(), encode(order)])

@@ -287,6 +287,7 @@ class ClusterStatus(msgspec.Struct, tag=True):
     promises: dict[str, SLOCount] = {}  # the same by how the request was served: promised, best_effort, refused
     caught_up: int = 0  # batches that held prefill back for a promised request behind its TPOT
     planner_id: str = ""  # a new one means the planner restarted and holds none of the requests sent before
+    refusing: str = ""  # why any new request is refused now: the gateway refuses it at once; empty: none is
 
 
 Message = Union[

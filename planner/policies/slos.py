@@ -14,7 +14,8 @@ as best effort, without a TPOT promise, and it is the first to be preempted when
 needs its KV blocks. Requests with no objectives at all are best effort too, and so, after a
 call's wait, are those of a task already late (`SLOSpec.task`): the planner makes their first
 token due at once. Beyond
-`best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After), and so
+`best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After; while
+the queue stays full the gateway answers them itself, without a trip to the planner), and so
 is a request whose TPOT no worker could keep even decoding it alone: waiting would not help it.
 A worker that holds requests never idles: where its steps run slower than any plan for them
 allows (a profile far too fast for the machine), it prefills them earliest deadline first;
@@ -81,6 +82,7 @@ BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave fre
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
 LATE_CHUNK = 64  # prompt tokens a batch gives a late promise that its decoders' TPOTs leave no room
 HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
+QUEUE_FULL = "overloaded: the best-effort queue is full"
 
 
 @dataclass
@@ -108,14 +110,17 @@ class SLOPolicy:
             refused = refuse_oversized(state, rows, decisions) | self._refuse_unmeetable(state, rows, decisions)
             candidates = ~rows.mask(list(refused))
             plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
-            parked = int(rows.parked.sum())
-            left = candidates & ~rows.parked & ~rows.mask(list(decisions.assign))
-            for rid in rows.ids[left].tolist():
+            assigned = rows.mask(list(decisions.assign))
+            parked = int((rows.parked & ~assigned).sum())
+            for rid in rows.ids[candidates & ~rows.parked & ~assigned].tolist():
                 if parked >= self.best_effort_limit:
-                    decisions.refuse.append((rid, "overloaded: the best-effort queue is full"))
+                    decisions.refuse.append((rid, QUEUE_FULL))
                 else:
                     decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
                     parked += 1
+            # a full queue refuses what no plan admits; a request that arrives meanwhile gets no
+            # better, so the gateway answers it at once
+            decisions.refusing = QUEUE_FULL if 0 < self.best_effort_limit <= parked else ""
         hand_over(state, load, self.max_num_seqs, decisions, added,
                   accepts=lambda r, w: self._accepts(state, w, load[w.worker_id][1], r))
 

@@ -131,6 +131,14 @@ def test_the_best_effort_queue_is_bounded() -> None:
     d = SLOPolicy(GPU, best_effort_limit=5).schedule(s, now=0.0)
     assert len(d.park) == 5 and len(d.refuse) == 40 - 5 - len(d.assign)
     assert all("best-effort queue is full" in why for _, why in d.refuse)
+    assert d.refusing == d.refuse[0][1]  # the gateway refuses newcomers itself while the queue is full
+
+
+def test_the_gateway_is_told_to_refuse_only_while_the_queue_is_full() -> None:
+    decoding = [request(f"d{i}", 500, TIGHT) for i in range(8)]
+    s = state([worker("w0")], [request(f"w{i}", 3000, TIGHT) for i in range(4)], {"w0": decoding})
+    assert SLOPolicy(GPU, best_effort_limit=5).schedule(s, now=0.0).refusing == ""
+    assert SLOPolicy(GPU, best_effort_limit=0).schedule(s, now=0.0).refusing == ""  # no queue: each is planned
 
 
 def test_a_tpot_no_worker_could_keep_is_refused_at_once() -> None:
