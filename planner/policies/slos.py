@@ -185,10 +185,17 @@ class SLOPolicy:
         if not len(hopeful):
             return plans
 
+        decoders: dict[str, int] = {}  # what each worker can decode beside its TPOTs: fixed in this call
+
         def has_room(w: WorkerState) -> bool:  # for a block, and for one more decoder beside its TPOTs
             free, count = load[w.worker_id]
-            return (count < self.max_num_seqs and free - 1 >= BE_RESERVE * w.num_blocks
-                    and (w.role == "prefill" or self._decode_room(state, w, count, None) > 0))
+            if count >= self.max_num_seqs or free - 1 < BE_RESERVE * w.num_blocks:
+                return False
+            if w.role == "prefill":
+                return True
+            if w.worker_id not in decoders:
+                decoders[w.worker_id] = self._decode_room(state, w, 0, None)
+            return decoders[w.worker_id] > count
 
         nobody = np.zeros(len(rows), dtype=bool)
         with_slack = []
