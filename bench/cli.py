@@ -11,7 +11,14 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from bench.load_cli import bench_aiperf, bench_compare, bench_live
+from bench.load_cli import (
+    bench_aiperf,
+    bench_compare,
+    bench_dashboard,
+    bench_live,
+    bench_promises,
+    bench_validate,
+)
 from models.resolve import BUILTIN, resolve_model
 from shared.roofline import (
     BUILTIN_CPU_PROFILE,
@@ -320,36 +327,6 @@ def bench_replicas(
         scaling(plot, series, f"{scenario_name}{' (bursty)' if bursty else ''}, {prof.model.name} on {prof.hardware}")
 
 
-@bench_app.command("validate")
-def bench_validate(
-    scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario")] = "chatbot",
-    duration: Annotated[float, typer.Option(help="seconds of arrivals per run")] = 30.0,
-    splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
-    model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: built-in)")] = None,
-) -> None:
-    """Capacity of one scenario live (`slos-serve up`, one worker) and in the simulator, on this machine."""
-    import tempfile
-
-    from bench.validate import validate
-
-    directory, _ = resolve_model(model or BUILTIN, console)
-    with tempfile.TemporaryDirectory() as tmp:
-        v = validate(directory, scenario_name, duration, Path(tmp), splits)
-    steps = v.loaded
-    print(f"{scenario_name}, {duration:.0f} s of arrivals per run, loop overhead {v.loop_overhead_s * 1e3:.1f} ms a step, "
-          f"front end {v.front_s * 1e3:.1f} ms a request; "
-          f"under load steps ran {steps} (spread {steps.spread:.3f})")
-    print("| run | capacity req/s | ÷ live | probes (rate: attainment) |")
-    print("|---|---|---|---|")
-    runs = (("simulated, idle profile", v.simulated), ("simulated, profile as loaded", v.simulated_loaded),
-            ("simulated, profile and scatter as loaded", v.simulated_scattered), ("live", v.live))
-    for name, found in runs:
-        probes = ", ".join(f"{r:.2f}: {a:.0%}" for r, a in found.probes)
-        ratio = f"{found.capacity / v.live.capacity:.2f}" if v.live.capacity else "n/a"
-        print(f"| {name} | {found.capacity:.3f} | {ratio} | {probes} |")
-    print("live calibration per rate: " + "; ".join(f"{r:.2f}: {s}" for r, s in sorted(v.seen.items())))
-
-
 @bench_app.command("engine")
 def bench_engine(
     model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: built-in)")] = None,
@@ -426,73 +403,9 @@ def bench_greedy(
 
 
 
-@bench_app.command("promises")
-def bench_promises(
-    rates: Annotated[str, typer.Option(help="requests per second, comma-separated")] = "0.6",
-    policies: Annotated[str, typer.Option(help="comma-separated")] = "slos,sarathi,fcfs",
-    model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: SmolLM2)")] = None,
-    count: Annotated[int, typer.Option(help="requests per run")] = 40,
-    tight_tpot_ms: Annotated[float, typer.Option()] = 110.0,
-    loose_tpot_ms: Annotated[float, typer.Option()] = 400.0,
-    ttft_ms: Annotated[float, typer.Option()] = 3000.0,
-    worker_cpus: Annotated[str | None, typer.Option(help="pin the worker to these cores (default: share all)")] = None,
-    front_cpus: Annotated[str | None, typer.Option(help="pin the gateway, planner and client to these cores "
-                                                        "(default: share all)")] = None,
-    profile: Annotated[Path | None, typer.Option(help="the profile to plan with (default: what `up` picks)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-) -> None:
-    """Tight and loose TPOTs open loop against `slos-serve up` (issue 28): what each policy
-    promised, refused and kept, by the clients' own token times. A burst is a high rate:
-    `--rates 300 --count 600`."""
-    import tempfile
-
-    from bench.promises import Load, run
-    from shared.model_info import vocab_size
-
-    directory, _ = resolve_model(model, console)
-    vocab = vocab_size(directory)
-    cpus = {int(c) for c in worker_cpus.split(",")} if worker_cpus else None
-    front = {int(c) for c in front_cpus.split(",")} if front_cpus else None
-    print("| policy | req/s | promised | promised met (by the planner's clock) | refused | 429 p50 / p99 ms | "
-          "best effort | attainment | tight met | tight TPOT p50 / p90 ms | loose met | loose TPOT p50 / p90 ms | "
-          "calibration at the end | "
-          "the planner's verdict at the gateway, p50 / p99 ms (bucket bounds) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for rate in (float(r) for r in rates.split(",")):
-            for policy in policies.split(","):
-                load = Load(rate, count, tight_tpot_ms, loose_tpot_ms, ttft_ms, seed=seed)
-                r = run(directory, policy, load, Path(tmp), vocab, cpus, profile, front)
-                row, fit = r.row(), r.step_fit
-
-                def ms(x: object) -> str:
-                    return "–" if x is None else f"{x:.0f}"
-
-                counted = r.planner_promises.get("promised", {"met": 0, "total": 0})
-                print(f"| {policy} | {rate:g} | {row['promised']} | {row['promised_met']} "
-                      f"({counted['met']} of {counted['total']}) | {row['refused']} | "
-                      f"{ms(row['refusal_p50_ms'])} / {ms(row['refusal_p99_ms'])} | {row['best_effort']} | "
-                      f"{row['attainment']:.0%} | {row['tight_met']} | "
-                      f"{ms(row['tight_tpot_p50_ms'])} / {ms(row['tight_tpot_p90_ms'])} | {row['loose_met']} | "
-                      f"{ms(row['loose_tpot_p50_ms'])} / {ms(row['loose_tpot_p90_ms'])} | "
-                      f"+{fit['turnaround_s'] * 1e3:.0f} ms, x{fit['fixed']:.2f} / {fit['compute']:.2f} / "
-                      f"{fit['memory']:.2f}, {fit['error']:.0%} off, margin {fit['margin']:.2f} | "
-                      + ", ".join(f"{v} ≤ {a * 1e3:g} / ≤ {b * 1e3:g}" for v, (a, b) in sorted(r.verdicts.items()))
-                      + " |", flush=True)
-
-
-@bench_app.command("dashboard")
-def bench_dashboard(
-    out: Annotated[Path, typer.Option(help="PNG to write")],
-    prometheus: Annotated[str, typer.Option(help="Prometheus server scraping the gateway")] = "http://127.0.0.1:9090",
-    minutes: Annotated[float, typer.Option(help="time range, ending now")] = 10.0,
-) -> None:
-    """Render deploy/grafana's dashboard from Prometheus into one PNG (each panel's own queries)."""
-    from bench.dashboard import render
-
-    console.print(f"{out}: {render(prometheus, out, minutes)} series")
-
-
 bench_app.command("live")(bench_live)
 bench_app.command("compare")(bench_compare)
 bench_app.command("aiperf")(bench_aiperf)
+bench_app.command("validate")(bench_validate)
+bench_app.command("promises")(bench_promises)
+bench_app.command("dashboard")(bench_dashboard)
