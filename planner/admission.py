@@ -169,6 +169,17 @@ class Tables:
         return int(np.argmax(changed)) + 1 if changed.any() else len(self.step)
 
 
+def earliest(deadline: np.ndarray, n: int = CONSIDERED) -> np.ndarray:
+    """The rows of the `n` earliest deadlines (the first in row order among equal ones): the new
+    requests one call plans. A caller with many may cut its queue to these first."""
+    if len(deadline) <= n:
+        return np.ones(len(deadline), dtype=bool)
+    kth = np.partition(deadline, n - 1)[n - 1]
+    out = deadline < kth
+    out[np.flatnonzero(deadline == kth)[: n - int(out.sum())]] = True
+    return out
+
+
 def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float) -> Plan:
     if not len(jobs):
         return _period_plan(profile, replica)
@@ -176,12 +187,12 @@ def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float)
         jobs = Jobs.of(jobs)
     late = jobs.promised & (jobs.deadline <= now)  # past their deadline already: whenever there is room
     jobs = replace(jobs, deadline=np.where(late, np.inf, jobs.deadline))
-    queue = jobs.take(np.lexsort((~jobs.promised, jobs.deadline)))  # deadline order, promised first among equals
-    fresh = np.flatnonzero(~queue.promised)
-    keep = np.ones(len(queue), dtype=bool)
-    keep[fresh[CONSIDERED:]] = False  # a burst: only the earliest deadlines compete this time
-    p = _plan(profile, replica, queue.take(np.flatnonzero(keep)), now, frozenset(jobs.ids[late].tolist()))
-    p.rejected += queue.ids[~keep].tolist()
+    keep = jobs.promised.copy()
+    keep[~jobs.promised] = earliest(jobs.deadline[~jobs.promised])  # a burst: only the earliest compete now
+    queue = jobs.take(np.flatnonzero(keep))
+    queue = queue.take(np.lexsort((~queue.promised, queue.deadline)))  # deadline order, promised first among equals
+    p = _plan(profile, replica, queue, now, frozenset(jobs.ids[late].tolist()))
+    p.rejected += jobs.ids[~keep].tolist()
     if late.any():
         p.late = sorted(set(p.late) | set(jobs.ids[late].tolist()), key=p.admitted.index)
     if p.late:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.admission import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, max_decode_batch, plan
+from planner.admission import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, earliest, max_decode_batch, plan
 from planner.calibration import MIN_STEPS
 from planner.costs import batch_seconds, batch_shape
 from planner.decisions import Decisions, WorkerBatch
@@ -339,18 +339,25 @@ class SLOPolicy:
                             r.num_computed + ran)
                         for r, ran in prefilling])
         profile = self._profile(worker)
+        passed: list[str] = []  # beyond what one call plans (`earliest`): cut here, before pricing
         if candidates.any():
-            deadline, past = rows.deadline[candidates], rows.parked[candidates] & (rows.deadline[candidates] < now)
-            held = rows.prefill[candidates] if worker.role == "prefill" else rows.whole[candidates]
-            jobs += Jobs(rows.ids[candidates], rows.prefill[candidates], -(-held // worker.block_size),
-                         np.where(past, np.inf, deadline), np.where(past, np.nan, rows.tpot[candidates]),
-                         np.zeros(len(deadline), dtype=bool), rows.context[candidates],
-                         np.zeros(len(deadline), dtype=np.int64), prefill_cost(shape, rows.prefill[candidates]))
+            picked = np.flatnonzero(candidates)
+            past = rows.parked[picked] & (rows.deadline[picked] < now)
+            deadline = np.where(past, np.inf, rows.deadline[picked])
+            first = earliest(deadline)
+            passed = rows.ids[picked[~first]].tolist()
+            picked, past, deadline = picked[first], past[first], deadline[first]
+            held = rows.prefill[picked] if worker.role == "prefill" else rows.whole[picked]
+            jobs += Jobs(rows.ids[picked], rows.prefill[picked], -(-held // worker.block_size), deadline,
+                         np.where(past, np.nan, rows.tpot[picked]), np.zeros(len(picked), dtype=bool),
+                         rows.context[picked], np.zeros(len(picked), dtype=np.int64),
+                         prefill_cost(shape, rows.prefill[picked]))
         due = jobs.deadline - self.front_end_s
         reserved = np.minimum(due, now + (1.0 - self.ttft_reserve) * (due - now))
         p = plan(profile, replica, dataclasses.replace(jobs, deadline=reserved), now)
         if p.late:  # a promise is not broken for the reserve: the ones made are kept to their own deadlines
             p = plan(profile, replica, dataclasses.replace(jobs, deadline=np.where(jobs.promised, due, reserved)), now)
+        p.rejected += passed
         return p
 
     def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.admission import Job, Jobs, Program, Replica, _plan, plan, program
+from planner.admission import CONSIDERED, Job, Jobs, Program, Replica, _plan, earliest, plan, program
 from shared.roofline import ModelShape, Profile, RooflineParams, prefill_within
 
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
@@ -324,3 +324,13 @@ def test_nothing_to_prefill_plans_the_period_as_the_whole_program_would(
     replica = Replica(decoding, decoding * 700, tpot, 5_000, prefill_only=prefill_only, alpha=alpha,
                       max_spec_len=max_spec_len, busy_s=busy_s)
     assert plan(GPU, replica, [], 3.0) == _plan(GPU, replica, Jobs.of([]), 3.0)
+
+
+def test_earliest_picks_what_a_stable_sort_by_deadline_puts_first() -> None:
+    """The cut a caller may make before pricing a burst is the one the plan makes."""
+    rng = np.random.default_rng(3)
+    for n in (0, 5, 300, 2_000):
+        deadline = rng.choice([0.5, 1.0, 2.0, np.inf], size=n)  # many ties, and requests with no deadline
+        first = np.zeros(n, dtype=bool)
+        first[np.argsort(deadline, kind="stable")[:CONSIDERED]] = True
+        assert (earliest(deadline) == first).all()
