@@ -99,9 +99,9 @@ class VLLMEngine:
         # vLLM refuses a context its KV cache cannot hold once (beside the one block it keeps
         # empty): serve the longest one it can
         blocks = kv_cache_mb * 2**20 // (cfg.kv_bytes_per_token(DTYPE_BYTES[dtype]) * block_size) - 1
-        fits = blocks * block_size
-        self.max_model_len = min(context_window(model_dir, max_model_len), fits)
-        if self.max_model_len < context_window(model_dir, max_model_len):
+        fits, window = blocks * block_size, context_window(model_dir, max_model_len)
+        self.max_model_len = min(window, fits)
+        if self.max_model_len < window:
             log.warning("a KV cache of %d MB holds %d tokens: serving contexts of %d tokens at most",
                         kv_cache_mb, fits, self.max_model_len)
         args = EngineArgs(
