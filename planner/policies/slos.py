@@ -28,7 +28,8 @@ the fewest tokens that keep its own TPOT at that period, and more while its toke
 behind that TPOT. A step with no prefill to run (and any step on a decode worker, or beside a
 request that memory turns away) raises those lengths to the floor that decodes the most tokens
 per second within the period: requests that finish sooner free their KV blocks and batch
-slots. Acceptance rates per SLO class come from the workers' reports.
+slots. Acceptance rates per SLO class come from the workers' reports
+(`planner.policies.speculation`).
 
 Preemption: when requests outgrow a worker's KV cache (each reserves half the output it is
 expected to write), best-effort requests go first, then those furthest ahead of their TPOT:
@@ -41,9 +42,7 @@ between the pools when one of them is the bottleneck.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ import numpy as np
 
 from planner.admission import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, earliest, max_decode_batch, plan
 from planner.calibration import MIN_STEPS
-from planner.costs import batch_seconds, batch_shape
+from planner.costs import batch_seconds
 from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import (
     Load,
@@ -66,18 +65,16 @@ from planner.policies.placement import (
     relieve_memory,
     take,
 )
+from planner.policies.speculation import acceptance, for_speed, spec_lens
 from planner.roles import choose_roles
-from planner.spec_choice import acceptance_from_rate, fastest_floor, fastest_token_s, gains_row
+from planner.spec_choice import fastest_token_s
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN
 from shared.roofline import Batches, Profile, prefill_cost
 
-NO_PREFILL = Batches.of(verify_len=0)  # the prefill part of a step without any
-MIN_PROPOSED = 50  # speculative tokens a class must have verified before its own rate counts
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
 SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
-CATCH_UP_STEPS = 4  # steps over which a request behind its TPOT speculates to make the lag up
 BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
 LATE_CHUNK = 64  # prompt tokens a batch gives a late promise that its decoders' TPOTs leave no room
@@ -153,7 +150,9 @@ class SLOPolicy:
                     batch = chunked_batch(state, worker, request_ids, decisions, 0, STALLED_CHUNK,
                                           order=lambda r: r.deadline)
             if speed_up and batch.decode and worker.speculator != "none" and self.max_spec_len:
-                batch.spec_lens = self._for_speed(state, worker, batch, step_s)
+                batch.spec_lens = for_speed(state, batch, step_s, self._profile(worker),
+                                            self.draft if worker.speculator == "draft" else None,
+                                            self.max_spec_len, self.prior_alpha)
             if batch:
                 decisions.batches[worker.worker_id] = batch
         return decisions
@@ -240,7 +239,8 @@ class SLOPolicy:
         if not len(fresh) or not pool:
             return set()
         spec = any(w.speculator != "none" for w in pool) and self.max_spec_len > 0
-        alpha = max([self.prior_alpha, *(self._alpha(state, c) for c in state.speculation)]) if spec else 0.0
+        alphas = [acceptance(state, c, self.prior_alpha) for c in state.speculation]
+        alpha = max([self.prior_alpha, *alphas]) if spec else 0.0
         draft = self.draft if any(w.speculator == "draft" for w in pool) else None
         fitted = [w.fit.fitted(self.profile) for w in pool]
         fastest = np.min([fastest_token_s(f, rows.context[fresh], alpha, draft, self.max_spec_len if spec else 0)
@@ -327,7 +327,7 @@ class SLOPolicy:
             max_num_seqs=self.max_num_seqs,
             prefill_only=worker.role == "prefill",
             max_new=self._decode_slots(state) if worker.role == "prefill" else None,
-            alpha=self._alpha(state, tightest.slo_class if tightest else None),
+            alpha=acceptance(state, tightest.slo_class if tightest else None, self.prior_alpha),
             max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
             draft=self.draft if worker.speculator == "draft" else None,
             busy_s=self._in_flight_s(worker, now),
@@ -406,56 +406,14 @@ class SLOPolicy:
         margin a promise needs (`planner.calibration`)."""
         return worker.fit.priced(self.profile)
 
-    def _alpha(self, state: PlannerState, slo_class: str | None) -> float:
-        counts = state.acceptance(slo_class)
-        if counts.proposed < MIN_PROPOSED:
-            return self.prior_alpha
-        return _alpha(counts.accepted / counts.proposed, max(1, round(counts.proposed / max(1, counts.steps))))
-
     def _spec_lens(self, state: PlannerState, worker: WorkerState, decode: list[str], step_s: float,
                    k_tight: int) -> dict[str, int]:
-        """For each decoding request, the fewest speculative tokens that keep its TPOT at this
-        period (the most when none does); none for requests without a TPOT. A
-        request whose tokens so far run behind its TPOT (acceptance is a draw, and a short
-        output has few steps to even out) asks for enough to make that up over CATCH_UP_STEPS.
-        When the tightest tier does not speculate, the period is its TPOT, which every other
-        request's TPOT allows as well: none speculates."""
+        """`speculation.spec_lens`, for a worker that speculates. When the tightest tier does
+        not (k_tight 0), the period is its TPOT, which every other request's TPOT allows as
+        well: none speculates."""
         if worker.speculator == "none" or not self.max_spec_len or not k_tight:
             return {}
-        out: dict[str, int] = {}
-        gains: dict[str | None, list[float]] = {}  # per class: tokens a step yields at k = 0, 1, ...
-        for rid in decode:
-            req = state.requests[rid]
-            tpot = req.tpot_s
-            if tpot is None:
-                continue
-            need = (step_s + max(0.0, req.tracker.lag_s()) / CATCH_UP_STEPS) / tpot  # tokens a step
-            if need <= 1.0:  # the request keeps its TPOT without speculating
-                continue
-            gain = gains.get(req.slo_class)
-            if gain is None:
-                alpha = self._alpha(state, req.slo_class)
-                gain = gains[req.slo_class] = gains_row(alpha, self.max_spec_len)[0].tolist()
-            k = bisect.bisect_left(gain, need * (1 - 1e-9))  # a period set to k's yield must give k
-            k = min(k, len(gain) - 1)  # no k keeps up: the most
-            if k:
-                out[rid] = k
-        return out
-
-    def _for_speed(self, state: PlannerState, worker: WorkerState, batch: WorkerBatch,
-                   step_s: float) -> dict[str, int]:
-        """The batch's speculative lengths raised where that decodes faster within its period
-        (`planner.spec_choice.fastest_floor`)."""
-        reqs = [state.requests[rid] for rid in batch.decode]
-        context = np.fromiter((r.prompt_len + r.num_output for r in reqs), np.float64, len(reqs))
-        lens = np.fromiter((batch.spec_lens.get(rid, 0) for rid in batch.decode), np.int64, len(reqs))
-        classes: dict[str | None, int] = {}
-        row = [classes.setdefault(r.slo_class, len(classes)) for r in reqs]
-        table = np.vstack([gains_row(self._alpha(state, c), self.max_spec_len) for c in classes])
-        prefill = batch_shape(state, WorkerBatch(prefill=batch.prefill)) if batch.prefill else NO_PREFILL
-        k = fastest_floor(self._profile(worker), prefill, context, lens, table[row], step_s,
-                          self.draft if worker.speculator == "draft" else None)
-        return {rid: n for rid, n in zip(batch.decode, k.tolist()) if n}
+        return spec_lens(state, decode, step_s, self.max_spec_len, self.prior_alpha)
 
     def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
         """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""
@@ -465,7 +423,7 @@ class SLOPolicy:
             return math.inf, 0
         replica = Replica(decoding=len(reqs), context_tokens=sum(r.prompt_len + r.num_output for r in reqs),
                           tightest_tpot_s=tightest.tpot_s, free_blocks=0, max_num_seqs=self.max_num_seqs,
-                          alpha=self._alpha(state, tightest.slo_class),
+                          alpha=acceptance(state, tightest.slo_class, self.prior_alpha),
                           max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
                           draft=self.draft if worker.speculator == "draft" else None,
                           decode_tpots=tuple(t for t in (r.tpot_s for r in reqs) if t is not None))
@@ -495,12 +453,6 @@ class SLOPolicy:
         on_the_way = sum(1 for w in state.workers.values() if w.role == "prefill" for rid in w.requests
                          if state.requests[rid].phase in ("prefill", "handover"))
         return max(0, sum(max(0, self._decode_room(state, w, len(w.requests), None)) for w in pool) - on_the_way)
-
-
-@functools.lru_cache(maxsize=4096)
-def _alpha(rate: float, mean_k: int) -> float:
-    """The per-token acceptance behind a reported rate (cached: it is a bisection)."""
-    return acceptance_from_rate(round(rate, 3), mean_k)
 
 
 def _hold_back(state: PlannerState, prefill: list[tuple[str, int]], p: Plan, now: float) -> list[tuple[str, int]]:
