@@ -8,6 +8,7 @@ import planner.state
 from planner.core import Planner
 from planner.decisions import Decisions
 from planner.policies.fcfs import FCFSPolicy
+from planner.policies.slos import QUEUE_FULL, SLOPolicy
 from shared.clock import ManualClock
 from shared.messages import (
     Abort,
@@ -30,6 +31,7 @@ from shared.messages import (
     Submit,
     WorkerHello,
 )
+from shared.roofline import BUILTIN_CPU_PROFILE, load_profile
 from shared.slo import DEFAULT_CLASSES
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
@@ -369,3 +371,22 @@ def test_late_tasks_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch
         state.task_missed(f"t{i}")
     state.task_missed("t2")
     assert list(state.late_tasks) == ["t3", "t4", "t2"]
+
+
+def test_the_status_tells_the_gateway_to_refuse_while_the_best_effort_queue_is_full() -> None:
+    """Prompts due in 1 ms are parked (no worker is known well enough to call them unmeetable),
+    one at most; the rest are refused, and from then on the gateway refuses newcomers itself
+    until the queue has room again."""
+    planner = Planner(SLOPolicy(load_profile(BUILTIN_CPU_PROFILE), best_effort_limit=1), ManualClock(),
+                      DEFAULT_CLASSES, worker_timeout_s=1.0)
+    planner.on_hello(WorkerHello("w0", "colocated", 64, 16, 2048, 1))
+    due_now = SLOSpec(ttft_ms=1.0, tpot_ms=50.0)
+    for rid in ("a", "b", "c"):
+        submit(planner, rid, 100, due_now)
+    _, verdicts = planner.schedule()
+    assert sorted(type(v).__name__ for v in verdicts) == ["Parked", "Refused", "Refused"]
+    assert planner.status(0).refusing == QUEUE_FULL
+    parked = next(v.request_id for v in verdicts if isinstance(v, Parked))
+    planner.on_abort(Abort(parked, "the client left"))
+    planner.schedule()
+    assert planner.status(0).refusing == ""
