@@ -30,7 +30,7 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.request import Request
 
 from engine.config import ModelConfig
-from engine.engine import RequestOutput, StepResult, add_new_requests
+from engine.engine import RequestOutput, StepResult, add_new_requests, default_dtype
 from engine.kv_transfer import KVTransferError, KVTransport
 from engine.loader import load_tokenizer
 from engine.sequence import Sequence, append_until_finished, streamed_detokenizer
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention takes KV blocks of a multiple of 32 tokens
 MIN_STEP_TOKENS = 8192
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NGRAM_MAX_N = NgramProposer.max_n  # the longest suffix looked up in the context, as our engine's
 
 
@@ -93,12 +92,12 @@ class VLLMEngine:
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        dtype = ("float32" if device == "cpu" else "bfloat16") if dtype == "auto" else dtype
+        torch_dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
         if device == "cpu":
             block_size = -(-block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
         # vLLM refuses a context its KV cache cannot hold once (beside the one block it keeps
         # empty): serve the longest one it can
-        blocks = kv_cache_mb * 2**20 // (cfg.kv_bytes_per_token(DTYPE_BYTES[dtype]) * block_size) - 1
+        blocks = kv_cache_mb * 2**20 // (cfg.kv_bytes_per_token(torch_dtype.itemsize) * block_size) - 1
         fits, window = blocks * block_size, context_window(model_dir, max_model_len)
         self.max_model_len = min(window, fits)
         if self.max_model_len < window:
@@ -106,7 +105,7 @@ class VLLMEngine:
                         kv_cache_mb, fits, self.max_model_len)
         args = EngineArgs(
             model=str(model_dir),
-            dtype=dtype,
+            dtype=str(torch_dtype).removeprefix("torch."),
             seed=0,
             max_model_len=self.max_model_len,
             block_size=block_size,

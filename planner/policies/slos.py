@@ -239,8 +239,8 @@ class SLOPolicy:
         if not len(fresh) or not pool:
             return set()
         spec = any(w.speculator != "none" for w in pool) and self.max_spec_len > 0
-        alphas = [acceptance(state, c, self.prior_alpha) for c in state.speculation]
-        alpha = max([self.prior_alpha, *alphas]) if spec else 0.0
+        known = (acceptance(state, c, self.prior_alpha) for c in state.speculation)  # worked out only if spec
+        alpha = max([self.prior_alpha, *known]) if spec else 0.0
         draft = self.draft if any(w.speculator == "draft" for w in pool) else None
         fitted = [w.fit.fitted(self.profile) for w in pool]
         fastest = np.min([fastest_token_s(f, rows.context[fresh], alpha, draft, self.max_spec_len if spec else 0)
