@@ -1,11 +1,11 @@
-"""The paper's evaluation in the simulator: capacity of `slos` against the baselines per
-scenario, ablations, replica scaling, and a roofline upper bound.
+"""The paper's evaluation in the simulator: capacity of `slos` against baselines deployed with
+their own knobs, on steady-state windows, over held-out seeds, against an upper bound.
 
 The colocated policies run on `gpus` colocated workers; DistServe splits as many GPUs (two at
-least) into prefill and decode pools, half each. Capacities are compared per GPU. Workers that
-decode propose speculative tokens by n-gram lookup, which costs no GPU time; only `slos`
-orders any (the baselines run as they are usually deployed, without speculation), and its
-ablation without speculation shows what that is worth.
+least) into a prefill and a decode pool. Capacities are compared per GPU. Workers that decode
+propose speculative tokens by n-gram lookup, which costs no GPU time; only `slos` orders any
+(the baselines run as they are usually deployed, without speculation), and its ablation
+without speculation shows what that is worth.
 """
 
 from __future__ import annotations
@@ -17,20 +17,41 @@ from functools import partial
 
 import numpy as np
 
+from bench.bound import upper_bound
 from bench.capacity import TARGET, Search, capacity
 from bench.simulator import Cluster, simulate
-from bench.workloads import Arrival, every_request, scenario
+from bench.workloads import scenario
 from planner.policies.base import Policy
-from planner.policies.registry import ALL_NAMES, PolicyConfig, make_policy
-from shared.roofline import Profile
+from planner.policies.registry import PolicyConfig, make_policy
+from shared.roofline import Batches, Profile
 from shared.slo import DEFAULT_CLASSES
 
 BASELINES = ("fcfs", "sarathi", "distserve")
-# as each policy is usually deployed on a GPU: Sarathi's and EDF's fixed token budget per step,
-# FCFS's and DistServe's batched prefill tokens
-GPU_CONFIG = PolicyConfig(max_num_seqs=256, prefill_tokens=4096, chunk_tokens=512)
 GPU_MEMORY = 80e9
 MEMORY_UTILISATION = 0.9
+BLOCK_SIZE = 16
+STEADY_S = 300.0  # a probe's window: this many seconds of arrivals...
+STEADY_ARRIVALS = 2000  # ...and this many arrivals at least
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What a deployment of a policy sets; the baselines' are tuned per scenario (`bench tune`)."""
+
+    budget: int | None = None  # tokens a step carries: Sarathi's and EDF's chunked budget, FCFS's and
+    # DistServe's batched prompt tokens; None: as usually deployed (512 chunked, 4,096 batched)
+    max_seqs: int = 256  # sequences a step holds at most
+    prefill_gpus: int | None = None  # DistServe's prefill pool; None: half the GPUs
+
+    def config(self) -> PolicyConfig:
+        return PolicyConfig(max_num_seqs=self.max_seqs, prefill_tokens=self.budget or 4096,
+                            chunk_tokens=self.budget or 512)
+
+    def label(self) -> str:
+        parts = [f"budget {self.budget}"] if self.budget else []
+        parts += [f"{self.max_seqs} seqs"] if self.max_seqs != 256 else []
+        parts += [f"{self.prefill_gpus} prefill GPUs"] if self.prefill_gpus else []
+        return ", ".join(parts) or "defaults"
 
 
 @dataclass(frozen=True)
@@ -44,40 +65,70 @@ class Setup:
         return c.prefill + c.decode if c.prefill else c.colocated
 
 
-def kv_blocks(profile: Profile, block_size: int = 16) -> int:
+@dataclass(frozen=True)
+class Window:
+    """How much of a scenario one probe simulates: `seconds` of arrivals, and `arrivals` at least."""
+
+    seconds: float = STEADY_S
+    arrivals: int = STEADY_ARRIVALS
+
+    def at(self, rate: float) -> float:
+        return max(self.seconds, self.arrivals / rate) if rate > 0 else self.seconds
+
+
+def kv_blocks(profile: Profile, block_size: int = BLOCK_SIZE) -> int:
     """KV blocks one GPU holds beside the weights."""
     free = GPU_MEMORY * MEMORY_UTILISATION - profile.model.weight_bytes
     return int(free // (profile.model.kv_bytes_per_token * block_size))
 
 
-def setups(profile: Profile, gpus: int) -> dict[str, Setup]:
+def setup(policy: str, profile: Profile, gpus: int, knobs: Knobs = Knobs()) -> Setup:
+    """The named policy (or ablation) on `gpus` GPUs, deployed with `knobs`."""
     blocks = kv_blocks(profile)
-    colocated = Cluster(profile, blocks, colocated=gpus, speculator="ngram")
-    split = Cluster(profile, blocks, prefill=max(1, gpus // 2), decode=max(1, gpus - gpus // 2))  # two at least
-    return {name: Setup(partial(make_policy, name, GPU_CONFIG, profile), split if name == "distserve" else colocated)
-            for name in ALL_NAMES}
+    if policy == "distserve":
+        total = max(2, gpus)
+        prefill = min(total - 1, max(1, knobs.prefill_gpus or total // 2))
+        cluster = Cluster(profile, blocks, prefill=prefill, decode=total - prefill)
+    else:
+        cluster = Cluster(profile, blocks, colocated=gpus, speculator="ngram")
+    return Setup(partial(make_policy, policy, knobs.config(), profile), cluster)
 
 
-def search(setup: Setup, name: str, profile: Profile, duration_s: float, bursty: bool, start: float,
-           seed: int = 0, splits: int = 4) -> Search:
+def sarathi_budget(profile: Profile, tpot_s: float) -> int:
+    """Sarathi-Serve's own rule: the largest token budget whose step, a full chunk of prompt,
+    fits in the tightest TBT (TPOT) target."""
+    lo, hi = 0, 1 << 16
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        step = profile.predict(Batches.of(prefill_tokens=mid, num_seqs=1, kv_read=mid, attention_pairs=mid * mid / 2))
+        lo, hi = (mid, hi) if float(step) <= tpot_s else (lo, mid)
+    return max(lo, 16)
+
+
+def tightest_tpot_s(name: str, profile: Profile, seed: int) -> float:
+    """The TPOT that 5 % of a scenario's requests (any stage) are at or under."""
+    tpots = []
+    for a in scenario(name, profile, 5.0, 120.0, seed):
+        while a is not None:
+            tpots += [a.tpot_ms] if a.tpot_ms else [s.tpot_ms for s in a.stages if s.tpot_ms]
+            a = a.then
+    return float(np.percentile(tpots, 5)) / 1e3
+
+
+def search(s: Setup, name: str, profile: Profile, window: Window, bursty: bool, start: float, seed: int = 0,
+           splits: int = 4) -> Search:
     """The capacity of one policy on one scenario (for the whole cluster, not per GPU)."""
     def attainment_at(rate: float) -> float:
-        arrivals = scenario(name, profile, rate, duration_s, seed, bursty)
-        return simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed, stop_below=TARGET).attainment
+        arrivals = scenario(name, profile, rate, window.at(rate), seed, bursty)
+        return simulate(s.make(), s.cluster, arrivals, DEFAULT_CLASSES, seed=seed, stop_below=TARGET).attainment
 
     return capacity(attainment_at, start, splits=splits)
 
 
-def roofline_bound(profile: Profile, arrivals: list[Arrival], gpus: int) -> float:
-    """Arrivals per second (tool calling: whole loops) all GPUs could finish if every FLOP ran
-    at the profile's effective peak and nothing else cost anything: no policy can sustain more."""
-    model = profile.model
-    flops = 0.0
-    for a in every_request(arrivals):
-        p, o = a.prompt_tokens, a.output_tokens
-        attention = (p * p / 2 + o * (p + o / 2)) * model.flops_per_pair
-        flops += (p + o) * model.flops_per_token + attention
-    return gpus / (flops / len(arrivals) * profile.params.inv_flops)
+def bound(name: str, profile: Profile, window: Window, bursty: bool, seed: int = 0) -> float:
+    """The scenario's upper bound per GPU (`bench.bound`), on one window's requests."""
+    arrivals = scenario(name, profile, 10.0, window.at(10.0), seed, bursty)
+    return upper_bound(profile, arrivals, kv_blocks(profile) * BLOCK_SIZE)
 
 
 def geomean(values: list[float]) -> float:
@@ -85,37 +136,87 @@ def geomean(values: list[float]) -> float:
     return float(np.exp(np.mean(np.log(positive)))) if positive else math.nan
 
 
+# Student's t at 97.5 % for 1-10 degrees of freedom; beyond, the value at 11 (to 30) or at 30, never
+# below the true one, so intervals are if anything too wide
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95 % confidence interval (Student's t) of independent measurements."""
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, math.nan, math.nan
+    df = len(v) - 1
+    t = T_975[df - 1] if df <= len(T_975) else 2.201 if df <= 30 else 2.042
+    half = t * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return mean, mean - half, mean + half
+
+
 @dataclass
 class CapacityRow:
-    """One scenario's capacities per GPU, each policy's probes, and the ratios the paper reports."""
+    """One scenario's capacities per GPU on each seed, each policy's probes on the first seed,
+    and its upper bound."""
 
     scenario: str
-    capacity: dict[str, float]  # policy -> requests (tool calling: tasks) per second per GPU
-    probes: dict[str, list[tuple[float, float]]]  # policy -> (rate per GPU, attainment)
-    bound: float  # the roofline bound per GPU
+    capacity: dict[str, list[float]]  # policy -> requests (tool calling: tasks) per second per GPU, per seed
+    probes: dict[str, list[tuple[float, float]]]  # policy -> (rate per GPU, attainment), first seed
+    bound: float  # per GPU
+
+    def mean(self, policy: str) -> float:
+        return float(np.mean(self.capacity[policy])) if policy in self.capacity else math.nan
 
     @property
-    def best_baseline(self) -> float:
-        return max((self.capacity[b] for b in BASELINES if b in self.capacity), default=math.nan)
+    def best_baseline(self) -> str | None:
+        """The baseline with the highest mean capacity."""
+        run = [b for b in BASELINES if b in self.capacity]
+        return max(run, key=self.mean) if run else None
 
-    def ratios(self) -> tuple[float, float, float]:
-        """slos ÷ the best baseline, slos ÷ EDF, bound ÷ the best baseline; nan where a policy
-        they need was not run."""
-        best, slos, edf = self.best_baseline, self.capacity.get("slos", math.nan), self.capacity.get("edf", math.nan)
-        return (slos / best if best else math.inf, slos / edf if edf else math.inf,
-                self.bound / best if best else math.inf)
+    def ratios(self, policy: str = "slos", against: str | None = None) -> list[float]:
+        """`policy` ÷ `against` (default: the best baseline), seed by seed."""
+        other = against or self.best_baseline
+        if other is None or policy not in self.capacity or other not in self.capacity:
+            return []
+        return [a / b if b else math.inf for a, b in zip(self.capacity[policy], self.capacity[other])]
 
 
-def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, duration_s: float, bursty: bool,
-                 start: float, splits: int) -> CapacityRow:
-    """Search each policy's capacity on one scenario; `start` is the first rate per GPU."""
-    by_policy = setups(profile, gpus)
-    capacity, probes = {}, {}
+def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, window: Window, bursty: bool,
+                 start: float, splits: int, seeds: list[int], knobs: dict[str, Knobs] | None = None) -> CapacityRow:
+    """Search each policy's capacity on one scenario for every seed; `start` is the first rate
+    per GPU (the searches after the first start from the first seed's capacity)."""
+    knobs = knobs or {}
+    capacities: dict[str, list[float]] = {}
+    probes = {}
     for policy in policies:
-        setup = by_policy[policy]
-        found = search(setup, name, profile, duration_s, bursty, start * setup.gpus, splits=splits)
-        capacity[policy] = found.capacity / setup.gpus
-        probes[policy] = [(r / setup.gpus, a) for r, a in found.probes]
-    bound = roofline_bound(profile, scenario(name, profile, 1.0, duration_s, 0, bursty), 1)
-    return CapacityRow(name, capacity, probes, bound)
+        s = setup(policy, profile, gpus, knobs.get(policy, Knobs()))
+        first = start
+        for seed in seeds:
+            found = search(s, name, profile, window, bursty, first * s.gpus, seed=seed, splits=splits)
+            capacities.setdefault(policy, []).append(found.capacity / s.gpus)
+            if seed == seeds[0]:
+                probes[policy] = [(r / s.gpus, a) for r, a in found.probes]
+                first = found.capacity / s.gpus or start
+    return CapacityRow(name, capacities, probes, bound(name, profile, window, bursty, seeds[0]))
+
+
+def tuned(grid: dict[str, list[Knobs]], results: dict[str, list[float]]) -> dict[str, Knobs]:
+    """Each policy's knobs with the highest capacity in `results` (the grid's order on ties)."""
+    return {p: grid[p][int(np.argmax(results[p]))] for p in grid if results.get(p)}
+
+
+def knob_grid(policy: str, profile: Profile, gpus: int, tpot_s: float, quick: bool = False) -> list[Knobs]:
+    """What `bench tune` tries for a baseline: token budgets 64-4,096 (and Sarathi-Serve's rule
+    for the chunked ones), FCFS's sequences, DistServe's every split."""
+    budgets = [256, 512, 2048] if quick else [64, 128, 256, 512, 1024, 2048, 4096]
+    match policy:
+        case "sarathi" | "edf":
+            rule = sarathi_budget(profile, tpot_s)
+            return [Knobs(budget=b) for b in sorted(set(budgets) | {rule})]
+        case "fcfs":
+            seqs = [256] if quick else [64, 256]
+            return [Knobs(budget=b, max_seqs=n) for b in budgets if b >= 512 for n in seqs] + [Knobs(budget=8192)]
+        case "distserve":
+            total = max(2, gpus)
+            return [Knobs(budget=b, prefill_gpus=p) for p in range(1, total) for b in budgets if b >= 512]
+    return [Knobs()]
 

@@ -88,6 +88,7 @@ class SimResult:
     planner_s: float  # wall time spent in the planner
     stopped: bool = False  # given up once the attainment asked for was out of reach
     promises: dict[str, tuple[int, int]] = field(default_factory=dict)  # the planner's count: kind -> (met, total)
+    busy_s: float = 0.0  # the workers' step time, summed over workers
 
     @property
     def attainment(self) -> float:
@@ -278,7 +279,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
     resubmissions = Resubmissions()
     in_flight: dict[str, tuple[StepReport, dict[str, int]]] = {}
     last_arrival = max((a.at for a in arrivals), default=0.0)
-    calls, planner_s = 0, 0.0
+    calls, planner_s, busy_s = 0, 0.0, 0.0
     tick_pending = False
     missed, most_missed = 0, math.inf
     if stop_below is not None:
@@ -352,6 +353,7 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
         start = now + elapsed if cluster.planner_in_loop else now
         for wid, order in orders.items():
             seconds, report, tokens = workers[wid].step(order, truth)
+            busy_s += seconds
             in_flight[wid] = (report, tokens)
             heapq.heappush(events, (start + seconds, next(counter), "done", wid))
         if not in_flight and planner.state.waiting and not tick_pending:
@@ -360,7 +362,8 @@ def simulate(policy: Policy, cluster: Cluster, arrivals: list[Arrival], classes:
 
     outcomes = [_outcome(c) for c in clients.values()]
     promises = {kind: (a.met, a.total) for kind, a in planner.state.promises.items()}
-    return SimResult(judge_loops(outcomes, arrivals), clock.now(), calls, planner_s, missed > most_missed, promises)
+    return SimResult(judge_loops(outcomes, arrivals), clock.now(), calls, planner_s, missed > most_missed, promises,
+                     busy_s)
 
 
 def _outcome(c: _Client) -> Outcome:

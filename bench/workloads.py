@@ -17,7 +17,8 @@ The six scenarios and where their numbers come from:
 - reasoning: no public trace here, so assumed: questions of 50-300 tokens, 500-3,000 thinking
   tokens then 50-300 answer tokens; Poisson arrivals.
 Token counts of text are its characters / 4. Objectives scale with the hardware's idle
-latency (`SLO_SCALES`); the bursty variant triples the rate for 10 s in every 40 s.
+latency (`SLO_SCALES`); the bursty variant triples the rate for 10 s in every 40 s (shorter
+cycles in windows under 160 s, so that every window holds four).
 """
 
 from __future__ import annotations
@@ -221,22 +222,34 @@ def arxiv_lengths() -> np.ndarray:
     return np.array([(p, min(o, 1024)) for p, o in rows if p + min(o, 1024) <= 4096])
 
 
-def arrival_times(rate: float, count: int, rng: np.random.Generator, trace: str | None = None,
+BURST_CYCLE_S = 40.0  # a burst starts every this many seconds...
+BURST_S = 10.0  # ...and lasts this long, at three times the mean rate
+MIN_CYCLES = 4  # a shorter window gets shorter cycles, so that every window holds this many
+
+
+def arrival_times(rate: float, duration_s: float, rng: np.random.Generator, trace: str | None = None,
                   bursty: bool = False) -> np.ndarray:
-    """Arrival times at a mean of `rate` per second: a stretch of an Azure trace's own gaps
-    (rescaled), or Poisson. Bursty: three times the rate for 10 s in every 40 s and a third
-    of it the rest, the same mean."""
-    if trace is None:
-        gaps = rng.exponential(1.0, count)
-    else:
-        times = azure_trace(trace)[0]
-        start = int(rng.integers(0, len(times) - count - 1))
-        gaps = np.diff(times[start:start + count + 1])
-        gaps = gaps / gaps.mean()
-    if bursty:
-        gaps = _warp(np.cumsum(gaps), on_s=10.0 * rate, off_s=30.0 * rate, high=3.0, low=1 / 3)
-        return gaps / rate
-    return np.cumsum(gaps) / rate
+    """Arrival times within `duration_s` at a mean of `rate` per second: an Azure trace's own
+    gaps (a stretch from a random start, wrapping round, rescaled to the rate), or Poisson.
+    Bursty: three times the rate for a quarter of every cycle and a third of it the rest, the
+    same mean; a cycle is 40 s, or a quarter of a shorter window, so every window holds four."""
+    count = int(rate * duration_s * (3.0 if bursty else 1.5)) + 20
+    while True:
+        if trace is None:
+            gaps = rng.exponential(1.0, count)
+        else:
+            trace_gaps = np.diff(azure_trace(trace)[0])
+            gaps = trace_gaps[(int(rng.integers(len(trace_gaps))) + np.arange(count)) % len(trace_gaps)]
+            gaps = gaps / gaps.mean()
+        units = np.cumsum(gaps)
+        if bursty:
+            cycle = min(BURST_CYCLE_S, duration_s / MIN_CYCLES)
+            on = cycle * BURST_S / BURST_CYCLE_S
+            units = _warp(units, on_s=on * rate, off_s=(cycle - on) * rate, high=3.0, low=1 / 3)
+        times = units / rate
+        if times[-1] >= duration_s:
+            return times[:max(1, int(np.searchsorted(times, duration_s)))]  # one at least
+        count *= 2
 
 
 def _warp(units: np.ndarray, on_s: float, off_s: float, high: float, low: float) -> np.ndarray:
@@ -269,7 +282,7 @@ def scenario(name: str, profile: Profile, rate: float, duration_s: float, seed: 
                  for i, n in enumerate(("chatbot", "coding", "summarization"))]
         return sorted((a for part in parts for a in part), key=lambda a: a.at)
     trace = {"chatbot": "conv", "coding": "code"}.get(name)
-    times = arrival_times(rate, max(1, round(rate * duration_s)), rng, trace, bursty)
+    times = arrival_times(rate, duration_s, rng, trace, bursty)
     out = []
     for i, at in enumerate(times.tolist()):
         rid = f"{name[:4]}{seed}-{i}"

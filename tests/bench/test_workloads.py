@@ -38,14 +38,27 @@ def test_scenarios_are_deterministic_and_scaled_to_the_hardware(name: str) -> No
     assert faster.ttft_ms < first.ttft_ms  # the same request, tighter on faster hardware
 
 
-def test_bursts_keep_the_mean_rate() -> None:
-    rng = np.random.default_rng(0)
-    steady = arrival_times(10.0, 4000, rng)
-    bursty = arrival_times(10.0, 4000, np.random.default_rng(0), bursty=True)
-    assert len(steady) / steady[-1] == pytest.approx(10.0, rel=0.05)
-    assert len(bursty) / bursty[-1] == pytest.approx(10.0, rel=0.1)
-    per_second = np.bincount(bursty.astype(int))
-    assert per_second.max() > 2 * per_second.mean()  # the bursts are there
+def test_arrivals_fill_the_window_at_the_mean_rate() -> None:
+    for trace in (None, "conv", "code"):
+        if trace and not TRACES.is_dir():
+            continue
+        times = arrival_times(10.0, 300.0, np.random.default_rng(0), trace)
+        assert times[-1] < 300.0 and all(np.diff(times) >= 0)
+        assert len(times) == pytest.approx(3000, rel=0.25)
+
+
+@pytest.mark.parametrize("duration", [60.0, 400.0])
+def test_bursts_cycle_at_least_four_times_in_every_window_at_the_mean_rate(duration: float) -> None:
+    times = arrival_times(10.0, duration, np.random.default_rng(0), bursty=True)
+    assert len(times) / duration == pytest.approx(10.0, rel=0.1)
+    cycle = min(40.0, duration / 4)
+    cycles = int(duration // cycle)
+    assert cycles >= 4
+    for c in range(cycles):  # three times the rate in the first quarter of each cycle, a third after
+        start = c * cycle
+        on = np.sum((times >= start) & (times < start + cycle / 4))
+        off = np.sum((times >= start + cycle / 4) & (times < start + cycle))
+        assert on / (cycle / 4) > 4 * off / (cycle * 3 / 4)
 
 
 def test_a_tool_loop_is_a_chain_of_calls_with_a_looser_final_answer() -> None:
