@@ -3,7 +3,6 @@ Markdown table (the form `docs/benchmarks.md` quotes) and, where asked, a plot."
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from bench.eval_cli import bench_capacity, bench_paper, bench_replicas, bench_tune
 from bench.load_cli import (
     bench_aiperf,
     bench_compare,
@@ -32,45 +32,6 @@ from shared.roofline import (
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 console = Console(stderr=True)
-
-
-def sim(
-    scenario_name: Annotated[str, typer.Option("--scenario", help="chatbot, coding, summarization, mixed, "
-                                               "tool_calling or reasoning")] = "mixed",
-    rate: Annotated[float, typer.Option(help="requests per second")] = 4.0,
-    duration: Annotated[float, typer.Option(help="seconds of arrivals")] = 60.0,
-    policy: Annotated[str, typer.Option(help="slos, fcfs, sarathi, distserve, edf or an slos ablation")] = "slos",
-    gpus: Annotated[int, typer.Option(help="GPUs (DistServe splits them into pools)")] = 1,
-    bursty: Annotated[bool, typer.Option(help="the bursty variant")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
-    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
-) -> None:
-    """Simulate one scenario with the planner's real code and print SLO attainment per class."""
-    import time
-
-    from bench.experiments import setups
-    from bench.simulator import simulate
-    from bench.workloads import scenario
-    from shared.slo import DEFAULT_CLASSES
-
-    prof = load_profile(profile)
-    setup = setups(prof, gpus)[policy]
-    arrivals = scenario(scenario_name, prof, rate, duration, seed, bursty)
-    started = time.perf_counter()
-    result = simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES, seed=seed)
-    wall = time.perf_counter() - started
-    done = [o for o in result.outcomes if o.finished]
-    ttft = [o.ttft_s for o in done if o.ttft_s is not None]
-    print(f"{len(result.outcomes)} requests, {sum(o.refused for o in result.outcomes)} refused; "
-          f"SLO attainment {result.attainment:.1%} "
-          + ", ".join(f"{c} {a:.1%}" for c, a in result.by_class().items()))
-    if ttft:
-        print(f"TTFT p50 {np.percentile(ttft, 50) * 1e3:.0f} ms, p99 {np.percentile(ttft, 99) * 1e3:.0f} ms; "
-              f"simulated {result.end:.0f} s in {result.planner_calls} planner calls "
-              f"({result.planner_s / max(1, result.planner_calls) * 1e3:.2f} ms each)")
-    print("by the planner's count: " + ", ".join(f"{kind} {met} met of {total}"
-                                                 for kind, (met, total) in sorted(result.promises.items())))
-    print(f"simulation took {wall:.1f} s, of which the planner {result.planner_s:.1f} s")
 
 
 @bench_app.command("setup-vllm")
@@ -244,89 +205,6 @@ def bench_planner(
               f"{np.percentile(t.call_s, 50) * 1e3:.3f} | {np.percentile(t.call_s, 99) * 1e3:.3f} | {t.admitted:.0%} |")
 
 
-def _times(ratio: float) -> str:
-    """A ratio for the tables; n/a where a policy it needs was not run."""
-    return "n/a" if math.isnan(ratio) else f"{ratio:.2f}x"
-
-
-@bench_app.command("capacity")
-def bench_capacity(
-    scenarios: Annotated[str, typer.Option(help="comma-separated, or all")] = "all",
-    policies: Annotated[str, typer.Option(help="comma-separated: slos, fcfs, sarathi, distserve, edf, "
-                                          "slos-no-spec, slos-no-routing, slos-no-burst")] = "slos,fcfs,sarathi,distserve,edf",
-    gpus: Annotated[int, typer.Option(help="GPUs each policy gets (DistServe splits them)")] = 2,
-    duration: Annotated[float, typer.Option(help="seconds of arrivals per simulated run")] = 30.0,
-    bursty: Annotated[bool, typer.Option(help="the bursty variant of each scenario")] = False,
-    start: Annotated[float, typer.Option(help="rate (req/s) the search starts from")] = 4.0,
-    splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
-    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
-    plot: Annotated[Path | None, typer.Option(help="PNG of SLO attainment against rate")] = None,
-) -> None:
-    """Capacity per GPU (req/s at 90 % SLO attainment) of each policy on each scenario, in the simulator."""
-    from bench.experiments import BASELINES, capacity_row, geomean
-    from bench.workloads import SCENARIOS
-
-    prof = load_profile(profile)
-    names = list(SCENARIOS) if scenarios == "all" else scenarios.split(",")
-    wanted = policies.split(",")
-    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    ratios = []
-    print(f"{prof.model.name} on {prof.hardware}, {gpus} GPU(s) a policy (DistServe: {max(2, gpus)}), "
-          f"{duration:.0f} s of arrivals per run{', bursty' if bursty else ''}; capacity in requests per second "
-          "per GPU (tool calling: tasks)")
-    head = " | ".join(wanted)
-    print(f"| scenario | {head} | slos ÷ best of {'/'.join(BASELINES)} | slos ÷ edf | roofline bound | bound ÷ best |")
-    print("|---" * (len(wanted) + 5) + "|")
-    for name in names:
-        row = capacity_row(name, wanted, prof, gpus, duration, bursty, start, splits)
-        curves[name] = row.probes
-        ratios.append(row.ratios())
-        print(f"| {name} | " + " | ".join(f"{row.capacity[p]:.2f}" for p in wanted)
-              + " | {} | {} | {:.1f} | {} |".format(*map(_times, ratios[-1][:2]), row.bound, _times(ratios[-1][2])),
-              flush=True)
-    means = [_times(geomean([r[i] for r in ratios])) for i in range(3)]
-    print("| geometric mean | " + " | ".join("" for _ in wanted) + f" | {means[0]} | {means[1]} | | {means[2]} |")
-    if plot is not None:
-        from bench.plots import attainment_curves
-
-        attainment_curves(plot, curves, f"{prof.model.name}, {gpus} x {prof.hardware}")
-
-
-@bench_app.command("replicas")
-def bench_replicas(
-    scenario_name: Annotated[str, typer.Option("--scenario", help="a scenario")] = "tool_calling",
-    replicas: Annotated[str, typer.Option(help="comma-separated")] = "1,2,4,8",
-    duration: Annotated[float, typer.Option(help="seconds of arrivals per simulated run")] = 30.0,
-    bursty: Annotated[bool, typer.Option(help="the bursty variant")] = True,
-    policies: Annotated[str, typer.Option(help="comma-separated")] = "slos,sarathi",
-    profile: Annotated[Path, typer.Option(help="GPU profile")] = SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json",
-    plot: Annotated[Path | None, typer.Option(help="PNG of capacity against replicas")] = None,
-) -> None:
-    """Capacity as replicas are added: superlinear when routing and admission pool the slack."""
-    from bench.experiments import search, setups
-
-    prof = load_profile(profile)
-    wanted = policies.split(",")
-    counts = [int(r) for r in replicas.split(",")]
-    print(f"{scenario_name}{' (bursty)' if bursty else ''}, {prof.model.name} on {prof.hardware}; capacity in req/s "
-          "and as a multiple of one replica's")
-    print("| replicas | " + " | ".join(wanted) + " |")
-    print("|---" * (len(wanted) + 1) + "|")
-    series: dict[str, list[tuple[int, float]]] = {p: [] for p in wanted}
-    for n in counts:
-        cells = []
-        for policy in wanted:
-            cap = search(setups(prof, n)[policy], scenario_name, prof, duration, bursty, start=2.0 * n).capacity
-            series[policy].append((n, cap))
-            single = series[policy][0][1]
-            cells.append(f"{cap:.2f} ({cap / single:.1f}x)" if single else f"{cap:.2f}")
-        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
-    if plot is not None:
-        from bench.plots import scaling
-
-        scaling(plot, series, f"{scenario_name}{' (bursty)' if bursty else ''}, {prof.model.name} on {prof.hardware}")
-
-
 @bench_app.command("engine")
 def bench_engine(
     model: Annotated[Path | None, typer.Option(help="safetensors directory or GGUF (default: built-in)")] = None,
@@ -403,6 +281,10 @@ def bench_greedy(
 
 
 
+bench_app.command("tune")(bench_tune)
+bench_app.command("capacity")(bench_capacity)
+bench_app.command("replicas")(bench_replicas)
+bench_app.command("paper")(bench_paper)
 bench_app.command("live")(bench_live)
 bench_app.command("compare")(bench_compare)
 bench_app.command("aiperf")(bench_aiperf)

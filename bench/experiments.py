@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -32,6 +34,7 @@ MEMORY_UTILISATION = 0.9
 BLOCK_SIZE = 16
 STEADY_S = 300.0  # a probe's window: this many seconds of arrivals...
 STEADY_ARRIVALS = 2000  # ...and this many arrivals at least
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -180,41 +183,63 @@ class CapacityRow:
         return [a / b if b else math.inf for a, b in zip(self.capacity[policy], self.capacity[other])]
 
 
+def capacity_per_gpu(policy: str, knobs: Knobs, profile: Profile, gpus: int, name: str, window: Window,
+                     bursty: bool, start: float, seed: int, splits: int) -> tuple[float, list[tuple[float, float]]]:
+    """One policy's capacity per GPU on one scenario and seed, and its probes (rate per GPU,
+    attainment); `start` is the first rate per GPU."""
+    s = setup(policy, profile, gpus, knobs)
+    found = search(s, name, profile, window, bursty, start * s.gpus, seed, splits)
+    return found.capacity / s.gpus, [(r / s.gpus, a) for r, a in found.probes]
+
+
+def run_parallel(fn: Callable[..., T], calls: list[tuple], jobs: int,
+                 done: Callable[[], None] = lambda: None) -> list[T]:
+    """`fn(*args)` for each args in `calls`, on `jobs` processes (in this one for 1), in order."""
+    if jobs <= 1:
+        out = []
+        for args in calls:
+            out.append(fn(*args))
+            done()
+        return out
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+        for f in as_completed(futures):
+            f.result()
+            done()
+        return [f.result() for f in futures]
+
+
 def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, window: Window, bursty: bool,
-                 start: float, splits: int, seeds: list[int], knobs: dict[str, Knobs] | None = None) -> CapacityRow:
-    """Search each policy's capacity on one scenario for every seed; `start` is the first rate
-    per GPU (the searches after the first start from the first seed's capacity)."""
+                 start: float, splits: int, seeds: list[int], knobs: dict[str, Knobs] | None = None, jobs: int = 1,
+                 done: Callable[[], None] = lambda: None) -> CapacityRow:
+    """Search each policy's capacity on one scenario for every seed, on `jobs` processes."""
     knobs = knobs or {}
+    calls = [(p, knobs.get(p, Knobs()), profile, gpus, name, window, bursty, start, seed, splits)
+             for p in policies for seed in seeds]
+    results = iter(run_parallel(capacity_per_gpu, calls, jobs, done))
     capacities: dict[str, list[float]] = {}
     probes = {}
     for policy in policies:
-        s = setup(policy, profile, gpus, knobs.get(policy, Knobs()))
-        first = start
         for seed in seeds:
-            found = search(s, name, profile, window, bursty, first * s.gpus, seed=seed, splits=splits)
-            capacities.setdefault(policy, []).append(found.capacity / s.gpus)
-            if seed == seeds[0]:
-                probes[policy] = [(r / s.gpus, a) for r, a in found.probes]
-                first = found.capacity / s.gpus or start
+            cap, tried = next(results)
+            capacities.setdefault(policy, []).append(cap)
+            probes.setdefault(policy, tried)
     return CapacityRow(name, capacities, probes, bound(name, profile, window, bursty, seeds[0]))
-
-
-def tuned(grid: dict[str, list[Knobs]], results: dict[str, list[float]]) -> dict[str, Knobs]:
-    """Each policy's knobs with the highest capacity in `results` (the grid's order on ties)."""
-    return {p: grid[p][int(np.argmax(results[p]))] for p in grid if results.get(p)}
 
 
 def knob_grid(policy: str, profile: Profile, gpus: int, tpot_s: float, quick: bool = False) -> list[Knobs]:
     """What `bench tune` tries for a baseline: token budgets 64-4,096 (and Sarathi-Serve's rule
     for the chunked ones), FCFS's sequences, DistServe's every split."""
-    budgets = [256, 512, 2048] if quick else [64, 128, 256, 512, 1024, 2048, 4096]
+    rule = sarathi_budget(profile, tpot_s)
+    if quick:  # the rule and the usual deployment
+        return {"sarathi": [Knobs(budget=rule), Knobs(budget=512)], "edf": [Knobs(budget=rule), Knobs(budget=512)],
+                "fcfs": [Knobs(budget=2048), Knobs(budget=8192)]}.get(policy, [Knobs()])
+    budgets = [64, 128, 256, 512, 1024, 2048, 4096]
     match policy:
         case "sarathi" | "edf":
-            rule = sarathi_budget(profile, tpot_s)
             return [Knobs(budget=b) for b in sorted(set(budgets) | {rule})]
         case "fcfs":
-            seqs = [256] if quick else [64, 256]
-            return [Knobs(budget=b, max_seqs=n) for b in budgets if b >= 512 for n in seqs] + [Knobs(budget=8192)]
+            return [Knobs(budget=b, max_seqs=n) for b in budgets if b >= 512 for n in (64, 256)] + [Knobs(budget=8192)]
         case "distserve":
             total = max(2, gpus)
             return [Knobs(budget=b, prefill_gpus=p) for p in range(1, total) for b in budgets if b >= 512]

@@ -118,3 +118,21 @@ def scaling(path: Path, series: dict[str, list[tuple[int, float]]], title: str) 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def arrival_histograms(path: Path, arrivals: dict[str, list[float]], title: str, bin_s: float = 5.0) -> None:
+    """Arrivals per second over each window, one panel per scenario: the bursts' cycles show."""
+    plt = _pyplot()
+    names = list(arrivals)
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.6 * len(names) + 0.6), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        times = np.asarray(arrivals[name])
+        bins = np.arange(0.0, times.max() + bin_s, bin_s)
+        counts, edges = np.histogram(times, bins)
+        ax.step(edges[:-1], counts / bin_s, where="post", linewidth=1.0)
+        ax.set(ylabel="arrivals/s", title=name)
+    axes.flat[-1].set_xlabel("seconds")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

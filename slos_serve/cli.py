@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.cli import bench_app, sim
+from bench.cli import bench_app
+from bench.eval_cli import sim
 from models.builtin import BUILTIN_NAME, ensure_builtin
 from models.gguf import NotAGGUFModel
 from models.resolve import BUILTIN, resolve_model

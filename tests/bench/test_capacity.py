@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from bench.capacity import TARGET, capacity
-from bench.experiments import roofline_bound, setups
+from bench.experiments import setup
 from bench.simulator import simulate
-from bench.workloads import TRACES, Arrival, scenario
+from bench.workloads import TRACES, scenario
 from shared.roofline import SHIPPED_PROFILES, load_profile
 from shared.slo import DEFAULT_CLASSES
 
@@ -23,24 +23,14 @@ def test_finds_a_known_threshold_from_any_start(start: float) -> None:
 @pytest.mark.skipif(not TRACES.is_dir(), reason=f"public traces not at {TRACES}")
 def test_capacity_of_a_tiny_trace_in_the_simulator() -> None:
     profile = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
-    setup = setups(profile, gpus=1)["slos"]
+    s = setup("slos", profile, gpus=1)
 
     def attainment_at(rate: float) -> float:
         arrivals = scenario("coding", profile, rate, 4.0, seed=0)
-        return simulate(setup.make(), setup.cluster, arrivals, DEFAULT_CLASSES).attainment
+        return simulate(s.make(), s.cluster, arrivals, DEFAULT_CLASSES).attainment
 
     found = capacity(attainment_at, start=8.0, splits=2)
     assert found.capacity > 0
     met = dict(found.probes)
     assert met[found.capacity] >= TARGET
     assert any(rate > found.capacity and share < TARGET for rate, share in found.probes)
-
-
-def test_the_roofline_bound_counts_a_loop_as_one_arrival() -> None:
-    profile = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
-    model = profile.model
-    one = Arrival("a", 0.0, 1000, 100, "chatbot")
-    flops = 1100 * model.flops_per_token + (1000 * 1000 / 2 + 100 * (1000 + 50)) * model.flops_per_pair
-    assert roofline_bound(profile, [one], 2) == pytest.approx(2 / (flops * profile.params.inv_flops))
-    loop = Arrival("t.0", 0.0, 1000, 100, "tool_calling", then=Arrival("t.1", 0.5, 1000, 100, "tool_calling"))
-    assert roofline_bound(profile, [loop], 1) == pytest.approx(roofline_bound(profile, [one, one], 1) / 2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bench.simulator as sim
-from bench.experiments import setups
+from bench.experiments import setup
 from bench.simulator import Arrival, Cluster, simulate
 from bench.validate import StepsSeen
 from bench.workloads import scenario
@@ -169,8 +169,8 @@ def test_the_planner_keeps_every_promise_it_makes_on_summarization_at_its_capaci
     """Steps here run exactly as priced, so a promise missed is the planner's own: before stop
     26 it missed 14 of 300 in this run (the step in flight counted twice, chunks cut below the
     plan, the wrong promise given up, a best-effort request promised again after a preemption)."""
-    setup = setups(A100, 2)["slos"]
-    result = simulate(setup.make(), setup.cluster, scenario("summarization", A100, 10.38, 30, 0, False),
+    s = setup("slos", A100, 2)
+    result = simulate(s.make(), s.cluster, scenario("summarization", A100, 10.38, 30, 0, False),
                       DEFAULT_CLASSES)
     met, total = result.promises["promised"]
     assert total > 250 and met == total
