@@ -23,6 +23,7 @@ from bench.experiments import (
     STEADY_S,
     CapacityRow,
     Knobs,
+    Variant,
     Window,
     capacity_per_gpu,
     capacity_row,
@@ -46,6 +47,8 @@ PrefillGPUs = Annotated[int | None, typer.Option(help="DistServe's prefill GPUs 
 Duration = Annotated[float, typer.Option(help="seconds of arrivals per simulated run, at least")]
 MinArrivals = Annotated[int, typer.Option(help="arrivals per simulated run, at least")]
 Jobs = Annotated[int, typer.Option(help="simulations run at once, one process each")]
+Acceptance = Annotated[float | None, typer.Option(help="per-token acceptance of speculative tokens for every request "
+                                                  "(default: the scenario's)")]
 
 
 def _progress() -> Progress:
@@ -75,16 +78,16 @@ def sim(
     budget: Budget = None,
     max_seqs: MaxSeqs = 256,
     prefill_gpus: PrefillGPUs = None,
+    acceptance: Acceptance = None,
     profile: Profile_ = A100,
 ) -> None:
     """Simulate one scenario with the planner's real code and print SLO attainment per class."""
     from bench.simulator import simulate
-    from bench.workloads import scenario
     from shared.slo import DEFAULT_CLASSES
 
     prof = load_profile(profile)
     s = setup(policy, prof, gpus, Knobs(budget, max_seqs, prefill_gpus))
-    arrivals = scenario(scenario_name, prof, rate, duration, seed, bursty)
+    arrivals = Variant(bursty, acceptance).arrivals(scenario_name, prof, rate, duration, seed)
     started = time.perf_counter()
     result = simulate(s.make(), s.cluster, arrivals, DEFAULT_CLASSES, seed=seed)
     wall = time.perf_counter() - started
@@ -130,7 +133,7 @@ def bench_tune(
     for name in _scenarios(scenarios):
         tpot = tightest_tpot_s(name, prof, seed)
         grid = [(p, k) for p in policies.split(",") for k in knob_grid(p, prof, gpus, tpot, quick)]
-        calls = [(p, k, prof, gpus, name, window, False, start, seed, splits) for p, k in grid]
+        calls = [(p, k, prof, gpus, name, window, Variant(), start, seed, splits) for p, k in grid]
         with _progress() as bar:
             task = bar.add_task(f"tuning {name}", total=len(calls))
             caps = [c for c, _ in run_parallel(capacity_per_gpu, calls, jobs, lambda: bar.advance(task))]
@@ -170,6 +173,7 @@ def bench_capacity(
     max_seqs: MaxSeqs = 256,
     prefill_gpus: PrefillGPUs = None,
     bursty: Annotated[bool, typer.Option(help="the bursty variant of each scenario")] = False,
+    acceptance: Acceptance = None,
     start: Annotated[float, typer.Option(help="rate per GPU the search starts from")] = 4.0,
     splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
     jobs: Jobs = 2,
@@ -187,7 +191,8 @@ def bench_capacity(
     seed_list = _seeds(seeds)
     logging.disable(logging.WARNING)
     print(f"{prof.model.name} on {prof.hardware}, {gpus} GPU(s) a policy (DistServe: {max(2, gpus)}), windows of "
-          f"{duration:.0f} s and {min_arrivals} arrivals at least{', bursty' if bursty else ''}, seeds "
+          f"{duration:.0f} s and {min_arrivals} arrivals at least{', bursty' if bursty else ''}"
+          f"{f', acceptance {acceptance}' if acceptance is not None else ''}, seeds "
           f"{seeds}; baselines' knobs {'tuned (' + str(tuned) + ')' if tuned else given.label()}; capacity in "
           "requests per second per GPU (tool calling: tasks), mean [95 % interval]")
     print(f"| scenario | {' | '.join(wanted)} | best baseline | slos ÷ best | bound | slos ÷ bound |")
@@ -197,7 +202,8 @@ def bench_capacity(
         task = bar.add_task("searches", total=len(_scenarios(scenarios)) * len(wanted) * len(seed_list))
         for name in _scenarios(scenarios):
             knobs = {p: knobs_by_scenario.get(name, {}).get(p, given) for p in wanted if p != "slos"}
-            row = capacity_row(name, wanted, prof, gpus, window, bursty, start, splits, seed_list, knobs, jobs,
+            row = capacity_row(name, wanted, prof, gpus, window, Variant(bursty, acceptance), start, splits, seed_list,
+                               knobs, jobs,
                                lambda: bar.advance(task))
             rows.append(row)
             best = row.best_baseline
@@ -276,7 +282,7 @@ def bench_replicas(
         cells = []
         for policy in wanted:
             s = setup(policy, prof, n)
-            caps = [search(s, scenario_name, prof, window, bursty, start=2.0 * n, seed=seed).capacity
+            caps = [search(s, scenario_name, prof, window, Variant(bursty), start=2.0 * n, seed=seed).capacity
                     for seed in _seeds(seeds)]
             series[policy].append((n, float(np.mean(caps))))
             single = series[policy][0][1]

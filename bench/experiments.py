@@ -22,7 +22,7 @@ import numpy as np
 from bench.bound import upper_bound
 from bench.capacity import TARGET, Search, capacity
 from bench.simulator import Cluster, simulate
-from bench.workloads import scenario
+from bench.workloads import Arrival, scenario, with_alpha
 from planner.policies.base import Policy
 from planner.policies.registry import PolicyConfig, make_policy
 from shared.roofline import Batches, Profile
@@ -79,6 +79,19 @@ class Window:
         return max(self.seconds, self.arrivals / rate) if rate > 0 else self.seconds
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Which form of a scenario a probe runs: bursty or steady arrivals, and an acceptance of
+    speculative tokens for every request instead of the scenario's (the sensitivity table)."""
+
+    bursty: bool = False
+    acceptance: float | None = None
+
+    def arrivals(self, name: str, profile: Profile, rate: float, seconds: float, seed: int) -> list[Arrival]:
+        arrivals = scenario(name, profile, rate, seconds, seed, self.bursty)
+        return arrivals if self.acceptance is None else [with_alpha(a, self.acceptance) for a in arrivals]
+
+
 def kv_blocks(profile: Profile, block_size: int = BLOCK_SIZE) -> int:
     """KV blocks one GPU holds beside the weights."""
     free = GPU_MEMORY * MEMORY_UTILISATION - profile.model.weight_bytes
@@ -118,19 +131,19 @@ def tightest_tpot_s(name: str, profile: Profile, seed: int) -> float:
     return float(np.percentile(tpots, 5)) / 1e3
 
 
-def search(s: Setup, name: str, profile: Profile, window: Window, bursty: bool, start: float, seed: int = 0,
+def search(s: Setup, name: str, profile: Profile, window: Window, variant: Variant, start: float, seed: int = 0,
            splits: int = 4) -> Search:
     """The capacity of one policy on one scenario (for the whole cluster, not per GPU)."""
     def attainment_at(rate: float) -> float:
-        arrivals = scenario(name, profile, rate, window.at(rate), seed, bursty)
+        arrivals = variant.arrivals(name, profile, rate, window.at(rate), seed)
         return simulate(s.make(), s.cluster, arrivals, DEFAULT_CLASSES, seed=seed, stop_below=TARGET).attainment
 
     return capacity(attainment_at, start, splits=splits)
 
 
-def bound(name: str, profile: Profile, window: Window, bursty: bool, seed: int = 0) -> float:
+def bound(name: str, profile: Profile, window: Window, variant: Variant, seed: int = 0) -> float:
     """The scenario's upper bound per GPU (`bench.bound`), on one window's requests."""
-    arrivals = scenario(name, profile, 10.0, window.at(10.0), seed, bursty)
+    arrivals = variant.arrivals(name, profile, 10.0, window.at(10.0), seed)
     return upper_bound(profile, arrivals, kv_blocks(profile) * BLOCK_SIZE)
 
 
@@ -184,11 +197,11 @@ class CapacityRow:
 
 
 def capacity_per_gpu(policy: str, knobs: Knobs, profile: Profile, gpus: int, name: str, window: Window,
-                     bursty: bool, start: float, seed: int, splits: int) -> tuple[float, list[tuple[float, float]]]:
+                     variant: Variant, start: float, seed: int, splits: int) -> tuple[float, list[tuple[float, float]]]:
     """One policy's capacity per GPU on one scenario and seed, and its probes (rate per GPU,
     attainment); `start` is the first rate per GPU."""
     s = setup(policy, profile, gpus, knobs)
-    found = search(s, name, profile, window, bursty, start * s.gpus, seed, splits)
+    found = search(s, name, profile, window, variant, start * s.gpus, seed, splits)
     return found.capacity / s.gpus, [(r / s.gpus, a) for r, a in found.probes]
 
 
@@ -209,12 +222,12 @@ def run_parallel(fn: Callable[..., T], calls: list[tuple], jobs: int,
         return [f.result() for f in futures]
 
 
-def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, window: Window, bursty: bool,
+def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, window: Window, variant: Variant,
                  start: float, splits: int, seeds: list[int], knobs: dict[str, Knobs] | None = None, jobs: int = 1,
                  done: Callable[[], None] = lambda: None) -> CapacityRow:
     """Search each policy's capacity on one scenario for every seed, on `jobs` processes."""
     knobs = knobs or {}
-    calls = [(p, knobs.get(p, Knobs()), profile, gpus, name, window, bursty, start, seed, splits)
+    calls = [(p, knobs.get(p, Knobs()), profile, gpus, name, window, variant, start, seed, splits)
              for p in policies for seed in seeds]
     results = iter(run_parallel(capacity_per_gpu, calls, jobs, done))
     capacities: dict[str, list[float]] = {}
@@ -224,7 +237,7 @@ def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, wi
             cap, tried = next(results)
             capacities.setdefault(policy, []).append(cap)
             probes.setdefault(policy, tried)
-    return CapacityRow(name, capacities, probes, bound(name, profile, window, bursty, seeds[0]))
+    return CapacityRow(name, capacities, probes, bound(name, profile, window, variant, seeds[0]))
 
 
 def knob_grid(policy: str, profile: Profile, gpus: int, tpot_s: float, quick: bool = False) -> list[Knobs]:

@@ -113,6 +113,11 @@ def judge_loops(outcomes: list[Outcome], arrivals: list[Arrival]) -> list[Outcom
     return list(judged.values())
 
 
+def with_alpha(a: Arrival, alpha: float) -> Arrival:
+    """The arrival, and every call of its loop, with this acceptance of speculative tokens."""
+    return dataclasses.replace(a, alpha=alpha, then=None if a.then is None else with_alpha(a.then, alpha))
+
+
 def attainment_by_class(outcomes: list[Outcome]) -> dict[str, float]:
     return {c: attainment([o for o in outcomes if o.slo_class == c]) for c in sorted({o.slo_class for o in outcomes})}
 

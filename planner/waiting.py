@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _COLUMNS = {"prefill": np.int64, "whole": np.int64, "deadline": np.float64, "tpot": np.float64,
-            "context": np.int64, "parked": np.bool_, "live": np.bool_}
+            "context": np.int64, "parked": np.bool_, "live": np.bool_, "order": np.int64}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Rows:
     context: np.ndarray  # KV tokens a decode step of it reads, on average over its life
     parked: np.ndarray  # in the best-effort queue
     slot: np.ndarray  # row in the queue's columns, increasing
+    order: np.ndarray  # how many requests joined the queue before it, ever
     where: dict[str, int]  # request id -> slot
 
     def __len__(self) -> int:
@@ -54,6 +55,7 @@ class WaitingQueue:
     def __init__(self) -> None:
         self._ids = np.empty(64, dtype=object)
         self._size = 0  # rows written, live or dead
+        self._joined = 0  # requests added, ever
         self._row: dict[str, int] = {}
         self._cols = {name: np.zeros(64, dtype) for name, dtype in _COLUMNS.items()}
 
@@ -76,12 +78,13 @@ class WaitingQueue:
         values = {"prefill": req.prefill_left, "whole": req.tokens_on("colocated"), "deadline": req.deadline,
                   "tpot": math.nan if tpot is None else tpot,
                   "context": req.life_context(),
-                  "parked": req.parked, "live": True}
+                  "parked": req.parked, "live": True, "order": self._joined}
         for name, value in values.items():
             self._cols[name][n] = value
         self._ids[n] = req.request_id
         self._row[req.request_id] = n
         self._size += 1
+        self._joined += 1
 
     def discard(self, request_id: str) -> None:
         row = self._row.pop(request_id, None)
@@ -97,8 +100,8 @@ class WaitingQueue:
     def rows(self) -> Rows:
         live = np.flatnonzero(self._cols["live"][:self._size]) if self._row else _NO_ROWS  # most calls: empty
         c = self._cols
-        return Rows(self._ids[live], c["prefill"][live], c["whole"][live],
-                    c["deadline"][live], c["tpot"][live], c["context"][live], c["parked"][live], live, self._row)
+        return Rows(self._ids[live], c["prefill"][live], c["whole"][live], c["deadline"][live], c["tpot"][live],
+                    c["context"][live], c["parked"][live], live, c["order"][live], self._row)
 
     def _compact(self) -> None:
         live = np.flatnonzero(self._cols["live"][:self._size])

@@ -19,7 +19,8 @@ POLICY_NAMES = ("slos", "fcfs", "sarathi", "distserve", "edf")
 # slos without one of its parts: speculation, routing across replicas, the best-effort queue
 ABLATIONS: dict[str, dict[str, Any]] = {
     "slos-no-spec": {"max_spec_len": 0},
-    "slos-no-routing": {"routing": False},
+    "slos-least-loaded": {"routing": "least-loaded"},  # each request bound to a replica as the baselines place them
+    "slos-round-robin": {"routing": "round-robin"},
     "slos-no-burst": {"best_effort_limit": 0},
 }
 ALL_NAMES = POLICY_NAMES + tuple(ABLATIONS)

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -80,6 +80,7 @@ STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it ho
 LATE_CHUNK = 64  # prompt tokens a batch gives a late promise that its decoders' TPOTs leave no room
 HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
 QUEUE_FULL = "overloaded: the best-effort queue is full"
+Routing = Literal["slack", "least-loaded", "round-robin"]
 
 
 @dataclass
@@ -89,7 +90,7 @@ class SLOPolicy:
     max_num_seqs: int = 64
     best_effort_limit: int = 256
     max_spec_len: int = MAX_SPEC_LEN  # 0: no speculation
-    routing: bool = True  # False: each request is bound to one replica by a hash of its id
+    routing: Routing = "slack"  # or an ablation's: bound to one replica, the least loaded or in turn
     rebalance: bool = True  # move workers between the pools when one is the bottleneck
     prior_alpha: float = 0.5  # per-token acceptance assumed before a class has reports
     ttft_reserve: float = 0.0  # share of the time left before a TTFT deadline a new promise leaves unused
@@ -157,6 +158,20 @@ class SLOPolicy:
                 decisions.batches[worker.worker_id] = batch
         return decisions
 
+    def _homes(self, rows: Rows, pool: list[WorkerState], load: Load) -> np.ndarray:
+        """Each waiting request's one replica, for the routing ablations: in turn by arrival
+        (round robin), or, in arrival order, the one with the most free KV blocks, as the
+        baselines place requests (least loaded)."""
+        ids = sorted(w.worker_id for w in pool)
+        if self.routing == "round-robin":
+            return np.array(ids, dtype=object)[rows.order % len(ids)]
+        free = {w.worker_id: load[w.worker_id][0] * w.block_size for w in pool}
+        homes = np.empty(len(rows), dtype=object)
+        for i, tokens in enumerate(rows.whole.tolist()):
+            homes[i] = max(ids, key=free.__getitem__)
+            free[homes[i]] -= tokens
+        return homes
+
     def _admit(self, state: PlannerState, now: float, rows: Rows, candidates: np.ndarray, load: Load,
                added: dict[str, list[str]], decisions: Decisions, gone: set[str]) -> dict[str, Plan]:
         """Route candidates to replicas, least loaded first, then best-effort ones into the slack
@@ -165,10 +180,9 @@ class SLOPolicy:
         pool = sorted(prefill_pool(state), key=lambda w: (_backlog(state, w), -load[w.worker_id][0], w.worker_id))
         best_effort = (rows.parked & (rows.deadline < now)) | (np.isinf(rows.deadline) & np.isnan(rows.tpot))
         promising = candidates & ~best_effort
-        if not self.routing and pool:
-            home = np.array([zlib.crc32(rid.encode()) % len(pool) for rid in rows.ids.tolist()], dtype=np.int64)
-        for i, worker in enumerate(pool):
-            mine = promising if self.routing else promising & (home == i)
+        home = None if self.routing == "slack" or not pool else self._homes(rows, pool, load)
+        for worker in pool:
+            mine = promising if home is None else promising & (home == worker.worker_id)
             if not mine.any():
                 continue
             p = plans[worker.worker_id] = self._plan(state, worker, load, rows, mine, now, gone)

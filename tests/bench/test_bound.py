@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from bench.bound import cheapest_share, request_costs, upper_bound
-from bench.experiments import BLOCK_SIZE, Window, bound, kv_blocks, setup
+from bench.experiments import BLOCK_SIZE, Variant, Window, bound, kv_blocks, setup
 from bench.simulator import simulate
 from bench.workloads import SCENARIOS, TRACES, Arrival, every_request, scenario
 from planner.policies.registry import POLICY_NAMES
@@ -54,7 +54,7 @@ def test_the_bound_lets_the_costliest_tenth_go_and_charges_for_a_small_cache() -
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_no_policy_meets_the_target_above_the_bound(policy: str) -> None:
     window = Window(seconds=60.0, arrivals=0)
-    per_gpu = bound("summarization", A100, window, bursty=False, seed=2)
+    per_gpu = bound("summarization", A100, window, Variant(), seed=2)
     s = setup(policy, A100, 2)
     arrivals = scenario("summarization", A100, 1.1 * per_gpu * s.gpus, window.seconds, seed=2)
     assert simulate(s.make(), s.cluster, arrivals, DEFAULT_CLASSES, seed=2, stop_below=0.9).attainment < 0.9

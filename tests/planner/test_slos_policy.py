@@ -185,12 +185,15 @@ def test_routes_to_the_replica_with_the_most_slack() -> None:
     assert SLOPolicy(GPU).schedule(s, now=0.0).assign == {"new": "w1"}
 
 
-def test_without_routing_a_request_waits_for_its_own_replica() -> None:
+def test_the_routing_ablations_bind_each_request_to_one_replica() -> None:
+    """Routed, every request goes where it fits; in turn, every other one waits for the replica
+    too small to take it; least loaded, each goes to the replica with the most room."""
     s = state([worker("w0"), worker("w1", blocks=10)], [request(f"r{i}", 400) for i in range(6)], {})
     routed = SLOPolicy(GPU).schedule(s, now=0.0)
-    bound = SLOPolicy(GPU, routing=False).schedule(s, now=0.0)
-    assert len(routed.assign) == 6 and set(routed.assign.values()) == {"w0"}
-    assert len(bound.assign) < 6 and len(bound.park) == 6 - len(bound.assign)
+    in_turn = SLOPolicy(GPU, routing="round-robin").schedule(s, now=0.0)
+    least_loaded = SLOPolicy(GPU, routing="least-loaded").schedule(s, now=0.0)
+    assert routed.assign == least_loaded.assign == {f"r{i}": "w0" for i in range(6)}
+    assert in_turn.assign == {"r0": "w0", "r2": "w0", "r4": "w0"} and {r for r, _ in in_turn.park} == {"r1", "r3", "r5"}
 
 
 def test_a_parked_request_past_its_ttft_is_served_as_best_effort_in_slack() -> None:
