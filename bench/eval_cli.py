@@ -47,6 +47,7 @@ PrefillGPUs = Annotated[int | None, typer.Option(help="DistServe's prefill GPUs 
 Duration = Annotated[float, typer.Option(help="seconds of arrivals per simulated run, at least")]
 MinArrivals = Annotated[int, typer.Option(help="arrivals per simulated run, at least")]
 Jobs = Annotated[int, typer.Option(help="simulations run at once, one process each")]
+Objectives = Annotated[str, typer.Option(help="ours, or the paper's where it gives them (coding, summarization)")]
 Acceptance = Annotated[float | None, typer.Option(help="per-token acceptance of speculative tokens for every request "
                                                   "(default: the scenario's)")]
 
@@ -79,6 +80,7 @@ def sim(
     max_seqs: MaxSeqs = 256,
     prefill_gpus: PrefillGPUs = None,
     acceptance: Acceptance = None,
+    objectives: Objectives = "ours",
     profile: Profile_ = A100,
 ) -> None:
     """Simulate one scenario with the planner's real code and print SLO attainment per class."""
@@ -87,7 +89,7 @@ def sim(
 
     prof = load_profile(profile)
     s = setup(policy, prof, gpus, Knobs(budget, max_seqs, prefill_gpus))
-    arrivals = Variant(bursty, acceptance).arrivals(scenario_name, prof, rate, duration, seed)
+    arrivals = Variant(bursty, acceptance, objectives).arrivals(scenario_name, prof, rate, duration, seed)
     started = time.perf_counter()
     result = simulate(s.make(), s.cluster, arrivals, DEFAULT_CLASSES, seed=seed)
     wall = time.perf_counter() - started
@@ -174,6 +176,7 @@ def bench_capacity(
     prefill_gpus: PrefillGPUs = None,
     bursty: Annotated[bool, typer.Option(help="the bursty variant of each scenario")] = False,
     acceptance: Acceptance = None,
+    objectives: Objectives = "ours",
     start: Annotated[float, typer.Option(help="rate per GPU the search starts from")] = 4.0,
     splits: Annotated[int, typer.Option(help="bisection steps once the capacity is bracketed")] = 4,
     jobs: Jobs = 2,
@@ -192,7 +195,7 @@ def bench_capacity(
     logging.disable(logging.WARNING)
     print(f"{prof.model.name} on {prof.hardware}, {gpus} GPU(s) a policy (DistServe: {max(2, gpus)}), windows of "
           f"{duration:.0f} s and {min_arrivals} arrivals at least{', bursty' if bursty else ''}"
-          f"{f', acceptance {acceptance}' if acceptance is not None else ''}, seeds "
+          f"{f', acceptance {acceptance}' if acceptance is not None else ''}, {objectives} objectives, seeds "
           f"{seeds}; baselines' knobs {'tuned (' + str(tuned) + ')' if tuned else given.label()}; capacity in "
           "requests per second per GPU (tool calling: tasks), mean [95 % interval]")
     print(f"| scenario | {' | '.join(wanted)} | best baseline | slos ÷ best | bound | slos ÷ bound |")
@@ -202,7 +205,7 @@ def bench_capacity(
         task = bar.add_task("searches", total=len(_scenarios(scenarios)) * len(wanted) * len(seed_list))
         for name in _scenarios(scenarios):
             knobs = {p: knobs_by_scenario.get(name, {}).get(p, given) for p in wanted if p != "slos"}
-            row = capacity_row(name, wanted, prof, gpus, window, Variant(bursty, acceptance), start, splits, seed_list,
+            row = capacity_row(name, wanted, prof, gpus, window, Variant(bursty, acceptance, objectives), start, splits, seed_list,
                                knobs, jobs,
                                lambda: bar.advance(task))
             rows.append(row)

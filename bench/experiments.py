@@ -81,14 +81,16 @@ class Window:
 
 @dataclass(frozen=True)
 class Variant:
-    """Which form of a scenario a probe runs: bursty or steady arrivals, and an acceptance of
-    speculative tokens for every request instead of the scenario's (the sensitivity table)."""
+    """Which form of a scenario a probe runs: bursty or steady arrivals, an acceptance of
+    speculative tokens for every request instead of the scenario's (the sensitivity table),
+    and whose objectives."""
 
     bursty: bool = False
     acceptance: float | None = None
+    objectives: str = "ours"  # or "paper" (`bench.workloads.OBJECTIVES`)
 
     def arrivals(self, name: str, profile: Profile, rate: float, seconds: float, seed: int) -> list[Arrival]:
-        arrivals = scenario(name, profile, rate, seconds, seed, self.bursty)
+        arrivals = scenario(name, profile, rate, seconds, seed, self.bursty, self.objectives)
         return arrivals if self.acceptance is None else [with_alpha(a, self.acceptance) for a in arrivals]
 
 

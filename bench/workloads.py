@@ -17,7 +17,7 @@ The six scenarios and where their numbers come from:
 - reasoning: no public trace here, so assumed: questions of 50-300 tokens, 500-3,000 thinking
   tokens then 50-300 answer tokens; Poisson arrivals.
 Token counts of text are its characters / 4. Objectives scale with the hardware's idle
-latency (`SLO_SCALES`); the bursty variant triples the rate for 10 s in every 40 s (shorter
+latency (`SLO_SCALES`; the paper's where it gives them with `objectives="paper"`); the bursty variant triples the rate for 10 s in every 40 s (shorter
 cycles in windows under 160 s, so that every window holds four).
 """
 
@@ -146,11 +146,12 @@ ACCEPTANCE = {"chatbot": 0.6, "coding": 0.6, "summarization": 0.6, "tool_calling
 @dataclass(frozen=True)
 class SLOScale:
     """Objectives as multiples of the hardware's idle latency: TTFT = ttft_x * the prompt's
-    idle prefill time + ttft_floor_s; TPOT = tpot_x * the idle decode step."""
+    idle prefill time + ttft_floor_s; TPOT = tpot_x * the idle decode step, or `tpot_s`."""
 
     ttft_x: float
     ttft_floor_s: float
     tpot_x: float
+    tpot_s: float | None = None
 
 
 SLO_SCALES = {
@@ -162,6 +163,11 @@ SLO_SCALES = {
     "reasoning": SLOScale(3.0, 0.2, 3.0),  # tight TTFT, tight while thinking...
     "reasoning_answer": SLOScale(3.0, 0.2, 8.0),  # ...loose for the answer
 }
+# the SLOs-Serve paper's, where it gives them (A100, 7B models): coding's TPOT 50 ms, and
+# summarization's TTFT at 3x its prefill with a TPOT of 100 ms
+PAPER_SCALES = {**SLO_SCALES, "coding": SLOScale(5.0, 0.5, 0.0, tpot_s=0.05),
+                "summarization": SLOScale(3.0, 0.0, 0.0, tpot_s=0.1)}
+OBJECTIVES = {"ours": SLO_SCALES, "paper": PAPER_SCALES}
 
 
 def idle_latency(profile: Profile, prompt: int) -> tuple[float, float]:
@@ -173,17 +179,20 @@ def idle_latency(profile: Profile, prompt: int) -> tuple[float, float]:
 
 
 def with_slos(profile: Profile, a: Arrival, scale: str, answer_scale: str | None = None,
-              thinking: int | None = None) -> Arrival:
+              thinking: int | None = None, scales: dict[str, SLOScale] = SLO_SCALES) -> Arrival:
     """The arrival with objectives scaled to the hardware; `thinking` tokens at the class's
     TPOT, then the answer's."""
     prefill, decode = idle_latency(profile, a.prompt_tokens)
-    s = SLO_SCALES[scale]
+    s = scales[scale]
     ttft_ms = 1e3 * (s.ttft_x * prefill + s.ttft_floor_s)
-    tpot_ms = 1e3 * s.tpot_x * decode
+
+    def tpot_ms(s: SLOScale) -> float:
+        return 1e3 * (s.tpot_s if s.tpot_s is not None else s.tpot_x * decode)
+
     stages: tuple[Stage, ...] = ()
     if answer_scale is not None and thinking is not None:
-        stages = (Stage(thinking, tpot_ms), Stage(None, 1e3 * SLO_SCALES[answer_scale].tpot_x * decode))
-    return dataclasses.replace(a, ttft_ms=ttft_ms, tpot_ms=None if stages else tpot_ms, stages=stages,
+        stages = (Stage(thinking, tpot_ms(s)), Stage(None, tpot_ms(scales[answer_scale])))
+    return dataclasses.replace(a, ttft_ms=ttft_ms, tpot_ms=None if stages else tpot_ms(s), stages=stages,
                                alpha=ACCEPTANCE.get(a.slo_class, 0.0))
 
 
@@ -278,40 +287,43 @@ def _warp(units: np.ndarray, on_s: float, off_s: float, high: float, low: float)
 
 
 def scenario(name: str, profile: Profile, rate: float, duration_s: float, seed: int = 0,
-             bursty: bool = False) -> list[Arrival]:
+             bursty: bool = False, objectives: str = "ours") -> list[Arrival]:
     """`duration_s` of a scenario's requests (tool-calling tasks: loops) arriving at `rate`
     per second, with objectives scaled to the profile's hardware. Deterministic given the seed."""
     rng = np.random.default_rng(seed)
     if name == "mixed":
-        parts = [scenario(n, profile, rate / 3, duration_s, seed + i, bursty)
+        parts = [scenario(n, profile, rate / 3, duration_s, seed + i, bursty, objectives)
                  for i, n in enumerate(("chatbot", "coding", "summarization"))]
         return sorted((a for part in parts for a in part), key=lambda a: a.at)
     trace = {"chatbot": "conv", "coding": "code"}.get(name)
     times = arrival_times(rate, duration_s, rng, trace, bursty)
+    scales = OBJECTIVES[objectives]
     out = []
     for i, at in enumerate(times.tolist()):
         rid = f"{name[:4]}{seed}-{i}"
         if name == "chatbot":
             p, o = sharegpt_lengths()[int(rng.integers(len(sharegpt_lengths())))]
-            out.append(with_slos(profile, Arrival(rid, at, p, o, name), name))
+            out.append(with_slos(profile, Arrival(rid, at, p, o, name), name, scales=scales))
         elif name == "coding":
             outputs = azure_trace("code")[2]
             p, o = humaneval_prompts()[int(rng.integers(len(humaneval_prompts())))], int(rng.choice(outputs))
-            out.append(with_slos(profile, Arrival(rid, at, p, max(1, o), name), name))
+            out.append(with_slos(profile, Arrival(rid, at, p, max(1, o), name), name, scales=scales))
         elif name == "summarization":
             p, o = arxiv_lengths()[int(rng.integers(len(arxiv_lengths())))]
-            out.append(with_slos(profile, Arrival(rid, at, int(p), int(o), name), name))
+            out.append(with_slos(profile, Arrival(rid, at, int(p), int(o), name), name, scales=scales))
         elif name == "reasoning":
             p, think, answer = int(rng.integers(50, 300)), int(rng.integers(500, 3000)), int(rng.integers(50, 300))
-            out.append(with_slos(profile, Arrival(rid, at, p, think + answer, name), name, "reasoning_answer", think))
+            out.append(with_slos(profile, Arrival(rid, at, p, think + answer, name), name, "reasoning_answer", think,
+                                 scales))
         elif name == "tool_calling":
-            out.append(_tool_loop(profile, rid, at, rng))
+            out.append(_tool_loop(profile, rid, at, rng, scales))
         else:
             raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     return out
 
 
-def _tool_loop(profile: Profile, rid: str, at: float, rng: np.random.Generator) -> Arrival:
+def _tool_loop(profile: Profile, rid: str, at: float, rng: np.random.Generator,
+               scales: dict[str, SLOScale] = SLO_SCALES) -> Arrival:
     """An agent task: 2-6 tool calls (each a short output, then the tool's result appended
     to the context and a think time for the tool to run), then a longer final answer."""
     calls = int(rng.integers(2, 7))
@@ -326,6 +338,6 @@ def _tool_loop(profile: Profile, rid: str, at: float, rng: np.random.Generator) 
     for c, (prompt, output, final) in reversed(list(enumerate(steps))):
         think = 0.0 if c == 0 else float(rng.uniform(0.2, 1.0))
         a = Arrival(f"{rid}.{c}", at if c == 0 else think, prompt, output, "tool_calling", then=arrival, task=rid)
-        arrival = with_slos(profile, a, "tool_answer" if final else "tool_calling")
+        arrival = with_slos(profile, a, "tool_answer" if final else "tool_calling", scales=scales)
     assert arrival is not None
     return arrival

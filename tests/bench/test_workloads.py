@@ -89,3 +89,13 @@ def test_a_loop_is_late_from_its_first_missed_call_on() -> None:
                                                        "b0": True, "b1": True, "d": False}
     a3 = next(o for o in judged if o.request_id == "a3")
     assert not a3.finished and a3.ttft_s is None
+
+
+@pytest.mark.skipif(not TRACES.is_dir(), reason=f"public traces not at {TRACES}")
+def test_the_papers_objectives_where_it_gives_them() -> None:
+    coding = scenario("coding", A100, 2.0, 10.0, seed=1, objectives="paper")[0]
+    summary = scenario("summarization", A100, 2.0, 10.0, seed=1, objectives="paper")[0]
+    assert coding.tpot_ms == 50.0 and summary.tpot_ms == 100.0
+    assert summary.ttft_ms == pytest.approx(3e3 * idle_latency(A100, summary.prompt_tokens)[0])
+    ours = scenario("summarization", A100, 2.0, 10.0, seed=1)[0]
+    assert ours.request_id == summary.request_id and ours.tpot_ms != summary.tpot_ms
