@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 
 Load = dict[str, tuple[int, int]]  # worker -> (unreserved blocks, requests)
+Routing = Literal["slack", "least-loaded", "round-robin"]  # slos routes by slack; the rest are its ablations
 
 
 def load_of(state: PlannerState, gone: set[str] = frozenset()) -> Load:
@@ -209,3 +211,18 @@ def relieve_memory(state: PlannerState, decisions: Decisions,
             excess -= req.reserved_blocks
             movable.remove(req)
     return {rid for rid, _ in decisions.preempt}
+
+
+def homes(routing: Routing, rows: Rows, pool: list[WorkerState], load: Load) -> np.ndarray:
+    """Each waiting request's one replica, for the routing ablations of `slos`: in turn by
+    arrival (round robin), or, in arrival order, the one with the most free KV, as the
+    baselines place requests (least loaded)."""
+    ids = sorted(w.worker_id for w in pool)
+    if routing == "round-robin":
+        return np.array(ids, dtype=object)[rows.order % len(ids)]
+    free = {w.worker_id: load[w.worker_id][0] * w.block_size for w in pool}
+    out = np.empty(len(rows), dtype=object)
+    for i, tokens in enumerate(rows.whole.tolist()):
+        out[i] = max(ids, key=free.__getitem__)
+        free[out[i]] -= tokens
+    return out

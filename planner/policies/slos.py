@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -55,10 +54,12 @@ from planner.costs import batch_seconds
 from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import (
     Load,
+    Routing,
     chunked_batch,
     decode_pool,
     decoding,
     hand_over,
+    homes,
     load_of,
     prefill_pool,
     refuse_oversized,
@@ -80,7 +81,6 @@ STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it ho
 LATE_CHUNK = 64  # prompt tokens a batch gives a late promise that its decoders' TPOTs leave no room
 HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
 QUEUE_FULL = "overloaded: the best-effort queue is full"
-Routing = Literal["slack", "least-loaded", "round-robin"]
 
 
 @dataclass
@@ -158,20 +158,6 @@ class SLOPolicy:
                 decisions.batches[worker.worker_id] = batch
         return decisions
 
-    def _homes(self, rows: Rows, pool: list[WorkerState], load: Load) -> np.ndarray:
-        """Each waiting request's one replica, for the routing ablations: in turn by arrival
-        (round robin), or, in arrival order, the one with the most free KV blocks, as the
-        baselines place requests (least loaded)."""
-        ids = sorted(w.worker_id for w in pool)
-        if self.routing == "round-robin":
-            return np.array(ids, dtype=object)[rows.order % len(ids)]
-        free = {w.worker_id: load[w.worker_id][0] * w.block_size for w in pool}
-        homes = np.empty(len(rows), dtype=object)
-        for i, tokens in enumerate(rows.whole.tolist()):
-            homes[i] = max(ids, key=free.__getitem__)
-            free[homes[i]] -= tokens
-        return homes
-
     def _admit(self, state: PlannerState, now: float, rows: Rows, candidates: np.ndarray, load: Load,
                added: dict[str, list[str]], decisions: Decisions, gone: set[str]) -> dict[str, Plan]:
         """Route candidates to replicas, least loaded first, then best-effort ones into the slack
@@ -180,7 +166,7 @@ class SLOPolicy:
         pool = sorted(prefill_pool(state), key=lambda w: (_backlog(state, w), -load[w.worker_id][0], w.worker_id))
         best_effort = (rows.parked & (rows.deadline < now)) | (np.isinf(rows.deadline) & np.isnan(rows.tpot))
         promising = candidates & ~best_effort
-        home = None if self.routing == "slack" or not pool else self._homes(rows, pool, load)
+        home = None if self.routing == "slack" or not pool else homes(self.routing, rows, pool, load)
         for worker in pool:
             mine = promising if home is None else promising & (home == worker.worker_id)
             if not mine.any():
