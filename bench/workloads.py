@@ -17,8 +17,9 @@ The six scenarios and where their numbers come from:
 - reasoning: no public trace here, so assumed: questions of 50-300 tokens, 500-3,000 thinking
   tokens then 50-300 answer tokens; Poisson arrivals.
 Token counts of text are its characters / 4. Objectives scale with the hardware's idle
-latency (`SLO_SCALES`; the paper's where it gives them with `objectives="paper"`); the bursty variant triples the rate for 10 s in every 40 s (shorter
-cycles in windows under 160 s, so that every window holds four).
+latency (`SLO_SCALES`; the paper's where it gives them with `objectives="paper"`); the bursty
+variant triples the rate for 10 s in every 40 s (shorter cycles in windows under 160 s, so
+that every window holds four).
 """
 
 from __future__ import annotations
