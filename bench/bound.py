@@ -29,10 +29,9 @@ import math
 
 import numpy as np
 
+from bench.capacity import TARGET
 from bench.workloads import Arrival, every_request
 from shared.roofline import Profile
-
-TARGET = 0.9  # the share of requests a capacity needs met (`bench.capacity.TARGET`)
 
 
 def request_costs(profile: Profile, arrivals: list[Arrival], kv_tokens: int) -> tuple[np.ndarray, ...]:

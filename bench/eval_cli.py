@@ -35,6 +35,7 @@ from bench.experiments import (
     setup,
     tightest_tpot_s,
 )
+from planner.policies.registry import ALL_NAMES
 from shared.roofline import SHIPPED_PROFILES, load_profile
 
 console = Console(stderr=True)
@@ -164,8 +165,8 @@ def _cell(values: list[float]) -> str:
 
 def bench_capacity(
     scenarios: Annotated[str, typer.Option(help="comma-separated, or all")] = "all",
-    policies: Annotated[str, typer.Option(help="comma-separated: slos, fcfs, sarathi, distserve, edf, slos-no-spec, "
-                                          "slos-no-routing, slos-no-burst")] = "slos,fcfs,sarathi,distserve,edf",
+    policies: Annotated[str, typer.Option(help=f"comma-separated, of: {', '.join(ALL_NAMES)}")] = (
+        "slos,fcfs,sarathi,distserve,edf"),
     gpus: Annotated[int, typer.Option(help="GPUs each policy gets (DistServe splits them)")] = 2,
     duration: Duration = STEADY_S,
     min_arrivals: MinArrivals = STEADY_ARRIVALS,
@@ -205,9 +206,8 @@ def bench_capacity(
         task = bar.add_task("searches", total=len(_scenarios(scenarios)) * len(wanted) * len(seed_list))
         for name in _scenarios(scenarios):
             knobs = {p: knobs_by_scenario.get(name, {}).get(p, given) for p in wanted if p != "slos"}
-            row = capacity_row(name, wanted, prof, gpus, window, Variant(bursty, acceptance, objectives), start, splits, seed_list,
-                               knobs, jobs,
-                               lambda: bar.advance(task))
+            row = capacity_row(name, wanted, prof, gpus, window, Variant(bursty, acceptance, objectives), start,
+                               splits, seed_list, knobs, jobs, lambda: bar.advance(task))
             rows.append(row)
             best = row.best_baseline
             slos = row.capacity.get("slos", [math.nan])

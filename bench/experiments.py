@@ -22,7 +22,7 @@ import numpy as np
 from bench.bound import upper_bound
 from bench.capacity import TARGET, Search, capacity
 from bench.simulator import Cluster, simulate
-from bench.workloads import Arrival, scenario, with_alpha
+from bench.workloads import Arrival, every_request, scenario, with_alpha
 from planner.policies.base import Policy
 from planner.policies.registry import PolicyConfig, make_policy
 from shared.roofline import Batches, Profile
@@ -126,10 +126,8 @@ def sarathi_budget(profile: Profile, tpot_s: float) -> int:
 def tightest_tpot_s(name: str, profile: Profile, seed: int) -> float:
     """The TPOT that 5 % of a scenario's requests (any stage) are at or under."""
     tpots = []
-    for a in scenario(name, profile, 5.0, 120.0, seed):
-        while a is not None:
-            tpots += [a.tpot_ms] if a.tpot_ms else [s.tpot_ms for s in a.stages if s.tpot_ms]
-            a = a.then
+    for a in every_request(scenario(name, profile, 5.0, 120.0, seed)):
+        tpots += [a.tpot_ms] if a.tpot_ms else [s.tpot_ms for s in a.stages if s.tpot_ms]
     return float(np.percentile(tpots, 5)) / 1e3
 
 

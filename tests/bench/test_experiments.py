@@ -9,7 +9,7 @@ import math
 import pytest
 
 from bench.experiments import CapacityRow, Knobs, Variant, interval, knob_grid, sarathi_budget, setup
-from bench.workloads import Arrival
+from bench.workloads import every_request
 from shared.roofline import SHIPPED_PROFILES, Batches, load_profile
 
 A100 = load_profile(SHIPPED_PROFILES / "a100-80gb_llama-2-7b.json")
@@ -53,9 +53,5 @@ def test_ratios_are_against_the_best_baseline_seed_by_seed() -> None:
 
 def test_a_variant_sets_every_calls_acceptance() -> None:
     arrivals = Variant(acceptance=0.3).arrivals("tool_calling", A100, 1.0, 10.0, seed=1)
-    calls: list[Arrival] = []
-    for a in arrivals:
-        while a is not None:
-            calls.append(a)
-            a = a.then
+    calls = every_request(arrivals)
     assert len(calls) > len(arrivals) and {c.alpha for c in calls} == {0.3}
