@@ -203,26 +203,32 @@ class SLOPolicy:
                 plans[w.worker_id] = self._plan(state, w, load, rows, nobody, now, gone)
             if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget:
                 with_slack.append(w)
-        for rid, whole, prefill in zip(rows.ids[hopeful].tolist(), rows.whole[hopeful].tolist(),
-                                       rows.prefill[hopeful].tolist()):
+        # each request's blocks on each worker, as `placement.take` counts them: worked out once
+        need = {w.worker_id: -(-(rows.prefill[hopeful] if w.role == "prefill" else rows.whole[hopeful])
+                                // w.block_size) for w in with_slack}
+        fits = [load[w.worker_id][0] - need[w.worker_id] >= BE_RESERVE * w.num_blocks for w in with_slack]
+        somewhere = np.logical_or.reduce(fits) if fits else np.zeros(len(hopeful), dtype=bool)
+        needs = {wid: n[somewhere].tolist() for wid, n in need.items()}  # room only shrinks: the rest never fit
+        for i, rid in enumerate(rows.ids[hopeful[somewhere]].tolist()):
             with_slack = list(filter(has_room, with_slack))
             if not with_slack:
                 break
-            slack = [w for w in with_slack  # room for what the request holds there, as the plan prices it
-                     if load[w.worker_id][0] - w.blocks_for(prefill if w.role == "prefill" else whole)
-                     >= BE_RESERVE * w.num_blocks]
-            worker = max(slack, key=lambda w: load[w.worker_id][0], default=None)
+            worker, most = None, -math.inf  # the one with the most free blocks once it holds the request
+            for w in with_slack:
+                free = load[w.worker_id][0]
+                if free - needs[w.worker_id][i] >= BE_RESERVE * w.num_blocks and free > most:
+                    worker, most = w, free
             if worker is None:
                 continue
-            req = state.requests[rid]
+            free, count = load[worker.worker_id]
+            load[worker.worker_id] = (free - needs[worker.worker_id][i], count + 1)
             decisions.assign[rid] = worker.worker_id
             decisions.best_effort.add(rid)
             added[worker.worker_id].append(rid)
-            take(req, worker, load)
             p = plans[worker.worker_id]
             room = p.next_budget - sum(p.chunks.values())
             if room > 0:
-                p.chunks[rid] = min(room, req.prefill_left)
+                p.chunks[rid] = min(room, state.requests[rid].prefill_left)
         return plans
 
     def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions) -> set[str]:
