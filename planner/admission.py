@@ -47,17 +47,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from planner import _dp
-from planner.spec_choice import periods
-from shared.roofline import Batches, ModelShape, Profile, prefill_budgets, prefill_cost, prefill_within
+from planner.prices import DEFAULT_CONTEXT, Replica, Tables, batch_periods, price_tables
+from shared.roofline import ModelShape, Profile, prefill_cost, prefill_within
 
-IDLE_STEP_S = 0.05  # shortest batch period with no TPOT to pace it
-IDLE_CHUNK = 512  # prefill tokens a batch with no TPOT to pace it has room for at least, as Sarathi-Serve's chunks
 CONSIDERED = 256  # waiting requests, earliest deadlines first, that one call plans at most
 WORK_LIMIT = 250_000  # requests × states the program may visit in one call
 MEMORY_UNITS = 64  # the free KV blocks, when they bind, in at most this many units
 TIER_WIDTH = 0.05  # TPOTs this close (relatively) share a tier
 MAX_TIERS = 16  # tiers one program keeps apart at most
-DEFAULT_CONTEXT = 512  # context assumed for a decoding request when nothing else says
 
 
 @dataclass(frozen=True)
@@ -73,26 +70,6 @@ class Job:
     context: int = 0  # KV tokens each of its decode steps reads, on average over its life
     cost: float | None = None  # budget tokens its prefill takes (`prefill_cost`); None: its tokens
     done: int = 0  # prompt tokens already in the cache, which its chunks attend to
-
-
-@dataclass(frozen=True)
-class Replica:
-    """What is running on one replica (the decode work every batch carries) and what it may
-    take on."""
-
-    decoding: int  # requests decoding
-    context_tokens: int  # their KV tokens, read by every decode step
-    tightest_tpot_s: float | None
-    free_blocks: int  # not held by running requests
-    max_num_seqs: int = 256
-    prefill_only: bool = False  # a prefill worker: no decode work in its batches
-    max_new: int | None = None  # most requests it may admit now; None: no cap
-    alpha: float = 0.0  # per-token speculative acceptance of its decoding requests
-    max_spec_len: int = 0  # 0: it cannot speculate
-    draft: Profile | None = None  # the draft model's cost, for a draft-model speculator
-    busy_s: float = 0.0  # what the step in flight has left to run, as priced: the first batch starts after it
-    decode_tpots: tuple[float, ...] = ()  # the TPOTs of the decoding requests that have one: each
-    # speculates only as far as its own TPOT needs at a period, which prices the period's decode work
 
 
 @dataclass
@@ -149,24 +126,6 @@ class Jobs:
     def _columns(self) -> tuple[np.ndarray, ...]:
         return (self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context, self.done,
                 self.cost)
-
-
-@dataclass(frozen=True)
-class Tables:
-    """The model's prices for c = 0 .. C requests joining the decoders, by tier (columns): the
-    batch period, its prefill budget (-1: the decoders would miss their TPOT) and its k."""
-
-    tiers: list[float | None]  # TPOTs, tightest first; the last is what runs now (None: nothing paces it)
-    step: np.ndarray
-    budget: np.ndarray
-    spec_len: np.ndarray
-
-    @property
-    def first_below(self) -> int:
-        """The count from which the first period changes: the states before it are still in it."""
-        col = len(self.tiers) - 1
-        changed = (self.step[1:, col] != self.step[0, col]) | (self.budget[1:, col] < 0)
-        return int(np.argmax(changed)) + 1 if changed.any() else len(self.step)
 
 
 def earliest(deadline: np.ndarray, n: int = CONSIDERED) -> np.ndarray:
@@ -253,8 +212,8 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
     if n < len(queue):  # every promised request and the earliest new ones
         rows = np.flatnonzero(queue.promised | (np.cumsum(~queue.promised) <= n - promised))
         queue, tier, units = queue.take(rows), tier[rows], units[rows]
-    tables = _tables(profile, replica, tiers, count, float(queue.context.mean()) if n else DEFAULT_CONTEXT,
-                     float(queue.cost.sum()))
+    tables = price_tables(profile, replica, tiers, count, float(queue.context.mean()) if n else DEFAULT_CONTEXT,
+                          float(queue.cost.sum()))
     step0 = float(tables.step[0, -1])
     whole, span = _intervals(queue.deadline, now, now + replica.busy_s, step0)
     budget = np.maximum(tables.budget, 0).astype(np.float64)
@@ -378,14 +337,6 @@ def _fit_memory(queue: Jobs, taken: np.ndarray, free: int) -> np.ndarray:
     return taken
 
 
-def _tables(profile: Profile, replica: Replica, tiers: list[float | None], count: int, context: float,
-            waiting: float = 0.0) -> Tables:
-    joining = np.arange(count + 1)
-    columns = [_periods(profile, replica, tier, joining, joining * context, waiting) for tier in tiers]
-    step, budget, k = (np.ascontiguousarray(np.stack([c[i] for c in columns], axis=1)) for i in range(3))
-    return Tables(tiers, step.astype(np.float64), budget, k)
-
-
 def _intervals(deadline: np.ndarray, now: float, start: float, step_s: float) -> tuple[np.ndarray, np.ndarray]:
     """For each request in deadline order, the interval since the one before: whole batches of
     the first period (which starts at `start`) and seconds. The first deadline without a
@@ -407,56 +358,10 @@ def _period_plan(profile: Profile, replica: Replica) -> Plan:
     most calls are this one, so it skips the program."""
     floor = math.inf if replica.prefill_only else replica.tightest_tpot_s or math.inf
     tier = floor if math.isfinite(floor) else None
-    steps, budgets, ks = _periods(profile, replica, tier, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+    none = np.zeros(1, dtype=np.int64)
+    steps, budgets, ks = batch_periods(profile, replica, tier, none, none)
     budget = max(0, int(budgets[0]))
     return Plan([], [], [], float(steps[0]), budget, int(ks[0]), next_budget=budget)
-
-
-def idle_step_s(profile: Profile, decoding: int, context_tokens: int) -> float:
-    """The batch period when no TPOT paces the batches: long enough for `IDLE_CHUNK` prefill
-    tokens beside what decodes now, so that a slow machine still batches efficiently, and no
-    shorter than `IDLE_STEP_S`."""
-    batch = Batches.of(prefill_tokens=IDLE_CHUNK, decode_seqs=decoding, kv_read=context_tokens,
-                       num_seqs=decoding + 1, attention_pairs=context_tokens + IDLE_CHUNK**2 / 2)
-    return max(IDLE_STEP_S, float(profile.predict(batch)))
-
-
-def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max_num_seqs: int) -> int:
-    """The most sequences of `context` tokens a plain decode step can hold and still last at
-    most `tpot_s`."""
-    if tpot_s is None:
-        return max_num_seqs
-    seqs = np.arange(1, max_num_seqs + 1)
-    times = profile.predict(Batches.of(decode_seqs=seqs, kv_read=seqs * context, attention_pairs=seqs * context))
-    return int((times <= tpot_s).sum())
-
-
-def _periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: np.ndarray,
-             joining_context: np.ndarray, waiting: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The batch period, prefill budget (-1 where the decoders would miss their TPOT) and
-    speculative length at TPOT `tpot_s` (None: nothing paces the batches), with the running
-    requests and each number in `joining` more (reading `joining_context` KV tokens a step)
-    decoding, cut to one batch of the `waiting` prefill where that is shorter."""
-    if replica.prefill_only:
-        joining, joining_context = 0 * joining, 0 * joining_context
-    seqs = replica.decoding + joining
-    kv_read = replica.context_tokens + joining_context
-    if replica.prefill_only or tpot_s is None:
-        step_s = idle_step_s(profile, 0 if replica.prefill_only else replica.decoding,
-                             0 if replica.prefill_only else replica.context_tokens)
-        budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
-        if 0 < waiting < budgets.min():  # cut to one batch of what waits, as `periods` does
-            whole = profile.predict(Batches.of(prefill_tokens=math.ceil(waiting) + 1, decode_seqs=seqs,
-                                               kv_read=kv_read, num_seqs=seqs + 1, attention_pairs=kv_read))
-            cut = max(IDLE_STEP_S, float(whole.max()))
-            shorter = prefill_budgets(profile.model, profile.params, cut, seqs, 1.0, kv_read)
-            if cut < step_s and (shorter >= waiting).all():
-                step_s, budgets = cut, shorter
-        return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
-    ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,
-                                 replica.draft, replica.max_spec_len, keep_first=True,
-                                 looser=np.array(replica.decode_tpots), waiting=waiting)
-    return steps, budgets, ks * (budgets >= 0)
 
 
 def _order(taken: np.ndarray, late: np.ndarray, slack: np.ndarray, cost: np.ndarray,

@@ -325,7 +325,8 @@ class Planner:
         remember(self.verdicts, request_id, verdict, VERDICTS_KEPT)
 
     def _judge(self, req: RequestState, met: bool, refused: bool = False) -> None:
-        kind = "refused" if refused else "best_effort" if req.best_effort or not req.slo.has_objectives() else "promised"
+        best_effort = req.best_effort or not req.slo.has_objectives()
+        kind = "refused" if refused else "best_effort" if best_effort else "promised"
         for counts in (self.state.attainment.setdefault(req.slo_class or "default", Attainment()),
                        self.state.promises.setdefault(kind, Attainment())):
             counts.total += 1

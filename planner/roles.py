@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from planner.admission import DEFAULT_CONTEXT, idle_step_s, max_decode_batch
+from planner.prices import DEFAULT_CONTEXT, idle_step_s, max_decode_batch
 from planner.state import PlannerState, WorkerState
 from shared.messages import Role
 from shared.roofline import Profile, prefill_budget
@@ -55,7 +55,7 @@ def _rebalance(state: PlannerState, alive: list[WorkerState], profile: Profile, 
     if not prefill or not decode:
         return {}
     queued = int(state.waiting.rows().prefill.sum()) + sum(
-        state.requests[rid].prefill_left for w in prefill for rid in w.requests if state.requests[rid].phase == "prefill")
+        r.prefill_left for w in prefill for r in map(state.requests.__getitem__, w.requests) if r.phase == "prefill")
     step_s = idle_step_s(profile, 0, 0)
     rate = prefill_budget(profile.model, profile.params, step_s, 0, 1.0, 0) / step_s * len(prefill)
     backlog_s = queued / rate if rate > 0 else math.inf

@@ -202,8 +202,8 @@ def relieve_memory(state: PlannerState, decisions: Decisions,
         excess = worker.reserved_blocks - worker.num_blocks
         if excess <= 0 or not worker.alive:
             continue
-        movable = [state.requests[r] for r in worker.requests
-                   if state.requests[r].phase in ("prefill", "decode") and state.requests[r].worker_id == worker.worker_id]
+        movable = [req for req in map(state.requests.__getitem__, worker.requests)
+                   if req.phase in ("prefill", "decode") and req.worker_id == worker.worker_id]
         for req in sorted(movable, key=order):
             if excess <= 0 or len(movable) == 1:
                 break

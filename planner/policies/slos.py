@@ -48,8 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.admission import DEFAULT_CONTEXT, Job, Jobs, Plan, Replica, earliest, max_decode_batch, plan
-from planner.calibration import MIN_STEPS
+from planner.admission import Job, Jobs, Plan, earliest, plan
 from planner.costs import batch_seconds
 from planner.decisions import Decisions, WorkerBatch
 from planner.policies.placement import (
@@ -67,12 +66,13 @@ from planner.policies.placement import (
     take,
 )
 from planner.policies.speculation import acceptance, for_speed, spec_lens
+from planner.policies.unmeetable import refuse_unmeetable
+from planner.prices import DEFAULT_CONTEXT, Replica, max_decode_batch
 from planner.roles import choose_roles
-from planner.spec_choice import fastest_token_s
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN
-from shared.roofline import Batches, Profile, prefill_cost
+from shared.roofline import Profile, prefill_cost
 
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
 SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
@@ -105,7 +105,8 @@ class SLOPolicy:
         rows = state.waiting.rows()
         plans: dict[str, Plan] = {}
         if len(rows):  # below capacity nothing waits most of the time
-            refused = refuse_oversized(state, rows, decisions) | self._refuse_unmeetable(state, rows, decisions)
+            refused = refuse_oversized(state, rows, decisions) | refuse_unmeetable(
+                state, rows, decisions, self.profile, self.draft, self.max_spec_len, self.prior_alpha)
             candidates = ~rows.mask(list(refused))
             plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
             assigned = rows.mask(list(decisions.assign))
@@ -230,48 +231,6 @@ class SLOPolicy:
             if room > 0:
                 p.chunks[rid] = min(room, state.requests[rid].prefill_left)
         return plans
-
-    def _refuse_unmeetable(self, state: PlannerState, rows: Rows, decisions: Decisions) -> set[str]:
-        """Refuse the newly waiting requests whose objectives no worker could keep even running
-        them alone, as its steps run on average: a TPOT below the fastest it decodes a token
-        (`spec_choice.fastest_token_s`), or, before its first token, a TTFT shorter than its
-        prompt's prefill in one step (judged from its arrival: a request back from a
-        preemption is late, not unmeetable). Waiting would not help them; one that asked to be
-        served anyway is parked, to be served best effort. Workers that have not run enough
-        steps to be known refuse nothing: the request waits for a plan instead. Returns their
-        ids."""
-        fresh = np.flatnonzero(~rows.parked & (~np.isnan(rows.tpot) | np.isfinite(rows.deadline)))
-        pool = [w for w in prefill_pool(state) if w.fit.seen >= MIN_STEPS]
-        if not len(fresh) or not pool:
-            return set()
-        spec = any(w.speculator != "none" for w in pool) and self.max_spec_len > 0
-        known = (acceptance(state, c, self.prior_alpha) for c in state.speculation)  # worked out only if spec
-        alpha = max([self.prior_alpha, *known]) if spec else 0.0
-        draft = self.draft if any(w.speculator == "draft" for w in pool) else None
-        fitted = [w.fit.fitted(self.profile) for w in pool]
-        fastest = np.min([fastest_token_s(f, rows.context[fresh], alpha, draft, self.max_spec_len if spec else 0)
-                          for f in fitted], axis=0)
-        tokens = rows.prefill[fresh]
-        alone = Batches.of(prefill_tokens=tokens, num_seqs=1, attention_pairs=tokens * (tokens + 1) / 2)
-        prefill_s = np.min([f.predict(alone) for f in fitted], axis=0)
-        out = set()
-        for i, rid in enumerate(rows.ids[fresh].tolist()):
-            req, tpot = state.requests[rid], float(rows.tpot[fresh[i]])
-            ttft_s = float(rows.deadline[fresh[i]]) - req.arrival
-            if tpot < fastest[i]:
-                why = f"its TPOT of {tpot * 1e3:.3g} ms is below the fastest a worker here decodes, " \
-                      f"{fastest[i] * 1e3:.3g} ms a token"
-            elif req.num_output == 0 and prefill_s[i] > ttft_s:
-                why = f"its TTFT of {ttft_s * 1e3:.3g} ms is shorter than the {prefill_s[i] * 1e3:.3g} ms its " \
-                      f"{int(tokens[i])}-token prompt takes to prefill on a worker here alone"
-            else:
-                continue
-            if req.serve_unmeetable:
-                decisions.park.append((rid, f"{why}; served best effort, as it asked"))
-            else:
-                decisions.refuse.append((rid, why))
-            out.add(rid)
-        return out
 
     def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
                    gone: set[str]) -> None:

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.admission import CONSIDERED, Job, Jobs, Program, Replica, _plan, earliest, plan, program
+from planner.admission import CONSIDERED, Job, Jobs, Program, _plan, earliest, plan, program
+from planner.prices import Replica
 from shared.roofline import ModelShape, Profile, RooflineParams, prefill_within
 
 SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)

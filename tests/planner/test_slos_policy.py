@@ -8,12 +8,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.admission import IDLE_STEP_S, Job, Plan, Replica, idle_step_s, plan
+from planner.admission import Job, Plan, plan
 from planner.calibration import MIN_STEPS, StepFit
 from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.sarathi import SarathiPolicy
 from planner.policies.slos import LATE_CHUNK, SLOPolicy
+from planner.prices import IDLE_STEP_S, Replica, idle_step_s
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams, SpecCounts
 from shared.roofline import SHIPPED_PROFILES, Batches, ModelShape, Profile, RooflineParams, load_profile, split
