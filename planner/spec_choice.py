@@ -2,10 +2,12 @@
 
 A decode step with speculative length k runs the draft k times and verifies k + 1 tokens per
 sequence. If each proposed token is accepted with probability α (stopping at the first
-rejection), a sequence gains E(k) = (1 - α^(k+1)) / (1 - α) tokens per step, so a step may last
-τ·E(k) and still keep a TPOT of τ. Whatever of that time the decode work leaves is prefill
-budget; the chosen k is the one that leaves the most prefill tokens per second, among those
-that meet τ at all. Pure functions of the performance model, for the planner and the benches.
+rejection), a sequence gains E(k) = (1 - α^(k+1)) / (1 - α) tokens per step on average. The
+gains are draws, so a promise does not count on their mean: a step may last τ·G(k), where G(k)
+is what the mean over `PROMISE_STEPS` steps reaches 19 times in 20 (`promised_gains_row`), and
+still keep a TPOT of τ. Whatever of that time the decode work leaves is prefill budget; the
+chosen k is the one that leaves the most prefill tokens per second, among those that meet τ at
+all. Pure functions of the performance model, for the planner and the benches.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from shared.messages import MAX_SPEC_LEN
 from shared.roofline import Batches, Profile, prefill_budgets
 
 _ZERO = np.zeros(())  # no prefill in a decode step
+PROMISE_STEPS = 16.0  # steps over which a TPOT promise counts on speculation's draws evening out
+PROMISE_Z = 1.645  # how far below their mean it counts on: their 5th percentile, as a normal
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -52,6 +56,28 @@ class SpecChoice:
     prefill_tokens_per_s: float  # prefill that still fits, per second
 
 
+def spread_tokens(alpha: float, k: int) -> float:
+    """The standard deviation of the tokens a step gains: 1 + j with probability α^j (1 - α)
+    for j < k accepted, k + 1 with α^k."""
+    p = np.array([alpha ** j * (1 - alpha) for j in range(k)] + [alpha ** k])
+    gained = np.arange(1, k + 2, dtype=np.float64)
+    return math.sqrt(max(0.0, float(p @ gained**2) - float(p @ gained) ** 2))
+
+
+@functools.lru_cache(maxsize=1024)
+def promised_gains_row(alpha: float, max_k: int) -> np.ndarray:
+    """The tokens a step gains that a TPOT promise counts on, for k = 0 .. max_k: their mean
+    over PROMISE_STEPS steps at its lower PROMISE_Z deviation (a normal approximation), never
+    below the target's own token. The draws are random: priced at their mean, a request decoded
+    at whole periods runs behind its TPOT half the time, and a short output has too few steps
+    to make it up."""
+    gain = [max(1.0, expected_tokens(alpha, k) - PROMISE_Z * spread_tokens(alpha, k) / math.sqrt(PROMISE_STEPS))
+            for k in range(max_k + 1)]
+    row = np.array([gain])
+    row.flags.writeable = False
+    return row
+
+
 @functools.lru_cache(maxsize=1024)
 def gains_row(alpha: float, max_k: int) -> np.ndarray:
     """E(k) for k = 0 .. max_k, as a row (cached: the planner asks for the same few α all the time)."""
@@ -82,7 +108,7 @@ def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray
     batch = np.asarray(batch, dtype=np.float64)[:, None]
     context = np.asarray(context, dtype=np.float64)[:, None]
     ks, verify_len = _ks(max_k)
-    gains = gains_row(alpha, max_k)
+    gains = promised_gains_row(alpha, max_k)
     steps = tpot_s * gains - shorter_s
     verified = batch * verify_len
     if looser is not None and len(looser):
@@ -165,7 +191,7 @@ def fastest_token_s(target: Profile, context: np.ndarray, alpha: float, draft: P
                                         num_seqs=1.0, attention_pairs=verify_len * context))
     if draft is not None:
         seconds = seconds + ks * draft.predict(Batches.of(decode_seqs=1.0, kv_read=context, attention_pairs=context))
-    return (seconds / gains_row(alpha, max_k)).min(axis=1)
+    return (seconds / promised_gains_row(alpha, max_k)).min(axis=1)
 
 
 def fastest_floor(target: Profile, prefill: Batches, context: np.ndarray, spec_lens: np.ndarray, gains: np.ndarray,

@@ -12,7 +12,7 @@ import numpy as np
 
 from planner.costs import batch_shape
 from planner.decisions import WorkerBatch
-from planner.spec_choice import acceptance_from_rate, fastest_floor, gains_row
+from planner.spec_choice import acceptance_from_rate, fastest_floor, gains_row, promised_gains_row
 from planner.state import PlannerState
 from shared.roofline import Batches, Profile
 
@@ -53,7 +53,8 @@ def spec_lens(state: PlannerState, decode: list[str], step_s: float, max_spec_le
             continue
         gain = gains.get(req.slo_class)
         if gain is None:
-            gain = gains[req.slo_class] = gains_row(acceptance(state, req.slo_class, prior), max_spec_len)[0].tolist()
+            gain = gains[req.slo_class] = promised_gains_row(acceptance(state, req.slo_class, prior),
+                                                             max_spec_len)[0].tolist()
         k = bisect.bisect_left(gain, need * (1 - 1e-9))  # a period set to k's yield must give k
         k = min(k, len(gain) - 1)  # no k keeps up: the most
         if k:
