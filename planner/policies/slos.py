@@ -22,15 +22,15 @@ allows (a profile far too fast for the machine), it prefills them earliest deadl
 and a promise already late gets at least `LATE_CHUNK` prompt tokens a batch where its
 worker's decoders leave it no budget, rather than waiting for them to finish.
 
-Speculation: each batch's period and speculative length come from the plan (the k that
-leaves the most prefill budget at the tightest TPOT); every other decoding request speculates
-the fewest tokens that keep its own TPOT at that period, and more while its tokens so far run
+Speculation: each batch's period and speculative length come from the plan (the k that leaves
+the most prefill budget at the tightest TPOT); every other decoding request speculates the
+fewest tokens that keep its own TPOT at that period, and more while its tokens so far run
 behind that TPOT. Both count on the tokens a step gains as a promise may, below their mean
-(`planner.spec_choice.promised_gains_row`): acceptance is a draw. A step with no prefill to run (and any step on a decode worker, or beside a
-request that memory turns away) raises those lengths to the floor that decodes the most tokens
-per second within the period: requests that finish sooner free their KV blocks and batch
-slots. Acceptance rates per SLO class come from the workers' reports
-(`planner.policies.speculation`).
+(`planner.spec_choice.promised_gains_row`): acceptance is a draw. A step with no prefill to run
+(and any step on a decode worker, or beside a request that memory turns away) raises those
+lengths to the floor that decodes the most tokens per second within the period: requests that
+finish sooner free their KV blocks and batch slots. Acceptance rates per SLO class come from
+the workers' reports (`planner.policies.speculation`).
 
 Preemption: when requests outgrow a worker's KV cache (each reserves half the output it is
 expected to write), best-effort requests go first, then those furthest ahead of their TPOT:

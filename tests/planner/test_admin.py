@@ -65,7 +65,8 @@ def test_every_route_needs_the_admin_token(setup: tuple[Planner, TestClient]) ->
     assert client.get("/health").json() == {"status": "ok"}  # liveness alone is open, and tells nothing
 
 
-def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_went(setup: tuple[Planner, TestClient]) -> None:
+def test_drain_keeps_new_requests_off_a_worker_and_the_verdict_says_where_they_went(
+        setup: tuple[Planner, TestClient]) -> None:
     planner, client = setup
     assert client.post("/admin/workers/w0/drain", headers=AUTH).json() == {"worker_id": "w0", "draining": True}
     assert client.post("/admin/workers/nope/drain", headers=AUTH).status_code == 404

@@ -94,7 +94,8 @@ def test_a_promise_is_never_broken_to_admit_a_tight_request() -> None:
     """The greedy planner switched to 15 ms batches for the new request and made a promised
     one late; the four promised ones fit at 200 ms."""
     replica = Replica(decoding=2, context_tokens=1000, tightest_tpot_s=0.2, free_blocks=10_000)
-    promised = [Job(f"p{i}", n, 0, 1.0, 0.2, promised=True, context=3000) for i, n in enumerate((2605, 2800, 2800, 2800))]
+    promised = [Job(f"p{i}", n, 0, 1.0, 0.2, promised=True, context=3000)
+                for i, n in enumerate((2605, 2800, 2800, 2800))]
     jobs = [*promised, Job("new", 100, 1, 1.25, 0.015, context=400)]
     check(replica, jobs, 0.2)
     p = plan(GPU, replica, jobs, 0.2)
