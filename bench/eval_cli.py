@@ -45,6 +45,7 @@ Budget = Annotated[int | None, typer.Option(help="tokens a step carries: Sarathi
                                             "and DistServe's batched prompt tokens (default 512 / 4,096)")]
 MaxSeqs = Annotated[int, typer.Option(help="sequences a step holds at most")]
 PrefillGPUs = Annotated[int | None, typer.Option(help="DistServe's prefill GPUs (default half)")]
+SpecLen = Annotated[int, typer.Option(help="a baseline's fixed speculative length (n-gram); 0: none")]
 Duration = Annotated[float, typer.Option(help="seconds of arrivals per simulated run, at least")]
 MinArrivals = Annotated[int, typer.Option(help="arrivals per simulated run, at least")]
 Jobs = Annotated[int, typer.Option(help="simulations run at once, one process each")]
@@ -80,6 +81,7 @@ def sim(
     budget: Budget = None,
     max_seqs: MaxSeqs = 256,
     prefill_gpus: PrefillGPUs = None,
+    spec_len: SpecLen = 0,
     acceptance: Acceptance = None,
     objectives: Objectives = "ours",
     profile: Profile_ = A100,
@@ -89,7 +91,7 @@ def sim(
     from shared.slo import DEFAULT_CLASSES
 
     prof = load_profile(profile)
-    s = setup(policy, prof, gpus, Knobs(budget, max_seqs, prefill_gpus))
+    s = setup(policy, prof, gpus, Knobs(budget, max_seqs, prefill_gpus, spec_len))
     arrivals = Variant(bursty, acceptance, objectives).arrivals(scenario_name, prof, rate, duration, seed)
     started = time.perf_counter()
     result = simulate(s.make(), s.cluster, arrivals, DEFAULT_CLASSES, seed=seed)
@@ -175,6 +177,7 @@ def bench_capacity(
     budget: Budget = None,
     max_seqs: MaxSeqs = 256,
     prefill_gpus: PrefillGPUs = None,
+    spec_len: SpecLen = 0,
     bursty: Annotated[bool, typer.Option(help="the bursty variant of each scenario")] = False,
     acceptance: Acceptance = None,
     objectives: Objectives = "ours",
@@ -190,7 +193,7 @@ def bench_capacity(
     prof = load_profile(profile)
     wanted = policies.split(",")
     knobs_by_scenario = _load_tuned(tuned)
-    given = Knobs(budget, max_seqs, prefill_gpus)
+    given = Knobs(budget, max_seqs, prefill_gpus, spec_len)
     window = Window(duration, min_arrivals)
     seed_list = _seeds(seeds)
     logging.disable(logging.WARNING)

@@ -10,6 +10,7 @@ without speculation shows what that is worth.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,6 +35,7 @@ MEMORY_UTILISATION = 0.9
 BLOCK_SIZE = 16
 STEADY_S = 300.0  # a probe's window: this many seconds of arrivals...
 STEADY_ARRIVALS = 2000  # ...and this many arrivals at least
+SPEC_LENS = (0, 4)  # a baseline's speculative lengths `bench tune` tries: none, and n-gram at a usual length
 T = TypeVar("T")
 
 
@@ -45,15 +47,17 @@ class Knobs:
     # DistServe's batched prompt tokens; None: as usually deployed (512 chunked, 4,096 batched)
     max_seqs: int = 256  # sequences a step holds at most
     prefill_gpus: int | None = None  # DistServe's prefill pool; None: half the GPUs
+    spec_len: int = 0  # a baseline's fixed speculative length, as vLLM runs n-gram speculation; 0: none
 
     def config(self) -> PolicyConfig:
         return PolicyConfig(max_num_seqs=self.max_seqs, prefill_tokens=self.budget or 4096,
-                            chunk_tokens=self.budget or 512)
+                            chunk_tokens=self.budget or 512, spec_len=self.spec_len)
 
     def label(self) -> str:
         parts = [f"budget {self.budget}"] if self.budget else []
         parts += [f"{self.max_seqs} seqs"] if self.max_seqs != 256 else []
         parts += [f"{self.prefill_gpus} prefill GPUs"] if self.prefill_gpus else []
+        parts += [f"k {self.spec_len}"] if self.spec_len else []
         return ", ".join(parts) or "defaults"
 
 
@@ -106,7 +110,7 @@ def setup(policy: str, profile: Profile, gpus: int, knobs: Knobs = Knobs()) -> S
     if policy == "distserve":
         total = max(2, gpus)
         prefill = min(total - 1, max(1, knobs.prefill_gpus or total // 2))
-        cluster = Cluster(profile, blocks, prefill=prefill, decode=total - prefill)
+        cluster = Cluster(profile, blocks, prefill=prefill, decode=total - prefill, speculator="ngram")
     else:
         cluster = Cluster(profile, blocks, colocated=gpus, speculator="ngram")
     return Setup(partial(make_policy, policy, knobs.config(), profile), cluster)
@@ -242,19 +246,24 @@ def capacity_row(name: str, policies: list[str], profile: Profile, gpus: int, wi
 
 def knob_grid(policy: str, profile: Profile, gpus: int, tpot_s: float, quick: bool = False) -> list[Knobs]:
     """What `bench tune` tries for a baseline: token budgets 64-4,096 (and Sarathi-Serve's rule
-    for the chunked ones), FCFS's sequences, DistServe's every split."""
+    for the chunked ones), FCFS's sequences, DistServe's every split; each without speculation
+    and with vLLM's n-gram speculation at a fixed length (`SPEC_LENS`), which the workers offer
+    every policy."""
     rule = sarathi_budget(profile, tpot_s)
     if quick:  # the rule and the usual deployment
-        return {"sarathi": [Knobs(budget=rule), Knobs(budget=512)], "edf": [Knobs(budget=rule), Knobs(budget=512)],
+        grid = {"sarathi": [Knobs(budget=rule), Knobs(budget=512)], "edf": [Knobs(budget=rule), Knobs(budget=512)],
                 "fcfs": [Knobs(budget=2048), Knobs(budget=8192)]}.get(policy, [Knobs()])
-    budgets = [64, 128, 256, 512, 1024, 2048, 4096]
-    match policy:
-        case "sarathi" | "edf":
-            return [Knobs(budget=b) for b in sorted(set(budgets) | {rule})]
-        case "fcfs":
-            return [Knobs(budget=b, max_seqs=n) for b in budgets if b >= 512 for n in (64, 256)] + [Knobs(budget=8192)]
-        case "distserve":
-            total = max(2, gpus)
-            return [Knobs(budget=b, prefill_gpus=p) for p in range(1, total) for b in budgets if b >= 512]
-    return [Knobs()]
+    else:
+        budgets = [64, 128, 256, 512, 1024, 2048, 4096]
+        match policy:
+            case "sarathi" | "edf":
+                grid = [Knobs(budget=b) for b in sorted(set(budgets) | {rule})]
+            case "fcfs":
+                grid = [Knobs(budget=b, max_seqs=n) for b in budgets if b >= 512 for n in (64, 256)]
+                grid.append(Knobs(budget=8192))
+            case "distserve":
+                grid = [Knobs(budget=b, prefill_gpus=p) for p in range(1, max(2, gpus)) for b in budgets if b >= 512]
+            case _:
+                grid = [Knobs()]
+    return [dataclasses.replace(k, spec_len=n) for k in grid for n in SPEC_LENS]
 
