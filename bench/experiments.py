@@ -3,9 +3,10 @@ their own knobs, on steady-state windows, over held-out seeds, against an upper 
 
 The colocated policies run on `gpus` colocated workers; DistServe splits as many GPUs (two at
 least) into a prefill and a decode pool. Capacities are compared per GPU. Workers that decode
-propose speculative tokens by n-gram lookup, which costs no GPU time; only `slos` orders any
-(the baselines run as they are usually deployed, without speculation), and its ablation
-without speculation shows what that is worth.
+propose speculative tokens by n-gram lookup, which costs no GPU time; `slos` chooses how many
+each request verifies, a baseline verifies a fixed number (`Knobs.spec_len`: none as the
+baselines are usually deployed, or a length `bench tune` may pick, as vLLM runs n-gram
+speculation), and `slos`'s ablation without speculation shows what choosing is worth.
 """
 
 from __future__ import annotations
