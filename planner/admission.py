@@ -7,7 +7,8 @@ first token is due then) and its KV blocks are held from admission. Between two 
 deadlines batches repeat with one period, set by the tightest TPOT among the requests decoding
 in that interval, the running ones and the admitted ones due earlier: for each TPOT tier τ the
 speculative length k is the one that leaves the most prefill tokens per second beside the
-decode work (`planner.spec_choice.periods`), and the period is τ·E(k); running requests of
+decode work (`planner.spec_choice.periods`), and the period is τ·G(k), G(k) the tokens a step
+gains that a promise counts on (below their mean: acceptance is a draw); running requests of
 looser tiers verify only what their own TPOT needs at that period. What a batch's decode work
 leaves is its prefill budget; joining requests are priced at the mean context of the
 candidates and at the period's k. No period is longer than one batch that prefills every
