@@ -250,10 +250,12 @@ def knob_grid(policy: str, profile: Profile, gpus: int, tpot_s: float, quick: bo
     for the chunked ones), FCFS's sequences, DistServe's every split; each without speculation
     and with vLLM's n-gram speculation at a fixed length (`SPEC_LENS`), which the workers offer
     every policy."""
+    if policy not in (*BASELINES, "edf"):  # nothing to tune: slos chooses its own batches and speculation
+        return [Knobs()]
     rule = sarathi_budget(profile, tpot_s)
     if quick:  # the rule and the usual deployment
         grid = {"sarathi": [Knobs(budget=rule), Knobs(budget=512)], "edf": [Knobs(budget=rule), Knobs(budget=512)],
-                "fcfs": [Knobs(budget=2048), Knobs(budget=8192)]}.get(policy, [Knobs()])
+                "fcfs": [Knobs(budget=2048), Knobs(budget=8192)]}.get(policy, [Knobs()])  # DistServe: half and half
     else:
         budgets = [64, 128, 256, 512, 1024, 2048, 4096]
         match policy:
@@ -264,7 +266,5 @@ def knob_grid(policy: str, profile: Profile, gpus: int, tpot_s: float, quick: bo
                 grid.append(Knobs(budget=8192))
             case "distserve":
                 grid = [Knobs(budget=b, prefill_gpus=p) for p in range(1, max(2, gpus)) for b in budgets if b >= 512]
-            case _:
-                grid = [Knobs()]
     return [dataclasses.replace(k, spec_len=n) for k in grid for n in SPEC_LENS]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from planner.spec_choice import (
+    PROMISE_STEPS,
     acceptance_from_rate,
     choose_spec_len,
     expected_tokens,
@@ -46,14 +47,12 @@ def test_a_promise_counts_on_what_the_draws_give_over_its_steps_nineteen_times_i
     """What a TPOT promise counts on per step is below the mean (never below the target's own
     token) and is what the mean over PROMISE_STEPS drawn steps reaches about 95 % of the time:
     a plan priced at the mean would see a request at whole periods run behind half the time."""
-    import planner.spec_choice as sc
-
     promised, mean = promised_gains_row(alpha, 8)[0], gains_row(alpha, 8)[0]
     assert promised[0] == mean[0] == 1.0
     assert (promised[1:] < mean[1:]).all() and (promised >= 1.0).all()
     rng = np.random.default_rng(1)
     for k in (2, 4, 8):
-        draws = 1 + np.minimum(rng.geometric(1 - alpha, (20_000, int(sc.PROMISE_STEPS))) - 1, k)
+        draws = 1 + np.minimum(rng.geometric(1 - alpha, (20_000, int(PROMISE_STEPS))) - 1, k)
         assert 0.92 <= (draws.mean(axis=1) >= promised[k]).mean() <= 0.98
 
 
