@@ -45,6 +45,23 @@ static inline double accrue(const Problem *p, double slack, int i, int c, int t)
     return slack + size * per;
 }
 
+/* accrue() over the memory row of (c, t); a dead state (-inf) stays dead, as a finite gain
+   leaves it, so the common case is one add per state, which the compiler vectorises. */
+static inline void accrue_row(const Problem *p, double *row, int reach, int i, int c, int t) {
+    const int ct = c * p->T + t, first = in_first(p, c, t);
+    const double size = first ? p->whole[i] : p->span[i], per = first ? p->budget[ct] : p->rate[ct];
+    if (isinf(size)) {
+        if (per > 0)
+            for (int m = 0; m <= reach; m++)
+                if (row[m] > -INFINITY)
+                    row[m] = INFINITY;
+        return;
+    }
+    const double gain = size * per;
+    for (int m = 0; m <= reach; m++)
+        row[m] += gain;
+}
+
 static inline size_t at(const Problem *p, int layer, int c, int t, int m) {
     return (size_t)layer * p->per_layer + (size_t)c * p->per_c + (size_t)t * (p->M + 1) + (size_t)m;
 }
@@ -84,12 +101,9 @@ static int run(const Problem *p, double *val, uint8_t *choice, uint8_t *merged, 
         for (int layer = 0; layer < layers; layer++)
             for (int c = 0; c <= top; c++)
                 for (int t = 0; t < p->T; t++)
-                    for (int m = 0; m <= reach; m++) {
-                        double *v = val + at(p, layer, c, t, m);
-                        if (*v > -INFINITY)
-                            *v = accrue(p, *v, i, c, t);
-                    }
+                    accrue_row(p, val + at(p, layer, c, t, 0), reach, i, c, t);
         const int u = p->units[i], ti = p->tier[i];
+        const double cost = p->cost[i];
         uint8_t *pick = choice + (size_t)i * states;
         int grown = 0; /* some state moved into layer 1 */
         for (int c = top; c >= 0; c--) { /* count down: row c + 1 has been read before it is written */
@@ -105,15 +119,18 @@ static int run(const Problem *p, double *val, uint8_t *choice, uint8_t *merged, 
                     const int to_layer = layer | starts_period(p, c, t, c + 1, t2);
                     if (to_layer)
                         grown = 1;
-                    for (int m = 0; m + u <= p->M && m <= reach; m++) {
-                        const double s = val[at(p, layer, c, t, m)] - p->cost[i];
-                        if (!(s >= 0))
-                            continue; /* late, or no such state */
-                        const size_t to = at(p, to_layer, c + 1, t2, m + u);
-                        if (s > val[to]) {
-                            val[to] = s;
-                            pick[to] = (uint8_t)(1 + t + p->T * layer);
-                        }
+                    const int last = reach < p->M - u ? reach : p->M - u; /* memory m + u must fit */
+                    if (last < 0)
+                        continue;
+                    const double *from = val + at(p, layer, c, t, 0);
+                    double *to = val + at(p, to_layer, c + 1, t2, u);
+                    uint8_t *picked = pick + at(p, to_layer, c + 1, t2, u);
+                    const uint8_t code = (uint8_t)(1 + t + p->T * layer);
+                    for (int m = 0; m <= last; m++) { /* branch-free, so that it vectorises */
+                        const double s = from[m] - cost;
+                        const int better = (s >= 0) & (s > to[m]); /* not late, and a state that exists */
+                        to[m] = better ? s : to[m];
+                        picked[m] = better ? code : picked[m];
                     }
                 }
         }

@@ -143,7 +143,7 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     room to spare, the steps are cut alike to the longest step that prefills them all, at the
     same k: the engine runs batches back to back, so one with little prefill ends early, and a
     loose TPOT's long period would otherwise be priced as if it ran whole."""
-    steps, _, ok, budget, _ = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser)
+    steps, _, ok, budget, whole_s = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser, waiting=waiting)
     rate = budget / steps
     rate[~ok] = -1.0
     best = rate.argmax(axis=1)  # the first, so the smallest k, among equals
@@ -155,7 +155,6 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     step = steps[0, best]
     feasible = chosen >= 0
     if waiting > 0 and feasible.any() and chosen[feasible].min() > waiting:  # else no step can be cut
-        *_, whole_s = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser, waiting=waiting)
         cut = float((step - whole_s[rows, best])[feasible].min())
         if cut > 0:
             steps, _, ok, budget, _ = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser, cut)

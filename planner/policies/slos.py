@@ -211,8 +211,8 @@ class SLOPolicy:
         fits = [load[w.worker_id][0] - need[w.worker_id] >= BE_RESERVE * w.num_blocks for w in with_slack]
         somewhere = np.logical_or.reduce(fits) if fits else np.zeros(len(hopeful), dtype=bool)
         needs = {wid: n[somewhere].tolist() for wid, n in need.items()}  # room only shrinks: the rest never fit
+        with_slack = list(filter(has_room, with_slack))
         for i, rid in enumerate(rows.ids[hopeful[somewhere]].tolist()):
-            with_slack = list(filter(has_room, with_slack))
             if not with_slack:
                 break
             worker, most = None, -math.inf  # the one with the most free blocks once it holds the request
@@ -231,6 +231,8 @@ class SLOPolicy:
             room = p.next_budget - sum(p.chunks.values())
             if room > 0:
                 p.chunks[rid] = min(room, state.requests[rid].prefill_left)
+            if not has_room(worker):  # only its room changed
+                with_slack.remove(worker)
         return plans
 
     def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
