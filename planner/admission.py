@@ -64,7 +64,7 @@ class Job:
 
     request_id: str
     prefill_tokens: int
-    blocks: int  # KV blocks it will hold at most
+    blocks: int  # its KV cost: the blocks it will hold at most, or its share of them (`planner.memory`)
     deadline: float  # absolute TTFT deadline; inf when it has none
     tpot_s: float | None  # its decode objective; None when it has none
     promised: bool = False  # admitted earlier: must be kept
@@ -213,8 +213,9 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
     if n < len(queue):  # every promised request and the earliest new ones
         rows = np.flatnonzero(queue.promised | (np.cumsum(~queue.promised) <= n - promised))
         queue, tier, units = queue.take(rows), tier[rows], units[rows]
+    longest = float((queue.done + queue.tokens).max(initial=0))  # what a last chunk reads, at most
     tables = price_tables(profile, replica, tiers, count, float(queue.context.mean()) if n else DEFAULT_CONTEXT,
-                          float(queue.cost.sum()))
+                          float(queue.cost.sum()), longest)
     step0 = float(tables.step[0, -1])
     whole, span = _intervals(queue.deadline, now, now + replica.busy_s, step0)
     budget = np.maximum(tables.budget, 0).astype(np.float64)

@@ -82,7 +82,8 @@ class Planner:
     gateway_id: str | None = None  # the gateway the held requests came from
 
     def __post_init__(self) -> None:
-        self.state.lengths.typical.update({k: c.output_tokens for k, c in self.slo_classes.items()})
+        self.state.lengths.typical.update({k: max(1, c.output_tokens - c.target.staged_tokens())
+                                           for k, c in self.slo_classes.items()})
 
     def handle(self, msg: Message) -> list[Message]:
         """Take one message from the gateway or a worker; what to tell the gateway at once."""
@@ -135,7 +136,8 @@ class Planner:
             slo_class=spec.slo_class,
             resume_token_ids=tuple(msg.resume_token_ids),
             num_output=len(msg.resume_token_ids),
-            expected_output=min(msg.params.max_tokens, self.state.lengths.estimate(spec.slo_class)),
+            expected_output=min(msg.params.max_tokens,
+                                self.state.lengths.estimate(spec.slo_class, slo.staged_tokens())),
             task=msg.slo.task,
             serve_unmeetable=msg.slo.serve_unmeetable or late_task,
             tracker=tracker,
@@ -227,7 +229,7 @@ class Planner:
                 req.phase = "decode"
             if p.finish_reason is not None:
                 if p.finish_reason in ("stop", "length"):
-                    self.state.lengths.observe(req.slo_class, req.num_output)
+                    self.state.lengths.observe(req.slo_class, req.num_output, req.slo.staged_tokens())
                     self._judge(req, req.tracker.met())
                 self._forget(req)
             elif req.worker_id == worker_id and req.phase == "decode":

@@ -28,7 +28,7 @@ class Replica:
     decoding: int  # requests decoding
     context_tokens: int  # their KV tokens, read by every decode step
     tightest_tpot_s: float | None
-    free_blocks: int  # not held by running requests
+    free_blocks: int  # what the new requests' KV costs (`Job.blocks`) must fit in
     max_num_seqs: int = 256
     prefill_only: bool = False  # a prefill worker: no decode work in its batches
     max_new: int | None = None  # most requests it may admit now; None: no cap
@@ -59,9 +59,9 @@ class Tables:
 
 
 def price_tables(profile: Profile, replica: Replica, tiers: list[float | None], count: int, context: float,
-            waiting: float = 0.0) -> Tables:
+                 waiting: float = 0.0, chunk_kv: float = 0.0) -> Tables:
     joining = np.arange(count + 1)
-    columns = [batch_periods(profile, replica, tier, joining, joining * context, waiting) for tier in tiers]
+    columns = [batch_periods(profile, replica, tier, joining, joining * context, waiting, chunk_kv) for tier in tiers]
     step, budget, k = (np.ascontiguousarray(np.stack([c[i] for c in columns], axis=1)) for i in range(3))
     return Tables(tiers, step.astype(np.float64), budget, k)
 
@@ -86,11 +86,13 @@ def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max
 
 
 def batch_periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: np.ndarray,
-             joining_context: np.ndarray, waiting: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  joining_context: np.ndarray, waiting: float = 0.0,
+                  chunk_kv: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The batch period, prefill budget (-1 where the decoders would miss their TPOT) and
     speculative length at TPOT `tpot_s` (None: nothing paces the batches), with the running
     requests and each number in `joining` more (reading `joining_context` KV tokens a step)
-    decoding, cut to one batch of the `waiting` prefill where that is shorter."""
+    decoding, cut to one batch of the `waiting` prefill where that is shorter; a chunk reads
+    `chunk_kv` prompt tokens before its own (`prefill_budgets`)."""
     if replica.prefill_only:
         joining, joining_context = 0 * joining, 0 * joining_context
     seqs = replica.decoding + joining
@@ -98,16 +100,17 @@ def batch_periods(profile: Profile, replica: Replica, tpot_s: float | None, join
     if replica.prefill_only or tpot_s is None:
         step_s = idle_step_s(profile, 0 if replica.prefill_only else replica.decoding,
                              0 if replica.prefill_only else replica.context_tokens)
-        budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read)
+        budgets = prefill_budgets(profile.model, profile.params, step_s, seqs, 1.0, kv_read, chunk_kv=chunk_kv)
         if 0 < waiting < budgets.min():  # cut to one batch of what waits, as `periods` does
-            whole = profile.predict(Batches.of(prefill_tokens=math.ceil(waiting) + 1, decode_seqs=seqs,
-                                               kv_read=kv_read, num_seqs=seqs + 1, attention_pairs=kv_read))
+            prefill = math.ceil(waiting) + 1
+            whole = profile.predict(Batches.of(prefill_tokens=prefill, decode_seqs=seqs, num_seqs=seqs + 1,
+                                               kv_read=kv_read + prefill + chunk_kv, attention_pairs=kv_read))
             cut = max(IDLE_STEP_S, float(whole.max()))
-            shorter = prefill_budgets(profile.model, profile.params, cut, seqs, 1.0, kv_read)
+            shorter = prefill_budgets(profile.model, profile.params, cut, seqs, 1.0, kv_read, chunk_kv=chunk_kv)
             if cut < step_s and (shorter >= waiting).all():
                 step_s, budgets = cut, shorter
         return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
     ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,
                                  replica.draft, replica.max_spec_len, keep_first=True,
-                                 looser=np.array(replica.decode_tpots), waiting=waiting)
+                                 looser=np.array(replica.decode_tpots), waiting=waiting, chunk_kv=chunk_kv)
     return steps, budgets, ks * (budgets >= 0)

@@ -97,14 +97,16 @@ def _ks(max_k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
           draft: Profile | None, max_k: int, looser: np.ndarray | None = None, shorter_s: float = 0.0,
-          waiting: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+          waiting: float = 0.0, chunk_kv: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                               np.ndarray | None]:
     """Every (batch, context) pair by every k: the step length (a row: it depends on k alone),
     its decode work, whether that keeps the TPOT, and the prefill budget left. `looser`: the
     TPOTs of decoders among the batch that need not keep `tpot_s`; each verifies only the
     fewest tokens that keep its own at the step's length, as the planner orders them.
     `shorter_s`: every step that much shorter than its TPOT allows. With `waiting` budget
     tokens to prefill, also how long a step that prefills them all (and one more, for the
-    budgets' rounding down) beside the decode work takes."""
+    budgets' rounding down) beside the decode work takes. `chunk_kv`: prompt tokens a chunk
+    reads before its own (`prefill_budgets`)."""
     batch = np.asarray(batch, dtype=np.float64)[:, None]
     context = np.asarray(context, dtype=np.float64)[:, None]
     ks, verify_len = _ks(max_k)
@@ -124,17 +126,20 @@ def _grid(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray
                                                 attention_pairs=batch * context))
     decode_s, step_left = decode_s + draft_s, steps - draft_s
     ok = (decode_s <= steps) & ((ks == 0) | (batch > 0))
-    budget = prefill_budgets(target.model, target.params, step_left, batch, verify_len, kv_read, verified * context)
+    budget = prefill_budgets(target.model, target.params, step_left, batch, verify_len, kv_read, verified * context,
+                             chunk_kv)
     whole_s = None
     if waiting > 0:
-        whole_s = draft_s + target.predict(Batches(np.float64(math.ceil(waiting) + 1), batch, verify_len, kv_read,
+        prefill = np.float64(math.ceil(waiting) + 1)
+        whole_s = draft_s + target.predict(Batches(prefill, batch, verify_len, kv_read + prefill + chunk_kv,
                                                    batch + 1, verified * context))
     return steps, decode_s, ok, budget, whole_s
 
 
 def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarray, alpha: float,
             draft: Profile | None = None, max_k: int = MAX_SPEC_LEN, keep_first: bool = False,
-            looser: np.ndarray | None = None, waiting: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            looser: np.ndarray | None = None, waiting: float = 0.0,
+            chunk_kv: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each (batch, context) pair, the best k, its step length and its prefill budget;
     budget -1 where no k keeps the TPOT. With nothing decoding there is nothing to
     speculate: k = 0. `keep_first`: every pair keeps the first pair's k while that k keeps
@@ -142,8 +147,10 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     `waiting`: prefill budget tokens waiting to run; where every pair's budget holds them with
     room to spare, the steps are cut alike to the longest step that prefills them all, at the
     same k: the engine runs batches back to back, so one with little prefill ends early, and a
-    loose TPOT's long period would otherwise be priced as if it ran whole."""
-    steps, _, ok, budget, whole_s = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser, waiting=waiting)
+    loose TPOT's long period would otherwise be priced as if it ran whole. `chunk_kv`: see
+    `_grid`."""
+    steps, _, ok, budget, whole_s = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser,
+                                          waiting=waiting, chunk_kv=chunk_kv)
     rate = budget / steps
     rate[~ok] = -1.0
     best = rate.argmax(axis=1)  # the first, so the smallest k, among equals
@@ -157,7 +164,8 @@ def periods(target: Profile, tpot_s: float, batch: np.ndarray, context: np.ndarr
     if waiting > 0 and feasible.any() and chosen[feasible].min() > waiting:  # else no step can be cut
         cut = float((step - whole_s[rows, best])[feasible].min())
         if cut > 0:
-            steps, _, ok, budget, _ = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser, cut)
+            steps, _, ok, budget, _ = _grid(target, tpot_s, batch, context, alpha, draft, max_k, looser, cut,
+                                            chunk_kv=chunk_kv)
             shorter = budget[rows, best]
             if (ok[rows, best] & (shorter >= waiting))[feasible].all():
                 step, chosen = steps[0, best], np.where(feasible, shorter, -1)

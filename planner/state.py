@@ -112,6 +112,11 @@ class RequestState:
         expected = expected_output(self.expected_output, written, self.params.max_tokens)
         return min(self.params.max_tokens, max(written + RESERVE_AHEAD, expected // 2))
 
+    def output_left(self) -> int:
+        """Output tokens its estimate says it will write yet; none once it has outlived it (its
+        reservation then grows step by step, `planned_output`)."""
+        return max(0, min(self.expected_output, self.params.max_tokens) - self.num_output)
+
     def life_context(self) -> int:
         """KV tokens a decode step of the request reads, on average over its life."""
         return self.prompt_len + expected_output(self.expected_output, self.num_output, self.params.max_tokens) // 2

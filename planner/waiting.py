@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from planner.state import RequestState
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
-_COLUMNS = {"prefill": np.int64, "whole": np.int64, "deadline": np.float64, "tpot": np.float64,
+_COLUMNS = {"prefill": np.int64, "whole": np.int64, "held": np.int64, "output": np.int64, "deadline": np.float64,
+            "tpot": np.float64,
             "context": np.int64, "parked": np.bool_, "live": np.bool_, "order": np.int64}
 
 
@@ -32,6 +33,8 @@ class Rows:
     ids: np.ndarray  # object: request ids
     prefill: np.ndarray  # prompt tokens to prefill (with any output resumed)
     whole: np.ndarray  # KV tokens it holds on a worker that decodes it: prompt and planned output
+    held: np.ndarray  # KV tokens it holds once prefilled: prompt and any output resumed
+    output: np.ndarray  # output tokens it is expected to write
     deadline: np.ndarray  # TTFT deadline; inf for none
     tpot: np.ndarray  # TPOT of its first decoded tokens, seconds; nan for none
     context: np.ndarray  # KV tokens a decode step of it reads, on average over its life
@@ -75,7 +78,8 @@ class WaitingQueue:
             self._ids = np.concatenate([self._ids, np.empty(n, dtype=object)])
             self._cols = {k: np.concatenate([v, np.zeros_like(v)]) for k, v in self._cols.items()}
         tpot = req.tpot_s
-        values = {"prefill": req.prefill_left, "whole": req.tokens_on("colocated"), "deadline": req.deadline,
+        values = {"prefill": req.prefill_left, "whole": req.tokens_on("colocated"),
+                  "held": req.prompt_len + req.num_output, "output": req.output_left(), "deadline": req.deadline,
                   "tpot": math.nan if tpot is None else tpot,
                   "context": req.life_context(),
                   "parked": req.parked, "live": True, "order": self._joined}
@@ -100,7 +104,8 @@ class WaitingQueue:
     def rows(self) -> Rows:
         live = np.flatnonzero(self._cols["live"][:self._size]) if self._row else _NO_ROWS  # most calls: empty
         c = self._cols
-        return Rows(self._ids[live], c["prefill"][live], c["whole"][live], c["deadline"][live], c["tpot"][live],
+        return Rows(self._ids[live], c["prefill"][live], c["whole"][live], c["held"][live], c["output"][live],
+                    c["deadline"][live], c["tpot"][live],
                     c["context"][live], c["parked"][live], live, c["order"][live], self._row)
 
     def _compact(self) -> None:

@@ -173,24 +173,32 @@ def prefill_within(shape: ModelShape, cost: float, done: int) -> int:
 
 
 def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, decode_seqs: ArrayLike,
-                    verify_len: ArrayLike, kv_read: ArrayLike, attention_pairs: ArrayLike | None = None) -> np.ndarray:
+                    verify_len: ArrayLike, kv_read: ArrayLike, attention_pairs: ArrayLike | None = None,
+                    chunk_kv: float = 0.0) -> np.ndarray:
     """`prefill_budget` for arrays of steps (broadcast against each other). `attention_pairs`:
-    the decode tokens' attention, by default `kv_read` (one token a sequence)."""
+    the decode tokens' attention, by default `kv_read` (one token a sequence). A prefill chunk
+    reads the KV of its own tokens and of the `chunk_kv` prompt tokens before it, as `predict`
+    counts them: beside a decode batch that nearly fills the step with memory traffic, that and
+    not compute is what limits the chunk."""
     step_s, decode_seqs, verify_len, kv_read = (np.asarray(a, dtype=np.float64)
                                                  for a in (step_s, decode_seqs, verify_len, kv_read))
     pairs = kv_read if attention_pairs is None else np.asarray(attention_pairs, dtype=np.float64)
     fixed = p.overhead_s + p.per_sequence_s * (decode_seqs + 1)
-    decode_flops = decode_seqs * verify_len * shape.flops_per_token + pairs * shape.flops_per_pair
-    memory = (shape.weight_bytes + kv_read * shape.kv_bytes_per_token) * p.inv_bandwidth
-    if p.combine == "max":
-        room = step_s - fixed
+    decode_s = (decode_seqs * verify_len * shape.flops_per_token + pairs * shape.flops_per_pair) * p.inv_flops
+    per_kv = shape.kv_bytes_per_token * p.inv_bandwidth  # seconds a KV token read takes
+    memory = (shape.weight_bytes + kv_read * shape.kv_bytes_per_token) * p.inv_bandwidth + chunk_kv * per_kv
+    per_token = shape.flops_per_token * p.inv_flops  # a prefill token's compute
+    room = step_s - fixed
+    if p.combine == "max":  # compute and memory traffic overlap: each must fit on its own
         blocked = (room <= 0) | (memory > room)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tokens = np.minimum(np.where(per_token > 0, (room - decode_s) / per_token, np.inf),
+                                np.where(per_kv > 0, (room - memory) / per_kv, np.inf))
     else:
-        room = step_s - fixed - memory
+        room = room - memory - decode_s
         blocked = room <= 0
-    if p.inv_flops <= 0:
-        return np.where(blocked, 0, 1 << 30)
-    tokens = np.floor((room / p.inv_flops - decode_flops) / shape.flops_per_token)
+        tokens = room / (per_token + per_kv) if per_token + per_kv > 0 else np.full(np.shape(room), np.inf)
+    tokens = np.minimum(np.floor(tokens), 1 << 30)
     return (np.maximum(tokens, 0) * ~blocked).astype(np.int64)
 
 

@@ -42,6 +42,11 @@ class SLOTarget(msgspec.Struct, frozen=True, gc=False):
             out.append((end, stage.tpot_ms))
         return [*out, (1 << 62, self.tpot_ms)]
 
+    def staged_tokens(self) -> int:
+        """Output tokens its stages of a given length cover: a request that sets a thinking
+        stage of N tokens says it will write at least that many."""
+        return sum(stage.tokens for stage in self.stages if stage.tokens is not None)
+
     def tpot_at(self, index: int) -> float | None:
         """The TPOT objective (ms) of output token `index`."""
         for end, tpot in self.segments():

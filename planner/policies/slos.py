@@ -52,6 +52,7 @@ import numpy as np
 from planner.admission import Job, Jobs, Plan, earliest, plan
 from planner.costs import batch_seconds
 from planner.decisions import Decisions, WorkerBatch
+from planner.memory import promise_blocks
 from planner.policies.placement import (
     Load,
     Routing,
@@ -268,9 +269,14 @@ class SLOPolicy:
         tpots = []
         flight = worker.in_flight_prefill  # done when the step in flight ends, which `busy_s` prices
         prefilling: list[tuple[RequestState, int]] = []
+        held, left = [], []  # the promised ones' KV tokens now and to come: the memory they will need
         for r in mine:  # one pass: this runs for every worker on every call
-            if r.best_effort and r.phase in ("prefill", "decode"):
-                best_effort += r.reserved_blocks
+            if r.phase in ("prefill", "decode"):
+                if r.best_effort:
+                    best_effort += r.reserved_blocks
+                else:
+                    held.append(r.prompt_len + r.num_output)
+                    left.append(r.output_left())
             if r.phase == "prefill":
                 ran = flight.get(r.request_id, 0)
                 if r.prefill_left > ran:
@@ -287,20 +293,7 @@ class SLOPolicy:
                 tpots.append(tpot)
             if tightest is None or (tpot is not None and tpot < tightest_tpot):
                 tightest, tightest_tpot = r, math.inf if tpot is None else tpot
-        replica = Replica(
-            decoding=running,
-            context_tokens=context,
-            tightest_tpot_s=None if math.isinf(tightest_tpot) else tightest_tpot,
-            free_blocks=load[worker.worker_id][0] + best_effort,
-            max_num_seqs=self.max_num_seqs,
-            prefill_only=worker.role == "prefill",
-            max_new=self._decode_slots(state) if worker.role == "prefill" else None,
-            alpha=acceptance(state, tightest.slo_class if tightest else None, self.prior_alpha),
-            max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
-            draft=self.draft if worker.speculator == "draft" else None,
-            busy_s=self._in_flight_s(worker, now),
-            decode_tpots=tuple(tpots),
-        )
+        free = load[worker.worker_id][0] + best_effort  # best-effort requests make room when asked
         shape = self.profile.model  # the same whatever the worker's calibration
         jobs = Jobs.of([Job(r.request_id, r.prefill_left - ran, 0, _deadline(r, now), r.tpot_s, True, r.life_context(),
                             float(prefill_cost(shape, r.prefill_left - ran, r.num_computed + ran)),
@@ -315,11 +308,31 @@ class SLOPolicy:
             first = earliest(deadline)
             passed = rows.ids[picked[~first]].tolist()
             picked, past, deadline = picked[first], past[first], deadline[first]
-            held = rows.prefill[picked] if worker.role == "prefill" else rows.whole[picked]
-            jobs += Jobs(rows.ids[picked], rows.prefill[picked], -(-held // worker.block_size), deadline,
+            if worker.role == "prefill":
+                blocks = -(-rows.prefill[picked] // worker.block_size)
+            else:
+                blocks, free = promise_blocks(np.array(held, dtype=np.int64), np.array(left, dtype=np.int64),
+                                              rows.held[picked], rows.output[picked],
+                                              -(-rows.whole[picked] // worker.block_size), free, worker.num_blocks,
+                                              worker.block_size)
+            jobs += Jobs(rows.ids[picked], rows.prefill[picked], blocks, deadline,
                          np.where(past, np.nan, rows.tpot[picked]), np.zeros(len(picked), dtype=bool),
                          rows.context[picked], np.zeros(len(picked), dtype=np.int64),
                          prefill_cost(shape, rows.prefill[picked]))
+        replica = Replica(
+            decoding=running,
+            context_tokens=context,
+            tightest_tpot_s=None if math.isinf(tightest_tpot) else tightest_tpot,
+            free_blocks=free,
+            max_num_seqs=self.max_num_seqs,
+            prefill_only=worker.role == "prefill",
+            max_new=self._decode_slots(state) if worker.role == "prefill" else None,
+            alpha=acceptance(state, tightest.slo_class if tightest else None, self.prior_alpha),
+            max_spec_len=0 if worker.speculator == "none" else self.max_spec_len,
+            draft=self.draft if worker.speculator == "draft" else None,
+            busy_s=self._in_flight_s(worker, now),
+            decode_tpots=tuple(tpots),
+        )
         due = jobs.deadline - self.front_end_s
         reserved = np.minimum(due, now + (1.0 - self.ttft_reserve) * (due - now))
         p = plan(profile, replica, dataclasses.replace(jobs, deadline=reserved), now)

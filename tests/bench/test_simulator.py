@@ -184,3 +184,14 @@ def test_the_planner_keeps_every_promise_on_mixed_bursts_where_speculation_paces
     result = simulate(s.make(), s.cluster, scenario("mixed", A100, 12.38, 30, 1, True), DEFAULT_CLASSES, seed=1)
     met, total = result.promises["promised"]
     assert total > 300 and met == total
+
+
+def test_the_planner_keeps_every_promise_when_long_outputs_outgrow_the_kv_cache() -> None:
+    """Reasoning requests write 550-3,300 tokens each. Admitted by what their blocks hold now
+    and at half their expected output, a 20 s burst filled the cache as they grew, and the
+    worker preempted 13 of 145 promised requests, which then missed; promises now count what
+    the running ones will hold as they grow (`planner.memory`), and their stages' lengths."""
+    s = setup("slos", A100, 1)
+    result = simulate(s.make(), s.cluster, scenario("reasoning", A100, 8.0, 20, 1), DEFAULT_CLASSES, seed=1)
+    met, total = result.promises["promised"]
+    assert total > 100 and met == total

@@ -8,7 +8,7 @@ from planner.lengths import LengthModel, expected_output
 from planner.policies.sarathi import SarathiPolicy
 from planner.state import RESERVE_AHEAD
 from shared.clock import ManualClock
-from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello
+from shared.messages import RequestProgress, SamplingParams, SLOSpec, Stage, StepReport, Submit, WorkerHello
 from shared.slo import DEFAULT_CLASSES
 
 
@@ -39,3 +39,22 @@ def test_a_request_that_outlives_its_estimate_grows_its_reservation() -> None:
     assert req.reserved_blocks > 7 and w0.reserved_blocks == req.reserved_blocks
     planner.on_report(StepReport("w0", step, 0.01, [RequestProgress("r", 64 + 119, 120, "stop")], [], 1000))
     assert w0.reserved_blocks == 0 and planner.state.lengths.estimate("chatbot") == 120
+
+
+def test_a_request_with_a_stage_of_n_tokens_is_expected_to_write_them_and_what_its_class_adds() -> None:
+    """A reasoning request that sets a 1,500-token thinking stage writes those and then an
+    answer: the class learns the answers' length, not the whole outputs' (which the stages set
+    request by request)."""
+    m = LengthModel(typical={"reasoning": 256})
+    assert m.estimate("reasoning", staged=1500) == 1756 and m.estimate("reasoning") == 256
+    for think in (600, 1500, 2900) * 40:
+        m.observe("reasoning", think + 120, staged=think)
+    assert m.estimate("reasoning", staged=1500) == 1620 and m.estimate("reasoning", staged=700) == 820
+
+
+def test_the_planner_expects_a_staged_request_to_write_its_stages() -> None:
+    planner = Planner(SarathiPolicy(), ManualClock(), DEFAULT_CLASSES, worker_timeout_s=10.0)
+    spec = SLOSpec("reasoning", stages=[Stage(tokens=2000, tpot_ms=50.0), Stage(tpot_ms=200.0)])
+    planner.on_submit(Submit("r", [1] * 64, SamplingParams(max_tokens=4000), spec, 0.0))
+    past = DEFAULT_CLASSES["reasoning"].output_tokens - DEFAULT_CLASSES["reasoning"].target.staged_tokens()
+    assert planner.state.requests["r"].expected_output == 2000 + past

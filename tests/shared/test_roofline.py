@@ -21,6 +21,7 @@ from shared.roofline import (
     load_profile,
     predict,
     prefill_budget,
+    prefill_budgets,
     prefill_cost,
     prefill_within,
     save_profile,
@@ -69,11 +70,28 @@ def test_prefill_budget_fills_the_step_exactly(combine: str) -> None:
     p = RooflineParams(2e-3, 20e-6, 1 / 200e12, 1 / 1e12, combine)
     for decode, kv in ((0, 0), (16, 16 * 1000), (64, 64 * 3000)):
         budget = prefill_budget(SHAPE, p, 0.05, decode, 1, kv)
-        at = Batches.of(prefill_tokens=[budget, budget + 8], decode_seqs=decode, kv_read=kv,
+        at = Batches.of(prefill_tokens=[budget, budget + 8], decode_seqs=decode, kv_read=[kv + budget, kv + budget + 8],
                         num_seqs=decode + 1, attention_pairs=decode * kv / max(decode, 1))
         t = predict(SHAPE, p, at)
         assert budget > 0 and t[0] <= 0.05 < t[1]
     assert prefill_budget(SHAPE, p, 0.001, 8, 1, 8000) == 0
+
+
+@pytest.mark.parametrize("combine", ["max", "sum"])
+def test_a_chunk_deep_into_its_prompt_gets_the_budget_its_memory_traffic_leaves(combine: str) -> None:
+    """Beside a decode batch whose KV reads nearly fill the step, a chunk reading the prompt
+    before it fits in fewer tokens: the budget counts that read, as `predict` does."""
+    p = RooflineParams(0.0, 0.0, 1 / 300e12, 1 / 1.3e12, combine)
+    decode, kv = 64, 64 * 20_000
+    step = float(predict(SHAPE, p, Batches.of(decode_seqs=decode, kv_read=kv, attention_pairs=kv))) * 1.003
+    alone = int(prefill_budgets(SHAPE, p, step, decode, 1.0, kv))
+    deep = int(prefill_budgets(SHAPE, p, step, decode, 1.0, kv, chunk_kv=2000))
+    assert 0 < deep < alone
+    for before, budget in ((0, alone), (2000, deep)):
+        t = predict(SHAPE, p, Batches.of(prefill_tokens=[budget, budget + 8], decode_seqs=decode,
+                                         kv_read=[kv + before + budget, kv + before + budget + 8],
+                                         num_seqs=decode + 1, attention_pairs=kv))
+        assert t[0] <= step < t[1]
 
 
 def test_profile_round_trip_and_validation(tmp_path: Path) -> None:
