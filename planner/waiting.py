@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _COLUMNS = {"prefill": np.int64, "whole": np.int64, "held": np.int64, "output": np.int64, "deadline": np.float64,
-            "tpot": np.float64,
-            "context": np.int64, "parked": np.bool_, "live": np.bool_, "order": np.int64}
+            "tpot": np.float64, "context": np.int64, "parked": np.bool_, "live": np.bool_, "order": np.int64}
 
 
 @dataclass(frozen=True)
@@ -105,8 +104,8 @@ class WaitingQueue:
         live = np.flatnonzero(self._cols["live"][:self._size]) if self._row else _NO_ROWS  # most calls: empty
         c = self._cols
         return Rows(self._ids[live], c["prefill"][live], c["whole"][live], c["held"][live], c["output"][live],
-                    c["deadline"][live], c["tpot"][live],
-                    c["context"][live], c["parked"][live], live, c["order"][live], self._row)
+                    c["deadline"][live], c["tpot"][live], c["context"][live], c["parked"][live], live,
+                    c["order"][live], self._row)
 
     def _compact(self) -> None:
         live = np.flatnonzero(self._cols["live"][:self._size])
