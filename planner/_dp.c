@@ -48,16 +48,13 @@ static inline double accrue(const Problem *p, double slack, int i, int c, int t)
 /* accrue() over the memory row of (c, t); a dead state (-inf) stays dead, as a finite gain
    leaves it, so the common case is one add per state, which the compiler vectorises. */
 static inline void accrue_row(const Problem *p, double *row, int reach, int i, int c, int t) {
-    const int ct = c * p->T + t, first = in_first(p, c, t);
-    const double size = first ? p->whole[i] : p->span[i], per = first ? p->budget[ct] : p->rate[ct];
-    if (isinf(size)) {
-        if (per > 0)
-            for (int m = 0; m <= reach; m++)
-                if (row[m] > -INFINITY)
-                    row[m] = INFINITY;
+    const double gain = accrue(p, 0.0, i, c, t);
+    if (isinf(gain)) {
+        for (int m = 0; m <= reach; m++)
+            if (row[m] > -INFINITY)
+                row[m] = INFINITY;
         return;
     }
-    const double gain = size * per;
     for (int m = 0; m <= reach; m++)
         row[m] += gain;
 }

@@ -82,7 +82,7 @@ class Planner:
     gateway_id: str | None = None  # the gateway the held requests came from
 
     def __post_init__(self) -> None:
-        self.state.lengths.typical.update({k: max(1, c.output_tokens - c.target.staged_tokens())
+        self.state.lengths.typical.update({k: c.output_tokens - c.target.staged_tokens()
                                            for k, c in self.slo_classes.items()})
 
     def handle(self, msg: Message) -> list[Message]:

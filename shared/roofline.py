@@ -191,9 +191,9 @@ def prefill_budgets(shape: ModelShape, p: RooflineParams, step_s: ArrayLike, dec
     room = step_s - fixed
     if p.combine == "max":  # compute and memory traffic overlap: each must fit on its own
         blocked = (room <= 0) | (memory > room)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tokens = np.minimum(np.where(per_token > 0, (room - decode_s) / per_token, np.inf),
-                                np.where(per_kv > 0, (room - memory) / per_kv, np.inf))
+        compute = (room - decode_s) / per_token if per_token > 0 else np.inf
+        traffic = (room - memory) / per_kv if per_kv > 0 else np.inf
+        tokens = np.minimum(compute, traffic)
     else:
         room = room - memory - decode_s
         blocked = room <= 0
