@@ -39,6 +39,7 @@ from gateway.protocol import (
 from shared.messages import SLOSpec, Submit
 from shared.model_info import context_window
 from shared.settings import Settings
+from shared.slo import resolve, with_default_class
 
 SLO_HEADERS = {"ttft_ms": "x-slo-ttft-ms", "tpot_ms": "x-slo-tpot-ms"}
 
@@ -49,6 +50,11 @@ class Checks:
 
     def __init__(self, settings: Settings, model_name: str, max_len: int) -> None:
         self.settings, self.model_name, self.max_len = settings, model_name, max_len
+        self.classes = settings.classes()
+
+    def has_objectives(self, spec: SLOSpec) -> bool:
+        """Whether the planner will hold the request to objectives, as it resolves them."""
+        return resolve(with_default_class(spec, self.settings.default_slo_class), self.classes).has_objectives()
 
     def authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -133,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
         submit = Submit(request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", prompt_token_ids=prompt_ids,
                         params=body.sampling(checks.output_budget(len(prompt_ids), body.max_tokens)),
                         slo=checks.slo_spec(body, request), arrival_time=time.time())
-        gen = await generations.start(submit, "chat" if chat else "completions")
+        gen = await generations.start(submit, "chat" if chat else "completions", checks.has_objectives(submit.slo))
         first = await generations.first(gen, request)
         if first is None:
             return PlainTextResponse("", status_code=499)

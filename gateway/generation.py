@@ -65,12 +65,15 @@ class Generations:
     def __init__(self, link: PlannerLink, metrics: GatewayMetrics, timeout_s: float) -> None:
         self.link, self.metrics, self.timeout_s = link, metrics, timeout_s
 
-    async def start(self, submit: Submit, endpoint: str) -> Generation:
+    async def start(self, submit: Submit, endpoint: str, has_objectives: bool) -> Generation:
+        """Open the request's queue and submit it. While the planner refuses new requests with
+        objectives (its best-effort queue is full), one is refused here at once; a request
+        without objectives waits as in any queue, with nothing to be late for."""
         now = time.monotonic()
         gen = Generation(submit.request_id, endpoint, submit.slo.slo_class or "default",
                          self.link.open(submit.request_id),
                          len(submit.prompt_token_ids), now, now + self.timeout_s)
-        refusing = self.link.refusing()
+        refusing = self.link.refusing() if has_objectives else ""
         if refusing:  # the planner would refuse it too: answered here at once, as if it had
             gen.queue.put_nowait(Refused(submit.request_id, refusing, retry_after_s=1.0))
             return gen

@@ -46,7 +46,7 @@ from shared.messages import (
     WorkerStatus,
 )
 from shared.roofline import Profile, split
-from shared.slo import SLOClass, Tracker, UnknownSLOClass, resolve
+from shared.slo import SLOClass, Tracker, UnknownSLOClass, resolve, with_default_class
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,7 @@ class Planner:
             return [Refused(msg.request_id, "duplicate request id", retry_after_s=0.0)]
         if not msg.prompt_token_ids:  # the gateway sends none; held, it would never be scheduled
             return [Refused(msg.request_id, "empty prompt", retry_after_s=0.0)]
-        spec = msg.slo
-        if self.default_class and spec.slo_class is None and spec.ttft_ms is None and spec.tpot_ms is None \
-                and not spec.stages:
-            spec = msgspec.structs.replace(spec, slo_class=self.default_class)
+        spec = with_default_class(msg.slo, self.default_class)
         try:
             slo = resolve(spec, self.slo_classes)
         except UnknownSLOClass as exc:

@@ -48,9 +48,8 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     poller.register(intake, zmq.POLLIN)
     poller.register(workers, zmq.POLLIN)
     poller.register(commands.wake_fd, zmq.POLLIN)
-    classes = {k: v.resolved() for k, v in settings.slo_classes.items()}
-    planner = Planner(policy, clock, classes, worker_timeout_s=max(1.0, 4 * settings.heartbeat_s), profile=profile,
-                      default_class=settings.default_slo_class)
+    planner = Planner(policy, clock, settings.classes(), worker_timeout_s=max(1.0, 4 * settings.heartbeat_s),
+                      profile=profile, default_class=settings.default_slo_class)
     planner.state.mode = settings.mode
     admin = _start_admin(settings, commands)
     drops = DropCounter()

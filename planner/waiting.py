@@ -52,6 +52,10 @@ class Rows:
         out[np.searchsorted(self.slot, slots)] = True
         return out
 
+    def plain(self) -> np.ndarray:
+        """The rows of requests without objectives: best effort, with nothing to be late for."""
+        return np.isinf(self.deadline) & np.isnan(self.tpot)
+
 
 class WaitingQueue:
     def __init__(self) -> None:

@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     profile: Path | None = Field(None, description="performance-model profile the planner prices batches "
                                  "with; default: the shipped CPU profile of the served model (else the built-in's)")
     draft_profile: Path | None = Field(None, description="profile of the draft model, to price draft steps")
-    best_effort_limit: int = Field(256, ge=0, description="parked requests before new ones are refused")
+    best_effort_limit: int = Field(256, ge=0, description="parked requests with objectives before new ones with "
+                                   "objectives are refused (plain requests always wait)")
     ttft_reserve: float = Field(0.25, ge=0.0, lt=1.0, description="share of the time left before a TTFT deadline "
                                 "that slos does not plan to use when it makes a promise (for what its model misses)")
     front_end_ms: float = Field(50.0, ge=0.0, description="a token's trip from a worker to the client, which slos "
@@ -129,6 +130,10 @@ class Settings(BaseSettings):
             raise ValueError(f"default_slo_class {self.default_slo_class!r} is not one of slo_classes: "
                              f"{', '.join(sorted(self.slo_classes))}")
         return self
+
+    def classes(self) -> dict[str, SLOClass]:
+        """The SLO classes, resolved."""
+        return {name: c.resolved() for name, c in self.slo_classes.items()}
 
     def bus_secret(self) -> str:
         """The cluster secret, from the settings or from its file."""

@@ -77,6 +77,15 @@ class UnknownSLOClass(ValueError):
     pass
 
 
+def with_default_class(spec: SLOSpec, default_class: str | None) -> SLOSpec:
+    """A request that names no class and no objectives gets the operator's default class, if
+    one is set (`Settings.default_slo_class`); otherwise it stays best effort."""
+    if default_class is None or spec.slo_class is not None or spec.ttft_ms is not None \
+            or spec.tpot_ms is not None or spec.stages:
+        return spec
+    return msgspec.structs.replace(spec, slo_class=default_class)
+
+
 def resolve(spec: SLOSpec, classes: dict[str, SLOClass]) -> SLOTarget:
     """Explicit per-request numbers override the class defaults field by field."""
     base = SLOTarget()

@@ -14,9 +14,11 @@ as best effort, without a TPOT promise, and it is the first to be preempted when
 needs its KV blocks. Requests with no objectives at all are best effort too, and so, after a
 call's wait, are those of a task already late (`SLOSpec.task`): the planner makes their first
 token due at once. Beyond
-`best_effort_limit` parked requests, new ones are refused at once (HTTP 429, Retry-After; while
-the queue stays full the gateway answers them itself, without a trip to the planner), and so
-is a request whose TPOT no worker could keep even decoding it alone: waiting would not help it.
+`best_effort_limit` parked requests with objectives, new ones with objectives are refused at
+once (HTTP 429, Retry-After; while the queue stays full the gateway answers them itself,
+without a trip to the planner), and so is a request whose TPOT no worker could keep even
+decoding it alone: waiting would not help it. Requests without objectives are never refused
+for a full queue: they wait, as a throughput scheduler's queue would hold them.
 A worker that holds requests never idles: where its steps run slower than any plan for them
 allows (a profile far too fast for the machine), it prefills them earliest deadline first;
 and a promise already late gets at least `LATE_CHUNK` prompt tokens a batch where its
@@ -111,14 +113,17 @@ class SLOPolicy:
                 state, rows, decisions, self.profile, self.draft, self.max_spec_len, self.prior_alpha)
             candidates = ~rows.mask(list(refused))
             plans = self._admit(state, now, rows, candidates, load, added, decisions, gone)
-            assigned = rows.mask(list(decisions.assign))
-            parked = int((rows.parked & ~assigned).sum())
-            for rid in rows.ids[candidates & ~rows.parked & ~assigned].tolist():
-                if parked >= self.best_effort_limit:
+            assigned, plain = rows.mask(list(decisions.assign)), rows.plain()
+            # requests with objectives count against the limit; plain ones wait as a throughput
+            # scheduler's queue would, since waiting makes nothing of theirs late
+            parked = int((rows.parked & ~assigned & ~plain).sum())
+            new = candidates & ~rows.parked & ~assigned
+            for rid, has_objectives in zip(rows.ids[new].tolist(), (~plain[new]).tolist()):
+                if has_objectives and parked >= self.best_effort_limit:
                     decisions.refuse.append((rid, QUEUE_FULL))
                 else:
                     decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
-                    parked += 1
+                    parked += has_objectives
             # a full queue refuses what no plan admits; a request that arrives meanwhile gets no
             # better, so the gateway answers it at once
             decisions.refusing = QUEUE_FULL if 0 < self.best_effort_limit <= parked else ""
@@ -167,7 +172,7 @@ class SLOPolicy:
         left; returns each replica's plan."""
         plans: dict[str, Plan] = {}
         pool = sorted(prefill_pool(state), key=lambda w: (_backlog(state, w), -load[w.worker_id][0], w.worker_id))
-        best_effort = (rows.parked & (rows.deadline < now)) | (np.isinf(rows.deadline) & np.isnan(rows.tpot))
+        best_effort = (rows.parked & (rows.deadline < now)) | rows.plain()
         promising = candidates & ~best_effort
         home = None if self.routing == "slack" or not pool else homes(self.routing, rows, pool, load)
         for worker in pool:

@@ -4,6 +4,7 @@ be on an overload, and a worker's jitter seen by the planner as it is live."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -195,3 +196,20 @@ def test_the_planner_keeps_every_promise_when_long_outputs_outgrow_the_kv_cache(
     result = simulate(s.make(), s.cluster, scenario("reasoning", A100, 8.0, 20, 1), DEFAULT_CLASSES, seed=1)
     met, total = result.promises["promised"]
     assert total > 100 and met == total
+
+
+def test_plain_requests_in_overload_all_wait_and_start_sooner_than_under_sarathi() -> None:
+    """Requests without objectives, twice what a GPU serves on time: `slos` refused about a
+    third of them once its best-effort queue filled, where Sarathi-Serve queues them all; now
+    they all wait, and the first token comes sooner than under Sarathi (issue 21)."""
+    plain = [dataclasses.replace(a, slo_class="best_effort", ttft_ms=None, tpot_ms=None, stages=())
+             for a in scenario("chatbot", A100, 60.0, 20, 1)]
+
+    def served(policy: str) -> tuple[int, float]:
+        s = setup(policy, A100, 1)
+        outcomes = simulate(s.make(), s.cluster, plain, DEFAULT_CLASSES, seed=1).outcomes
+        assert all(o.finished for o in outcomes)
+        return sum(o.refused for o in outcomes), float(np.median([o.ttft_s for o in outcomes]))
+
+    (refused, slos_ttft), (_, sarathi_ttft) = served("slos"), served("sarathi")
+    assert refused == 0 and slos_ttft < sarathi_ttft

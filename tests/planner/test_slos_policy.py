@@ -135,6 +135,20 @@ def test_the_best_effort_queue_is_bounded() -> None:
     assert d.refusing == d.refuse[0][1]  # the gateway refuses newcomers itself while the queue is full
 
 
+def test_a_full_queue_refuses_requests_with_objectives_and_never_plain_ones() -> None:
+    """A plain request has nothing to be late for: it waits, as a throughput scheduler's queue
+    would hold it, however full the best-effort queue (issue 21)."""
+    decoding = [request(f"d{i}", 500, TIGHT) for i in range(8)]
+    plain = [request(f"p{i}", 3000, SLOTarget(), arrival=0.001 * i) for i in range(20)]
+    waiting = [request(f"w{i}", 3000, TIGHT) for i in range(40)] + plain
+    s = state([worker("w0")], waiting, {"w0": decoding})
+    d = SLOPolicy(GPU, best_effort_limit=5).schedule(s, now=0.0)
+    refused = {rid for rid, _ in d.refuse}
+    assert refused and all(rid.startswith("w") for rid in refused)
+    assert {f"p{i}" for i in range(20)} <= {rid for rid, _ in d.park} | set(d.assign)
+    assert len(refused) == 40 - 5 - len([r for r in d.assign if r.startswith("w")])
+
+
 def test_the_gateway_is_told_to_refuse_only_while_the_queue_is_full() -> None:
     decoding = [request(f"d{i}", 500, TIGHT) for i in range(8)]
     s = state([worker("w0")], [request(f"w{i}", 3000, TIGHT) for i in range(4)], {"w0": decoding})
