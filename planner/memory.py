@@ -33,17 +33,23 @@ def shares(held: np.ndarray, left: np.ndarray, prompt: np.ndarray, output: np.nd
     n = len(held)
     after = np.concatenate([np.cumsum(held[::-1])[::-1], [0.0]])  # held by those from k on
     alive = np.arange(n, -1, -1, dtype=np.float64)  # running from the k-th finish on
-    prompt, output = prompt.astype(np.float64)[:, None], output.astype(np.float64)[:, None]
-    # just before the k-th finish, while the new request still runs
+    prompt, output = prompt.astype(np.float64), output.astype(np.float64)
+    # just before the k-th finish, for each new request still running then (the finishes up to
+    # `ends`, as `left` is sorted): its size over the room, (prompt/bs + 1 + left/bs) / room,
+    # laid out finish by request so that the max runs over whole rows
     room = num_blocks - ((after[:-1] + alive[:-1] * left) / block_size + alive[:-1])
-    size = (prompt + np.minimum(left, output)) / block_size + 1
-    running = left <= output
-    with np.errstate(divide="ignore"):
-        during = np.where(running, np.where(room > 0, size / room, np.inf), 0.0).max(axis=1, initial=0.0)
+    ends = np.searchsorted(left, output, side="right")
+    inv = np.divide(1.0, room, out=np.zeros(n), where=room > 0)
+    during = np.multiply.outer(inv, prompt / block_size + 1)
+    during += (left / block_size * inv)[:, None]
+    during *= np.arange(n)[:, None] < ends
+    during = during.max(axis=0, initial=0.0)
+    full = np.flatnonzero(room <= 0)
+    during[ends > (full[0] if len(full) else n)] = np.inf  # running when none is left
     # just before its own end: the running requests not finished by then have grown as much
-    k = np.searchsorted(left, output[:, 0], side="left")
-    end_room = num_blocks - ((after[k] + alive[k] * output[:, 0]) / block_size + alive[k])
-    end_size = (prompt[:, 0] + output[:, 0]) / block_size + 1
+    k = np.searchsorted(left, output, side="left")
+    end_room = num_blocks - ((after[k] + alive[k] * output) / block_size + alive[k])
+    end_size = (prompt + output) / block_size + 1
     with np.errstate(divide="ignore"):
         at_end = np.where(end_room > 0, end_size / end_room, np.inf)
     return np.maximum(during, at_end)
