@@ -8,7 +8,9 @@ a second core the others lack), and so are real vLLM's engine threads
 the load generator share the other cores. Real vLLM runs from its own virtualenv
 (`slos-serve bench setup-vllm`) as `python -m vllm.entrypoints.openai.api_server`, with
 chunked prefill on as its V1 engine always has it, in the same dtype as ours (float32, the
-model's own; `vllm-bfloat16` is its CPU default precision, beside).
+model's own; `vllm-bfloat16` is its CPU default precision, beside). Every configuration gets
+the same KV cache memory, `KV_CACHE_GB` (ours shared out among its workers): a server with
+more room batches more requests at once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bench.load_test import Endpoint, discover
 from bench.validate import live_server
 from shared.bus import free_tcp_port
 
-VLLM_KV_CACHE_GB = 4
+KV_CACHE_GB = 4  # every configuration's KV cache, whatever its layout
 START_TIMEOUT_S = 600  # vLLM's first start on two cores compiles for minutes
 
 
@@ -71,7 +73,7 @@ def vllm_server(python: Path, model: Path, log: Path, engine_cores: set[int], fr
                 dtype: str) -> Iterator[Endpoint]:
     """Real `vllm serve` (its module, which the CPU wheel has where it lacks the command)."""
     port, key = free_tcp_port(), secrets.token_urlsafe(16)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "VLLM_CPU_KVCACHE_SPACE": str(VLLM_KV_CACHE_GB),
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GB),
            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(engine_cores))), "VLLM_API_KEY": key}
     args = ["taskset", "-c", ",".join(map(str, sorted(front_cores | engine_cores))), str(python), "-m",
             "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", model.name,
@@ -110,6 +112,6 @@ def serving(config: Config, model: Path, workdir: Path, vllm_python: Path) -> It
         with vllm_server(vllm_python, model, log, engine, front, config.dtype) as endpoint:
             yield endpoint
         return
-    layout = (*config.layout, "--dtype", config.dtype)
+    layout = (*config.layout, "--dtype", config.dtype, "--kv-cache-mb", str(KV_CACHE_GB * 1024 // config.workers))
     with live_server(model, None, log, engine, config.policy, layout, config.workers) as server:
         yield discover(server.url, server.api_key, server.model, server.admin_url, server.token)

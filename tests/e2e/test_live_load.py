@@ -12,10 +12,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
-from bench.compare import CONFIGS, cores, serving
+from bench.compare import CONFIGS, KV_CACHE_GB, cores, serving
 from bench.live import run_live
 from bench.workloads import Arrival
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
 from server_process import ADMIN_TOKEN, API_KEY, Server, start
 from shared.slo import DEFAULT_CLASSES
 
@@ -51,11 +54,15 @@ def test_bench_live_replays_a_scenario_and_reports_it(server: Server, tmp_path: 
 
 
 def test_compare_serves_a_disaggregated_configuration_on_the_engine_core(tiny_model: Path, tmp_path: Path) -> None:
-    """`bench compare`'s disaggregated layout: both workers up, pinned to the same core."""
+    """`bench compare`'s disaggregated layout: both workers up, pinned to the same core, holding
+    the KV memory real vLLM gets between them."""
     config = CONFIGS["slos-disaggregated"]
     with serving(config, tiny_model, tmp_path, Path("unused")) as endpoint:
         workers = endpoint.workers()
         assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
+        blocks = KVCache.num_blocks_for(ModelConfig.from_dir(tiny_model), workers[0]["block_size"],
+                                        KV_CACHE_GB * 1024 // 2, torch.float32)  # real vLLM's memory, shared out
+        assert all(w["kv_blocks"] == blocks for w in workers)
         (done,) = run_live(endpoint.url, endpoint.api_key, endpoint.model, [Arrival("r", 0.0, 20, 6, "coding")], 500,
                            DEFAULT_CLASSES)
         assert done.finished and done.output_tokens == 6
