@@ -86,7 +86,19 @@ def alive(pid: int) -> bool:
 
 
 def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
-          env_extra: dict[str, str] | None = None) -> Server:
+          env_extra: dict[str, str] | None = None, attempts: int = 3) -> Server:
+    """`up` on free ports, healthy with every worker joined. A port found free can be taken by
+    another test's connection before `up` binds it: then `up` exits, and it starts again on
+    other ports."""
+    for _ in range(attempts):
+        server = _launch(model, tmp, workers, extra, env_extra)
+        if server is not None:
+            return server
+    raise AssertionError(f"the ports were taken {attempts} times:\n" + (tmp / "server.log").read_text())
+
+
+def _launch(model: Path, tmp: Path, workers: int, extra: tuple[str, ...],
+            env_extra: dict[str, str] | None) -> Server | None:
     port, admin_port = free_tcp_port(), free_tcp_port()
     intake, gateway, planner = (f"ipc://{tmp}/{name}.sock" for name in ("intake", "gateway", "planner"))
     env = {**os.environ, "SLOS_API_KEY": API_KEY, "SLOS_PLANNER_INTAKE_ADDRESS": intake,
@@ -107,7 +119,10 @@ def start(model: Path, tmp: Path, workers: int, extra: tuple[str, ...] = (),
         expected = int(flags.get("--prefill", 1)) + int(flags.get("--decode", 1))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # healthy, and every worker has joined
-        assert proc.poll() is None, (tmp / "server.log").read_text()
+        if proc.poll() is not None:
+            text = (tmp / "server.log").read_text()
+            assert "address already in use" in text, text
+            return None
         try:
             if httpx.get(url + "/health").status_code == 200:
                 alive = sum(v for k, v in server.metrics().items() if k.startswith("slos_worker_alive"))
