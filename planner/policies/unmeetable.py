@@ -25,7 +25,7 @@ def refuse_unmeetable(state: PlannerState, rows: Rows, decisions: Decisions, pro
     preemption is late, not unmeetable). One that asked to be served anyway is parked, to be
     served best effort. Workers that have not run enough steps to be known refuse nothing:
     the request waits for a plan instead. Returns their ids."""
-    fresh = np.flatnonzero(~rows.parked & (~np.isnan(rows.tpot) | np.isfinite(rows.deadline)))
+    fresh = np.flatnonzero(~rows.parked & ~rows.plain())
     pool = [w for w in prefill_pool(state) if w.fit.seen >= MIN_STEPS]
     if not len(fresh) or not pool:
         return set()

@@ -13,7 +13,6 @@ from shared.bus import Bus, BusKeys, bind_address, own_host
 SECRET = "test-cluster-secret-0123456789"
 
 
-
 def _send_if_it_can(sock: zmq.Socket, data: bytes) -> None:
     """A refused peer's connection is dropped, after which a PUSH socket has nowhere to queue a
     message and a blocking send would wait for ever: what a stranger cannot send never arrives."""
@@ -21,6 +20,7 @@ def _send_if_it_can(sock: zmq.Socket, data: bytes) -> None:
         sock.send(data, zmq.NOBLOCK)
     except zmq.Again:
         pass
+
 
 def test_bind_address_swaps_the_host_of_tcp_addresses_only() -> None:
     assert bind_address("tcp://slos-serve-planner:5555", "10.1.2.3") == "tcp://10.1.2.3:5555"
