@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1)
     kv_cache_mb: int = Field(256, ge=1, description="KV cache memory per worker")
     max_model_len: int | None = Field(None, ge=16, description="default: the model's")
-    max_num_seqs: int = Field(64, ge=1)
+    max_num_seqs: int = Field(128, ge=1, description="most requests a worker runs at once (128: vLLM's default for "
+                              "its CPU server; the KV cache and, under slos, the TPOTs bound batches as well)")
     max_batch_tokens: int = Field(512, ge=16)
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
