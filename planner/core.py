@@ -222,6 +222,7 @@ class Planner:
                 counts.proposed += p.num_proposed
                 counts.accepted += p.num_accepted
                 counts.steps += 1
+                counts.rejected += p.num_accepted < p.num_proposed
             if req.phase != "decode" and req.num_computed >= req.prefill_len and worker.role != "prefill":
                 req.phase = "decode"
             if p.finish_reason is not None:

@@ -31,23 +31,6 @@ def expected_tokens(alpha: float, k: int) -> float:
     return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def acceptance_from_rate(rate: float, k: int) -> float:
-    """The per-token α at which a share `rate` of k proposals is accepted on average (what
-    workers report, accepted / proposed), by bisection."""
-    if k <= 0 or rate <= 0:
-        return 0.0
-    if rate >= 1:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if (expected_tokens(mid, k) - 1) / k < rate:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
 @dataclass(frozen=True)
 class SpecChoice:
     k: int

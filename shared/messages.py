@@ -257,11 +257,13 @@ class WorkerStatus(msgspec.Struct):
 
 
 class SpecCounts(msgspec.Struct):
-    """Speculative tokens verified and accepted so far, in `steps` verifications."""
+    """Speculative tokens verified and accepted so far, in `steps` verifications, `rejected` of
+    which turned a proposal down (the rest accepted every one)."""
 
     proposed: int = 0
     accepted: int = 0
     steps: int = 0
+    rejected: int = 0
 
 
 class SLOCount(msgspec.Struct):

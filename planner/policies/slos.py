@@ -27,8 +27,10 @@ worker's decoders leave it no budget, rather than waiting for them to finish.
 Speculation: each batch's period and speculative length come from the plan (the k that leaves
 the most prefill budget at the tightest TPOT); every other decoding request speculates the
 fewest tokens that keep its own TPOT at that period, and more while its tokens so far run
-behind that TPOT. Both count on the tokens a step gains as a promise may, below their mean
-(`planner.spec_choice.promised_gains_row`): acceptance is a draw. A step with no prefill to run
+behind that TPOT, unless verifying them would cut the prefill the plan needs for a promised
+prompt's deadline (that prompt, once late, would run last). Both count on the tokens a step
+gains as a promise may, below their mean (`planner.spec_choice.promised_gains_row`):
+acceptance is a draw. A step with no prefill to run
 (and any step on a decode worker, or beside a request that memory turns away) raises those
 lengths to the floor that decodes the most tokens per second within the period: requests that
 finish sooner free their KV blocks and batch slots. Acceptance rates per SLO class come from
@@ -145,7 +147,13 @@ class SLOPolicy:
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
                 behind = any(_behind(state.requests[r]) for r in batch.decode)
                 if batch.prefill:
+                    planned = batch.prefill
                     batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed, behind)
+                    if behind and _tokens(batch.prefill) < min(p.needed, _tokens(planned)):
+                        # catching up would cost a promised prompt its deadline: speculate as the period needs
+                        batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len, False)
+                        batch.prefill = self._size(self._profile(worker), state, dataclasses.replace(
+                            batch, prefill=planned), p.step_s, p.needed, behind)
                     batch.prefill = _hold_back(state, batch.prefill, p, now)
                 elif p.late:  # late already, and the decoders' TPOTs leave it nothing: a little, not never
                     late = next((r for r in p.admitted if r in p.late and r in mine), None)
@@ -393,13 +401,13 @@ class SLOPolicy:
         return worker.fit.priced(self.profile)
 
     def _spec_lens(self, state: PlannerState, worker: WorkerState, decode: list[str], step_s: float,
-                   k_tight: int) -> dict[str, int]:
+                   k_tight: int, catch_up: bool = True) -> dict[str, int]:
         """`speculation.spec_lens`, for a worker that speculates. When the tightest tier does
         not (k_tight 0), the period is its TPOT, which every other request's TPOT allows as
         well: none speculates."""
         if worker.speculator == "none" or not self.max_spec_len or not k_tight:
             return {}
-        return spec_lens(state, decode, step_s, self.max_spec_len, self.prior_alpha)
+        return spec_lens(state, decode, step_s, self.max_spec_len, self.prior_alpha, catch_up)
 
     def _decode_period(self, state: PlannerState, worker: WorkerState, decode: list[str]) -> tuple[float, int]:
         """A decode worker's step: paced by its tightest TPOT, speculating as that tier's plan says."""
@@ -461,9 +469,15 @@ def _hold_back(state: PlannerState, prefill: list[tuple[str, int]], p: Plan, now
     return out
 
 
+def _tokens(chunks: list[tuple[str, int]]) -> int:
+    """Prompt tokens in a batch's chunks."""
+    return sum(n for _, n in chunks)
+
+
 def _behind(req: RequestState) -> bool:
     """A promised request whose tokens so far run behind its TPOT: the batches beside it
-    prefill only what the plan needs, and it speculates more where the worker speculates."""
+    prefill only what the plan needs, and it speculates more where the worker speculates
+    (and that leaves the plan's prefill room)."""
     return req.tpot_s is not None and req.tracker.lag_s() > 0.0
 
 

@@ -6,13 +6,12 @@ decodes faster within the period. Acceptance per SLO class comes from the worker
 from __future__ import annotations
 
 import bisect
-import functools
 
 import numpy as np
 
 from planner.costs import batch_shape
 from planner.decisions import WorkerBatch
-from planner.spec_choice import acceptance_from_rate, fastest_floor, gains_row, promised_gains_row
+from planner.spec_choice import fastest_floor, gains_row, promised_gains_row
 from planner.state import PlannerState
 from shared.roofline import Batches, Profile
 
@@ -22,25 +21,25 @@ CATCH_UP_STEPS = 4  # steps over which a request behind its TPOT speculates to m
 
 
 def acceptance(state: PlannerState, slo_class: str | None, prior: float) -> float:
-    """The per-token acceptance of the class's proposals: from its reports, else `prior`."""
+    """The per-token acceptance of the class's proposals: from its reports, else `prior`.
+
+    Each verification accepts proposals one by one until the first it turns down, so the
+    likeliest per-token acceptance is the tokens accepted over those accepted and the
+    rejections. The share of proposals accepted says less: a step of k proposals accepts a
+    smaller share the longer k, so a class that speculated long (to catch up) read as one
+    that accepts less."""
     counts = state.acceptance(slo_class)
     if counts.proposed < MIN_PROPOSED:
         return prior
-    return _per_token(counts.accepted / counts.proposed, max(1, round(counts.proposed / max(1, counts.steps))))
-
-
-@functools.lru_cache(maxsize=4096)
-def _per_token(rate: float, mean_k: int) -> float:
-    """The per-token acceptance behind a reported rate (cached: it is a bisection)."""
-    return acceptance_from_rate(round(rate, 3), mean_k)
+    return counts.accepted / max(1, counts.accepted + counts.rejected)
 
 
 def spec_lens(state: PlannerState, decode: list[str], step_s: float, max_spec_len: int,
-              prior: float) -> dict[str, int]:
+              prior: float, catch_up: bool = True) -> dict[str, int]:
     """For each decoding request, the fewest speculative tokens that keep its TPOT at this
-    period (the most when none does); none for requests without a TPOT. A request whose tokens
-    so far run behind its TPOT (acceptance is a draw, and a short output has few steps to even
-    out) asks for enough to make that up over CATCH_UP_STEPS."""
+    period (the most when none does); none for requests without a TPOT. With `catch_up`, a
+    request whose tokens so far run behind its TPOT (acceptance is a draw, and a short output
+    has few steps to even out) asks for enough to make that up over CATCH_UP_STEPS."""
     out: dict[str, int] = {}
     gains: dict[str | None, list[float]] = {}  # per class: tokens a step yields at k = 0, 1, ...
     for rid in decode:
@@ -48,7 +47,8 @@ def spec_lens(state: PlannerState, decode: list[str], step_s: float, max_spec_le
         tpot = req.tpot_s
         if tpot is None:
             continue
-        need = (step_s + max(0.0, req.tracker.lag_s()) / CATCH_UP_STEPS) / tpot  # tokens a step
+        lag = max(0.0, req.tracker.lag_s()) if catch_up else 0.0
+        need = (step_s + lag / CATCH_UP_STEPS) / tpot  # tokens a step
         if need <= 1.0:  # the request keeps its TPOT without speculating
             continue
         gain = gains.get(req.slo_class)

@@ -160,7 +160,7 @@ def test_speculative_length_is_ordered_and_acceptance_counted_per_class() -> Non
     order = planner.schedule()[0]["spec"]
     assert order.decode == ["r"] and order.spec_lens == {"r": 3}
     planner.on_report(StepReport("spec", order.step_id, 0.01, [RequestProgress("r", 22, 3, None, 3, 2)], [], 60))
-    assert planner.status(0).speculation == {"coding": SpecCounts(3, 2, steps=1)}
+    assert planner.status(0).speculation == {"coding": SpecCounts(3, 2, steps=1, rejected=1)}
 
     plain = Planner(FCFSPolicy(spec_len=3), clock, DEFAULT_CLASSES, worker_timeout_s=1.0)
     plain.on_hello(WorkerHello("w0", "colocated", 64, 16, 2048, 1))  # cannot speculate: never asked to

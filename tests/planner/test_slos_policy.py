@@ -5,6 +5,7 @@ keep the tightest TPOT, and a disaggregated cluster whose decode pool caps admis
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from planner.decisions import WorkerBatch
 from planner.policies.placement import load_of
 from planner.policies.sarathi import SarathiPolicy
 from planner.policies.slos import LATE_CHUNK, SLOPolicy
+from planner.policies.speculation import acceptance
 from planner.prices import IDLE_STEP_S, Replica, idle_step_s
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SamplingParams, SpecCounts
@@ -271,7 +273,7 @@ def test_speculates_the_fewest_tokens_that_keep_each_requests_tpot() -> None:
     tight = [request(f"t{i}", 500, SLOTarget(ttft_ms=1000.0, tpot_ms=12.0), slo_class="coding") for i in range(4)]
     loose = [request(f"l{i}", 500, LOOSE, slo_class="chatbot") for i in range(4)]
     s = state([worker("w0", speculator="ngram")], [request("short", 100)], {"w0": tight + loose})  # a step with prefill
-    s.speculation = {"coding": SpecCounts(1000, 800, 250), "chatbot": SpecCounts(1000, 800, 250)}
+    s.speculation = {c: SpecCounts(1000, 800, 250, rejected=70) for c in ("coding", "chatbot")}
     batch = SLOPolicy(GPU).schedule(s, now=0.0).batches["w0"]
     ks = {rid: batch.spec_lens.get(rid, 0) for rid in batch.decode}
     assert all(ks[r.request_id] > 0 for r in tight)  # plain decoding is too slow for 12 ms here
@@ -280,13 +282,26 @@ def test_speculates_the_fewest_tokens_that_keep_each_requests_tpot() -> None:
     assert plain.spec_lens == {}
 
 
+def test_acceptance_is_estimated_per_token_whatever_lengths_were_asked() -> None:
+    """Steps of 1 and of 10 proposals at a per-token acceptance of 0.6, counted as the planner
+    counts reports: the estimate is 0.6. (The share of proposals accepted is 0.19 here, which
+    read back at the mean length, rounded to 6, gave 0.54.)"""
+    rng = np.random.default_rng(0)
+    ks = rng.choice([1, 10], 20_000)
+    accepted = np.minimum(rng.geometric(0.4, len(ks)) - 1, ks)
+    s = PlannerState()
+    s.speculation = {"c": SpecCounts(int(ks.sum()), int(accepted.sum()), len(ks), int((accepted < ks).sum()))}
+    assert acceptance(s, "c", 0.5) == pytest.approx(0.6, abs=0.01)
+    assert acceptance(s, "other", 0.5) == 0.5  # no reports yet: the prior
+
+
 def test_a_request_behind_its_tpot_speculates_more_to_catch_up() -> None:
     """Acceptance is a draw: a request whose steps accepted little so far is behind its TPOT
     and asks for more tokens a step than one on schedule (which, at a period cut to one batch of
     the short prompt waiting, needs none)."""
     tight = [request(f"t{i}", 500, SLOTarget(ttft_ms=1000.0, tpot_ms=12.0), slo_class="coding") for i in range(4)]
     s = state([worker("w0", speculator="ngram")], [request("short", 100)], {"w0": tight})
-    s.speculation = {"coding": SpecCounts(1000, 600, 250)}
+    s.speculation = {"coding": SpecCounts(1000, 600, 250, rejected=150)}
     for r in tight:  # the first token came at 0.1 s
         r.tracker.add(1, 0.1)
     tight[0].tracker.add(4, 0.1 + 4 * 0.012)  # on schedule
@@ -296,6 +311,31 @@ def test_a_request_behind_its_tpot_speculates_more_to_catch_up() -> None:
     assert batch.spec_lens.get("t0") == batch.spec_lens.get("t2")  # on schedule (to rounding) is as if just started
 
 
+def test_catching_up_gives_way_to_the_prefill_a_promised_prompt_needs() -> None:
+    """Eight of sixteen tight decoders run behind their TPOT, and a 2,000-token prompt is due
+    in 360 ms, which takes nearly every prefill token of the batches until then. Speculating
+    more to catch up would cost the batch some of that prefill, and the prompt, once late,
+    would run last; so the batch prefills what the plan needs and the decoders speculate as
+    the period needs, no more."""
+    tight = [request(f"t{i}", 1500, SLOTarget(ttft_ms=1000.0, tpot_ms=25.0), slo_class="coding") for i in range(16)]
+    prompt = request("p", 2000, SLOTarget(ttft_ms=360.0, tpot_ms=200.0), slo_class="chatbot")
+    s = state([worker("w0", speculator="ngram")], [prompt], {"w0": tight})
+    s.speculation = {"coding": SpecCounts(1000, 600, 250, rejected=150)}
+    for r in tight:
+        r.tracker.add(1, 0.0)
+        r.tracker.add(1, 0.025)
+    for r in tight[:8]:
+        r.tracker.add(1, 0.2)  # 150 ms behind
+    policy, w = SLOPolicy(GPU), s.workers["w0"]
+    p = policy._plan(s, w, load_of(s), s.waiting.rows(), np.ones(1, dtype=bool), 0.2, set())
+    assert p.admitted == ["p"] and 0 < p.needed
+    d = policy.schedule(s, now=0.2)
+    batch = d.batches["w0"]
+    assert d.assign == {"p": "w0"} and sum(n for _, n in batch.prefill) >= p.needed
+    assert batch.spec_lens["t0"] == batch.spec_lens["t8"]  # behind or not: as the period needs
+    assert step_time(s, batch.prefill, batch.decode, batch.spec_lens) <= p.step_s
+
+
 def test_speculates_for_speed_when_nothing_prefills_or_memory_turns_requests_away() -> None:
     """Requests without a TPOT need no speculation to keep it, and a step with prefill gives
     its period's slack to the prefill; a step without prefill, or one beside a request that
@@ -303,7 +343,7 @@ def test_speculates_for_speed_when_nothing_prefills_or_memory_turns_requests_awa
     def scheduled(waiting: list[RequestState]) -> tuple[PlannerState, WorkerBatch]:
         running = [request(f"l{i}", 500, SLOTarget(), slo_class="chatbot") for i in range(8)]
         s = state([worker("w0", blocks=8 * 40 + 100, speculator="ngram")], waiting, {"w0": running})
-        s.speculation = {"chatbot": SpecCounts(1000, 800, 250)}  # the running hold 40 blocks each
+        s.speculation = {"chatbot": SpecCounts(1000, 800, 250, rejected=70)}  # the running hold 40 blocks each
         return s, SLOPolicy(GPU).schedule(s, now=0.0).batches["w0"]
 
     _, roomy = scheduled([request("short", 200, LOOSE)])
@@ -372,12 +412,12 @@ def test_a_prefilled_request_whose_tpot_no_decode_worker_keeps_is_still_handed_o
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(5.0, 300.0), min_size=1, max_size=12), st.integers(100, 3000), st.floats(0.05, 0.95))
 def test_when_the_tightest_tier_does_not_speculate_no_request_needs_to(tpots: list[float], prompt: int,
-                                                                       rate: float) -> None:
+                                                                       alpha: float) -> None:
     """The policy skips working out speculative lengths when the plan's tightest tier takes
     k = 0; that holds only if the period then keeps every decoding request's TPOT."""
     reqs = [request(f"d{i}", prompt, SLOTarget(ttft_ms=1000.0, tpot_ms=t), slo_class="c") for i, t in enumerate(tpots)]
     s = state([worker("w0", speculator="ngram")], [], {"w0": reqs})
-    s.speculation = {"c": SpecCounts(1000, round(1000 * rate), 250)}
+    s.speculation = {"c": SpecCounts(1000, round(1000 * alpha), 250, rejected=round(1000 * (1 - alpha)))}
     policy, w = SLOPolicy(GPU), s.workers["w0"]
     p = policy._plan(s, w, load_of(s), s.waiting.rows(), np.zeros(0, dtype=bool), 0.0, set())
     if p.spec_len == 0:

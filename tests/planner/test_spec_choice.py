@@ -9,7 +9,6 @@ import pytest
 
 from planner.spec_choice import (
     PROMISE_STEPS,
-    acceptance_from_rate,
     choose_spec_len,
     expected_tokens,
     fastest_floor,
@@ -54,13 +53,6 @@ def test_a_promise_counts_on_what_the_draws_give_over_its_steps_nineteen_times_i
     for k in (2, 4, 8):
         draws = 1 + np.minimum(rng.geometric(1 - alpha, (20_000, int(PROMISE_STEPS))) - 1, k)
         assert 0.92 <= (draws.mean(axis=1) >= promised[k]).mean() <= 0.98
-
-
-@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
-@pytest.mark.parametrize("k", [1, 4, 8])
-def test_acceptance_from_rate_inverts_the_reported_share(alpha: float, k: int) -> None:
-    rate = (expected_tokens(alpha, k) - 1) / k
-    assert acceptance_from_rate(rate, k) == pytest.approx(alpha, abs=1e-6)
 
 
 def test_no_acceptance_means_no_speculation() -> None:
