@@ -296,6 +296,8 @@ def _tiers(replica: Replica, queue: Jobs) -> tuple[list[float | None], np.ndarra
         return [None], np.zeros(len(queue), dtype=np.int64)
     floor = replica.tightest_tpot_s or math.inf
     tighter = ~np.isnan(queue.tpot) & (queue.tpot < floor)
+    if not tighter.any():  # most calls: nothing tighter than what runs
+        return [floor if math.isfinite(floor) else None], np.zeros(len(queue), dtype=np.int64)
     values = np.unique(queue.tpot[tighter])[::-1].tolist()
     width = TIER_WIDTH
     while True:  # as many tiers as the kernel takes: wider ones when the requests ask for more
@@ -346,9 +348,11 @@ def _intervals(deadline: np.ndarray, now: float, start: float, step_s: float) ->
     finite = np.isfinite(deadline)
     ends = np.where(finite, deadline, now)
     batches = np.maximum(0.0, np.floor((ends - start) / step_s))
-    whole = np.diff(batches, prepend=0.0)
+    whole = batches.copy()  # each interval's, not the running count (np.diff is slow on short arrays)
+    whole[1:] -= batches[:-1]
     seconds = np.maximum(ends, start)
-    span = np.diff(seconds, prepend=start)
+    span = seconds - start
+    span[1:] = seconds[1:] - seconds[:-1]
     first_open = np.flatnonzero(~finite)[:1]
     whole[~finite], span[~finite] = 0.0, 0.0
     whole[first_open], span[first_open] = np.inf, np.inf

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from planner import _memory
+
 
 def shares(held: np.ndarray, left: np.ndarray, prompt: np.ndarray, output: np.ndarray, num_blocks: int,
            block_size: int) -> np.ndarray:
@@ -35,15 +37,12 @@ def shares(held: np.ndarray, left: np.ndarray, prompt: np.ndarray, output: np.nd
     alive = np.arange(n, -1, -1, dtype=np.float64)  # running from the k-th finish on
     prompt, output = prompt.astype(np.float64), output.astype(np.float64)
     # just before the k-th finish, for each new request still running then (the finishes up to
-    # `ends`, as `left` is sorted): its size over the room, (prompt/bs + 1 + left/bs) / room,
-    # laid out finish by request so that the max runs over whole rows
+    # `ends`, as `left` is sorted): its size over the room, (prompt/bs + 1 + left/bs) / room
     room = num_blocks - ((after[:-1] + alive[:-1] * left) / block_size + alive[:-1])
     ends = np.searchsorted(left, output, side="right")
     inv = np.divide(1.0, room, out=np.zeros(n), where=room > 0)
-    during = np.multiply.outer(inv, prompt / block_size + 1)
-    during += (left / block_size * inv)[:, None]
-    during *= np.arange(n)[:, None] < ends
-    during = during.max(axis=0, initial=0.0)
+    during = np.empty(len(prompt))
+    _memory.largest(inv, left / block_size * inv, prompt / block_size + 1, ends.astype(np.int64), during)
     full = np.flatnonzero(room <= 0)
     during[ends > (full[0] if len(full) else n)] = np.inf  # running when none is left
     # just before its own end: the running requests not finished by then have grown as much

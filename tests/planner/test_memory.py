@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from planner import _memory
 from planner.memory import promise_blocks, shares
 from planner.policies.slos import SLOPolicy
 from planner.state import PlannerState, RequestState
@@ -35,6 +36,21 @@ def test_a_new_requests_share_is_its_largest_at_any_moment_it_runs() -> None:
         got = shares(held, left, prompt, output, blocks, 16)
         for j in range(m):
             assert got[j] == pytest.approx(_by_moment(held, left, prompt[j], int(output[j]), blocks, 16))
+
+
+def test_the_kernel_refuses_arrays_that_do_not_match() -> None:
+    """`_memory.largest` reads raw buffers: lengths and finish counts out of range are an error,
+    not a read past the end."""
+    inv, b, a = np.ones(3), np.ones(3), np.ones(2)
+    out = np.empty(2)
+    _memory.largest(inv, b, a, np.array([0, 3]), out)
+    assert out.tolist() == [0.0, 2.0]
+    with pytest.raises(ValueError):
+        _memory.largest(inv, b, a, np.array([0, 4]), out)
+    with pytest.raises(ValueError):
+        _memory.largest(inv, np.ones(2), a, np.array([0, 1]), out)
+    with pytest.raises(ValueError):
+        _memory.largest(inv, b, a, np.array([0, 1], dtype=np.int32), out)
 
 
 def test_requests_finishing_soon_make_room_for_a_long_one() -> None:
