@@ -208,7 +208,10 @@ class ZmqTransport:
             return None
         with self._lock:
             offered = self._offers.get(msg.request_id)
-            if offered is None or not msg.blocks or not offered.issuperset(msg.blocks):
+            # a fetch names each offered block once at most: a block named a million times under
+            # the message size limit would cost a reply a million blocks long
+            if (offered is None or not msg.blocks or len(msg.blocks) > len(offered)
+                    or not offered.issuperset(msg.blocks)):
                 log.warning("request %s: refused a fetch of blocks it was not offered", msg.request_id)
                 return None
             index = torch.tensor(msg.blocks, dtype=torch.long, device=self.segments[0].device)

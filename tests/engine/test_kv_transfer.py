@@ -96,14 +96,16 @@ def test_zmq_server_serves_offered_blocks_only_and_survives_garbage() -> None:
         for request_id, blocks in (("r1", [6]), ("r2", [4]), ("r1", [99])):  # not offered, not exported, out of range
             with pytest.raises(KVTransferError, match="sent 0 bytes"):
                 reader.read(peer, request_id, blocks, [0])
-        rogue.send(encode(KVFetch("r1", [4] * 2_000_000)))  # 2 MB of block ids: over the size limit
+        rogue.send(encode(KVFetch("r1", [4] * 3)))  # an offered block, more times than blocks were offered
+        assert rogue.poll(5000) and rogue.recv() == b""
+        rogue.send(encode(KVFetch("r1", [4] * 5_000_000)))  # 5 MB of block ids: over the size limit
         assert not rogue.poll(1000)
         reader.read(peer, "r1", [5, 4], [0, 1])
         assert torch.equal(reader.segments[0][0], data[5]) and torch.equal(reader.segments[0][1], data[4])
         server.withdraw("r1")
         with pytest.raises(KVTransferError, match="sent 0 bytes"):
             reader.read(peer, "r1", [4], [0])
-        assert server.refused == 7  # the oversized fetch never reached it
+        assert server.refused == 8  # the oversized fetch never reached it
     finally:
         reader.close()
         server.close()
