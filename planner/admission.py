@@ -8,7 +8,8 @@ deadlines batches repeat with one period, set by the tightest TPOT among the req
 in that interval, the running ones and the admitted ones due earlier: for each TPOT tier τ the
 speculative length k is the one that leaves the most prefill tokens per second beside the
 decode work (`planner.spec_choice.periods`), and the period is τ·G(k), G(k) the tokens a step
-gains that a promise counts on (below their mean: acceptance is a draw); running requests of
+gains that a promise counts on (below their mean: acceptance is a draw), at the acceptance of
+the class of the requests that bring the tier (the lowest, if several); running requests of
 looser tiers verify only what their own TPOT needs at that period. What a batch's decode work
 leaves is its prefill budget; joining requests are priced at the mean context of the
 candidates and at the period's k. No period is longer than one batch that prefills every
@@ -71,6 +72,7 @@ class Job:
     context: int = 0  # KV tokens each of its decode steps reads, on average over its life
     cost: float | None = None  # budget tokens its prefill takes (`prefill_cost`); None: its tokens
     done: int = 0  # prompt tokens already in the cache, which its chunks attend to
+    alpha: float | None = None  # per-token acceptance of its class's proposals; None: the replica's
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Jobs:
     promised: np.ndarray
     context: np.ndarray
     done: np.ndarray  # prompt tokens already in the cache
+    alpha: np.ndarray  # per-token acceptance of its class's proposals; nan: the replica's
     cost: np.ndarray  # budget tokens each prefill takes (float)
 
     @classmethod
@@ -113,6 +116,7 @@ class Jobs:
                    np.fromiter((j.promised for j in jobs), bool, n),
                    np.fromiter((j.context for j in jobs), np.int64, n),
                    np.fromiter((j.done for j in jobs), np.int64, n),
+                   np.fromiter((math.nan if j.alpha is None else j.alpha for j in jobs), np.float64, n),
                    np.fromiter((j.prefill_tokens if j.cost is None else j.cost for j in jobs), np.float64, n))
 
     def __add__(self, other: Jobs) -> Jobs:
@@ -126,7 +130,7 @@ class Jobs:
 
     def _columns(self) -> tuple[np.ndarray, ...]:
         return (self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context, self.done,
-                self.cost)
+                self.alpha, self.cost)
 
 
 def earliest(deadline: np.ndarray, n: int = CONSIDERED) -> np.ndarray:
@@ -215,7 +219,7 @@ def program(profile: Profile, replica: Replica, queue: Jobs, now: float) -> Prog
         queue, tier, units = queue.take(rows), tier[rows], units[rows]
     longest = float((queue.done + queue.tokens).max(initial=0))  # what a last chunk reads, at most
     tables = price_tables(profile, replica, tiers, count, float(queue.context.mean()) if n else DEFAULT_CONTEXT,
-                          float(queue.cost.sum()), longest)
+                          float(queue.cost.sum()), longest, _tier_alphas(replica, queue, tier, len(tiers)))
     step0 = float(tables.step[0, -1])
     whole, span = _intervals(queue.deadline, now, now + replica.busy_s, step0)
     budget = np.maximum(tables.budget, 0).astype(np.float64)
@@ -315,6 +319,17 @@ def _tiers(replica: Replica, queue: Jobs) -> tuple[list[float | None], np.ndarra
     lows.reverse()
     tier = np.where(tighter, np.searchsorted(tops, np.where(tighter, queue.tpot, 0.0)), len(tops) - 1)
     return [low if math.isfinite(low) else None for low in lows], tier
+
+
+def _tier_alphas(replica: Replica, queue: Jobs, tier: np.ndarray, count: int) -> list[float]:
+    """The acceptance each tier's period is priced at: a tier a request brings, the lowest of
+    its requests' classes (their TPOT is the one the period must keep, on their own draws);
+    what runs now, the replica's."""
+    alphas = np.full(count, np.inf)
+    own = (tier < count - 1) & ~np.isnan(queue.alpha)
+    np.minimum.at(alphas, tier[own], queue.alpha[own])
+    alphas[~np.isfinite(alphas)] = replica.alpha
+    return alphas.tolist()
 
 
 def _units(blocks: np.ndarray, free: int) -> tuple[np.ndarray, int]:

@@ -59,9 +59,12 @@ class Tables:
 
 
 def price_tables(profile: Profile, replica: Replica, tiers: list[float | None], count: int, context: float,
-                 waiting: float = 0.0, chunk_kv: float = 0.0) -> Tables:
+                 waiting: float = 0.0, chunk_kv: float = 0.0, alphas: list[float] | None = None) -> Tables:
+    """`alphas`: the acceptance each tier is priced at (default: the replica's)."""
     joining = np.arange(count + 1)
-    columns = [batch_periods(profile, replica, tier, joining, joining * context, waiting, chunk_kv) for tier in tiers]
+    alphas = alphas or [replica.alpha] * len(tiers)
+    columns = [batch_periods(profile, replica, tier, joining, joining * context, waiting, chunk_kv, alpha)
+               for tier, alpha in zip(tiers, alphas)]
     step, budget, k = (np.ascontiguousarray(np.stack([c[i] for c in columns], axis=1)) for i in range(3))
     return Tables(tiers, step.astype(np.float64), budget, k)
 
@@ -86,13 +89,14 @@ def max_decode_batch(profile: Profile, context: float, tpot_s: float | None, max
 
 
 def batch_periods(profile: Profile, replica: Replica, tpot_s: float | None, joining: np.ndarray,
-                  joining_context: np.ndarray, waiting: float = 0.0,
-                  chunk_kv: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  joining_context: np.ndarray, waiting: float = 0.0, chunk_kv: float = 0.0,
+                  alpha: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The batch period, prefill budget (-1 where the decoders would miss their TPOT) and
     speculative length at TPOT `tpot_s` (None: nothing paces the batches), with the running
     requests and each number in `joining` more (reading `joining_context` KV tokens a step)
     decoding, cut to one batch of the `waiting` prefill where that is shorter; a chunk reads
-    `chunk_kv` prompt tokens before its own (`prefill_budgets`)."""
+    `chunk_kv` prompt tokens before its own (`prefill_budgets`). Speculation is priced at
+    acceptance `alpha` (default: the replica's)."""
     if replica.prefill_only:
         joining, joining_context = 0 * joining, 0 * joining_context
     seqs = replica.decoding + joining
@@ -110,7 +114,8 @@ def batch_periods(profile: Profile, replica: Replica, tpot_s: float | None, join
             if cut < step_s and (shorter >= waiting).all():
                 step_s, budgets = cut, shorter
         return np.full(len(seqs), step_s), budgets, np.zeros(len(seqs), dtype=np.int64)
-    ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)), replica.alpha,
+    ks, steps, budgets = periods(profile, tpot_s, seqs, np.rint(kv_read / np.maximum(1, seqs)),
+                                 replica.alpha if alpha is None else alpha,
                                  replica.draft, replica.max_spec_len, keep_first=True,
                                  looser=np.array(replica.decode_tpots), waiting=waiting, chunk_kv=chunk_kv)
     return steps, budgets, ks * (budgets >= 0)

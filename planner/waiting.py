@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _COLUMNS = {"prefill": np.int64, "whole": np.int64, "held": np.int64, "output": np.int64, "deadline": np.float64,
-            "tpot": np.float64, "context": np.int64, "parked": np.bool_, "live": np.bool_, "order": np.int64}
+            "tpot": np.float64, "context": np.int64, "parked": np.bool_, "live": np.bool_, "order": np.int64,
+            "klass": np.int64}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Rows:
     slot: np.ndarray  # row in the queue's columns, increasing
     order: np.ndarray  # how many requests joined the queue before it, ever
     where: dict[str, int]  # request id -> slot
+    klass: np.ndarray  # its SLO class, as an index into `classes`
+    classes: list[str | None]  # every SLO class the queue has seen
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -64,6 +67,7 @@ class WaitingQueue:
         self._joined = 0  # requests added, ever
         self._row: dict[str, int] = {}
         self._cols = {name: np.zeros(64, dtype) for name, dtype in _COLUMNS.items()}
+        self._classes: dict[str | None, int] = {}
 
     def __len__(self) -> int:
         return len(self._row)
@@ -85,7 +89,8 @@ class WaitingQueue:
                   "held": req.prompt_len + req.num_output, "output": req.output_left(), "deadline": req.deadline,
                   "tpot": math.nan if tpot is None else tpot,
                   "context": req.life_context(),
-                  "parked": req.parked, "live": True, "order": self._joined}
+                  "parked": req.parked, "live": True, "order": self._joined,
+                  "klass": self._classes.setdefault(req.slo_class, len(self._classes))}
         for name, value in values.items():
             self._cols[name][n] = value
         self._ids[n] = req.request_id
@@ -109,7 +114,7 @@ class WaitingQueue:
         c = self._cols
         return Rows(self._ids[live], c["prefill"][live], c["whole"][live], c["held"][live], c["output"][live],
                     c["deadline"][live], c["tpot"][live], c["context"][live], c["parked"][live], live,
-                    c["order"][live], self._row)
+                    c["order"][live], self._row, c["klass"][live], list(self._classes))
 
     def _compact(self) -> None:
         live = np.flatnonzero(self._cols["live"][:self._size])

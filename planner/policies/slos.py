@@ -310,7 +310,7 @@ class SLOPolicy:
         shape = self.profile.model  # the same whatever the worker's calibration
         jobs = Jobs.of([Job(r.request_id, r.prefill_left - ran, 0, _deadline(r, now), r.tpot_s, True, r.life_context(),
                             float(prefill_cost(shape, r.prefill_left - ran, r.num_computed + ran)),
-                            r.num_computed + ran)
+                            r.num_computed + ran, acceptance(state, r.slo_class, self.prior_alpha))
                         for r, ran in prefilling])
         profile = self._profile(worker)
         passed: list[str] = []  # beyond what one call plans (`earliest`): cut here, before pricing
@@ -328,9 +328,10 @@ class SLOPolicy:
                                               rows.held[picked], rows.output[picked],
                                               -(-rows.whole[picked] // worker.block_size), free, worker.num_blocks,
                                               worker.block_size)
+            by_class = np.array([acceptance(state, c, self.prior_alpha) for c in rows.classes])
             jobs += Jobs(rows.ids[picked], rows.prefill[picked], blocks, deadline,
                          np.where(past, np.nan, rows.tpot[picked]), np.zeros(len(picked), dtype=bool),
-                         rows.context[picked], np.zeros(len(picked), dtype=np.int64),
+                         rows.context[picked], np.zeros(len(picked), dtype=np.int64), by_class[rows.klass[picked]],
                          prefill_cost(shape, rows.prefill[picked]))
         replica = Replica(
             decoding=running,

@@ -102,6 +102,18 @@ def test_a_promise_is_never_broken_to_admit_a_tight_request() -> None:
     assert p.late == [] and {"p0", "p1", "p2", "p3"} <= set(p.admitted)
 
 
+def test_a_tier_is_priced_at_the_acceptance_of_the_requests_that_bring_it() -> None:
+    """Sixteen requests decode at 100 ms, of a class whose proposals are mostly accepted; a new
+    one asks for 10 ms, which only speculation keeps here. At the running class's acceptance the
+    10 ms tier looks feasible; at the new request's own (its class's proposals rarely pass) it is
+    not, and the request is not admitted."""
+    replica = Replica(decoding=16, context_tokens=16_000, tightest_tpot_s=0.1, free_blocks=10_000, alpha=0.9,
+                      max_spec_len=8, decode_tpots=(0.1,) * 16)
+    assert plan(GPU, replica, [Job("c", 200, 1, 1.0, 0.01, context=500)], 0.0).admitted == ["c"]
+    assert plan(GPU, replica, [Job("c", 200, 1, 1.0, 0.01, context=500, alpha=0.9)], 0.0).admitted == ["c"]
+    assert plan(GPU, replica, [Job("c", 200, 1, 1.0, 0.01, context=500, alpha=0.1)], 0.0).admitted == []
+
+
 def test_tokens_and_blocks_both_bind() -> None:
     """Two batches of 726 tokens, 10 free blocks: {A, B, D} fits, which the greedy missed ({C, D})."""
     probe = plan(GPU, PREFILL, [Job("x", 1, 1, 1.0, None)], 0.0)

@@ -295,6 +295,24 @@ def test_acceptance_is_estimated_per_token_whatever_lengths_were_asked() -> None
     assert acceptance(s, "other", 0.5) == 0.5  # no reports yet: the prior
 
 
+def test_a_waiting_requests_tier_is_priced_at_its_own_classs_acceptance() -> None:
+    """Chatbot requests decode at 100 ms with proposals mostly accepted; a coding request asks
+    for 10 ms, which only speculation keeps. It is promised where coding's proposals pass as
+    often as chatbot's, and parked where they rarely pass."""
+    def decided(coding_accepted: int) -> tuple[dict[str, str], list[str]]:
+        running = [request(f"d{i}", 1000, SLOTarget(ttft_ms=1000.0, tpot_ms=100.0), slo_class="chatbot")
+                   for i in range(16)]
+        waiting = [request("c", 200, SLOTarget(ttft_ms=1000.0, tpot_ms=10.0), slo_class="coding")]
+        s = state([worker("w0", speculator="ngram")], waiting, {"w0": running})
+        s.speculation = {"chatbot": SpecCounts(1000, 900, 250, rejected=100),
+                         "coding": SpecCounts(1000, coding_accepted, 250, rejected=1000 - coding_accepted)}
+        d = SLOPolicy(GPU).schedule(s, now=0.0)
+        return d.assign, [rid for rid, _ in d.park]
+
+    assert decided(900) == ({"c": "w0"}, [])
+    assert decided(100) == ({}, ["c"])
+
+
 def test_a_request_behind_its_tpot_speculates_more_to_catch_up() -> None:
     """Acceptance is a draw: a request whose steps accepted little so far is behind its TPOT
     and asks for more tokens a step than one on schedule (which, at a period cut to one batch of
