@@ -30,11 +30,11 @@ fewest tokens that keep its own TPOT at that period, and more while its tokens s
 behind that TPOT, unless verifying them would cut the prefill the plan needs for a promised
 prompt's deadline (that prompt, once late, would run last). Both count on the tokens a step
 gains as a promise may, below their mean (`planner.spec_choice.promised_gains_row`):
-acceptance is a draw. A step with no prefill to run
-(and any step on a decode worker, or beside a request that memory turns away) raises those
-lengths to the floor that decodes the most tokens per second within the period: requests that
-finish sooner free their KV blocks and batch slots. Acceptance rates per SLO class come from
-the workers' reports (`planner.policies.speculation`).
+acceptance is a draw. A step with no prefill to run (and any step on a decode worker, or
+beside a request that memory turns away) raises those lengths to the floor that decodes the
+most tokens per second within the period: requests that finish sooner free their KV blocks
+and batch slots. Acceptance per SLO class comes from the workers' reports
+(`planner.policies.speculation`).
 
 Preemption: when requests outgrow a worker's KV cache (each reserves half the output it is
 expected to write), best-effort requests go first, then those furthest ahead of their TPOT:
