@@ -16,6 +16,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
+
 from planner.core import Planner
 from planner.policies.base import Policy
 from planner.policies.registry import POLICY_NAMES
@@ -118,8 +120,7 @@ def execute(planner: Planner, command: Command, make_policy: Callable[[str], Pol
                 "attainment": _shares(state.attainment),
                 "promises": _shares(state.promises),
                 "caught_up": planner.caught_up,
-                "speculation": {k: {"proposed": c.proposed, "accepted": c.accepted, "steps": c.steps}
-                                for k, c in state.speculation.items()},
+                "speculation": {k: msgspec.structs.asdict(c) for k, c in state.speculation.items()},
                 "preemptions": planner.preemptions})
         case ShowPolicy():
             return Reply(200, {"policy": planner.policy.name, "mode": state.mode, "policies": list(POLICY_NAMES)})

@@ -19,7 +19,7 @@ from planner.loop import _start_admin
 from planner.policies.fcfs import FCFSPolicy
 from planner.policies.sarathi import SarathiPolicy
 from shared.clock import ManualClock
-from shared.messages import RequestProgress, SamplingParams, SLOSpec, StepReport, Submit, WorkerHello
+from shared.messages import RequestProgress, SamplingParams, SLOSpec, SpecCounts, StepReport, Submit, WorkerHello
 from shared.settings import Settings
 from shared.slo import DEFAULT_CLASSES
 
@@ -107,8 +107,10 @@ def test_slo_attainment_per_class(setup: tuple[Planner, TestClient]) -> None:
     planner.on_report(StepReport(wid, order.step_id, 0.01, [RequestProgress("a", 20, 1)], [], 60))
     order = planner.schedule()[0][wid]
     planner.on_report(StepReport(wid, order.step_id, 0.01, [RequestProgress("a", 23, 4, "length")], [], 64))
+    planner.state.speculation = {"coding": SpecCounts(10, 6, 4, rejected=3)}
     slo = client.get("/admin/slo", headers=AUTH).json()
     assert slo["attainment"] == {"coding": {"met": 1, "total": 1, "share": 1.0}}
+    assert slo["speculation"] == {"coding": {"proposed": 10, "accepted": 6, "steps": 4, "rejected": 3}}
 
 
 def test_an_admin_port_already_taken_stops_the_planner() -> None:
