@@ -147,13 +147,13 @@ class SLOPolicy:
                 batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len)
                 behind = any(_behind(state.requests[r]) for r in batch.decode)
                 if batch.prefill:
-                    planned = batch.prefill
-                    batch.prefill = self._size(self._profile(worker), state, batch, p.step_s, p.needed, behind)
+                    planned, profile = batch.prefill, self._profile(worker)
+                    batch.prefill = self._size(profile, state, batch, p.step_s, p.needed, behind)
                     if behind and _tokens(batch.prefill) < min(p.needed, _tokens(planned)):
                         # catching up would cost a promised prompt its deadline: speculate as the period needs
                         batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len, False)
-                        batch.prefill = self._size(self._profile(worker), state, dataclasses.replace(
-                            batch, prefill=planned), p.step_s, p.needed, behind)
+                        batch.prefill = self._size(profile, state, dataclasses.replace(batch, prefill=planned),
+                                                   p.step_s, p.needed, behind)
                     batch.prefill = _hold_back(state, batch.prefill, p, now)
                 elif p.late:  # late already, and the decoders' TPOTs leave it nothing: a little, not never
                     late = next((r for r in p.admitted if r in p.late and r in mine), None)
