@@ -16,7 +16,7 @@ from gateway.errors import ApiError, ClientGone
 from gateway.metrics import GatewayMetrics
 from gateway.planner_link import PlannerLink
 from gateway.protocol import usage
-from shared.messages import Admitted, Parked, Refused, Submit, TokenChunk
+from shared.messages import QUEUE_FULL, Admitted, Parked, Refused, Submit, TokenChunk
 
 DISCONNECT_POLL_S = 0.5
 
@@ -65,20 +65,27 @@ class Generations:
     def __init__(self, link: PlannerLink, metrics: GatewayMetrics, timeout_s: float) -> None:
         self.link, self.metrics, self.timeout_s = link, metrics, timeout_s
 
-    async def start(self, submit: Submit, endpoint: str, has_objectives: bool) -> Generation:
-        """Open the request's queue and submit it. While the planner refuses new requests with
-        objectives (its best-effort queue is full), one is refused here at once; a request
-        without objectives waits as in any queue, with nothing to be late for."""
-        now = time.monotonic()
+    def turn_away(self, endpoint: str, has_objectives: bool, received: float) -> None:
+        """Refuse a request with objectives here, at once, as the planner would, where its
+        best-effort queue has no room left for it (`PlannerLink.queue_room`): under a burst the
+        answer must not wait for a trip to the planner. A request without objectives waits as
+        in any queue, with nothing to be late for."""
+        if has_objectives and self.link.queue_room() == 0:
+            self.metrics.verdict.labels("refused").observe(time.monotonic() - received)
+            self.metrics.requests.labels(endpoint, "429").inc()
+            raise ApiError(429, f"request refused: {QUEUE_FULL}", type_="rate_limit_error",
+                           headers={"Retry-After": "1"})
+
+    async def start(self, submit: Submit, endpoint: str, has_objectives: bool, received: float) -> Generation:
+        """Open the request's queue and submit it, unless it is turned away (`turn_away`) now
+        that its prompt is tokenized. `received`: when the gateway got it, which its latencies
+        count from."""
+        self.turn_away(endpoint, has_objectives, received)
         gen = Generation(submit.request_id, endpoint, submit.slo.slo_class or "default",
                          self.link.open(submit.request_id),
-                         len(submit.prompt_token_ids), now, now + self.timeout_s)
-        refusing = self.link.refusing() if has_objectives else ""
-        if refusing:  # the planner would refuse it too: answered here at once, as if it had
-            gen.queue.put_nowait(Refused(submit.request_id, refusing, retry_after_s=1.0))
-            return gen
+                         len(submit.prompt_token_ids), received, received + self.timeout_s)
         try:
-            await self.link.submit(submit)
+            await self.link.submit(submit, has_objectives)
         except BaseException:  # whatever stops the submission must not leave its queue open
             self.link.release(submit.request_id)
             raise
@@ -87,8 +94,9 @@ class Generations:
     async def next_chunk(self, gen: Generation, request: Request) -> TokenChunk:
         """The next token chunk; raises on refusal, timeout, failure or a client that went away."""
         while True:
-            try:
-                event = await asyncio.wait_for(gen.queue.get(), DISCONNECT_POLL_S)
+            try:  # what is queued already is taken without a turn of the event loop
+                event = gen.queue.get_nowait() if gen.queue.qsize() else await asyncio.wait_for(gen.queue.get(),
+                                                                                               DISCONNECT_POLL_S)
             except TimeoutError:
                 if await request.is_disconnected():
                     raise ClientGone from None

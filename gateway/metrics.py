@@ -94,7 +94,8 @@ class GatewayMetrics:
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tpot = Histogram("slos_tpot_seconds", "Mean time per output token after the first", ["slo_class"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.verdict = Histogram("slos_verdict_seconds", "From a request's submission to the planner's first word "
-                                 "on it: promised, best_effort, parked or refused", ["verdict"],
+        self.verdict = Histogram("slos_verdict_seconds", "From the gateway's receipt of a request to the planner's "
+                                 "first word on it (or the gateway's own refusal): promised, best_effort, parked or "
+                                 "refused", ["verdict"],
                                  buckets=VERDICT_BUCKETS, registry=self.registry)
         self.registry.register(ClusterCollector(link))

@@ -74,6 +74,8 @@ class PlannerLink:
         self.drops = DropCounter()
         self.status: ClusterStatus | None = None
         self.status_time = 0.0
+        self._undecided: set[str] = set()  # sent with objectives, no verdict heard yet
+        self._parked_since = 0  # of those, parked since the last status
 
     def start(self) -> None:
         """Say hello first, so that the planner aborts what a gateway before this one left."""
@@ -96,13 +98,16 @@ class PlannerLink:
         self._order.pop(request_id, None)
         self._submits.pop(request_id, None)
         self._resubmissions.forget(request_id)
+        self._undecided.discard(request_id)
 
     @property
     def open_requests(self) -> int:
         return len(self._queues)
 
-    async def submit(self, msg: Submit) -> None:
+    async def submit(self, msg: Submit, has_objectives: bool) -> None:
         self._submits[msg.request_id] = msg
+        if has_objectives:
+            self._undecided.add(msg.request_id)
         await self._to_planner.send(encode(msg))
 
     async def _resubmit(self, lost: Lost) -> None:
@@ -138,12 +143,17 @@ class PlannerLink:
         log.info("request %s: abort (%s)", request_id, reason)
         self._to_planner.send(encode(Abort(request_id, reason)), flags=zmq.NOBLOCK)
 
-    def refusing(self, max_age_s: float = 1.0) -> str:
-        """Why the planner would refuse any new request now, by its fresh status; empty: it
-        would not."""
-        if self.status is None or time.monotonic() - self.status_time >= max_age_s:
-            return ""
-        return self.status.refusing
+    def queue_room(self, max_age_s: float = 1.0) -> int | None:
+        """How many more requests with objectives the planner's best-effort queue takes, at
+        most; None: no bound, or no fresh status. The status says what the room was after the
+        planner's last call, and every verdict of that call came before it on this socket; so
+        what has been sent since and not yet decided is what the planner has not seen, and may
+        fill the room, and what it parked since has taken some. A room that grew since the
+        status (parked requests admitted) is not seen here until the next one, which the
+        planner sends at once when the room grows."""
+        if self.status is None or self.status.queue_room < 0 or time.monotonic() - self.status_time >= max_age_s:
+            return None
+        return max(0, self.status.queue_room - self._parked_since - len(self._undecided))
 
     def healthy(self, max_age_s: float = 2.0) -> bool:
         """A fresh status, and live workers that can both prefill and decode."""
@@ -158,12 +168,15 @@ class PlannerLink:
             msg: Message | None = self.drops.accept(data, "bus")
             if isinstance(msg, ClusterStatus):
                 restarted = self.status is not None and msg.planner_id != self.status.planner_id
-                self.status, self.status_time = msg, time.monotonic()
+                self.status, self.status_time, self._parked_since = msg, time.monotonic(), 0
                 if restarted:
                     await self._resubmit_all()
             elif isinstance(msg, Lost):
                 await self._resubmit(msg)
             elif isinstance(msg, (Admitted, Parked, Refused, TokenChunk)):
+                if msg.request_id in self._undecided and not isinstance(msg, TokenChunk):
+                    self._undecided.discard(msg.request_id)
+                    self._parked_since += isinstance(msg, Parked)
                 queue = self._queues.get(msg.request_id)
                 if queue is None:
                     continue

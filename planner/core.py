@@ -73,7 +73,7 @@ class Planner:
     handovers: int = 0
     preemptions: int = 0
     caught_up: int = 0  # batches that held prefill back for a promised request behind its TPOT
-    refusing: str = ""  # the last call's reason to refuse any new request (`Decisions.refusing`)
+    queue_room: int = -1  # the last call's `Decisions.queue_room`
     verdicts: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request -> why, newest last
     unsent_roles: dict[str, Role] = field(default_factory=dict)  # role changes the worker has not been told
     # request -> its token times so far, and whether it was served best effort
@@ -314,7 +314,7 @@ class Planner:
             promises={k: SLOCount(a.met, a.total) for k, a in self.state.promises.items()},
             caught_up=self.caught_up,
             planner_id=self.planner_id,
-            refusing=self.refusing,
+            queue_room=self.queue_room,
         )
 
     def explain(self, request_id: str) -> str | None:
@@ -340,7 +340,7 @@ class Planner:
     def _apply(self, decisions: Decisions) -> list[Message]:
         out: list[Message] = []
         self.caught_up += decisions.caught_up
-        self.refusing = decisions.refusing
+        self.queue_room = decisions.queue_room
         kept = set()
         for worker_id, role in decisions.roles.items():
             kept |= self.move(self.state.workers[worker_id], role)

@@ -33,4 +33,4 @@ class Decisions:
     roles: dict[str, Role] = field(default_factory=dict)  # worker -> its new role
     best_effort: set[str] = field(default_factory=set)  # assigned without a promise: preempted first
     caught_up: int = 0  # batches that prefilled only what the plan needs, for a promised request behind its TPOT
-    refusing: str = ""  # why any new request would be refused now, before a plan (the gateway answers it)
+    queue_room: int = -1  # requests with objectives the best-effort queue still takes; -1: no bound

@@ -53,7 +53,7 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
     planner.state.mode = settings.mode
     admin = _start_admin(settings, commands)
     drops = DropCounter()
-    last_status, refusing = 0.0, ""
+    last_status, room = 0.0, -1  # the queue room the gateway last heard
     quiet_gc()
     gc.freeze()  # what was loaded at start is never garbage
     log.info("planner up: intake %s, workers %s, policy %s", settings.planner_intake_address,
@@ -78,9 +78,11 @@ def serve(settings: Settings, policy: Policy, clock: Clock, stop: threading.Even
             orders, verdicts = planner.schedule()
             to_gateway += verdicts
             now = time.monotonic()
-            if now - last_status > STATUS_INTERVAL_S or planner.refusing != refusing:  # the gateway refuses by it
+            # the gateway refuses by the queue's room; it counts the falls the verdicts show it
+            if now - last_status > STATUS_INTERVAL_S or (planner.queue_room != room
+                                                         and not 0 < planner.queue_room < room):
                 to_gateway.append(planner.status(drops.dropped))
-                last_status, refusing = now, planner.refusing
+                last_status, room = now, planner.queue_room
             for worker_id, order in orders.items():
                 try:
                     workers.send_multipart([worker_id.encode(), encode(order)])

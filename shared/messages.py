@@ -115,6 +115,9 @@ class Parked(msgspec.Struct, tag=True):
     reason: str
 
 
+QUEUE_FULL = "overloaded: the best-effort queue is full"  # why a request is refused for want of queue room
+
+
 class Refused(msgspec.Struct, tag=True):
     """planner -> gateway: the request will not be served; the client may retry later."""
 
@@ -289,7 +292,8 @@ class ClusterStatus(msgspec.Struct, tag=True):
     promises: dict[str, SLOCount] = {}  # the same by how the request was served: promised, best_effort, refused
     caught_up: int = 0  # batches that held prefill back for a promised request behind its TPOT
     planner_id: str = ""  # a new one means the planner restarted and holds none of the requests sent before
-    refusing: str = ""  # why any new request is refused now: the gateway refuses it at once; empty: none is
+    queue_room: int = -1  # requests with objectives the best-effort queue still takes; -1: no bound
+    # (the gateway refuses the rest itself, counting what it has sent since: `PlannerLink.queue_room`)
 
 
 Message = Union[

@@ -15,9 +15,9 @@ needs its KV blocks. Requests with no objectives at all are best effort too, and
 call's wait, are those of a task already late (`SLOSpec.task`): the planner makes their first
 token due at once. Beyond
 `best_effort_limit` parked requests with objectives, new ones with objectives are refused at
-once (HTTP 429, Retry-After; while the queue stays full the gateway answers them itself,
-without a trip to the planner), and so is a request whose TPOT no worker could keep even
-decoding it alone: waiting would not help it. Requests without objectives are never refused
+once (HTTP 429, Retry-After; the gateway hears the queue's room and answers those beyond it
+itself, without a trip to the planner), and so is a request whose TPOT no worker could keep
+even decoding it alone: waiting would not help it. Requests without objectives are never refused
 for a full queue: they wait, as a throughput scheduler's queue would hold them.
 A worker that holds requests never idles: where its steps run slower than any plan for them
 allows (a profile far too fast for the machine), it prefills them earliest deadline first;
@@ -77,7 +77,7 @@ from planner.prices import DEFAULT_CONTEXT, Replica, max_decode_batch
 from planner.roles import choose_roles
 from planner.state import PlannerState, RequestState, WorkerState
 from planner.waiting import Rows
-from shared.messages import MAX_SPEC_LEN
+from shared.messages import MAX_SPEC_LEN, QUEUE_FULL
 from shared.roofline import Profile, prefill_cost
 
 EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
@@ -86,7 +86,6 @@ BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave fre
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
 LATE_CHUNK = 64  # prompt tokens a batch gives a late promise that its decoders' TPOTs leave no room
 HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
-QUEUE_FULL = "overloaded: the best-effort queue is full"
 
 
 @dataclass
@@ -110,6 +109,7 @@ class SLOPolicy:
         added: dict[str, list[str]] = {w: [] for w in state.workers}
         rows = state.waiting.rows()
         plans: dict[str, Plan] = {}
+        parked = 0  # with objectives, in the best-effort queue after this call
         if len(rows):  # below capacity nothing waits most of the time
             refused = refuse_oversized(state, rows, decisions) | refuse_unmeetable(
                 state, rows, decisions, self.profile, self.draft, self.max_spec_len, self.prior_alpha)
@@ -126,9 +126,9 @@ class SLOPolicy:
                 else:
                     decisions.park.append((rid, "no worker can meet its SLOs now; waiting for room"))
                     parked += has_objectives
-            # a full queue refuses what no plan admits; a request that arrives meanwhile gets no
-            # better, so the gateway answers it at once
-            decisions.refusing = QUEUE_FULL if 0 < self.best_effort_limit <= parked else ""
+        # a full queue refuses what no plan admits, and a request that arrives meanwhile gets no
+        # better: the gateway answers those beyond the room itself
+        decisions.queue_room = max(0, self.best_effort_limit - parked) if self.best_effort_limit > 0 else -1
         hand_over(state, load, self.max_num_seqs, decisions, added,
                   accepts=lambda r, w: self._accepts(state, w, load[w.worker_id][1], r))
 

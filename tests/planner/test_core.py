@@ -8,7 +8,7 @@ import planner.state
 from planner.core import Planner
 from planner.decisions import Decisions
 from planner.policies.fcfs import FCFSPolicy
-from planner.policies.slos import QUEUE_FULL, SLOPolicy
+from planner.policies.slos import SLOPolicy
 from shared.clock import ManualClock
 from shared.messages import (
     Abort,
@@ -373,7 +373,7 @@ def test_late_tasks_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch
     assert list(state.late_tasks) == ["t3", "t4", "t2"]
 
 
-def test_the_status_tells_the_gateway_to_refuse_while_the_best_effort_queue_is_full() -> None:
+def test_the_status_tells_the_gateway_the_room_left_in_the_best_effort_queue() -> None:
     """Prompts due in 1 ms are parked (no worker is known well enough to call them unmeetable),
     one at most; the rest are refused, and from then on the gateway refuses newcomers itself
     until the queue has room again."""
@@ -385,8 +385,8 @@ def test_the_status_tells_the_gateway_to_refuse_while_the_best_effort_queue_is_f
         submit(planner, rid, 100, due_now)
     _, verdicts = planner.schedule()
     assert sorted(type(v).__name__ for v in verdicts) == ["Parked", "Refused", "Refused"]
-    assert planner.status(0).refusing == QUEUE_FULL
+    assert planner.status(0).queue_room == 0
     parked = next(v.request_id for v in verdicts if isinstance(v, Parked))
     planner.on_abort(Abort(parked, "the client left"))
     planner.schedule()
-    assert planner.status(0).refusing == ""
+    assert planner.status(0).queue_room == 1

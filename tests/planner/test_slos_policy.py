@@ -134,7 +134,7 @@ def test_the_best_effort_queue_is_bounded() -> None:
     d = SLOPolicy(GPU, best_effort_limit=5).schedule(s, now=0.0)
     assert len(d.park) == 5 and len(d.refuse) == 40 - 5 - len(d.assign)
     assert all("best-effort queue is full" in why for _, why in d.refuse)
-    assert d.refusing == d.refuse[0][1]  # the gateway refuses newcomers itself while the queue is full
+    assert d.queue_room == 0  # the gateway refuses newcomers itself while the queue is full
 
 
 def test_a_full_queue_refuses_requests_with_objectives_and_never_plain_ones() -> None:
@@ -151,11 +151,13 @@ def test_a_full_queue_refuses_requests_with_objectives_and_never_plain_ones() ->
     assert len(refused) == 40 - 5 - len([r for r in d.assign if r.startswith("w")])
 
 
-def test_the_gateway_is_told_to_refuse_only_while_the_queue_is_full() -> None:
+def test_the_gateway_is_told_the_room_left_in_the_queue() -> None:
     decoding = [request(f"d{i}", 500, TIGHT) for i in range(8)]
-    s = state([worker("w0")], [request(f"w{i}", 3000, TIGHT) for i in range(4)], {"w0": decoding})
-    assert SLOPolicy(GPU, best_effort_limit=5).schedule(s, now=0.0).refusing == ""
-    assert SLOPolicy(GPU, best_effort_limit=0).schedule(s, now=0.0).refusing == ""  # no queue: each is planned
+    s = state([worker("w0")], [request(f"w{i}", 3000, TIGHT) for i in range(20)], {"w0": decoding})
+    d = SLOPolicy(GPU, best_effort_limit=50).schedule(s, now=0.0)
+    assert d.park and d.queue_room == 50 - len(d.park)
+    assert SLOPolicy(GPU, best_effort_limit=0).schedule(s, now=0.0).queue_room == -1  # no queue: each is planned
+    assert SLOPolicy(GPU, best_effort_limit=5).schedule(state([worker("w0")], []), now=0.0).queue_room == 5
 
 
 def test_a_tpot_no_worker_could_keep_is_refused_at_once() -> None:
