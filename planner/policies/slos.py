@@ -54,9 +54,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.admission import Job, Jobs, Plan, earliest, plan
-from planner.costs import batch_seconds
 from planner.decisions import Decisions, WorkerBatch
 from planner.memory import promise_blocks
+from planner.policies.batch_sizing import hold_back, prefill_tokens, size_prefill
+from planner.policies.best_effort import make_room, place_best_effort
 from planner.policies.placement import (
     Load,
     Routing,
@@ -80,12 +81,8 @@ from planner.waiting import Rows
 from shared.messages import MAX_SPEC_LEN, QUEUE_FULL
 from shared.roofline import Profile, prefill_cost
 
-EFFICIENCY = 0.9  # a batch prefills at least at this share of the best prefill rate its period allows
-SLACK = 0.5  # best-effort requests join a replica whose deadlines need at most this share of its budget
-BE_RESERVE = 0.1  # share of a worker's KV blocks best-effort requests leave free for promised ones
 STALLED_CHUNK = 512  # prefill tokens a worker runs when no plan fits what it holds
 LATE_CHUNK = 64  # prompt tokens a batch gives a late promise that its decoders' TPOTs leave no room
-HOLD_BATCHES = 2  # a prompt's last token waits for its TTFT to be this many batches away (`_hold_back`)
 
 
 @dataclass
@@ -148,13 +145,13 @@ class SLOPolicy:
                 behind = any(_behind(state.requests[r]) for r in batch.decode)
                 if batch.prefill:
                     planned, profile = batch.prefill, self._profile(worker)
-                    batch.prefill = self._size(profile, state, batch, p.step_s, p.needed, behind)
-                    if behind and _tokens(batch.prefill) < min(p.needed, _tokens(planned)):
+                    batch.prefill = size_prefill(profile, state, batch, p.step_s, p.needed, behind)
+                    if behind and prefill_tokens(batch.prefill) < min(p.needed, prefill_tokens(planned)):
                         # catching up would cost a promised prompt its deadline: speculate as the period needs
                         batch.spec_lens = self._spec_lens(state, worker, batch.decode, p.step_s, p.spec_len, False)
-                        batch.prefill = self._size(profile, state, dataclasses.replace(batch, prefill=planned),
-                                                   p.step_s, p.needed, behind)
-                    batch.prefill = _hold_back(state, batch.prefill, p, now)
+                        batch.prefill = size_prefill(profile, state, dataclasses.replace(batch, prefill=planned),
+                                                 p.step_s, p.needed, behind)
+                    batch.prefill = hold_back(state, batch.prefill, p, now)
                 elif p.late:  # late already, and the decoders' TPOTs leave it nothing: a little, not never
                     late = next((r for r in p.admitted if r in p.late and r in mine), None)
                     if late is not None:
@@ -194,76 +191,15 @@ class SLOPolicy:
                     decisions.assign[rid] = worker.worker_id
                     added[worker.worker_id].append(rid)
                     take(req, worker, load)
-            self._make_room(state, worker, load, decisions, gone)
+            make_room(state, worker, load, decisions, gone)
             promising &= ~rows.mask(p.admitted)
         hopeful = np.flatnonzero(candidates & best_effort)
-        if not len(hopeful):
-            return plans
-
-        decoders: dict[str, int] = {}  # what each worker can decode beside its TPOTs: fixed in this call
-
-        def has_room(w: WorkerState) -> bool:  # for a block, and for one more decoder beside its TPOTs
-            free, count = load[w.worker_id]
-            if count >= self.max_num_seqs or free - 1 < BE_RESERVE * w.num_blocks:
-                return False
-            if w.role == "prefill":
-                return True
-            if w.worker_id not in decoders:
-                decoders[w.worker_id] = self._decode_room(state, w, 0, None)
-            return decoders[w.worker_id] > count
-
-        nobody = np.zeros(len(rows), dtype=bool)
-        with_slack = []
-        for w in filter(has_room, pool):  # a plan only where one could be placed: a plan is the costly part
-            if w.worker_id not in plans:
-                plans[w.worker_id] = self._plan(state, w, load, rows, nobody, now, gone)
-            if plans[w.worker_id].needed <= SLACK * plans[w.worker_id].next_budget:
-                with_slack.append(w)
-        # each request's blocks on each worker, as `placement.take` counts them: worked out once
-        need = {w.worker_id: -(-(rows.prefill[hopeful] if w.role == "prefill" else rows.whole[hopeful])
-                                // w.block_size) for w in with_slack}
-        fits = [load[w.worker_id][0] - need[w.worker_id] >= BE_RESERVE * w.num_blocks for w in with_slack]
-        somewhere = np.logical_or.reduce(fits) if fits else np.zeros(len(hopeful), dtype=bool)
-        needs = {wid: n[somewhere].tolist() for wid, n in need.items()}  # room only shrinks: the rest never fit
-        with_slack = list(filter(has_room, with_slack))
-        for i, rid in enumerate(rows.ids[hopeful[somewhere]].tolist()):
-            if not with_slack:
-                break
-            worker, most = None, -math.inf  # the one with the most free blocks once it holds the request
-            for w in with_slack:
-                free = load[w.worker_id][0]
-                if free - needs[w.worker_id][i] >= BE_RESERVE * w.num_blocks and free > most:
-                    worker, most = w, free
-            if worker is None:
-                continue
-            free, count = load[worker.worker_id]
-            load[worker.worker_id] = (free - needs[worker.worker_id][i], count + 1)
-            decisions.assign[rid] = worker.worker_id
-            decisions.best_effort.add(rid)
-            added[worker.worker_id].append(rid)
-            p = plans[worker.worker_id]
-            room = p.next_budget - sum(p.chunks.values())
-            if room > 0:
-                p.chunks[rid] = min(room, state.requests[rid].prefill_left)
-            if not has_room(worker):  # only its room changed
-                with_slack.remove(worker)
+        if len(hopeful):
+            nobody = np.zeros(len(rows), dtype=bool)
+            place_best_effort(state, rows, hopeful, pool, load, plans, decisions, added, self.max_num_seqs,
+                              decode_room=lambda w: self._decode_room(state, w, 0, None),
+                              plan_for=lambda w: self._plan(state, w, load, rows, nobody, now, gone))
         return plans
-
-    def _make_room(self, state: PlannerState, worker: WorkerState, load: Load, decisions: Decisions,
-                   gone: set[str]) -> None:
-        """Preempt best-effort requests, newest first, while admitted work needs their blocks."""
-        free, count = load[worker.worker_id]
-        movable = sorted((state.requests[r] for r in worker.requests
-                          if state.requests[r].best_effort and r not in gone
-                          and state.requests[r].phase in ("prefill", "decode")), key=lambda r: -r.arrival)
-        for req in movable:
-            if free >= 0:
-                break
-            decisions.preempt.append((req.request_id, "preempted for admitted work"))
-            gone.add(req.request_id)
-            free += req.reserved_blocks
-            count -= 1
-        load[worker.worker_id] = (free, count)
 
     def _plan(self, state: PlannerState, worker: WorkerState, load: Load, rows: Rows, candidates: np.ndarray,
               now: float, gone: set[str]) -> Plan:
@@ -355,38 +291,6 @@ class SLOPolicy:
         p.rejected += passed
         return p
 
-    def _size(self, profile: Profile, state: PlannerState, batch: WorkerBatch, step_s: float,
-              needed: int, behind: bool = False) -> list[tuple[str, int]]:
-        """How much of the planned prefill the next batch runs, cut from the end of its chunks.
-
-        Never so much that the batch outlasts its period (the budget was priced without the
-        chunks' own attention over their earlier context), and no more than the deadlines
-        need, or than it takes to prefill at EFFICIENCY of the best rate the period allows: a
-        longer batch adds little prefill per second but slows every decoding request, which
-        then holds its KV blocks longer; beside a promised request `behind` its TPOT, no more
-        than the deadlines need. A cut inside a prompt moves to its end when that fits, rather
-        than leave a stub for the next batch."""
-        ends = np.cumsum([n for _, n in batch.prefill], dtype=np.float64)
-        totals = np.unique(np.concatenate([np.linspace(0, ends[-1], 33).round(), ends]))
-        seconds = batch_seconds(profile, state, batch, totals)
-        fits = seconds <= step_s
-        if not fits.any():
-            return []
-        rates = totals / seconds
-        efficient = totals[fits & (rates >= EFFICIENCY * rates[fits].max())]
-        most = totals[fits][-1]
-        keep = min(most, needed if behind else max(efficient[0], needed))
-        finish = ends[np.searchsorted(ends, keep)] if keep < ends[-1] else ends[-1]
-        if finish <= most:  # finish the prompt it cuts into, rather than leave a stub for the next batch
-            keep = finish
-        out = []
-        for (rid, n), end in zip(batch.prefill, ends.tolist()):
-            n = int(min(n, keep - (end - n)))
-            if n <= 0:
-                break
-            out.append((rid, n))
-        return out
-
     def _in_flight_s(self, worker: WorkerState, now: float) -> float:
         """What the worker's step in flight has left to run, priced as a promise is: at the
         worker's fitted time and margin for the step it was ordered (a whole step of the
@@ -448,31 +352,6 @@ class SLOPolicy:
         on_the_way = sum(1 for w in state.workers.values() if w.role == "prefill" for rid in w.requests
                          if state.requests[rid].phase in ("prefill", "handover"))
         return max(0, sum(max(0, self._decode_room(state, w, len(w.requests), None)) for w in pool) - on_the_way)
-
-
-def _hold_back(state: PlannerState, prefill: list[tuple[str, int]], p: Plan, now: float) -> list[tuple[str, int]]:
-    """The batch's chunks, less the last prompt token of each request that would start decoding
-    at a TPOT tighter than the batches run now while other admitted prompts still wait, unless
-    its TTFT is due within HOLD_BATCHES batches. The plan counts a request's decoding from its
-    TTFT deadline on; one that starts early shortens every batch sooner than planned, and a
-    promised prompt behind it can miss its TTFT."""
-    if sum(p.admitted_tokens) <= sum(n for _, n in prefill):  # nothing else waits
-        return prefill
-    out = []
-    for rid, n in prefill:
-        req = state.requests[rid]
-        tpot = req.tpot_s
-        if (n >= req.prefill_left and tpot is not None and tpot < p.step_s
-                and req.deadline - now > HOLD_BATCHES * p.step_s):
-            n -= 1
-        if n > 0:
-            out.append((rid, n))
-    return out
-
-
-def _tokens(chunks: list[tuple[str, int]]) -> int:
-    """Prompt tokens in a batch's chunks."""
-    return sum(n for _, n in chunks)
 
 
 def _behind(req: RequestState) -> bool:
