@@ -20,9 +20,10 @@ import numpy as np
 
 from planner.costs import batch_shape
 from planner.decisions import Decisions, WorkerBatch
+from planner.orders import batch_order
 from planner.policies.base import Policy
 from planner.roles import conflicts
-from planner.state import RESERVE_AHEAD, Attainment, Handover, PlannerState, RequestState, WorkerState, remember
+from planner.state import Attainment, Handover, PlannerState, RequestState, WorkerState, remember
 from shared.clock import Clock
 from shared.messages import (
     Abort,
@@ -33,9 +34,7 @@ from shared.messages import (
     Heartbeat,
     Lost,
     Message,
-    NewRequest,
     Parked,
-    PrefillChunk,
     Refused,
     Role,
     SLOCount,
@@ -153,7 +152,7 @@ class Planner:
             self.pending_aborts.setdefault(req.worker_id, []).append(msg.request_id)
         if req.handover is not None and req.handover.decode_worker is not None and req.handover.import_sent:
             self.pending_aborts.setdefault(req.handover.decode_worker, []).append(msg.request_id)
-        self._forget(req)
+        self.state.forget(req)
 
     def on_gateway_hello(self, msg: GatewayHello) -> None:
         """A gateway started: what came from another one has no client left to stream to."""
@@ -229,9 +228,9 @@ class Planner:
                 if p.finish_reason in ("stop", "length"):
                     self.state.lengths.observe(req.slo_class, req.num_output, req.slo.staged_tokens())
                     self._judge(req, req.tracker.met())
-                self._forget(req)
+                self.state.forget(req)
             elif req.worker_id == worker_id and req.phase == "decode":
-                self._regrow(req, worker)
+                worker.regrow(req)
         for rid in msg.out_of_blocks:
             log.warning("request %s: worker %s is out of KV blocks; it waits a step", rid, msg.worker_id)
         for export in msg.exports:
@@ -281,12 +280,13 @@ class Planner:
             if self.profile is not None:
                 parts = split(self.profile.model, self.profile.params, batch_shape(self.state, batch))
                 worker.order_parts = tuple(float(np.ravel(x)[0]) for x in parts)
-            orders[worker_id] = self._order(worker_id, batch)
+            orders[worker_id] = batch_order(self.state, worker_id, batch, self._next_step(), self.policy.name)
         for worker_id in list(self.pending_aborts) + list(self.unsent_roles):
             worker = self.state.workers.get(worker_id)
             if worker is not None and worker.alive and worker.step_in_flight is None and worker_id not in orders:
                 worker.order_parts = None
-                orders[worker_id] = self._order(worker_id, WorkerBatch())
+                orders[worker_id] = batch_order(self.state, worker_id, WorkerBatch(), self._next_step(),
+                                                self.policy.name)
         for worker_id, order in orders.items():
             order.aborts = self.pending_aborts.pop(worker_id, [])
             order.role = self.unsent_roles.pop(worker_id, None)
@@ -348,7 +348,7 @@ class Planner:
             log.info("request %s: refused (%s)", rid, reason)
             self._note(rid, f"refused: {reason}")
             self._judge(self.state.requests[rid], met=False, refused=True)
-            self._forget(self.state.requests[rid])
+            self.state.forget(self.state.requests[rid])
             out.append(Refused(rid, reason, retry_after_s=1.0))
         for rid, reason in decisions.park:
             log.info("request %s: parked (%s)", rid, reason)
@@ -422,46 +422,11 @@ class Planner:
     def _keep(self, req: RequestState, worker: WorkerState) -> None:
         """A prefilled request decodes where it was prefilled."""
         req.phase, req.handover = "decode", None
-        self._regrow(req, worker)
+        worker.regrow(req)
 
-    def _regrow(self, req: RequestState, worker: WorkerState) -> None:
-        """Re-plan a request's KV reservation as its output grows (it may outlive its length
-        estimate); a worker whose requests outgrow it preempts some (`relieve_memory`)."""
-        if req.prompt_len + req.num_output + RESERVE_AHEAD <= req.reserved_blocks * worker.block_size:
-            return  # the common case: the reservation still has room ahead
-        need = max(req.reserved_blocks, worker.blocks_for(req.tokens_on(worker.role)))
-        worker.reserved_blocks += need - req.reserved_blocks
-        req.reserved_blocks = need
-
-    def _order(self, worker_id: str, batch: WorkerBatch) -> BatchOrder:
-        held = set(self.state.workers[worker_id].requests)
-        stray = [] if held.issuperset(batch.decode) and held.issuperset(r for r, _ in batch.prefill) else \
-            [rid for rid in [r for r, _ in batch.prefill] + batch.decode if rid not in held]
-        if stray:  # a policy bug must not take the planner down
-            log.error("policy %s ordered requests worker %s does not hold: %s", self.policy.name, worker_id, stray)
-            batch = WorkerBatch([(r, n) for r, n in batch.prefill if r in held], [r for r in batch.decode if r in held],
-                                {r: k for r, k in batch.spec_lens.items() if r in held})
+    def _next_step(self) -> int:
         self.next_step_id += 1
-        new = []
-        for rid, _ in batch.prefill:
-            req = self.state.requests[rid]
-            if not req.delivered:
-                new.append(NewRequest(rid, list(req.prompt_token_ids), req.params, list(req.resume_token_ids)))
-                req.first_step = self.next_step_id
-        imports = []
-        for req in map(self.state.requests.__getitem__, batch.decode):
-            handover = req.handover
-            if handover is not None and handover.decode_worker == worker_id and not handover.import_sent:
-                imports.append(handover.export)
-                handover.import_sent = True
-        return BatchOrder(
-            step_id=self.next_step_id,
-            new_requests=new,
-            prefill=[PrefillChunk(rid, n) for rid, n in batch.prefill],
-            decode=batch.decode,
-            spec_lens=batch.spec_lens,
-            kv_imports=imports,
-        )
+        return self.next_step_id
 
     def _complete_handover(self, req: RequestState) -> None:
         """The decode worker has the request: the prefill worker may free it."""
@@ -483,21 +448,9 @@ class Planner:
             worker = self.state.workers.get(worker_id or "")
             if worker is not None and worker.alive:
                 self.pending_aborts.setdefault(worker.worker_id, []).append(req.request_id)
-        self._forget(req)
+        self.state.forget(req)
         remember(self.lost, req.request_id, (req.tracker, req.best_effort), LOST_KEPT)
         return [Lost(req.request_id, reason, preempted)]
-
-    def _forget(self, req: RequestState) -> None:
-        self.state.requests.pop(req.request_id, None)
-        if req.worker_id is None:
-            self.state.waiting.discard(req.request_id)
-            return
-        decode_reserved = req.handover.reserved_blocks if req.handover is not None else 0
-        for worker_id, reserved in ((req.worker_id, req.reserved_blocks), (req.decode_worker, decode_reserved)):
-            worker = self.state.workers.get(worker_id or "")
-            if worker is not None:
-                worker.reserved_blocks -= reserved
-                worker.requests.remove(req.request_id)
 
     def _drop_worker(self, worker_id: str) -> list[Message]:
         worker = self.state.workers[worker_id]

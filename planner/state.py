@@ -166,6 +166,15 @@ class WorkerState:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def regrow(self, req: RequestState) -> None:
+        """Re-plan a request's KV reservation as its output grows (it may outlive its length
+        estimate); a worker whose requests outgrow it preempts some (`relieve_memory`)."""
+        if req.prompt_len + req.num_output + RESERVE_AHEAD <= req.reserved_blocks * self.block_size:
+            return  # the common case: the reservation still has room ahead
+        need = max(req.reserved_blocks, self.blocks_for(req.tokens_on(self.role)))
+        self.reserved_blocks += need - req.reserved_blocks
+        req.reserved_blocks = need
+
 
 @dataclass
 class Attainment:
@@ -202,6 +211,20 @@ class PlannerState:
 
     def acceptance(self, slo_class: str | None) -> SpecCounts:
         return self.speculation.get(slo_class or "default", SpecCounts())
+
+    def forget(self, req: RequestState) -> None:
+        """The request is gone: its place in the queue, or its workers' blocks, are free."""
+        self.requests.pop(req.request_id, None)
+        if req.worker_id is None:
+            self.waiting.discard(req.request_id)
+            return
+        decode_reserved = req.handover.reserved_blocks if req.handover is not None else 0
+        for worker_id, reserved in ((req.worker_id, req.reserved_blocks), (req.decode_worker, decode_reserved)):
+            worker = self.workers.get(worker_id or "")
+            if worker is not None:
+                worker.reserved_blocks -= reserved
+                worker.requests.remove(req.request_id)
+
 
 
 def remember(recent: OrderedDict[str, V], key: str, value: V, most: int) -> None:
