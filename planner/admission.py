@@ -34,9 +34,9 @@ Requests already promised must be admitted; when no plan keeps all of them the p
 most it can (giving up the ones due last where that keeps as many), reports the rest as
 `late`, and admits nothing new; a late one runs in deadline order where the slack of those
 due after it allows, else last; one already past its deadline runs first where every other's
-slack allows, else last. A call plans at most the `CONSIDERED` earliest deadlines beside the
-promised requests, fewer when the memory dimension would make the program larger than
-`WORK_LIMIT` states; the rest wait for the next call, a batch later. The next batch's chunks
+slack allows, else last. A call plans at most the `planner.jobs.CONSIDERED` earliest
+deadlines beside the promised requests, fewer when the memory dimension would make the program
+larger than `WORK_LIMIT` states; the rest wait for the next call, a batch later. The next batch's chunks
 fill its budget as `prefill_cost` counts it, so a chunk deep into a long prompt gets fewer
 tokens than one at its start.
 """
@@ -49,30 +49,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from planner import _dp
+from planner.jobs import Job, Jobs, earliest
 from planner.prices import DEFAULT_CONTEXT, Replica, Tables, batch_periods, price_tables
 from shared.roofline import ModelShape, Profile, prefill_cost, prefill_within
 
-CONSIDERED = 256  # waiting requests, earliest deadlines first, that one call plans at most
 WORK_LIMIT = 250_000  # requests × states the program may visit in one call
 MEMORY_UNITS = 64  # the free KV blocks, when they bind, in at most this many units
 TIER_WIDTH = 0.05  # TPOTs this close (relatively) share a tier
 MAX_TIERS = 16  # tiers one program keeps apart at most
-
-
-@dataclass(frozen=True)
-class Job:
-    """A request that still has prompt to prefill."""
-
-    request_id: str
-    prefill_tokens: int
-    blocks: int  # its KV cost: the blocks it will hold at most, or its share of them (`planner.memory`)
-    deadline: float  # absolute TTFT deadline; inf when it has none
-    tpot_s: float | None  # its decode objective; None when it has none
-    promised: bool = False  # admitted earlier: must be kept
-    context: int = 0  # KV tokens each of its decode steps reads, on average over its life
-    cost: float | None = None  # budget tokens its prefill takes (`prefill_cost`); None: its tokens
-    done: int = 0  # prompt tokens already in the cache, which its chunks attend to
-    alpha: float | None = None  # per-token acceptance of its class's proposals; None: the replica's
 
 
 @dataclass
@@ -88,60 +72,6 @@ class Plan:
     needed: int = 0  # prefill tokens the next batch must run for every admitted request to stay on time
     late: list[str] = field(default_factory=list)  # promised, but no plan keeps them on time
     crowded: bool = False  # KV blocks or batch slots, not time, turned a request away
-
-
-@dataclass(frozen=True)
-class Jobs:
-    """Requests with prompt left to prefill, as columns (see `Job`)."""
-
-    ids: np.ndarray  # object
-    tokens: np.ndarray
-    blocks: np.ndarray
-    deadline: np.ndarray
-    tpot: np.ndarray  # nan for none
-    promised: np.ndarray
-    context: np.ndarray
-    done: np.ndarray  # prompt tokens already in the cache
-    alpha: np.ndarray  # per-token acceptance of its class's proposals; nan: the replica's
-    cost: np.ndarray  # budget tokens each prefill takes (float)
-
-    @classmethod
-    def of(cls, jobs: list[Job]) -> Jobs:
-        n = len(jobs)
-        return cls(np.array([j.request_id for j in jobs], dtype=object).reshape(n),
-                   np.fromiter((j.prefill_tokens for j in jobs), np.int64, n),
-                   np.fromiter((j.blocks for j in jobs), np.int64, n),
-                   np.fromiter((j.deadline for j in jobs), np.float64, n),
-                   np.fromiter((math.nan if j.tpot_s is None else j.tpot_s for j in jobs), np.float64, n),
-                   np.fromiter((j.promised for j in jobs), bool, n),
-                   np.fromiter((j.context for j in jobs), np.int64, n),
-                   np.fromiter((j.done for j in jobs), np.int64, n),
-                   np.fromiter((math.nan if j.alpha is None else j.alpha for j in jobs), np.float64, n),
-                   np.fromiter((j.prefill_tokens if j.cost is None else j.cost for j in jobs), np.float64, n))
-
-    def __add__(self, other: Jobs) -> Jobs:
-        return Jobs(*(np.concatenate([a, b]) for a, b in zip(self._columns(), other._columns())))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, rows: np.ndarray) -> Jobs:
-        return Jobs(*(c[rows] for c in self._columns()))
-
-    def _columns(self) -> tuple[np.ndarray, ...]:
-        return (self.ids, self.tokens, self.blocks, self.deadline, self.tpot, self.promised, self.context, self.done,
-                self.alpha, self.cost)
-
-
-def earliest(deadline: np.ndarray, n: int = CONSIDERED) -> np.ndarray:
-    """The rows of the `n` earliest deadlines (the first in row order among equal ones): the new
-    requests one call plans. A caller with many may cut its queue to these first."""
-    if len(deadline) <= n:
-        return np.ones(len(deadline), dtype=bool)
-    kth = np.partition(deadline, n - 1)[n - 1]
-    out = deadline < kth
-    out[np.flatnonzero(deadline == kth)[: n - int(out.sum())]] = True
-    return out
 
 
 def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float) -> Plan:

@@ -53,8 +53,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.admission import Job, Jobs, Plan, earliest, plan
+from planner.admission import Plan, plan
 from planner.decisions import Decisions, WorkerBatch
+from planner.jobs import Job, Jobs, earliest
 from planner.memory import promise_blocks
 from planner.policies.batch_sizing import hold_back, prefill_tokens, size_prefill
 from planner.policies.best_effort import make_room, place_best_effort

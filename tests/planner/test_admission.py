@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.admission import CONSIDERED, Job, Jobs, Program, _plan, earliest, plan, program
+from planner.admission import Program, _plan, plan, program
+from planner.jobs import Job, Jobs
 from planner.prices import Replica
 from shared.roofline import ModelShape, Profile, RooflineParams, prefill_within
 
@@ -339,12 +340,3 @@ def test_nothing_to_prefill_plans_the_period_as_the_whole_program_would(
                       max_spec_len=max_spec_len, busy_s=busy_s)
     assert plan(GPU, replica, [], 3.0) == _plan(GPU, replica, Jobs.of([]), 3.0)
 
-
-def test_earliest_picks_what_a_stable_sort_by_deadline_puts_first() -> None:
-    """The cut a caller may make before pricing a burst is the one the plan makes."""
-    rng = np.random.default_rng(3)
-    for n in (0, 5, 300, 2_000):
-        deadline = rng.choice([0.5, 1.0, 2.0, np.inf], size=n)  # many ties, and requests with no deadline
-        first = np.zeros(n, dtype=bool)
-        first[np.argsort(deadline, kind="stable")[:CONSIDERED]] = True
-        assert (earliest(deadline) == first).all()

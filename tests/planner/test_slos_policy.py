@@ -1,6 +1,7 @@
-"""The SLO policy on hand-built states, priced on an A100-like profile: routing, soft
-admission, best effort in slack, preemption, per-request speculative lengths, batches that
-keep the tightest TPOT, and a disaggregated cluster whose decode pool caps admission."""
+"""The SLO policy on hand-built states (`policy_states`), priced on an A100-like profile:
+routing, soft admission, preemption, per-request speculative lengths, batches that keep the
+tightest TPOT, and a disaggregated cluster whose decode pool caps admission. Best effort and
+batch sizing have files of their own."""
 
 from __future__ import annotations
 
@@ -8,64 +9,21 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_states import GPU, LOOSE, TIGHT, request, state, step_time, worker
 
-from planner.admission import Job, Plan, plan
-from planner.calibration import MIN_STEPS, StepFit
+from planner.admission import Plan, plan
+from planner.calibration import MIN_STEPS
 from planner.decisions import WorkerBatch
+from planner.jobs import Job
 from planner.policies.placement import load_of
 from planner.policies.sarathi import SarathiPolicy
 from planner.policies.slos import LATE_CHUNK, SLOPolicy
 from planner.policies.speculation import acceptance
 from planner.prices import IDLE_STEP_S, Replica, idle_step_s
 from planner.state import PlannerState, RequestState, WorkerState
-from shared.messages import SamplingParams, SpecCounts
-from shared.roofline import SHIPPED_PROFILES, Batches, ModelShape, Profile, RooflineParams, load_profile, split
+from shared.messages import SpecCounts
+from shared.roofline import SHIPPED_PROFILES, Batches, load_profile, split
 from shared.slo import SLOTarget
-
-SHAPE = ModelShape("m", layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
-GPU = Profile(SHAPE, "gpu", RooflineParams(0.002, 0.0, 1 / 200e12, 1 / 1.5e12, "max"))
-TIGHT = SLOTarget(ttft_ms=1000.0, tpot_ms=30.0)
-LOOSE = SLOTarget(ttft_ms=5000.0, tpot_ms=200.0)
-
-
-def worker(wid: str, role: str = "colocated", blocks: int = 4000, speculator: str = "none") -> WorkerState:
-    """A worker whose steps are known to run as the profile says (no margin)."""
-    return WorkerState(wid, role, blocks, 16, 8192, last_seen=0.0, speculator=speculator,  # type: ignore[arg-type]
-                       fit=StepFit(margin=1.0))
-
-
-def request(rid: str, prompt: int, slo: SLOTarget = LOOSE, arrival: float = 0.0, max_tokens: int = 128,
-            slo_class: str | None = None) -> RequestState:
-    return RequestState(rid, [1] * prompt, SamplingParams(max_tokens=max_tokens), slo, arrival, slo_class,
-                        expected_output=max_tokens)
-
-
-def state(workers: list[WorkerState], waiting: list[RequestState] = (), running: dict[str, list[RequestState]] = {},
-          ) -> PlannerState:
-    s = PlannerState()
-    s.workers = {w.worker_id: w for w in workers}
-    for r in waiting:
-        s.requests[r.request_id] = r
-        s.waiting.add(r)
-    for wid, reqs in running.items():
-        w = s.workers[wid]
-        for r in reqs:
-            r.worker_id, r.phase, r.num_computed, r.num_output = wid, "decode", r.prompt_len, 1
-            r.reserved_blocks = w.blocks_for(r.tokens_on(w.role))
-            w.reserved_blocks += r.reserved_blocks
-            w.requests.append(r.request_id)
-            s.requests[r.request_id] = r
-    return s
-
-
-def step_time(s: PlannerState, prefill: list[tuple[str, int]], decode: list[str], spec: dict[str, int]) -> float:
-    contexts = [s.requests[r].prompt_len + s.requests[r].num_output for r in decode]
-    verify = [1 + spec.get(r, 0) for r in decode]
-    pre = [(s.requests[r].num_computed, n) for r, n in prefill]
-    return float(GPU.predict(Batches.of(
-        prefill_tokens=sum(n for _, n in pre), decode_seqs=len(decode), verify_len=sum(verify) / max(1, len(decode)),
-        kv_read=sum(contexts) + sum(c + n for c, n in pre), num_seqs=len(decode) + len(pre),
-        attention_pairs=sum(v * c for v, c in zip(verify, contexts)) + sum(n * (c + n / 2) for c, n in pre))))
 
 
 def test_admits_what_fits_keeps_the_tightest_tpot_and_parks_the_rest() -> None:
@@ -215,15 +173,6 @@ def test_the_routing_ablations_bind_each_request_to_one_replica() -> None:
     assert in_turn.assign == {"r0": "w0", "r2": "w0", "r4": "w0"} and {r for r, _ in in_turn.park} == {"r1", "r3", "r5"}
 
 
-def test_a_parked_request_past_its_ttft_is_served_as_best_effort_in_slack() -> None:
-    late = request("late", 100, TIGHT, arrival=0.0)
-    late.parked = True
-    s = state([worker("w0")], [late], {})
-    d = SLOPolicy(GPU).schedule(s, now=5.0)
-    assert d.assign == {"late": "w0"} and d.best_effort == {"late"}
-    assert d.batches["w0"].prefill == [("late", 100)]
-
-
 def test_a_worker_whose_steps_are_slower_than_any_promise_still_runs_what_it_holds() -> None:
     """With a profile far too fast for the machine (a shipped profile on a slower host), once
     calibration sees the real steps no plan fits what the worker holds; it must still serve
@@ -241,21 +190,6 @@ def test_a_worker_whose_steps_are_slower_than_any_promise_still_runs_what_it_hol
     d = SLOPolicy(GPU).schedule(s, now=0.0)
     (first, n), *_ = d.batches["w0"].prefill
     assert first == "r2" and n >= 400
-
-
-def test_best_effort_needs_slack_and_is_preempted_for_promised_work() -> None:
-    be = [request(f"be{i}", 1000, SLOTarget()) for i in range(3)]
-    s = state([worker("w0", blocks=300)], [request("new", 2000, LOOSE)], {"w0": be})
-    for r in be:
-        r.best_effort = True
-    d = SLOPolicy(GPU).schedule(s, now=0.0)
-    assert d.assign == {"new": "w0"}
-    preempted = [rid for rid, _ in d.preempt]
-    assert len(preempted) == 1 and set(preempted) <= {"be0", "be1", "be2"}
-    assert not set(preempted) & set(d.batches["w0"].decode)
-
-    full = state([worker("w0", blocks=200)], [request("extra", 100, SLOTarget())], {"w0": [request("d", 2900, TIGHT)]})
-    assert SLOPolicy(GPU).schedule(full, now=0.0).assign == {}  # no slack in memory: it waits
 
 
 def test_a_worker_short_of_blocks_preempts_the_request_furthest_ahead_of_its_tpot() -> None:
@@ -442,22 +376,6 @@ def test_when_the_tightest_tier_does_not_speculate_no_request_needs_to(tpots: li
     p = policy._plan(s, w, load_of(s), s.waiting.rows(), np.zeros(0, dtype=bool), 0.0, set())
     if p.spec_len == 0:
         assert policy._spec_lens(s, w, [r.request_id for r in reqs], p.step_s, 1) == {}
-
-
-def test_a_prompt_that_would_decode_early_at_a_tighter_tpot_keeps_its_last_token() -> None:
-    """The plan counts a request's decoding from its TTFT deadline on: finishing a tight one's
-    prompt early would shorten every batch sooner than planned while other prompts wait. Alone,
-    or once its deadline is near, it finishes."""
-    tight = SLOTarget(ttft_ms=5000.0, tpot_ms=30.0)
-
-    def first_batch(waiting: list[RequestState]) -> dict[str, int]:
-        s = state([worker("w0")], waiting)
-        return dict(SLOPolicy(GPU).schedule(s, now=0.0).batches["w0"].prefill)
-
-    assert first_batch([request("t", 40, tight), request("long", 20_000, LOOSE)])["t"] == 39
-    assert first_batch([request("t", 40, tight)]) == {"t": 40}
-    due_soon = SLOTarget(ttft_ms=1e3 * IDLE_STEP_S, tpot_ms=30.0)  # within two batches
-    assert first_batch([request("t", 40, due_soon), request("long", 20_000, LOOSE)])["t"] == 40
 
 
 def test_the_prompt_tokens_of_the_step_in_flight_are_planned_as_done() -> None:
