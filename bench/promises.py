@@ -88,7 +88,8 @@ def run(model: Path, policy: str, load: Load, workdir: Path, vocab: int, worker_
 
 def verdict_bounds(metrics: str) -> dict[str, tuple[float, float]]:
     """Per verdict, the upper bounds of the `slos_verdict_seconds` buckets holding its median and
-    its 99th percentile: how long requests waited at the gateway for the planner's word."""
+    its 99th percentile: how long requests waited, from the gateway's receipt, for the planner's
+    word (or the gateway's own refusal)."""
     buckets: dict[str, list[tuple[float, float]]] = {}
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
