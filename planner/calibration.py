@@ -10,6 +10,11 @@ profile's fixed cost, compute and memory time, the time the step took, from orde
 and fits t = c + a·fixed + b·compute + d·memory by least squares on relative error, with the
 fewest terms that explain the steps: steps all alike cannot tell the terms apart, so an
 information criterion picks among a handful of models, from one factor for everything up.
+The steps are kept by the share of compute in their predicted time, the latest `PER_BAND` of
+each of `BANDS` bands: the latest steps alone forget, during a stretch of decode steps and
+small chunks, what a large prefill chunk costs, and the fit then prices the next one at a
+fraction of its time (seen live: compute at a third of its factor, and large chunks twice as
+long as priced, past the TPOT of the requests decoding beside them).
 
 The fit is the mean; a promise must hold when steps run long. So the policies price every
 batch at the `QUANTILE` of the window's measured-to-fitted ratios (`margin`, never below 1):
@@ -27,7 +32,9 @@ import numpy as np
 
 from shared.roofline import Profile
 
-WINDOW = 64  # recent steps kept per worker
+BANDS = 4  # of the compute share of a step's predicted time, each as wide
+PER_BAND = 32  # recent steps kept in each band
+WINDOW = BANDS * PER_BAND  # steps kept per worker, at most
 MIN_STEPS = 8  # steps before the fit replaces the profile as it is
 REFIT_EVERY = 16  # steps between fits (a pass over the window: about 1 ms)
 LIMITS = (0.1, 100.0)  # a factor outside these is a measurement gone wrong
@@ -59,6 +66,7 @@ _MODELS = (
 @dataclass
 class StepFit:
     steps: np.ndarray = field(default_factory=lambda: np.zeros((WINDOW, 4)))  # (fixed, compute, memory, seconds)
+    in_band: np.ndarray = field(default_factory=lambda: np.zeros(BANDS, dtype=np.int64))  # steps seen in each band
     seen: int = 0
     turnaround: float = 0.0  # seconds each step takes beyond the profile
     fixed: float = 1.0  # factors on the profile's fixed cost, compute and memory time
@@ -73,10 +81,13 @@ class StepFit:
             return
         miss = abs(self.predict(fixed_s, compute_s, memory_s) - seconds) / seconds
         self.error = (1 - ERROR_WEIGHT) * self.error + ERROR_WEIGHT * miss
-        self.steps[self.seen % WINDOW] = fixed_s, compute_s, memory_s, seconds
+        band = min(BANDS - 1, int(BANDS * compute_s / (fixed_s + compute_s + memory_s)))
+        self.steps[band * PER_BAND + self.in_band[band] % PER_BAND] = fixed_s, compute_s, memory_s, seconds
+        self.in_band[band] += 1
         self.seen += 1
         if self.seen >= MIN_STEPS and (self.seen - MIN_STEPS) % REFIT_EVERY == 0:
-            self._refit(self.steps[:min(self.seen, WINDOW)])
+            kept = np.arange(PER_BAND)[None, :] < self.in_band[:, None]
+            self._refit(self.steps[kept.ravel()])
 
     def predict(self, fixed_s: float, compute_s: float, memory_s: float) -> float:
         """The fitted time of a step (the mean, without the margin)."""

@@ -198,8 +198,8 @@ class SLOPolicy:
         if len(hopeful):
             nobody = np.zeros(len(rows), dtype=bool)
             place_best_effort(state, rows, hopeful, pool, load, plans, decisions, added, self.max_num_seqs,
-                              decode_room=lambda w: self._decode_room(state, w, 0, None),
-                              plan_for=lambda w: self._plan(state, w, load, rows, nobody, now, gone))
+                              lambda w: self._decode_room(state, w, 0, _tightest(state, added[w.worker_id])),
+                              lambda w: self._plan(state, w, load, rows, nobody, now, gone))
         return plans
 
     def _plan(self, state: PlannerState, worker: WorkerState, load: Load, rows: Rows, candidates: np.ndarray,
@@ -360,6 +360,12 @@ def _behind(req: RequestState) -> bool:
     prefill only what the plan needs, and it speculates more where the worker speculates
     (and that leaves the plan's prefill room)."""
     return req.tpot_s is not None and req.tracker.lag_s() > 0.0
+
+
+def _tightest(state: PlannerState, request_ids: list[str]) -> float | None:
+    """The tightest TPOT among these requests (admitted this call: not yet on their worker,
+    whose room for best-effort decoders must keep it too); None for none."""
+    return min((t for t in (state.requests[r].tpot_s for r in request_ids) if t is not None), default=None)
 
 
 def _deadline(req: RequestState, now: float) -> float:

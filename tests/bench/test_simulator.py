@@ -184,11 +184,16 @@ def test_the_planner_keeps_every_promise_on_mixed_bursts_where_speculation_paces
     still may: since acceptance is estimated per token (stop 34; before, a class that had
     speculated long read as accepting less, which priced its periods shorter), a 9-token
     output decoded on schedule at k = 0 gets its last token in a period 1.39 times its TPOT
-    at k = 1, where one draw decides (31.3 ms against 30 ms)."""
+    at k = 1, where one draw decides (31.3 ms against 30 ms). Since stop 35 a second one
+    may: steps are kept for calibration by their share of compute (`planner.calibration`), and
+    the simulator's steps differ from the planner's pricing by about 1e-4 (KV transfers,
+    rounding), so the fit moves by that much and a plan at zero slack tips: a summarization
+    prompt misses its TTFT by 4.5 %. Over ten such runs (mixed, summarization, chatbot and
+    tool calling, steady and bursty) 12 of 3,755 promises missed, and 12 of 3,757 before."""
     s = setup("slos", A100, 2)
     result = simulate(s.make(), s.cluster, scenario("mixed", A100, 12.38, 30, 1, True), DEFAULT_CLASSES, seed=1)
     met, total = result.promises["promised"]
-    assert total > 300 and met >= total - 1
+    assert total > 300 and met >= total - 2
 
 
 def test_the_planner_keeps_every_promise_when_long_outputs_outgrow_the_kv_cache() -> None:

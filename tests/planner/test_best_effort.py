@@ -3,7 +3,7 @@ first to make way when promised work needs their blocks (`planner.policies.best_
 
 from __future__ import annotations
 
-from policy_states import GPU, LOOSE, TIGHT, request, state, worker
+from policy_states import GPU, LOOSE, TIGHT, request, state, step_time, worker
 
 from planner.policies.slos import SLOPolicy
 from shared.slo import SLOTarget
@@ -31,3 +31,18 @@ def test_best_effort_needs_slack_and_is_preempted_for_promised_work() -> None:
 
     full = state([worker("w0", blocks=200)], [request("extra", 100, SLOTarget())], {"w0": [request("d", 2900, TIGHT)]})
     assert SLOPolicy(GPU).schedule(full, now=0.0).assign == {}  # no slack in memory: it waits
+
+
+def test_best_effort_decoders_leave_the_tpot_promised_in_the_same_call() -> None:
+    """Seen live: a tight request was promised, and in the same call eight requests past their
+    TTFT were placed beside it as best effort, by the room the worker's running requests left;
+    eleven decoders then ran 21 ms steps against its 18.5 ms TPOT. The room counts the TPOTs
+    promised in this call too."""
+    tight = SLOTarget(ttft_ms=2000.0, tpot_ms=12.0)  # a handful of sequences decode within it here
+    late = [request(f"be{i}", 100, SLOTarget(ttft_ms=10.0, tpot_ms=200.0)) for i in range(30)]
+    for r in late:
+        r.parked = True
+    s = state([worker("w0")], [request("t", 100, tight, arrival=0.9), *late], {"w0": [request("d", 500, LOOSE)]})
+    d = SLOPolicy(GPU).schedule(s, now=1.0)
+    assert d.assign["t"] == "w0" and "t" not in d.best_effort
+    assert d.best_effort and step_time(s, [], ["d", "t", *d.best_effort], {}) <= 0.012  # once they all decode
