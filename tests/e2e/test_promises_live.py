@@ -13,7 +13,13 @@ MISSED_SHARE of them may miss; a planner that promises everything (`fcfs`) misse
 16 and 17 of 40 in two runs on 2026-12-04. At 0.15, 6 of 46 runs that day failed (before and
 after that day's planner changes alike), each with 4-6 of 25 promises missed together: tight
 decoders slowed by steps that ran longer than their calibration priced on the VM's shared cores;
-hence 0.25.
+hence 0.25. Stop 35 traced the misses step by step and found three causes (a calibration that
+forgot what large prompt chunks cost while only small steps ran, and priced the next ones at
+half their time; a promise past its TTFT planned as due whenever, which each new admission
+pushed back; best-effort decoders placed beside a TPOT promised in the same call); with them
+fixed, 9 of 12 runs of this scenario kept every promise by the client's clock (3 of 318 missed,
+against at least 11 of 322 in 12 runs of the code before, alternated with them), and 8 of 8
+passed at 0.15: hence 0.15 again.
 The client's clock judges a TPOT with CLOCK_SLACK to spare: its last token's trip through the
 gateway, on cores it shares with the server, adds its delay to the mean gap. A CI run missed 4
 of 23 tight TPOTs by 0.1-1.3 % by the client's clock while the planner's own clock (checked
@@ -38,7 +44,7 @@ REQUESTS = 40
 TIGHT_OVER_IDLE, LOOSE_OVER_IDLE = 3.0, 12.0  # the TPOTs, as multiples of the idle TPOT measured first
 TTFT_OVER_IDLE = 150.0  # the TTFT, likewise
 RATE_OVER_IDLE = 0.06  # requests per idle TPOT: more than one worker keeps on time
-MISSED_SHARE = 0.25  # of the promised requests, by the client's clock and by the planner's
+MISSED_SHARE = 0.15  # of the promised requests, by the client's clock and by the planner's
 CLOCK_SLACK = 0.02  # share of a TPOT the client's clock may read over it (see the module's docstring)
 
 
