@@ -33,9 +33,8 @@ of the free blocks rounded to the nearest, and a plan the rounding lets over is 
 Requests already promised must be admitted; when no plan keeps all of them the plan keeps the
 most it can (giving up the ones due last where that keeps as many), reports the rest as
 `late`, and admits nothing new; a late one runs in deadline order where the slack of those
-due after it allows, else last. One already past its deadline is due as soon as the batches
-can run it, with one to spare (`_as_soon_as_possible`), or, where the batches leave no prefill
-budget, runs first where every other's slack allows, else last. A call plans at most the `planner.jobs.CONSIDERED` earliest
+due after it allows, else last; one already past its deadline runs first where every other's
+slack allows, else last. A call plans at most the `planner.jobs.CONSIDERED` earliest
 deadlines beside the promised requests, fewer when the memory dimension would make the program
 larger than `WORK_LIMIT` states; the rest wait for the next call, a batch later. The next batch's chunks
 fill its budget as `prefill_cost` counts it, so a chunk deep into a long prompt gets fewer
@@ -80,14 +79,13 @@ def plan(profile: Profile, replica: Replica, jobs: Jobs | list[Job], now: float)
         return _period_plan(profile, replica)
     if isinstance(jobs, list):
         jobs = Jobs.of(jobs)
-    late = jobs.promised & (jobs.deadline <= now)  # past their deadline already: as soon as possible
-    if late.any():
-        jobs = replace(jobs, deadline=_as_soon_as_possible(profile, replica, jobs, late, now))
+    late = jobs.promised & (jobs.deadline <= now)  # past their deadline already: whenever there is room
+    jobs = replace(jobs, deadline=np.where(late, np.inf, jobs.deadline))
     keep = jobs.promised.copy()
     keep[~jobs.promised] = earliest(jobs.deadline[~jobs.promised])  # a burst: only the earliest compete now
     queue = jobs.take(np.flatnonzero(keep))
     queue = queue.take(np.lexsort((~queue.promised, queue.deadline)))  # deadline order, promised first among equals
-    p = _plan(profile, replica, queue, now, frozenset(jobs.ids[late & np.isinf(jobs.deadline)].tolist()))
+    p = _plan(profile, replica, queue, now, frozenset(jobs.ids[late].tolist()))
     p.rejected += jobs.ids[~keep].tolist()
     if late.any():
         p.late = sorted(set(p.late) | set(jobs.ids[late].tolist()), key=p.admitted.index)
@@ -306,24 +304,6 @@ def _intervals(deadline: np.ndarray, now: float, start: float, step_s: float) ->
     return np.ascontiguousarray(whole), np.ascontiguousarray(span)
 
 
-def _as_soon_as_possible(profile: Profile, replica: Replica, jobs: Jobs, late: np.ndarray, now: float) -> np.ndarray:
-    """The deadlines, those of the promises already past theirs (`late`) moved to when the
-    current period's batches can have run each after the late ones before it, with one batch
-    to spare: new requests are then admitted only where they fit after it. As due whenever,
-    each new request the plan admitted took the slack first, and a prompt a step short of its
-    TTFT waited for seconds. Where the period leaves no prefill budget: whenever (`_order`)."""
-    period = _period_plan(profile, replica)
-    deadline = jobs.deadline.copy()
-    rows = np.flatnonzero(late)
-    rows = rows[np.argsort(jobs.deadline[rows], kind="stable")]
-    if period.budget <= 0:
-        deadline[rows] = np.inf
-    else:  # half a batch past the boundary, so that the batches before it count whole
-        batches = np.ceil(np.cumsum(jobs.cost[rows]) / period.budget) + 1.5
-        deadline[rows] = now + replica.busy_s + batches * period.step_s
-    return deadline
-
-
 def _period_plan(profile: Profile, replica: Replica) -> Plan:
     """What `_plan` comes to with nothing to prefill: the batch period alone. Below capacity
     most calls are this one, so it skips the program."""
@@ -341,8 +321,7 @@ def _order(taken: np.ndarray, late: np.ndarray, slack: np.ndarray, cost: np.ndar
     one waits until the on-time ones are done unless every on-time one due after it has the
     slack to let it go first. The plan is priced with a margin, so a promise it finds late can
     often still be kept, and one served last is missed by far; but not at the price of another.
-    A promise already past its deadline that the batches leave no budget for (`overdue`,
-    planned as due whenever) goes before all
+    A promise already past its deadline (`overdue`, planned as due whenever) goes before all
     where every other admitted one has the slack: else each request admitted after it would
     push it back again, and a prompt a step short of its deadline ends up missing it by seconds."""
     first: list[int] = []

@@ -210,8 +210,11 @@ class SLOPolicy:
         them unused, for what the plan does not see coming (prompts that finish early and decode
         sooner than planned, steps that run long several at a time); the reserve loosens as the
         deadline nears, and a promise already made that only the reserve would break is planned
-        to its own deadline instead. The prompt tokens of the step in flight are done when it
-        ends, which `Replica.busy_s` prices: planned beyond it, not twice."""
+        to its own deadline instead, or, once that early end has passed, to its TTFT: planned as
+        past its deadline it would run whenever the others leave room, and each request admitted
+        after it would push it back (seen live: a prompt 6 tokens short of its TTFT waited 0.7 s).
+        The prompt tokens of the step in flight are done when it ends, which `Replica.busy_s`
+        prices: planned beyond it, not twice."""
         mine = [state.requests[r] for r in worker.requests if r not in gone]
         running, context, best_effort = 0, 0, 0
         tightest: RequestState | None = None
@@ -288,7 +291,8 @@ class SLOPolicy:
         reserved = np.minimum(due, now + (1.0 - self.ttft_reserve) * (due - now))
         p = plan(profile, replica, dataclasses.replace(jobs, deadline=reserved), now)
         if p.late:  # a promise is not broken for the reserve: the ones made are kept to their own deadlines
-            p = plan(profile, replica, dataclasses.replace(jobs, deadline=np.where(jobs.promised, due, reserved)), now)
+            own = np.where(jobs.promised, np.where(due > now, due, jobs.deadline), reserved)
+            p = plan(profile, replica, dataclasses.replace(jobs, deadline=own), now)
         p.rejected += passed
         return p
 

@@ -341,14 +341,3 @@ def test_nothing_to_prefill_plans_the_period_as_the_whole_program_would(
     assert plan(GPU, replica, [], 3.0) == _plan(GPU, replica, Jobs.of([]), 3.0)
 
 
-
-def test_new_requests_are_admitted_only_into_what_a_promise_past_its_deadline_leaves() -> None:
-    """Seen live: a promised prompt a few tokens short of its TTFT, once past it, was planned
-    as due whenever; each new request the plan admitted took the slack, and it waited 0.7 s
-    for its last step. It is now due as soon as the batches can run it, with one to spare:
-    new requests due later are admitted only where they fit after it."""
-    probe = plan(GPU, IDLE, [Job("x", 1, 1, 1.0, None)], 0.0)
-    overdue = Job("overdue", probe.next_budget // 2, 0, -0.01, None, promised=True)
-    new = [Job(f"new{i}", probe.next_budget, 1, 3 * probe.step_s + 1e-6, None) for i in range(3)]
-    p = plan(GPU, IDLE, [overdue, *new], 0.0)
-    assert p.admitted == ["overdue", "new0", "new1"] and p.chunks["overdue"] == overdue.prefill_tokens

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_states import GPU, LOOSE, TIGHT, request, state, step_time, worker
+from policy_states import GPU, LOOSE, SHAPE, TIGHT, request, state, step_time, worker
 
 from planner.admission import Plan, plan
 from planner.calibration import MIN_STEPS
@@ -22,7 +22,7 @@ from planner.policies.speculation import acceptance
 from planner.prices import IDLE_STEP_S, Replica, idle_step_s
 from planner.state import PlannerState, RequestState, WorkerState
 from shared.messages import SpecCounts
-from shared.roofline import SHIPPED_PROFILES, Batches, load_profile, split
+from shared.roofline import SHIPPED_PROFILES, Batches, load_profile, prefill_within, split
 from shared.slo import SLOTarget
 
 
@@ -415,3 +415,23 @@ def test_a_late_promise_gets_a_little_prompt_where_the_decoders_leave_it_none() 
     assert p.next_budget == 0 and p.late == ["late"]
     batch = SLOPolicy(GPU).schedule(s, now=0.5).batches["w0"]
     assert batch.prefill == [("late", LATE_CHUNK)] and len(batch.decode) == 8
+
+
+def test_a_promise_past_its_planned_end_but_not_its_ttft_runs_before_new_requests() -> None:
+    """Seen live: TTFTs are planned to end `front_end_s` early, for the first token's trip; a
+    promised prompt a few tokens short once that early end had passed was planned as past its
+    deadline, due whenever, and each request admitted after it went first: it waited 0.7 s. It
+    is now planned to its TTFT itself: it runs in the next batch, and of three new requests that
+    would fill the next three batches, one waits."""
+    probe = plan(GPU, Replica(decoding=0, context_tokens=0, tightest_tpot_s=None, free_blocks=4000),
+                 [Job("x", 1, 1, 1.0, None)], 0.0)
+    now, step = 10.0, probe.step_s
+    p = request("p", 400, SLOTarget(ttft_ms=1000.0), arrival=now + 2 * step - 1.0)  # its TTFT two batches on
+    p.worker_id, p.phase, p.num_computed = "w0", "prefill", 380
+    tokens = prefill_within(SHAPE, probe.next_budget - 5, 0)
+    new = [request(f"n{i}", tokens, SLOTarget(ttft_ms=1e3 * 5.5 * step + 1.0), arrival=now) for i in range(3)]
+    s = state([worker("w0")], new)
+    s.requests["p"] = p
+    s.workers["w0"].requests.append("p")
+    d = SLOPolicy(GPU, front_end_s=2.5 * step).schedule(s, now=now)  # p's planned end has passed
+    assert d.batches["w0"].prefill[0] == ("p", 20) and sorted(d.assign) == ["n0", "n1"]
