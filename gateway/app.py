@@ -135,24 +135,22 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
 
-    def admissible(body: _Common, request: Request, endpoint: str) -> tuple[SLOSpec, bool, float]:
-        """The request's SLOs, whether the planner holds it to objectives, and when it came, once
-        it is known not to be refused at once: a request the planner's queue has no room for is
-        answered before its prompt is tokenized, the costly part of a request that goes no
-        further."""
+    def admissible(body: _Common, request: Request, endpoint: str) -> tuple[SLOSpec, float]:
+        """The request's SLOs and when it came, once it is known not to be refused at once:
+        a request the planner's queue has no room for is answered before its prompt is
+        tokenized, the costly part of a request that goes no further."""
         received = time.monotonic()
         checks.model(body.model)
         slo = checks.slo_spec(body, request)
-        objectives = checks.has_objectives(slo)
-        generations.turn_away(endpoint, objectives, received)
-        return slo, objectives, received
+        generations.turn_away(endpoint, checks.has_objectives(slo), received)
+        return slo, received
 
-    async def respond(body: _Common, request: Request, prompt_ids: list[int], slo: SLOSpec, objectives: bool,
-                      received: float, chat: bool):
+    async def respond(body: _Common, request: Request, prompt_ids: list[int], slo: SLOSpec, received: float,
+                      chat: bool):
         submit = Submit(request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", prompt_token_ids=prompt_ids,
                         params=body.sampling(checks.output_budget(len(prompt_ids), body.max_tokens)),
                         slo=slo, arrival_time=time.time())
-        gen = await generations.start(submit, "chat" if chat else "completions", objectives, received)
+        gen = await generations.start(submit, "chat" if chat else "completions", checks.has_objectives(slo), received)
         first = await generations.first(gen, request)
         if first is None:
             return PlainTextResponse("", status_code=499)
@@ -177,15 +175,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(checks.authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        slo, objectives, received = admissible(body, request, "chat")
+        slo, received = admissible(body, request, "chat")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = await run_in_threadpool(encode, prompt)
-        return await respond(body, request, ids, slo, objectives, received, chat=True)
+        return await respond(body, request, ids, slo, received, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(checks.authorize)])
     async def completions(body: CompletionRequest, request: Request):
-        slo, objectives, received = admissible(body, request, "completions")
+        slo, received = admissible(body, request, "completions")
         if isinstance(body.prompt, str):
             ids = await run_in_threadpool(encode, body.prompt)
         else:
@@ -194,7 +192,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise ApiError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
-        return await respond(body, request, ids, slo, objectives, received, chat=False)
+        return await respond(body, request, ids, slo, received, chat=False)
 
     @app.get("/v1/models", dependencies=[Depends(checks.authorize)])
     async def models() -> dict:
